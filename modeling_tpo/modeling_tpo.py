@@ -1,0 +1,595 @@
+"""TPO model: an existing transformers vision-language model with task tokens, a task router and
+task heads (region, temporal, mask).
+
+This file is copied next to saved checkpoints as remote code: it imports only torch,
+transformers and its sibling files (relative imports), nothing optional at module level.
+"""
+
+import logging
+import re
+from collections import Counter
+from dataclasses import dataclass
+from os import PathLike
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModelForImageTextToText, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import ModelOutput
+from transformers.modeling_utils import slice_logits_to_keep
+
+from .configuration_tpo import IGNORE_INDEX, ROUTER_CLASSES, TASK_NAMES, TPOConfig
+from .region_head import RegionHead
+from .task_tokens import TaskRouter, TaskTokens
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TPOOutput(ModelOutput):
+    r"""
+    Output of [`TPOForConditionalGeneration.forward`].
+
+    loss (`torch.FloatTensor` of shape `()`): weighted sum of every term below that could be computed.
+    lm_loss, assign_loss, region_loss, temporal_loss, mask_loss (`torch.FloatTensor` of shape `()`):
+        each term before its weight in `config.loss_weights`.
+    loss_dict (`dict[str, torch.Tensor]`): every term, finer ones included (`region_l1`, ...), detached.
+    logits (`torch.FloatTensor` of shape `(batch, seq_len or logits_to_keep, vocab)`): LM logits.
+    router_logits (`torch.FloatTensor` of shape `(batch, 4)`): task router logits over
+        `ROUTER_CLASSES` = (text, temporal, region, mask).
+    pred_boxes (`torch.FloatTensor` of shape `(num_region_queries, 4)`): normalised
+        (x0, y0, x1, y1) boxes, one per region query, queries in (sample, position) order.
+    pred_boxes_batch_index (`torch.LongTensor` of shape `(num_region_queries,)`): sample of each box.
+    """
+
+    loss: torch.FloatTensor | None = None
+    lm_loss: torch.FloatTensor | None = None
+    assign_loss: torch.FloatTensor | None = None
+    region_loss: torch.FloatTensor | None = None
+    temporal_loss: torch.FloatTensor | None = None
+    mask_loss: torch.FloatTensor | None = None
+    loss_dict: dict | None = None
+    logits: torch.FloatTensor | None = None
+    router_logits: torch.FloatTensor | None = None
+    pred_boxes: torch.FloatTensor | None = None
+    pred_boxes_batch_index: torch.LongTensor | None = None
+    past_key_values: object | None = None
+    hidden_states: tuple | None = None
+    attentions: tuple | None = None
+
+
+@dataclass
+class TaskQueries:
+    """Where one task's queries sit in a batch: `batch_index` (num_queries,) and `positions`
+    (num_queries, num_task_tokens), the sequence positions of each query's slot tokens."""
+
+    batch_index: torch.LongTensor
+    positions: torch.LongTensor
+
+    def gather(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """(batch, seq, hidden) -> task embeddings (num_queries, num_task_tokens, hidden)."""
+        return hidden_states[self.batch_index[:, None], self.positions]
+
+
+def _zero_touch(*modules: nn.Module | None) -> torch.Tensor | None:
+    """0 * (one element of every trainable parameter): a loss term that is exactly zero but
+    gives every parameter of `modules` a (zero) gradient, so that DDP needs no
+    `find_unused_parameters` when a batch has no sample of some task."""
+    terms = [p.reshape(-1)[:1].sum() for m in modules if m is not None for p in m.parameters() if p.requires_grad]
+    if not terms:
+        return None
+    return torch.stack([t.float() for t in terms]).sum() * 0.0
+
+
+class TPOPreTrainedModel(PreTrainedModel):
+    config_class = TPOConfig
+    base_model_prefix = "mllm"
+    input_modalities = ("image", "video", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, TaskTokens):
+            for parameter in module.embeddings.values():
+                init.normal_(parameter, mean=0.0, std=self.config.initializer_range)
+
+
+class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
+    """A transformers vision-language model (the "MLLM") extended with TPO's task preference model.
+
+    The MLLM is built with the Auto classes from `config.mllm_config` and runs unchanged. Its
+    last hidden states feed:
+      - the task router, at the end of the instruction -> `router_logits`, `L_assign`;
+      - the heads, at the task-slot positions (task embeddings), whose input embeddings are the
+        learnable task tokens -> boxes (region), spans (temporal), masks (mask).
+    """
+
+    def __init__(self, config: TPOConfig, mllm: PreTrainedModel | None = None):
+        super().__init__(config)
+        if config.task_token_ids is None:
+            raise ValueError(
+                "TPOConfig.task_token_ids is not set: the model needs the ids of the task tokens. Build the "
+                "model with `TPOForConditionalGeneration.from_mllm(...)`, which adds the tokens to the tokenizer "
+                "and the embeddings, or set `task_token_ids` in the config."
+            )
+        self.mllm = mllm if mllm is not None else AutoModelForImageTextToText.from_config(config.mllm_config)
+        hidden_size = config.get_text_config().hidden_size
+        self.task_tokens = TaskTokens(config.tasks, config.num_task_tokens, hidden_size)
+        self.router = TaskRouter(hidden_size, config.tasks, config.router_hidden_size)
+        self.region_head = RegionHead(hidden_size, **config.region_head_config) if "region" in config.tasks else None
+
+        # Plain lists, not buffers: from_pretrained does not restore non-persistent buffers.
+        self.slot_token_id_list = [i for task in config.tasks for i in config.task_token_ids[task]["slots"]]
+        self._slot_id_tensors = {}
+        self._task_token_hook = {"module": None, "handle": None}
+        self.post_init()
+        if mllm is not None:
+            self.generation_config = mllm.generation_config
+        self._attach_task_token_hook()
+
+    # ----------------------------------------------------------------------------------------
+    # Embeddings and the task-token hook
+    # ----------------------------------------------------------------------------------------
+    def get_input_embeddings(self) -> nn.Module:
+        return self.mllm.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.mllm.set_input_embeddings(value)
+        self._attach_task_token_hook()
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return self.mllm.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.mllm.set_output_embeddings(value)
+
+    def get_decoder(self) -> nn.Module:
+        return self.mllm.get_decoder()
+
+    def resize_token_embeddings(self, *args, **kwargs) -> nn.Embedding:
+        embeddings = self.mllm.resize_token_embeddings(*args, **kwargs)
+        self._attach_task_token_hook()
+        return embeddings
+
+    def _attach_task_token_hook(self) -> None:
+        """Keep the task-token hook on the current input embedding module (resizing replaces it)."""
+        embedding = self.mllm.get_input_embeddings()
+        if self._task_token_hook["module"] is embedding:
+            return
+        if self._task_token_hook["handle"] is not None:
+            self._task_token_hook["handle"].remove()
+        self._task_token_hook["handle"] = embedding.register_forward_hook(self._inject_task_tokens)
+        self._task_token_hook["module"] = embedding
+
+    def _inject_task_tokens(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        """Forward hook of the input embeddings: slot-token embeddings -> learnable task tokens.
+
+        Runs for every call of the embedding (training forward, generation steps), always with
+        the same ops so that it adds no host-device synchronisation and the task tokens always
+        get a gradient (zero where no slot token appears).
+        """
+        input_ids = args[0] if args else None
+        if input_ids is None or not self.slot_token_id_list or input_ids.dtype not in (torch.long, torch.int):
+            return output
+        key = (input_ids.device, input_ids.dtype)
+        if key not in self._slot_id_tensors:  # one host-to-device copy per device, not per step
+            self._slot_id_tensors[key] = torch.tensor(self.slot_token_id_list, dtype=input_ids.dtype, device=input_ids.device)
+        slot_ids = self._slot_id_tensors[key]
+        match = input_ids.unsqueeze(-1) == slot_ids  # (..., num_slots)
+        task_embeddings = self.task_tokens.stacked(self.config.tasks).to(device=output.device, dtype=output.dtype)
+        replacement = match.to(output.dtype) @ task_embeddings  # (..., hidden)
+        return torch.where(match.any(-1, keepdim=True), replacement, output)
+
+    # ----------------------------------------------------------------------------------------
+    # Building from an existing MLLM
+    # ----------------------------------------------------------------------------------------
+    @classmethod
+    def from_mllm(
+        cls,
+        mllm_or_path: PreTrainedModel | str | PathLike,
+        tasks: list[str] | tuple[str, ...] = TASK_NAMES,
+        tokenizer=None,
+        num_task_tokens: int = 1,
+        mllm_kwargs: dict | None = None,
+        **config_kwargs,
+    ) -> "TPOForConditionalGeneration":
+        """Wrap a pretrained vision-language model, keeping its weights.
+
+        Args:
+            mllm_or_path: a model instance (e.g. `LlavaForConditionalGeneration`) or a folder /
+                hub id that `AutoModelForImageTextToText.from_pretrained` loads.
+            tasks: enabled tasks, a subset of `("temporal", "region", "mask")`.
+            tokenizer: the MLLM's tokenizer (or processor). The task tokens of *every* task are
+                added to it in place, so that the vocabulary does not depend on `tasks`. Without
+                a tokenizer the tokens take ids after the current vocabulary.
+            num_task_tokens: learnable slot tokens per task.
+            mllm_kwargs: keyword arguments of `from_pretrained` when a path is given.
+            **config_kwargs: further `TPOConfig` fields (head configs, loss weights, sam2_config, ...).
+
+        New embedding rows are set to the mean of the old ones.
+        """
+        if isinstance(mllm_or_path, (str, PathLike)):
+            mllm = AutoModelForImageTextToText.from_pretrained(mllm_or_path, **(mllm_kwargs or {}))
+        else:
+            mllm = mllm_or_path
+        probe = TPOConfig(mllm_config=mllm.config, tasks=list(tasks), num_task_tokens=num_task_tokens, **config_kwargs)
+        token_ids = _add_task_tokens(mllm, probe.task_token_strings, tokenizer)
+        config = TPOConfig(
+            mllm_config=mllm.config,
+            tasks=list(tasks),
+            num_task_tokens=num_task_tokens,
+            task_token_ids=token_ids,
+            **config_kwargs,
+        )
+        model = cls(config, mllm=mllm)
+        # Heads are created in float32; follow the MLLM's dtype and device.
+        reference = mllm.get_input_embeddings().weight
+        model.to(device=reference.device, dtype=reference.dtype)
+        return model
+
+    # ----------------------------------------------------------------------------------------
+    # Forward
+    # ----------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        task_labels: torch.LongTensor | None = None,
+        instruction_end_index: torch.LongTensor | None = None,
+        region_boxes: torch.FloatTensor | None = None,
+        region_batch_index: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> TPOOutput:
+        r"""
+        Args:
+            input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, and any other
+                keyword argument (`pixel_values`, `image_sizes`, `pixel_values_videos`,
+                `image_grid_thw`, `video_grid_thw`, `mm_token_type_ids`, ...): passed to the MLLM.
+            labels (`(batch, seq)`): next-token targets, -100 on prompt and padding.
+            task_labels (`(batch,)`): router targets, indices into `ROUTER_CLASSES`
+                (0 text, 1 temporal, 2 region, 3 mask) or -100 to ignore a sample.
+            instruction_end_index (`(batch,)`): position of the last instruction token, whose hidden
+                state the router reads. Default: the token before the first label, else the last
+                attended token.
+            region_boxes (`(num_region_queries, 4)`): target boxes, normalised (x0, y0, x1, y1), one
+                per region slot, in (sample, position) order.
+            region_batch_index (`(num_region_queries,)`): the sample of each target box.
+            num_items_in_batch: passed by the Trainer; the LM loss normalises by it.
+        """
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        self._attach_task_token_hook()
+        if input_ids is not None:
+            self._check_task_tokens(input_ids)
+        if task_labels is not None:
+            self._check_task_labels(task_labels)
+
+        backbone_outputs = self._run_backbone(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = backbone_outputs.last_hidden_state  # (batch, seq, hidden)
+        logits = self.mllm.get_output_embeddings()(slice_logits_to_keep(hidden_states, logits_to_keep))
+
+        terms: dict[str, torch.Tensor] = {}
+        finer: dict[str, torch.Tensor] = {}
+        if labels is not None:
+            terms["lm"] = self.loss_function(
+                logits=logits,
+                labels=labels,
+                vocab_size=self.config.get_text_config().vocab_size,
+                num_items_in_batch=num_items_in_batch,
+            )
+
+        end_index = self._instruction_end_index(hidden_states, labels, attention_mask, instruction_end_index)
+        batch_range = torch.arange(hidden_states.shape[0], device=hidden_states.device)
+        router_logits = self.router(hidden_states[batch_range, end_index])
+        if task_labels is not None:
+            terms["assign"] = self._assign_loss(router_logits, task_labels)
+
+        queries = self._locate_task_queries(input_ids) if input_ids is not None else {}
+        computing_loss = labels is not None or task_labels is not None
+
+        pred_boxes = pred_boxes_batch_index = None
+        if self.region_head is not None:
+            region_queries = queries.get("region")
+            has_queries = region_queries is not None and region_queries.batch_index.numel() > 0
+            if has_queries:
+                pred_boxes_cxcywh = self.region_head(region_queries.gather(hidden_states))
+                pred_boxes = _cxcywh_to_clamped_xyxy(pred_boxes_cxcywh)
+                pred_boxes_batch_index = region_queries.batch_index
+            if region_boxes is not None:
+                targets = self._match_targets("region", region_queries, region_boxes, region_batch_index)
+                if has_queries:
+                    region_terms = self.region_head.loss(pred_boxes_cxcywh, targets)
+                    terms["region"] = region_terms.pop("region")
+                    finer.update(region_terms)
+            if computing_loss and "region" not in terms:
+                terms["region"] = _zero_touch(self.region_head, self.task_tokens)
+
+        loss = None
+        if terms:
+            weights = self.config.loss_weights
+            loss = sum(weights[name] * value.float() for name, value in terms.items() if value is not None)
+        loss_dict = {name: value.detach() for name, value in {**terms, **finer}.items() if value is not None}
+
+        return TPOOutput(
+            loss=loss,
+            lm_loss=terms.get("lm"),
+            assign_loss=terms.get("assign"),
+            region_loss=terms.get("region"),
+            loss_dict=loss_dict,
+            logits=logits,
+            router_logits=router_logits,
+            pred_boxes=pred_boxes,
+            pred_boxes_batch_index=pred_boxes_batch_index,
+            past_key_values=getattr(backbone_outputs, "past_key_values", None),
+            hidden_states=getattr(backbone_outputs, "hidden_states", None),
+            attentions=getattr(backbone_outputs, "attentions", None),
+        )
+
+    def _run_backbone(self, input_ids: torch.LongTensor | None, **inputs):
+        """The MLLM without its LM head (its `base_model`), giving the last hidden states.
+
+        A mismatch between image/video placeholder tokens and visual features is re-raised with
+        the per-sample placeholder counts, so that the faulty sample can be found.
+        """
+        try:
+            return self.mllm.base_model(input_ids=input_ids, **inputs)
+        except ValueError as error:
+            if input_ids is None or "do not match" not in str(error):
+                raise
+            raise ValueError(f"{error}. {self._describe_placeholders(input_ids)}") from error
+
+    def _describe_placeholders(self, input_ids: torch.LongTensor) -> str:
+        mllm_config = self.config.mllm_config
+        parts = []
+        for kind in ("image", "video"):
+            token_id = getattr(mllm_config, f"{kind}_token_id", None)
+            if token_id is None:
+                token_id = getattr(mllm_config, f"{kind}_token_index", None)
+            if token_id is None:
+                continue
+            counts = (input_ids == token_id).sum(-1).tolist()
+            nonzero = [c for c in counts if c > 0]
+            if not nonzero:
+                continue
+            usual = Counter(nonzero).most_common(1)[0][0]
+            odd = [i for i, c in enumerate(counts) if c > 0 and c % usual != 0]
+            parts.append(
+                f"{kind} placeholder tokens per sample: {counts}"
+                + (f"; sample(s) {odd} differ from the usual {usual} per {kind}" if odd else "")
+            )
+        hint = (
+            "Each sample needs exactly as many placeholder tokens as its visual inputs produce features "
+            "(let the processor expand the placeholders)."
+        )
+        return "; ".join(parts + [hint])
+
+    def _instruction_end_index(self, hidden_states, labels, attention_mask, instruction_end_index) -> torch.Tensor:
+        """(batch,) position whose hidden state the router reads."""
+        batch, seq_len = hidden_states.shape[:2]
+        device = hidden_states.device
+        if instruction_end_index is not None:
+            return instruction_end_index.to(device).long().clamp(0, seq_len - 1)
+        if attention_mask is not None and attention_mask.dim() == 2:
+            flipped = attention_mask.to(device).flip(-1).long()
+            last_attended = seq_len - 1 - flipped.argmax(-1)
+        else:
+            last_attended = torch.full((batch,), seq_len - 1, device=device)
+        if labels is None or labels.shape[-1] != seq_len:
+            return last_attended
+        is_answer = labels.to(device) != IGNORE_INDEX
+        first_answer = is_answer.long().argmax(-1)
+        return torch.where(is_answer.any(-1), (first_answer - 1).clamp(min=0), last_attended)
+
+    def _assign_loss(self, router_logits: torch.Tensor, task_labels: torch.Tensor) -> torch.Tensor:
+        task_labels = task_labels.to(router_logits.device).long()
+        if (task_labels != IGNORE_INDEX).any():
+            return F.cross_entropy(router_logits.float(), task_labels, ignore_index=IGNORE_INDEX)
+        return router_logits.sum() * 0.0
+
+    # ----------------------------------------------------------------------------------------
+    # Task queries and targets
+    # ----------------------------------------------------------------------------------------
+    def _locate_task_queries(self, input_ids: torch.LongTensor) -> dict[str, TaskQueries]:
+        """Find the slot tokens of each enabled task: {task: TaskQueries}.
+
+        A query is a run of the task's `num_task_tokens` slot tokens, in order.
+        """
+        queries = {}
+        for task in self.config.tasks:
+            slot_ids = self.config.task_token_ids[task]["slots"]
+            batch_index, first = (input_ids == slot_ids[0]).nonzero(as_tuple=True)
+            offsets = torch.arange(len(slot_ids), device=input_ids.device)
+            positions = first[:, None] + offsets  # (num_queries, num_task_tokens)
+            if len(slot_ids) > 1:
+                seq_len = input_ids.shape[1]
+                inside = (positions < seq_len).all(-1)
+                expected = torch.tensor(slot_ids, device=input_ids.device)
+                found = input_ids[batch_index[:, None], positions.clamp(max=seq_len - 1)]
+                complete = inside & (found == expected).all(-1)
+                counts = [(input_ids == i).sum().item() for i in slot_ids]
+                if not bool(complete.all()) or len(set(counts)) > 1:
+                    bad = sorted(set(batch_index[~complete].tolist())) or "(unequal slot counts)"
+                    strings = self.config.task_token_strings[task]["slots"]
+                    raise ValueError(
+                        f"Sample(s) {bad}: the {task} slot tokens must appear as complete runs "
+                        f"{''.join(strings)}; found counts {dict(zip(strings, counts))}."
+                    )
+            queries[task] = TaskQueries(batch_index=batch_index, positions=positions)
+        return queries
+
+    def _match_targets(
+        self,
+        task: str,
+        queries: TaskQueries | None,
+        targets: torch.Tensor,
+        target_batch_index: torch.LongTensor | None,
+    ) -> torch.Tensor:
+        """Check that every sample has as many targets as slots and return the targets."""
+        num_queries = 0 if queries is None else queries.batch_index.numel()
+        slot = self.config.task_token_strings[task]["slots"][0]
+        if target_batch_index is not None:
+            batch_size = int(max(queries.batch_index.max().item() + 1 if num_queries else 0,
+                                 target_batch_index.max().item() + 1 if target_batch_index.numel() else 0))
+            query_counts = torch.bincount(queries.batch_index, minlength=batch_size) if num_queries else None
+            target_counts = torch.bincount(target_batch_index.to(targets.device).long(), minlength=batch_size)
+            if query_counts is None:
+                query_counts = torch.zeros_like(target_counts)
+            query_counts = query_counts.to(target_counts.device)
+            mismatched = (query_counts != target_counts).nonzero().flatten().tolist()
+            if mismatched:
+                i = mismatched[0]
+                raise ValueError(
+                    f"Sample {i} has {int(query_counts[i])} {task} slot(s) ({slot}) but {int(target_counts[i])} "
+                    f"{task} target(s); each {slot} slot needs exactly one target (mismatched samples: {mismatched})."
+                )
+            if num_queries:
+                order = torch.argsort(target_batch_index.to(targets.device), stable=True)
+                targets = targets[order]
+        elif num_queries != targets.shape[0]:
+            raise ValueError(
+                f"The batch has {num_queries} {task} slot(s) ({slot}) but {targets.shape[0]} {task} target(s); "
+                f"pass `{task}_batch_index` to find the sample at fault."
+            )
+        if task == "region":
+            self._check_boxes(targets, queries)
+        return targets
+
+    def _check_boxes(self, boxes: torch.Tensor, queries: TaskQueries | None) -> None:
+        tolerance = 1e-4
+        x0, y0, x1, y1 = boxes.float().unbind(-1)
+        bad = (x1 < x0) | (y1 < y0) | (boxes.float() < -tolerance).any(-1) | (boxes.float() > 1 + tolerance).any(-1)
+        bad |= ~torch.isfinite(boxes.float()).all(-1)
+        if bool(bad.any()):
+            j = int(bad.nonzero()[0])
+            sample = int(queries.batch_index[j]) if queries is not None and queries.batch_index.numel() > j else "?"
+            raise ValueError(
+                f"Region target {j} (sample {sample}) is {boxes[j].tolist()}: boxes must be normalised "
+                "(x0, y0, x1, y1) within [0, 1] with x0 <= x1 and y0 <= y1. Normalise pixel boxes by the "
+                "processed image size (TPOProcessor does) and check for swapped corners."
+            )
+
+    def _check_task_tokens(self, input_ids: torch.LongTensor) -> None:
+        """Refuse task tokens of tasks this model does not enable, naming the sample."""
+        for task in TASK_NAMES:
+            if task in self.config.tasks:
+                continue
+            ids = self.config.task_token_ids[task]
+            strings = self.config.task_token_strings[task]
+            for token_id, text in zip([ids["begin"], *ids["slots"]], [strings["begin"], *strings["slots"]]):
+                hits = (input_ids == token_id).any(-1)
+                if bool(hits.any()):
+                    samples = hits.nonzero().flatten().tolist()
+                    raise ValueError(
+                        f"Sample(s) {samples} contain the token {text} (id {token_id}) of task '{task}', which this "
+                        f"model does not enable (tasks={self.config.tasks}). Drop such samples or enable the task."
+                    )
+
+    def _check_task_labels(self, task_labels: torch.Tensor) -> None:
+        allowed = [i for i, name in enumerate(ROUTER_CLASSES) if name == "text" or name in self.config.tasks]
+        valid = task_labels == IGNORE_INDEX
+        for label in allowed:
+            valid |= task_labels == label
+        if not bool(valid.all()):
+            i = int((~valid).nonzero()[0])
+            names = ", ".join(f"{k} ({ROUTER_CLASSES[k]})" for k in allowed)
+            raise ValueError(
+                f"Sample {i} has task label {int(task_labels[i])}; valid labels for this model are {names}, "
+                f"or {IGNORE_INDEX} to ignore the sample."
+            )
+
+    # ----------------------------------------------------------------------------------------
+    # Generation
+    # ----------------------------------------------------------------------------------------
+    def generate(self, *args, **kwargs):
+        """Text generation with the wrapped MLLM's own `generate` (its input preparation, caches and
+        decoding strategies), with the task tokens injected at slot positions."""
+        self._attach_task_token_hook()
+        kwargs.setdefault("generation_config", self.generation_config)
+        return self.mllm.generate(*args, **kwargs)
+
+    def lora_target_regex(self) -> str:
+        """A regex for peft's `target_modules` matching every linear layer of the language model."""
+        decoder = self.mllm.get_decoder()
+        prefix = next(name for name, module in self.named_modules() if module is decoder)
+        leaves = sorted({name.rsplit(".", 1)[-1] for name, m in decoder.named_modules() if isinstance(m, nn.Linear)})
+        return re.escape(prefix) + r"\..*\.(" + "|".join(leaves) + ")"
+
+    def task_module_names(self) -> list[str]:
+        """Names of the TPO modules outside the MLLM (for peft's `modules_to_save`)."""
+        return [name for name, child in self.named_children() if name != "mllm" and child is not None]
+
+
+def _cxcywh_to_clamped_xyxy(boxes: torch.Tensor) -> torch.Tensor:
+    cx, cy, w, h = boxes.unbind(-1)
+    xyxy = torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)
+    return xyxy.clamp(0.0, 1.0)
+
+
+def _add_task_tokens(mllm: PreTrainedModel, token_strings: dict, tokenizer=None) -> dict:
+    """Add every task's begin and slot tokens to `tokenizer` (if given) and to the MLLM's embeddings.
+
+    Returns `{task: {"begin": id, "slots": [ids]}}`. New embedding rows (input and output) are
+    set to the mean of the existing rows.
+    """
+    ordered = [(task, kind, s) for task, entry in token_strings.items() for kind, s in
+               [("begin", entry["begin"])] + [("slots", s) for s in entry["slots"]]]
+    old_rows = mllm.get_input_embeddings().weight.shape[0]
+    if tokenizer is not None:
+        text_tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+        text_tokenizer.add_special_tokens(
+            {"extra_special_tokens": [s for _, _, s in ordered]}, replace_extra_special_tokens=False
+        )
+        ids = text_tokenizer.convert_tokens_to_ids([s for _, _, s in ordered])
+        new_rows = max(old_rows, len(text_tokenizer), max(ids) + 1)
+    else:
+        ids = list(range(old_rows, old_rows + len(ordered)))
+        new_rows = old_rows + len(ordered)
+    if new_rows > old_rows:
+        _resize_with_mean(mllm, new_rows)
+    table = {task: {"begin": None, "slots": []} for task in token_strings}
+    for (task, kind, _), token_id in zip(ordered, ids):
+        if kind == "begin":
+            table[task]["begin"] = int(token_id)
+        else:
+            table[task]["slots"].append(int(token_id))
+    return table
+
+
+@torch.no_grad()
+def _resize_with_mean(mllm: PreTrainedModel, new_rows: int) -> None:
+    old_rows = mllm.get_input_embeddings().weight.shape[0]
+    mllm.resize_token_embeddings(new_rows, mean_resizing=False)
+    for embedding in (mllm.get_input_embeddings(), mllm.get_output_embeddings()):
+        if embedding is None:
+            continue
+        weight = embedding.weight
+        weight[old_rows:] = weight[:old_rows].mean(dim=0, keepdim=True)
+        bias = getattr(embedding, "bias", None)
+        if bias is not None and bias.shape[0] == new_rows:
+            bias[old_rows:] = bias[:old_rows].mean()
+    logger.info("Resized the MLLM's embeddings from %d to %d rows (new rows at the mean).", old_rows, new_rows)
+
+
+TPOForConditionalGeneration.register_for_auto_class("AutoModel")
+TPOForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+
+__all__ = ["TPOForConditionalGeneration", "TPOPreTrainedModel", "TPOOutput"]

@@ -5,6 +5,7 @@ This file is copied next to saved checkpoints as remote code: it imports only to
 transformers and its sibling files (relative imports), nothing optional at module level.
 """
 
+import copy
 import logging
 import re
 from collections import Counter
@@ -16,14 +17,27 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForImageTextToText, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
+from transformers.generation import LogitsProcessorList
 from transformers.modeling_outputs import ModelOutput
 from transformers.modeling_utils import slice_logits_to_keep
 
 from .configuration_tpo import IGNORE_INDEX, ROUTER_CLASSES, TASK_NAMES, TPOConfig
+from .generation_tpo import TaskTokenLogitsProcessor, TPOGenerateOutput, generated_attention_mask, right_align
 from .region_head import RegionHead
 from .task_tokens import TaskRouter, TaskTokens
 
 logger = logging.getLogger(__name__)
+
+# Inputs used only by the heads' pass of `generate` (not by the MLLM's decoding).
+_HEAD_ONLY_INPUTS = (
+    "instruction_end_index", "query_token_mask", "frame_token_index", "frame_timestamps", "video_durations",
+    "sam2_pixel_values", "mask_query_index", "tpo_meta",
+)
+_TRAINING_TARGETS = (
+    "labels", "task_labels", "region_boxes", "region_batch_index", "temporal_spans", "temporal_span_query_index",
+    "temporal_saliency", "mask_targets",
+)
+_PER_TOKEN_FILL = {"frame_token_index": -1, "query_token_mask": False, "mm_token_type_ids": 0}
 
 
 @dataclass
@@ -130,7 +144,10 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
         self._task_token_hook = {"module": None, "handle": None}
         self.post_init()
         if mllm is not None:
-            self.generation_config = mllm.generation_config
+            self.generation_config = copy.deepcopy(mllm.generation_config)
+        if self.generation_config is not None:
+            # generate() returns the sequences with the heads' predictions unless asked otherwise.
+            self.generation_config.return_dict_in_generate = True
         self._attach_task_token_hook()
 
     # ----------------------------------------------------------------------------------------
@@ -248,8 +265,19 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
         instruction_end_index: torch.LongTensor | None = None,
         region_boxes: torch.FloatTensor | None = None,
         region_batch_index: torch.LongTensor | None = None,
+        query_token_mask: torch.Tensor | None = None,
+        frame_token_index: torch.LongTensor | None = None,
+        frame_timestamps: torch.FloatTensor | None = None,
+        video_durations: torch.FloatTensor | None = None,
+        temporal_spans: torch.FloatTensor | None = None,
+        temporal_span_query_index: torch.LongTensor | None = None,
+        temporal_saliency: torch.FloatTensor | None = None,
+        sam2_pixel_values: torch.FloatTensor | None = None,
+        mask_query_index: torch.LongTensor | None = None,
+        mask_targets: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        tpo_meta: dict | None = None,
         **kwargs,
     ) -> TPOOutput:
         r"""
@@ -266,6 +294,16 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
             region_boxes (`(num_region_queries, 4)`): target boxes, normalised (x0, y0, x1, y1), one
                 per region slot, in (sample, position) order.
             region_batch_index (`(num_region_queries,)`): the sample of each target box.
+            query_token_mask (`(batch, seq)` bool): the instruction's text tokens (temporal head query).
+            frame_token_index (`(batch, seq)`): head-frame index of each visual token, -1 elsewhere.
+            frame_timestamps (`(batch, frames)`): head-frame times in seconds (-1 where padded).
+            video_durations (`(batch,)`): video durations in seconds.
+            temporal_spans (`(num_spans, 2)`): GT windows, normalised (start, end);
+            temporal_span_query_index (`(num_spans,)`): the temporal query of each window.
+            temporal_saliency (`(num_temporal_queries, frames)`): per-frame saliency targets >= 0.
+            sam2_pixel_values (`(m, 3, S, S)`): SAM2 inputs of the mask queries' images/frames;
+            mask_query_index (`(m,)`): the mask query of each SAM2 image; mask_targets (`(m, S, S)`).
+            tpo_meta: per-sample metadata from the collator, ignored here.
             num_items_in_batch: passed by the Trainer; the LM loss normalises by it.
         """
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
@@ -519,12 +557,120 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
     # ----------------------------------------------------------------------------------------
     # Generation
     # ----------------------------------------------------------------------------------------
-    def generate(self, *args, **kwargs):
-        """Text generation with the wrapped MLLM's own `generate` (its input preparation, caches and
-        decoding strategies), with the task tokens injected at slot positions."""
+    def generate(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
+                 run_task_heads: bool = True, **kwargs):
+        """Generate text with the wrapped MLLM's own `generate` (its input preparation, caches and
+        decoding strategies, all of transformers' options), then run the task heads for the task
+        tokens the answers contain.
+
+        During decoding a task's begin token is always followed by its slot tokens, and slot tokens
+        are never produced otherwise. After decoding, one forward pass over the finished sequences
+        gives the slot tokens' hidden states to the heads. TPO-specific inputs (`frame_token_index`,
+        `frame_timestamps`, `video_durations`, `query_token_mask`, `instruction_end_index`,
+        `sam2_pixel_values`, ...) are used by that pass only.
+
+        Returns a [`TPOGenerateOutput`] (sequences + per-sample `task_outputs`) unless
+        `return_dict_in_generate=False` is asked for, which returns the sequences as transformers does
+        (the heads are then skipped).
+        """
         self._attach_task_token_hook()
-        kwargs.setdefault("generation_config", self.generation_config)
-        return self.mllm.generate(*args, **kwargs)
+        head_inputs = {k: kwargs.pop(k) for k in list(kwargs) if k in _HEAD_ONLY_INPUTS}
+        for key in _TRAINING_TARGETS:
+            kwargs.pop(key, None)
+        # Generation parameters go into a copy of the config (transformers warns when both are given).
+        generation_config = copy.deepcopy(kwargs.pop("generation_config", None) or self.generation_config)
+        kwargs = generation_config.update(**kwargs)
+        wants_dict = generation_config.return_dict_in_generate
+        generation_config.return_dict_in_generate = True
+        processors = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
+        processors.append(self.task_token_logits_processor())
+        outputs = self.mllm.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            generation_config=generation_config,
+            logits_processor=processors,
+            **kwargs,
+        )
+        if not wants_dict:
+            return outputs.sequences
+        result = TPOGenerateOutput(
+            sequences=outputs.sequences,
+            scores=getattr(outputs, "scores", None),
+            logits=getattr(outputs, "logits", None),
+            attentions=getattr(outputs, "attentions", None),
+            hidden_states=getattr(outputs, "hidden_states", None),
+            past_key_values=getattr(outputs, "past_key_values", None),
+        )
+        if run_task_heads and input_ids is not None:
+            result.head_outputs, result.task_outputs = self._heads_on_generated(
+                outputs.sequences, input_ids, attention_mask, kwargs, head_inputs, generation_config
+            )
+        return result
+
+    def task_token_logits_processor(self) -> TaskTokenLogitsProcessor:
+        """Logits processor forcing slot tokens after begin tokens (see `generate`)."""
+        next_forced, forbidden = {}, []
+        for task in TASK_NAMES:
+            ids = self.config.task_token_ids[task]
+            if task not in self.config.tasks:
+                forbidden += [ids["begin"], *ids["slots"]]
+                continue
+            chain = [ids["begin"], *ids["slots"]]
+            next_forced.update(dict(zip(chain[:-1], chain[1:])))
+            forbidden += ids["slots"]
+        return TaskTokenLogitsProcessor(next_forced, forbidden)
+
+    @torch.no_grad()
+    def _heads_on_generated(self, sequences, input_ids, attention_mask, generate_kwargs, head_inputs, generation_config):
+        """One forward pass over the generated sequences (re-laid out to right padding, as in
+        training) giving the heads the hidden states of the generated slot tokens."""
+        batch, prompt_len = input_ids.shape
+        if sequences.shape[0] != batch:
+            raise ValueError(
+                "Task heads run on one sequence per prompt; with num_return_sequences > 1 pass run_task_heads=False."
+            )
+        begin_ids = [self.config.task_token_ids[t]["begin"] for t in self.config.tasks]
+        new_tokens = sequences[:, prompt_len:]
+        asked = torch.isin(new_tokens, torch.tensor(begin_ids, device=new_tokens.device)).any(-1)
+        if not bool(asked.any()) and not any(
+            torch.isin(input_ids, torch.tensor(self._all_slot_ids(), device=input_ids.device)).any(-1).tolist()
+        ):
+            return None, [None] * batch
+        eos = generation_config.eos_token_id
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        prompt_mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        full_mask = torch.cat([prompt_mask, generated_attention_mask(new_tokens, eos, generation_config.pad_token_id)], 1)
+        shift = (full_mask.cumsum(-1) == 0).sum(-1)  # leading (left) padding per row
+        pad = generation_config.pad_token_id if generation_config.pad_token_id is not None else 0
+        inputs = {
+            "input_ids": right_align(sequences, shift, pad),
+            "attention_mask": right_align(full_mask, shift, 0),
+        }
+        per_token = {**{k: v for k, v in generate_kwargs.items() if isinstance(v, torch.Tensor)}, **head_inputs}
+        for key, value in per_token.items():
+            if isinstance(value, torch.Tensor) and value.dim() >= 2 and tuple(value.shape[:2]) == (batch, prompt_len):
+                fill = _PER_TOKEN_FILL.get(key, 0)
+                extension = torch.full((batch, new_tokens.shape[1], *value.shape[2:]), fill, dtype=value.dtype,
+                                       device=value.device)
+                value = right_align(torch.cat([value, extension], 1), shift, fill)
+            elif key == "instruction_end_index":
+                value = value - shift.to(value.device)
+            inputs[key] = value
+        inputs.setdefault("instruction_end_index", (prompt_mask.sum(-1) - 1).clamp(min=0))
+        outputs = self(**inputs)
+        return outputs, self._task_outputs_per_sample(outputs, batch)
+
+    def _all_slot_ids(self) -> list[int]:
+        return [i for t in self.config.tasks for i in self.config.task_token_ids[t]["slots"]]
+
+    def _task_outputs_per_sample(self, outputs: "TPOOutput", batch: int) -> list[dict | None]:
+        per_sample: list[dict] = [{} for _ in range(batch)]
+        if outputs.pred_boxes is not None:
+            for b in range(batch):
+                rows = outputs.pred_boxes_batch_index == b
+                if bool(rows.any()):
+                    per_sample[b]["region"] = {"boxes": outputs.pred_boxes[rows]}
+        return [entry or None for entry in per_sample]
 
     def lora_target_regex(self) -> str:
         """A regex for peft's `target_modules` matching every linear layer of the language model."""

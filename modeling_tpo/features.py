@@ -1,0 +1,57 @@
+"""Features the heads read from the MLLM's last hidden states: per-frame pooling and token gathering.
+
+Remote code: torch only.
+"""
+
+import torch
+
+
+def pool_frame_features(
+    hidden_states: torch.Tensor, frame_token_index: torch.LongTensor, num_frames: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean of the hidden states of each frame's visual tokens.
+
+    Args:
+        hidden_states: (n, seq, hidden).
+        frame_token_index: (n, seq), the frame of each visual token, -1 for other tokens.
+        num_frames: F, the number of frame slots to return.
+    Returns:
+        frame_features (n, F, hidden) (zeros for frames without tokens) and frame_mask (n, F) bool.
+    """
+    frames = torch.arange(num_frames, device=hidden_states.device)
+    membership = (frame_token_index.to(hidden_states.device)[:, None, :] == frames[None, :, None])  # (n, F, seq)
+    counts = membership.sum(-1)  # (n, F)
+    weights = membership.to(hidden_states.dtype) / counts.clamp(min=1)[..., None].to(hidden_states.dtype)
+    return weights @ hidden_states, counts > 0
+
+
+def gather_token_features(hidden_states: torch.Tensor, token_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The hidden states of the marked tokens of each row, left-aligned and padded.
+
+    Args:
+        hidden_states: (n, seq, hidden); token_mask: (n, seq) bool.
+    Returns:
+        features (n, Q, hidden) with Q the largest count (at least 1) and mask (n, Q) bool.
+    """
+    token_mask = token_mask.to(hidden_states.device).bool()
+    counts = token_mask.sum(-1)
+    width = max(int(counts.max().item()) if counts.numel() else 0, 1)
+    # Stable sort puts the marked positions first, in their original order.
+    order = torch.argsort((~token_mask).to(torch.int8), dim=-1, stable=True)[:, :width]
+    features = torch.gather(hidden_states, 1, order[..., None].expand(-1, -1, hidden_states.shape[-1]))
+    mask = torch.arange(width, device=hidden_states.device)[None, :] < counts[:, None]
+    return features * mask[..., None].to(features.dtype), mask
+
+
+def normalised_frame_times(
+    frame_mask: torch.Tensor, frame_timestamps: torch.Tensor | None, video_durations: torch.Tensor | None
+) -> torch.Tensor:
+    """(n, F) frame times in [0, 1]: timestamp / duration when given, else the middle of F equal
+    segments (frames sampled uniformly)."""
+    n, num_frames = frame_mask.shape
+    if frame_timestamps is not None and video_durations is not None:
+        times = frame_timestamps[:, :num_frames].to(frame_mask.device).float()
+        durations = video_durations.to(frame_mask.device).float().clamp(min=1e-6)[:, None]
+        return (times / durations).clamp(0.0, 1.0)
+    positions = (torch.arange(num_frames, device=frame_mask.device).float() + 0.5) / num_frames
+    return positions[None, :].expand(n, -1)

@@ -1,0 +1,135 @@
+"""Batching of encoded samples and their decoded media into model inputs (no file I/O).
+
+Copied next to checkpoints with the processor (remote code): numpy and torch only.
+"""
+
+import numpy as np
+import torch
+
+IGNORE_INDEX = -100
+
+
+def _pad(rows: list[list], value, padding_side: str) -> tuple[torch.Tensor, list[int]]:
+    """Pad lists to one length; returns the tensor and each row's left offset."""
+    length = max(len(r) for r in rows)
+    out, offsets = [], []
+    for row in rows:
+        pad = [value] * (length - len(row))
+        out.append(pad + list(row) if padding_side == "left" else list(row) + pad)
+        offsets.append(len(pad) if padding_side == "left" else 0)
+    return torch.tensor(out), offsets
+
+
+def collate_encoded(processor, encoded: list, media: list[dict], padding_side: str = "right") -> dict:
+    """Pad and stack `EncodedSample`s with their decoded media.
+
+    media[i]: {} (text only), {"image": (h, w, 3) uint8}, or {"frames": (T, h, w, 3) uint8,
+    "timestamps": [T seconds]}, plus {"sam2_frames": (m, h, w, 3)} for video mask samples.
+
+    Returns the model's keyword arguments (see `TPOForConditionalGeneration.forward`), with
+    `tpo_meta` holding per-sample metadata for evaluation (ignored by the model):
+        input_ids, attention_mask, labels (batch, seq); task_labels, instruction_end_index (batch,);
+        query_token_mask, frame_token_index (batch, seq); frame_timestamps (batch, frames) seconds,
+        -1 where padded; video_durations (batch,) seconds (0 without video);
+        region_boxes (n, 4) + region_batch_index (n,);
+        temporal_spans (s, 2) normalised + temporal_span_query_index (s,), temporal_saliency (q, frames);
+        sam2_pixel_values (m, 3, S, S), mask_targets (m, S, S), mask_query_index (m,);
+        pixel tensors of the MLLM (pixel_values, image_grid_thw, pixel_values_videos, ...).
+    """
+    if len(encoded) != len(media):
+        raise ValueError(f"{len(encoded)} encoded samples but {len(media)} media entries.")
+    pad_id = processor.tokenizer.pad_token_id
+    if pad_id is None:
+        raise ValueError("The tokenizer has no pad token; set `tokenizer.pad_token` before batching.")
+    input_ids, offsets = _pad([e.input_ids for e in encoded], pad_id, padding_side)
+    attention_mask, _ = _pad([[1] * len(e.input_ids) for e in encoded], 0, padding_side)
+    labels, _ = _pad([e.labels for e in encoded], IGNORE_INDEX, padding_side)
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "task_labels": torch.tensor([e.task_label for e in encoded]),
+        "instruction_end_index": torch.tensor([e.instruction_end_index + o for e, o in zip(encoded, offsets)]),
+        "query_token_mask": _pad([e.query_token_mask for e in encoded], 0, padding_side)[0].bool(),
+        "frame_token_index": _pad([e.frame_token_index for e in encoded], -1, padding_side)[0],
+    }
+    if processor.layout != "llava":
+        batch["mm_token_type_ids"] = _pad([e.mm_token_type_ids for e in encoded], 0, padding_side)[0]
+
+    items, head_times, durations = [], [], []
+    for e, m in zip(encoded, media):
+        kind = e.media.get("kind")
+        if kind == "image":
+            items.append(("image", _require(m, "image", e)))
+            head_times.append([])
+        elif kind == "video":
+            frames = _require(m, "frames", e)
+            if len(frames) != len(e.media["timestamps"]):
+                raise ValueError(f"Sample {e.media.get('path')!r}: {len(frames)} decoded frames, "
+                                 f"{len(e.media['timestamps'])} planned.")
+            items.append(("video", frames))
+            head_times.append(processor.head_frame_timestamps(list(m.get("timestamps", e.media["timestamps"]))))
+        else:
+            head_times.append([])
+        durations.append(float(e.media.get("duration", 0.0)))
+    batch.update(processor.pixel_inputs(items))
+    num_frames = max((len(t) for t in head_times), default=0)
+    if num_frames:
+        batch["frame_timestamps"] = torch.tensor([t + [-1.0] * (num_frames - len(t)) for t in head_times])
+        batch["video_durations"] = torch.tensor(durations)
+
+    _collate_targets(processor, encoded, media, batch, num_frames)
+    batch["tpo_meta"] = {
+        "media": [e.media for e in encoded],
+        "head_frame_timestamps": head_times,
+    }
+    return batch
+
+
+def _require(media: dict, key: str, encoded):
+    if key not in media:
+        raise ValueError(f"Sample with media {encoded.media.get('path')!r} needs decoded `{key}`.")
+    return np.asarray(media[key])
+
+
+def _collate_targets(processor, encoded, media, batch, num_frames) -> None:
+    boxes, box_batch = [], []
+    spans, span_query, saliency = [], [], []
+    sam2_images, sam2_masks, mask_query = [], [], []
+    temporal_query = mask_index = 0
+    for index, (e, m) in enumerate(zip(encoded, media)):
+        targets = e.targets
+        for box in targets.get("region_boxes", []):
+            boxes.append(box)
+            box_batch.append(index)
+        if "temporal_spans" in targets:
+            for span in targets["temporal_spans"]:
+                spans.append(span)
+                span_query.append(temporal_query)
+            row = list(targets["temporal_saliency"])
+            saliency.append(row + [0.0] * (num_frames - len(row)))
+            temporal_query += 1
+        if "masks_rle" in targets:
+            if e.media.get("kind") == "image":
+                images = [np.asarray(m["image"])]
+            else:
+                images = list(_require(m, "sam2_frames", e))
+            if len(images) != len(targets["masks_rle"]):
+                raise ValueError(f"Sample {e.media.get('path')!r}: {len(images)} SAM2 frames for "
+                                 f"{len(targets['masks_rle'])} masks.")
+            sam2_images += images
+            sam2_masks += list(targets["masks_rle"])
+            mask_query += [mask_index] * len(images)
+            mask_index += 1
+    if boxes:
+        batch["region_boxes"] = torch.tensor(boxes, dtype=torch.float32)
+        batch["region_batch_index"] = torch.tensor(box_batch)
+    if spans:
+        batch["temporal_spans"] = torch.tensor(spans, dtype=torch.float32)
+        batch["temporal_span_query_index"] = torch.tensor(span_query)
+        batch["temporal_saliency"] = torch.tensor(saliency, dtype=torch.float32)
+    if sam2_images:
+        sam2 = processor.sam2_inputs(sam2_images, sam2_masks)
+        batch["sam2_pixel_values"] = sam2["sam2_pixel_values"]
+        batch["mask_targets"] = sam2["mask_targets"]
+        batch["mask_query_index"] = torch.tensor(mask_query)

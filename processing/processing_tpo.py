@@ -1,0 +1,791 @@
+"""TPOProcessor: prompts with task tokens, visual placeholders, targets, and the inverse transforms.
+
+Copied next to checkpoints as remote code (`AutoProcessor.from_pretrained(..., trust_remote_code=True)`):
+it imports only numpy, PIL, torch and transformers at module level; pycocotools (RLE) is imported
+where it is needed. It does no file I/O: media arrive decoded (see `tpo.processing.pipeline`).
+
+Coordinate conventions
+----------------------
+- Boxes in samples are `(x0, y0, x1, y1)` in pixels of the ORIGINAL image. Targets given to the
+  model are normalised to the image the vision tower sees: for a processor that resizes the whole
+  image (SigLIP, Qwen2-VL's smart resize) that is simply x / width, y / height; for a processor that
+  resizes the shortest edge and centre-crops (CLIP), the crop is accounted for and boxes are clamped
+  to the crop. `post_process_boxes` inverts exactly the same mapping.
+- Spans in samples are `(start, end)` in seconds; targets are normalised by the video duration.
+- Frames: the MLLM sees `num_frames` frames sampled at the middle of equal segments; for Qwen2-VL
+  two consecutive frames form one temporal token group, and a group's timestamp is the mean of its
+  frames'. The temporal head works on these "head frames" (`frame_timestamps`).
+- Masks: COCO RLE in samples; targets are resized (nearest) to SAM2's square input size.
+"""
+
+import hashlib
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import ProcessorMixin
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+TASK_LABELS = {"text": 0, "temporal": 1, "region": 2, "mask": 3}
+DEFAULT_TASK_TOKENS = {
+    "temporal": {"begin": "<time_begin>", "slots": ["<temp>"]},
+    "region": {"begin": "<box_begin>", "slots": ["<boxes>"]},
+    "mask": {"begin": "<mask_begin>", "slots": ["<masks>"]},
+}
+# Question templates per task; the template of a sample is chosen from a hash of its id (stable).
+DEFAULT_PROMPT_TEMPLATES = {
+    "temporal": [
+        "When is the {query} visible in the video?",
+        "Find the moments of the video that show the {query}.",
+        "During which part of the video can the {query} be seen?",
+    ],
+    "region": [
+        "Where is the {query} in the image?",
+        "Locate the {query}.",
+        "Give the bounding box of the {query}.",
+    ],
+    "mask": [
+        "Segment the {query}.",
+        "Which pixels belong to the {query}?",
+        "Give the mask of the {query}.",
+    ],
+}
+SAM2_MEAN = (0.485, 0.456, 0.406)
+SAM2_STD = (0.229, 0.224, 0.225)
+
+
+# ------------------------------------------------------------------------------------------------
+# Small, testable helpers
+# ------------------------------------------------------------------------------------------------
+def uniform_timestamps(duration_seconds: float, num_frames: int) -> list[float]:
+    """Middle of `num_frames` equal segments of [0, duration]."""
+    return [(i + 0.5) * duration_seconds / num_frames for i in range(num_frames)]
+
+
+def frame_saliency(
+    frame_timestamps: list[float], clip_seconds: float, clip_ids: list[int], clip_scores: list[list[int]]
+) -> list[float]:
+    """Per-frame saliency in [0, 1]: mean annotator score / 4 of the clip holding the frame (0 if the
+    clip is not annotated as relevant)."""
+    by_clip = {int(c): float(np.mean(s)) / 4.0 for c, s in zip(clip_ids, clip_scores)}
+    return [by_clip.get(int(t // clip_seconds), 0.0) if clip_seconds > 0 else 0.0 for t in frame_timestamps]
+
+
+@dataclass
+class ImageGeometry:
+    """How an original image maps onto the image the vision tower sees.
+
+    `scale` multiplies original pixels; the result is cropped by (`crop_x`, `crop_y`) to a
+    (`view_width`, `view_height`) view. A plain resize is `scale_x = view_width / width` etc.
+    """
+
+    width: float
+    height: float
+    scale_x: float
+    scale_y: float
+    crop_x: float = 0.0
+    crop_y: float = 0.0
+    view_width: float = 1.0
+    view_height: float = 1.0
+
+    def normalise(self, boxes_xyxy_pixels: np.ndarray) -> np.ndarray:
+        """(n, 4) original pixels -> (n, 4) normalised to the view, clamped to [0, 1]."""
+        boxes = np.asarray(boxes_xyxy_pixels, dtype=np.float64).reshape(-1, 4)
+        x = (boxes[:, [0, 2]] * self.scale_x - self.crop_x) / self.view_width
+        y = (boxes[:, [1, 3]] * self.scale_y - self.crop_y) / self.view_height
+        out = np.stack([x[:, 0], y[:, 0], x[:, 1], y[:, 1]], axis=1)
+        return np.clip(out, 0.0, 1.0)
+
+    def denormalise(self, boxes_normalised: np.ndarray) -> np.ndarray:
+        """(n, 4) normalised view coordinates -> (n, 4) original pixels (inverse of `normalise`)."""
+        boxes = np.asarray(boxes_normalised, dtype=np.float64).reshape(-1, 4)
+        x = (boxes[:, [0, 2]] * self.view_width + self.crop_x) / self.scale_x
+        y = (boxes[:, [1, 3]] * self.view_height + self.crop_y) / self.scale_y
+        out = np.stack([x[:, 0], y[:, 0], x[:, 1], y[:, 1]], axis=1)
+        out[:, [0, 2]] = out[:, [0, 2]].clip(0, self.width)
+        out[:, [1, 3]] = out[:, [1, 3]].clip(0, self.height)
+        return out
+
+
+def image_geometry(image_processor, height: int, width: int) -> ImageGeometry:
+    """The geometry of `image_processor` on an image of (height, width): whole-image resize, or
+    shortest-edge resize followed by a centre crop (`do_center_crop` with `crop_size`)."""
+    size = getattr(image_processor, "size", None) or {}
+    size = dict(size) if not isinstance(size, dict) else size
+    crop = getattr(image_processor, "crop_size", None)
+    if getattr(image_processor, "do_center_crop", False) and crop:
+        short = size.get("shortest_edge") or min(crop["height"], crop["width"])
+        scale = short / min(height, width)
+        resized_w, resized_h = round(width * scale), round(height * scale)
+        return ImageGeometry(
+            width=width, height=height, scale_x=resized_w / width, scale_y=resized_h / height,
+            crop_x=(resized_w - crop["width"]) / 2, crop_y=(resized_h - crop["height"]) / 2,
+            view_width=crop["width"], view_height=crop["height"],
+        )
+    # Whole-image resize (possibly to another aspect ratio): normalised coordinates are unchanged.
+    return ImageGeometry(width=width, height=height, scale_x=1.0, scale_y=1.0, view_width=width, view_height=height)
+
+
+def decode_rle(rle: dict) -> np.ndarray:
+    """COCO RLE ({"size": [h, w], "counts": str}) -> bool (h, w)."""
+    from pycocotools import mask as mask_utils
+
+    counts = rle["counts"]
+    encoded = {"size": list(rle["size"]), "counts": counts.encode() if isinstance(counts, str) else counts}
+    return mask_utils.decode(encoded).astype(bool)
+
+
+def encode_rle(mask: np.ndarray) -> dict:
+    """bool (h, w) -> COCO RLE with a string `counts`."""
+    from pycocotools import mask as mask_utils
+
+    encoded = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(v) for v in encoded["size"]], "counts": encoded["counts"].decode("ascii")}
+
+
+def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """Nearest-neighbour resize of a (h, w) mask to (size, size), float32 in {0, 1}."""
+    image = Image.fromarray(mask.astype(np.uint8) * 255)
+    return (np.asarray(image.resize((size, size), Image.NEAREST)) > 127).astype(np.float32)
+
+
+def sam2_pixel_values(images: list[np.ndarray], image_size: int) -> torch.Tensor:
+    """SAM2 input: each (h, w, 3) uint8 image resized (bilinear) to image_size x image_size, scaled
+    to [0, 1] and normalised with ImageNet mean/std, as SAM2 does -> (m, 3, S, S) float32."""
+    mean = np.asarray(SAM2_MEAN, dtype=np.float32)
+    std = np.asarray(SAM2_STD, dtype=np.float32)
+    out = []
+    for image in images:
+        resized = Image.fromarray(np.asarray(image, dtype=np.uint8)).convert("RGB").resize(
+            (image_size, image_size), Image.BILINEAR
+        )
+        array = (np.asarray(resized, dtype=np.float32) / 255.0 - mean) / std
+        out.append(array.transpose(2, 0, 1))
+    return torch.from_numpy(np.stack(out)) if out else torch.zeros(0, 3, image_size, image_size)
+
+
+# ------------------------------------------------------------------------------------------------
+# Visual layouts: how a backbone turns images and videos into placeholder tokens and pixel tensors
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class VisualTokens:
+    """The placeholder expansion of one image or video: `frame_ids[j]` is the head-frame index of
+    the j-th copy (-1 for still images)."""
+
+    token_id: int
+    frame_ids: list[int]
+    wrap: tuple[int, int] | None = None  # (start, end) tokens to put around the copies if missing
+
+
+class LlavaLayout:
+    """LLaVA-style: a fixed number of tokens per image; a video is a sequence of images (one per
+    frame), so every sampled frame is a head frame."""
+
+    model_types = ("llava",)
+
+    def __init__(self, processor: "TPOProcessor"):
+        self.processor = processor
+
+    def video_as_images(self) -> bool:
+        return True
+
+    def image_tokens(self, height: int, width: int) -> VisualTokens:
+        return VisualTokens(self.processor.image_token_id, [-1] * self.processor.image_seq_length)
+
+    def frame_tokens(self, frame_index: int) -> VisualTokens:
+        return VisualTokens(self.processor.image_token_id, [frame_index] * self.processor.image_seq_length)
+
+    def head_frame_timestamps(self, timestamps: list[float]) -> list[float]:
+        return list(timestamps)
+
+    def pixel_inputs(self, items: list[tuple[str, np.ndarray]]) -> dict:
+        frames = [f for kind, array in items for f in ([array] if kind == "image" else list(array))]
+        if not frames:
+            return {}
+        return {"pixel_values": self.processor.image_processor(images=frames, return_tensors="pt")["pixel_values"]}
+
+
+class Qwen2VLLayout:
+    """Qwen2-VL / Qwen2.5-VL: tokens per image from the (smart-)resized size and the 2x2 merge; a
+    video is one placeholder whose tokens come in temporal groups of `temporal_patch_size` frames."""
+
+    model_types = ("qwen2_vl", "qwen2_5_vl")
+
+    def __init__(self, processor: "TPOProcessor"):
+        self.processor = processor
+        ip = processor.image_processor
+        self.patch = ip.patch_size
+        self.merge = ip.merge_size
+        self.temporal = ip.temporal_patch_size
+
+    def video_as_images(self) -> bool:
+        return False
+
+    def _resized(self, height: int, width: int) -> tuple[int, int]:
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+        size = self.processor.image_processor.size
+        size = dict(size) if not isinstance(size, dict) else size
+        return smart_resize(height, width, factor=self.patch * self.merge,
+                            min_pixels=size["shortest_edge"], max_pixels=size["longest_edge"])
+
+    def _wrap(self) -> tuple[int, int]:
+        return (self.processor.vision_start_token_id, self.processor.vision_end_token_id)
+
+    def image_tokens(self, height: int, width: int) -> VisualTokens:
+        h, w = self._resized(height, width)
+        n = (h // self.patch) * (w // self.patch) // (self.merge**2)
+        return VisualTokens(self.processor.image_token_id, [-1] * n, self._wrap())
+
+    def video_tokens(self, num_frames: int, height: int, width: int) -> VisualTokens:
+        h, w = self._resized(height, width)
+        per_group = (h // self.patch) * (w // self.patch) // (self.merge**2)
+        groups = math.ceil(num_frames / self.temporal)
+        return VisualTokens(self.processor.video_token_id, [g for g in range(groups) for _ in range(per_group)],
+                            self._wrap())
+
+    def head_frame_timestamps(self, timestamps: list[float]) -> list[float]:
+        padded = list(timestamps) + [timestamps[-1]] * (-len(timestamps) % self.temporal)
+        return [float(np.mean(padded[i : i + self.temporal])) for i in range(0, len(padded), self.temporal)]
+
+    def _normalised(self, image: np.ndarray, height: int, width: int) -> np.ndarray:
+        ip = self.processor.image_processor
+        resized = Image.fromarray(np.asarray(image, dtype=np.uint8)).convert("RGB").resize((width, height), Image.BICUBIC)
+        array = np.asarray(resized, dtype=np.float32) * float(ip.rescale_factor)
+        array = (array - np.asarray(ip.image_mean, dtype=np.float32)) / np.asarray(ip.image_std, dtype=np.float32)
+        return array.transpose(2, 0, 1)  # (C, H, W)
+
+    def video_patches(self, frames: np.ndarray) -> tuple[np.ndarray, list[int]]:
+        """(T, H, W, 3) uint8 -> (groups * gh * gw, C * temporal * patch * patch) patches and grid (t, gh, gw)."""
+        height, width = self._resized(frames.shape[1], frames.shape[2])
+        video = np.stack([self._normalised(f, height, width) for f in frames])  # (T, C, H, W)
+        if pad := -len(video) % self.temporal:
+            video = np.concatenate([video, np.repeat(video[-1:], pad, axis=0)])
+        t, c = len(video) // self.temporal, video.shape[1]
+        gh, gw, p, m = height // self.patch, width // self.patch, self.patch, self.merge
+        patches = video.reshape(t, self.temporal, c, gh // m, m, p, gw // m, m, p)
+        patches = patches.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
+        return patches.reshape(t * gh * gw, c * self.temporal * p * p), [t, gh, gw]
+
+    def pixel_inputs(self, items: list[tuple[str, np.ndarray]]) -> dict:
+        images = [array for kind, array in items if kind == "image"]
+        videos = [array for kind, array in items if kind == "video"]
+        out = {}
+        if images:
+            processed = self.processor.image_processor(images=list(images), return_tensors="pt")
+            out.update(pixel_values=processed["pixel_values"], image_grid_thw=processed["image_grid_thw"])
+        if videos:
+            patches, grids = zip(*(self.video_patches(np.asarray(v)) for v in videos))
+            out.update(pixel_values_videos=torch.from_numpy(np.concatenate(patches)).float(),
+                       video_grid_thw=torch.tensor(grids, dtype=torch.long))
+        return out
+
+
+LAYOUTS = {model_type: layout for layout in (LlavaLayout, Qwen2VLLayout) for model_type in layout.model_types}
+
+
+# ------------------------------------------------------------------------------------------------
+# The processor
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class EncodedSample:
+    """Token-side encoding of one sample (what `Dataset.map` stores), media not included."""
+
+    input_ids: list[int]
+    labels: list[int]
+    task_label: int
+    instruction_end_index: int
+    query_token_mask: list[int]
+    frame_token_index: list[int]
+    mm_token_type_ids: list[int]
+    media: dict = field(default_factory=dict)  # plan: kind, path, timestamps, image size, ...
+    targets: dict = field(default_factory=dict)
+
+
+class TPOProcessor(ProcessorMixin):
+    r"""
+    Wraps an MLLM's tokenizer and image processor for TPO.
+
+    Args:
+        image_processor: the MLLM's image processor (a PIL backend works without torchvision).
+        tokenizer: the MLLM's tokenizer; the task tokens of every task are added to it.
+        chat_template (`str`, *optional*): defaults to the tokenizer's.
+        layout (`str`): the MLLM's `model_type` (`llava`, `qwen2_vl`, `qwen2_5_vl`), which decides how
+            images and videos become placeholder tokens and pixel tensors.
+        num_frames (`int`): frames the MLLM sees per video.
+        image_seq_length (`int`, *optional*): tokens per image (LLaVA).
+        image_token, video_token, vision_start_token, vision_end_token (`str`): placeholder tokens.
+        sam2_image_size (`int`, *optional*): SAM2's input size (mask samples).
+        mask_frames_per_video (`int`): annotated frames per video mask sample given to SAM2.
+        task_token_strings (`dict`, *optional*): `{task: {"begin": str, "slots": [str]}}`.
+        prompt_templates (`dict`, *optional*): `{task: [template with {query}, ...]}`.
+        saliency_clip_seconds (`float`): clip length of saliency annotations (QVHighlights: 2).
+    """
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        chat_template=None,
+        layout: str = "llava",
+        num_frames: int = 8,
+        image_seq_length: int | None = None,
+        image_token: str = "<image>",
+        video_token: str = "<video>",
+        vision_start_token: str | None = None,
+        vision_end_token: str | None = None,
+        sam2_image_size: int | None = None,
+        mask_frames_per_video: int = 4,
+        task_token_strings: dict | None = None,
+        prompt_templates: dict | None = None,
+        saliency_clip_seconds: float = 2.0,
+        **kwargs,
+    ):
+        if layout not in LAYOUTS:
+            raise ValueError(f"Unknown layout {layout!r}; supported MLLM model types: {sorted(LAYOUTS)}.")
+        self.layout = layout
+        self.num_frames = int(num_frames)
+        self.image_seq_length = image_seq_length
+        self.image_token = image_token
+        self.video_token = video_token
+        self.vision_start_token = vision_start_token
+        self.vision_end_token = vision_end_token
+        self.sam2_image_size = sam2_image_size
+        self.mask_frames_per_video = int(mask_frames_per_video)
+        self.task_token_strings = task_token_strings or json.loads(json.dumps(DEFAULT_TASK_TOKENS))
+        self.prompt_templates = prompt_templates or json.loads(json.dumps(DEFAULT_PROMPT_TEMPLATES))
+        self.saliency_clip_seconds = float(saliency_clip_seconds)
+        super().__init__(image_processor, tokenizer, chat_template=chat_template)
+        self._add_task_tokens()
+        self._layout = LAYOUTS[layout](self)
+
+    # ---- tokens -------------------------------------------------------------------------------
+    def _add_task_tokens(self) -> None:
+        strings = [s for entry in self.task_token_strings.values() for s in [entry["begin"], *entry["slots"]]]
+        missing = [s for s in strings if s not in self.tokenizer.get_vocab()]
+        if missing:
+            self.tokenizer.add_special_tokens({"extra_special_tokens": missing}, replace_extra_special_tokens=False)
+        self.task_token_ids = {
+            task: {"begin": self.tokenizer.convert_tokens_to_ids(entry["begin"]),
+                   "slots": self.tokenizer.convert_tokens_to_ids(entry["slots"])}
+            for task, entry in self.task_token_strings.items()
+        }
+
+    def _token_id(self, token: str | None) -> int | None:
+        if token is None:
+            return None
+        token_id = self.tokenizer.convert_tokens_to_ids(token)
+        if token_id is None or token_id == self.tokenizer.unk_token_id:
+            raise ValueError(f"The tokenizer has no token {token!r}; set the processor's placeholder tokens.")
+        return token_id
+
+    @property
+    def image_token_id(self) -> int:
+        return self._token_id(self.image_token)
+
+    @property
+    def video_token_id(self) -> int:
+        return self._token_id(self.video_token)
+
+    @property
+    def vision_start_token_id(self) -> int | None:
+        return self._token_id(self.vision_start_token)
+
+    @property
+    def vision_end_token_id(self) -> int | None:
+        return self._token_id(self.vision_end_token)
+
+    def check_model_config(self, config) -> None:
+        """Raise if the model's task-token ids differ from this processor's (another tokenizer)."""
+        if config.task_token_ids != self.task_token_ids:
+            raise ValueError(
+                f"The processor's task-token ids {self.task_token_ids} differ from the model's "
+                f"{config.task_token_ids}: the model was built with another tokenizer. Build both from the same "
+                "tokenizer (TPOForConditionalGeneration.from_mllm(..., tokenizer=processor.tokenizer))."
+            )
+
+    @classmethod
+    def from_model_config(cls, config, image_processor, tokenizer, **kwargs) -> "TPOProcessor":
+        """A processor matching a `TPOConfig` (layout, placeholder tokens, tokens per image)."""
+        mllm = config.mllm_config
+        settings = {"layout": mllm.model_type, "task_token_strings": config.task_token_strings}
+        if mllm.model_type in LlavaLayout.model_types:
+            settings["image_seq_length"] = mllm.image_seq_length
+        else:
+            vocab = tokenizer.convert_ids_to_tokens
+            settings.update(image_token=vocab(mllm.image_token_id), video_token=vocab(mllm.video_token_id),
+                            vision_start_token=vocab(mllm.vision_start_token_id),
+                            vision_end_token=vocab(mllm.vision_end_token_id))
+        if getattr(config, "sam2_config", None) is not None and "mask" in config.tasks:
+            settings["sam2_image_size"] = int(config.sam2_config.image_size)
+        settings.update(kwargs)
+        processor = cls(image_processor=image_processor, tokenizer=tokenizer, **settings)
+        processor.check_model_config(config)
+        return processor
+
+    # ---- conversation building ------------------------------------------------------------------
+    def _question(self, sample: dict) -> str:
+        templates = self.prompt_templates[sample["task"]]
+        digest = int(hashlib.sha1(str(sample.get("id", "")).encode()).hexdigest(), 16)
+        return templates[digest % len(templates)].format(query=sample["query"])
+
+    def task_answer(self, task: str) -> str:
+        entry = self.task_token_strings[task]
+        return entry["begin"] + "".join(entry["slots"])
+
+    def _messages(self, sample: dict, mode: str) -> list[dict]:
+        """Chat messages with typed content parts; visual parts in the order of the media."""
+        task = sample["task"]
+        visual = {"image": "image", "video": "video", "frames": "video"}.get(sample.get("media_type", "none"))
+        if task == "text":
+            messages = [
+                {"role": turn["role"], "content": _split_placeholders(turn["content"], self.image_token, self.video_token)}
+                for turn in sample["conversations"]
+            ]
+            if visual and not any(p["type"] in ("image", "video") for m in messages for p in m["content"]):
+                messages[0]["content"].insert(0, {"type": visual})
+            if mode != "train" and messages and messages[-1]["role"] == "assistant":
+                messages = messages[:-1]
+            return messages
+        user = ([{"type": visual}] if visual else []) + [{"type": "text", "text": self._question(sample)}]
+        messages = [{"role": "user", "content": user}]
+        if mode == "train":
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": self.task_answer(task)}]})
+        return messages
+
+    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    # ---- encoding ---------------------------------------------------------------------------------
+    def encode(self, sample: dict, mode: str = "train") -> EncodedSample:
+        """Token-side encoding of one sample of the common schema.
+
+        `mode`: "train" (answer included, `labels` on the answer turns), "generate" (prompt with the
+        generation prompt, no answer) or "force_task" (prompt + the task's begin and slot tokens, so
+        that one forward pass gives the head outputs).
+        Needs `image_size` (images, video frames) and `duration_seconds` (videos) in the sample.
+        """
+        if sample["task"] not in TASK_LABELS:
+            raise ValueError(f"Sample {sample.get('id')!r}: unknown task {sample['task']!r}; valid: {list(TASK_LABELS)}.")
+        if mode not in ("train", "generate", "force_task"):
+            raise ValueError(f"Unknown mode {mode!r}; use 'train', 'generate' or 'force_task'.")
+        media = self._plan_media(sample)
+        messages = self._messages(sample, mode)
+        if self._layout.video_as_images() and media.get("kind") == "video":
+            for message in messages:
+                message["content"] = _video_to_frames(message["content"], len(media["timestamps"]))
+        text, answer_spans, query_spans = self._render_with_spans(messages, mode, sample)
+        if mode == "force_task":
+            if sample["task"] == "text":
+                raise ValueError(f"Sample {sample.get('id')!r}: 'force_task' needs a grounding task, not 'text'.")
+            text += self.task_answer(sample["task"])
+        encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = encoding["input_ids"], encoding["offset_mapping"]
+        if mode == "train":
+            labels = [tid if _inside(o, answer_spans) else IGNORE_INDEX for tid, o in zip(ids, offsets)]
+        else:
+            labels = [IGNORE_INDEX] * len(ids)
+        query = [int(_inside(o, query_spans)) for o in offsets]
+        ids, labels, query, frame_index, mm_types = self._expand_visual_tokens(ids, labels, query, media, sample)
+        if mode == "train" and any(label != IGNORE_INDEX for label in labels):
+            prompt_end = _first_answer_token(labels) - 1
+        elif mode == "force_task":  # the instruction ends before the forced begin + slot tokens
+            prompt_end = len(ids) - 2 - len(self.task_token_strings[sample["task"]]["slots"])
+        else:
+            prompt_end = len(ids) - 1
+        return EncodedSample(
+            input_ids=ids,
+            labels=labels,
+            task_label=TASK_LABELS[sample["task"]],
+            instruction_end_index=max(prompt_end, 0),
+            query_token_mask=query,
+            frame_token_index=frame_index,
+            mm_token_type_ids=mm_types,
+            media=media,
+            targets=self._targets(sample, media),
+        )
+
+    def _render_with_spans(self, messages, mode, sample):
+        """The rendered text, the char spans of assistant answers (labels) and of the last user text."""
+        add_prompt = mode != "train" or messages[-1]["role"] != "assistant"
+        text = self._render(messages, add_generation_prompt=add_prompt)
+        answer_spans = []
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            prefix = self._render(messages[:i], add_generation_prompt=True)
+            upto = self._render(messages[: i + 1], add_generation_prompt=False)
+            if not (text.startswith(prefix) and text.startswith(upto)):
+                raise ValueError(
+                    f"Sample {sample.get('id')!r}: the chat template does not render conversations prefix by prefix, "
+                    "so answer tokens cannot be located for the labels; use a template whose rendering of the first "
+                    "i turns is a prefix of the whole conversation."
+                )
+            answer_spans.append((len(prefix), len(upto)))
+        query_spans = []
+        user_turns = [m for m in messages if m["role"] == "user"]
+        if user_turns:
+            for part in user_turns[-1]["content"]:
+                if part["type"] == "text" and part["text"].strip():
+                    start = text.rfind(part["text"])
+                    if start >= 0:
+                        query_spans.append((start, start + len(part["text"])))
+        return text, answer_spans, query_spans
+
+    def _plan_media(self, sample: dict) -> dict:
+        kind = sample.get("media_type", "none")
+        height, width = (list(sample.get("image_size") or [0, 0]) + [0, 0])[:2]
+        if kind == "image":
+            if not (height and width):
+                raise ValueError(f"Sample {sample.get('id')!r}: `image_size` (height, width) is needed for an image.")
+            return {"kind": "image", "path": sample["media_path"], "height": int(height), "width": int(width)}
+        if kind in ("video", "frames"):
+            if kind == "frames":
+                fps = float(sample.get("fps") or 0.0)
+                count = len(sample.get("frame_paths") or [])
+                duration = float(sample.get("duration_seconds") or (count / fps if fps > 0 else 0.0))
+            else:
+                duration = float(sample.get("duration_seconds") or 0.0)
+            if duration <= 0:
+                raise ValueError(f"Sample {sample.get('id')!r}: `duration_seconds` must be > 0 for a video.")
+            if not (height and width):
+                raise ValueError(f"Sample {sample.get('id')!r}: `image_size` (frame height, width) is needed for a video.")
+            timestamps = uniform_timestamps(duration, self.num_frames)
+            plan = {"kind": "video", "source": kind, "path": sample.get("media_path", ""),
+                    "frame_paths": list(sample.get("frame_paths") or []), "fps": float(sample.get("fps") or 0.0),
+                    "timestamps": timestamps, "duration": duration, "height": int(height), "width": int(width)}
+            return plan
+        return {"kind": "none"}
+
+    def _expand_visual_tokens(self, ids, labels, query, media, sample):
+        """Replace each image/video placeholder by its expansion; returns ids, labels, query mask,
+        frame index per token and mm_token_type_ids (0 text, 1 image, 2 video)."""
+        image_id, video_id = self.image_token_id, self.video_token_id
+        placeholders = [i for i, t in enumerate(ids) if t in (image_id, video_id)]
+        expansions = self._expansions(ids, placeholders, media, sample)
+        out_ids, out_labels, out_query, out_frames, out_types = [], [], [], [], []
+        cursor = 0
+        for position, visual in zip(placeholders, expansions):
+            out_ids += ids[cursor:position]
+            out_labels += labels[cursor:position]
+            out_query += query[cursor:position]
+            out_frames += [-1] * (position - cursor)
+            out_types += [0] * (position - cursor)
+            before = out_ids[-1] if out_ids else None
+            after = ids[position + 1] if position + 1 < len(ids) else None
+            wrap_start, wrap_end = visual.wrap if visual.wrap else (None, None)
+            add_start = wrap_start is not None and before != wrap_start
+            add_end = wrap_end is not None and after != wrap_end
+            kind = 2 if visual.token_id == video_id and video_id != image_id else 1
+            block = ([wrap_start] if add_start else []) + [visual.token_id] * len(visual.frame_ids) + (
+                [wrap_end] if add_end else [])
+            frames = ([-1] if add_start else []) + visual.frame_ids + ([-1] if add_end else [])
+            types = ([0] if add_start else []) + [kind] * len(visual.frame_ids) + ([0] if add_end else [])
+            out_ids += block
+            out_labels += [IGNORE_INDEX] * len(block)
+            out_query += [0] * len(block)
+            out_frames += frames
+            out_types += types
+            cursor = position + 1
+        out_ids += ids[cursor:]
+        out_labels += labels[cursor:]
+        out_query += query[cursor:]
+        out_frames += [-1] * (len(ids) - cursor)
+        out_types += [0] * (len(ids) - cursor)
+        return out_ids, out_labels, out_query, out_frames, out_types
+
+    def _expansions(self, ids, placeholders, media, sample) -> list[VisualTokens]:
+        kind = media.get("kind")
+        if kind == "none" and placeholders:
+            raise ValueError(f"Sample {sample.get('id')!r} has {len(placeholders)} visual placeholder(s) but no media.")
+        if kind == "image":
+            if len(placeholders) != 1:
+                raise ValueError(f"Sample {sample.get('id')!r}: one image but {len(placeholders)} placeholders.")
+            return [self._layout.image_tokens(media["height"], media["width"])]
+        if kind == "video":
+            if self._layout.video_as_images():
+                if len(placeholders) != len(media["timestamps"]):
+                    raise ValueError(f"Sample {sample.get('id')!r}: {len(media['timestamps'])} frames but "
+                                     f"{len(placeholders)} placeholders.")
+                return [self._layout.frame_tokens(i) for i in range(len(placeholders))]
+            if len(placeholders) != 1:
+                raise ValueError(f"Sample {sample.get('id')!r}: one video but {len(placeholders)} placeholders.")
+            return [self._layout.video_tokens(len(media["timestamps"]), media["height"], media["width"])]
+        return []
+
+    # ---- targets ----------------------------------------------------------------------------------
+    def _targets(self, sample: dict, media: dict) -> dict:
+        task = sample["task"]
+        sample_id = sample.get("id")
+        if task == "region":
+            boxes = np.asarray(sample.get("boxes_xyxy_pixels") or [], dtype=np.float64).reshape(-1, 4)
+            if len(boxes) != 1:
+                raise ValueError(f"Sample {sample_id!r}: a region sample needs exactly one box, got {len(boxes)}.")
+            if media.get("kind") != "image":
+                raise ValueError(f"Sample {sample_id!r}: region samples need an image.")
+            geometry = image_geometry(self.image_processor, media["height"], media["width"])
+            return {"region_boxes": geometry.normalise(boxes).tolist()}
+        if task == "temporal":
+            duration = media.get("duration")
+            spans = np.asarray(sample.get("spans_seconds") or [], dtype=np.float64).reshape(-1, 2)
+            if media.get("kind") != "video":
+                raise ValueError(f"Sample {sample_id!r}: temporal samples need a video.")
+            if len(spans) == 0:
+                raise ValueError(f"Sample {sample_id!r}: a temporal sample needs at least one span.")
+            bad = (spans[:, 0] >= spans[:, 1]) | (spans[:, 0] < 0) | (spans[:, 1] > duration + 1e-3)
+            if bad.any():
+                raise ValueError(
+                    f"Sample {sample_id!r}: span {spans[bad][0].tolist()} s is invalid for a video of {duration:.3f} s "
+                    "(needs 0 <= start < end <= duration)."
+                )
+            head_times = self._layout.head_frame_timestamps(media["timestamps"])
+            saliency = frame_saliency(head_times, float(sample.get("saliency_clip_seconds") or self.saliency_clip_seconds),
+                                      list(sample.get("saliency_clip_ids") or []), list(sample.get("saliency_scores") or []))
+            if not any(saliency):  # no clip annotation: saliency from the spans themselves
+                saliency = [float(any(s <= t <= e for s, e in spans)) for t in head_times]
+            return {"temporal_spans": (np.minimum(spans, duration) / duration).tolist(), "temporal_saliency": saliency}
+        if task == "mask":
+            masks = list(sample.get("masks_rle") or [])
+            if not masks:
+                raise ValueError(f"Sample {sample_id!r}: a mask sample needs at least one mask.")
+            if self.sam2_image_size is None:
+                raise ValueError("The processor has no `sam2_image_size`: mask samples need SAM2 settings.")
+            height, width = media.get("height"), media.get("width")
+            for rle in masks:
+                if [int(v) for v in rle["size"]] != [height, width]:
+                    raise ValueError(
+                        f"Sample {sample_id!r}: a mask of size {list(rle['size'])} does not match its frame "
+                        f"({height}, {width}); masks must have the frame's size."
+                    )
+            frame_indices = list(sample.get("mask_frame_indices") or [])
+            if media.get("kind") == "image":
+                return {"masks_rle": masks[:1], "mask_frames": [-1]}
+            if len(frame_indices) != len(masks):
+                raise ValueError(f"Sample {sample_id!r}: {len(masks)} masks but {len(frame_indices)} mask frame indices.")
+            chosen = np.linspace(0, len(masks) - 1, num=min(self.mask_frames_per_video, len(masks))).round().astype(int)
+            chosen = sorted(set(chosen.tolist()))
+            return {"masks_rle": [masks[i] for i in chosen], "mask_frames": [int(frame_indices[i]) for i in chosen]}
+        return {}
+
+    # ---- media -> tensors (collator side) -----------------------------------------------------------
+    def pixel_inputs(self, items: list[tuple[str, np.ndarray]]) -> dict:
+        """Pixel tensors for the MLLM from decoded media in placeholder order: ("image", (h, w, 3)) or
+        ("video", (T, h, w, 3)) uint8 arrays."""
+        return self._layout.pixel_inputs(items)
+
+    def head_frame_timestamps(self, timestamps: list[float]) -> list[float]:
+        return self._layout.head_frame_timestamps(timestamps)
+
+    def sam2_inputs(self, images: list[np.ndarray], masks_rle: list[dict] | None = None) -> dict:
+        """SAM2 pixel values (m, 3, S, S) and, if given, mask targets (m, S, S)."""
+        if self.sam2_image_size is None:
+            raise ValueError("The processor has no `sam2_image_size`: set it to SAM2's input size for mask samples.")
+        out = {"sam2_pixel_values": sam2_pixel_values(images, self.sam2_image_size)}
+        if masks_rle is not None:
+            targets = [resize_mask(decode_rle(rle), self.sam2_image_size) for rle in masks_rle]
+            out["mask_targets"] = torch.from_numpy(np.stack(targets)) if targets else torch.zeros(0, 1, 1)
+        return out
+
+    # ---- inference convenience ------------------------------------------------------------------------
+    def __call__(self, samples: list[dict] | dict, media: list[dict] | dict | None = None, mode: str = "generate",
+                 return_tensors: str = "pt", **kwargs):
+        """Encode samples of the common schema with their decoded media for inference and return a
+        padded batch (left padding for generation). `media[i]`: {"image": (h, w, 3)} or {"frames":
+        (T, h, w, 3), "timestamps": [...]}. See `tpo.processing.pipeline.TPODataCollator` for training."""
+        from .collator_tpo import collate_encoded
+
+        if isinstance(samples, dict):
+            samples, media = [samples], [media]
+        encoded = [self.encode(s, mode=mode) for s in samples]
+        return collate_encoded(self, encoded, media, padding_side="left" if mode != "train" else "right")
+
+    # ---- post-processing ----------------------------------------------------------------------------
+    def post_process_boxes(self, pred_boxes: torch.Tensor, image_sizes: list[tuple[int, int]]) -> list[list[float]]:
+        """Normalised (x0, y0, x1, y1) boxes, one per query, -> pixels of each query's original image
+        (image_sizes: (height, width) per query)."""
+        boxes = pred_boxes.detach().float().cpu().numpy().reshape(-1, 4)
+        out = []
+        for box, (height, width) in zip(boxes, image_sizes):
+            out.append(image_geometry(self.image_processor, height, width).denormalise(box[None])[0].tolist())
+        return out
+
+    def post_process_spans(self, windows: list[list[tuple[float, float, float]]], durations: list[float]) -> list[list[list[float]]]:
+        """Per query, normalised (start, end, score) windows -> [start_s, end_s, score] in seconds,
+        clipped to [0, duration] (the QVHighlights `pred_relevant_windows` format)."""
+        out = []
+        for query_windows, duration in zip(windows, durations):
+            out.append([[float(np.clip(s, 0, 1) * duration), float(np.clip(e, 0, 1) * duration), float(score)]
+                        for s, e, score in query_windows])
+        return out
+
+    def post_process_saliency(self, saliency: torch.Tensor, frame_timestamps: list[list[float]],
+                              durations: list[float]) -> list[list[float]]:
+        """Per query, per-head-frame saliency -> one score per 2-second clip of the video (the
+        QVHighlights `pred_saliency_scores` format): each clip takes the score of the nearest frame."""
+        scores = saliency.detach().float().cpu().numpy()
+        out = []
+        for row, times, duration in zip(scores, frame_timestamps, durations):
+            times = np.asarray(times, dtype=np.float64)
+            valid = times >= 0
+            times, values = times[valid], row[: len(valid)][valid]
+            num_clips = max(1, int(math.ceil(duration / self.saliency_clip_seconds)))
+            centers = (np.arange(num_clips) + 0.5) * self.saliency_clip_seconds
+            nearest = np.abs(centers[:, None] - times[None, :]).argmin(1) if len(times) else np.zeros(num_clips, int)
+            out.append(values[nearest].tolist() if len(times) else [0.0] * num_clips)
+        return out
+
+    def post_process_masks(self, mask_logits: torch.Tensor, original_sizes: list[tuple[int, int]],
+                           threshold: float = 0.0, return_rle: bool = True) -> list[dict]:
+        """(m, h, w) mask logits -> per mask a bool (H, W) array at the original size and its COCO RLE."""
+        out = []
+        for logits, (height, width) in zip(mask_logits.detach().float().cpu(), original_sizes):
+            resized = torch.nn.functional.interpolate(logits[None, None], size=(int(height), int(width)),
+                                                      mode="bilinear", align_corners=False)[0, 0]
+            binary = (resized > threshold).numpy()
+            out.append({"mask": binary, **({"rle": encode_rle(binary)} if return_rle else {})})
+        return out
+
+
+def _split_placeholders(text: str, image_token: str, video_token: str) -> list[dict]:
+    """"<image>\nWhat is it?" -> [{"type": "image"}, {"type": "text", "text": "\nWhat is it?"}]."""
+    parts, rest = [], text
+    while rest:
+        positions = [(rest.find(tok), kind) for tok, kind in ((image_token, "image"), (video_token, "video")) if tok in rest]
+        if not positions:
+            parts.append({"type": "text", "text": rest})
+            break
+        index, kind = min(positions)
+        if index > 0:
+            parts.append({"type": "text", "text": rest[:index]})
+        parts.append({"type": kind})
+        rest = rest[index + len(image_token if kind == "image" else video_token):]
+    return parts
+
+
+def _video_to_frames(content: list[dict], num_frames: int) -> list[dict]:
+    out = []
+    for part in content:
+        out += [{"type": "image"}] * num_frames if part["type"] == "video" else [part]
+    return out
+
+
+def _inside(offset, spans) -> bool:
+    start, end = offset
+    return end > start and any(s <= start and end <= e for s, e in spans)
+
+
+def _first_answer_token(labels: list[int]) -> int:
+    return next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+
+
+TPOProcessor.register_for_auto_class()
+
+__all__ = ["TPOProcessor"]

@@ -21,6 +21,7 @@ from transformers.generation import LogitsProcessorList
 from transformers.modeling_outputs import ModelOutput
 from transformers.modeling_utils import slice_logits_to_keep
 
+from .features import gather_token_features, normalised_frame_times, pool_frame_features
 from .configuration_tpo import IGNORE_INDEX, ROUTER_CLASSES, TASK_NAMES, TPOConfig
 from .generation_tpo import TaskTokenLogitsProcessor, TPOGenerateOutput, generated_attention_mask, right_align
 from .region_head import RegionHead
@@ -55,6 +56,11 @@ class TPOOutput(ModelOutput):
     pred_boxes (`torch.FloatTensor` of shape `(num_region_queries, 4)`): normalised
         (x0, y0, x1, y1) boxes, one per region query, queries in (sample, position) order.
     pred_boxes_batch_index (`torch.LongTensor` of shape `(num_region_queries,)`): sample of each box.
+    temporal_outputs (`dict`): the temporal head's outputs for the temporal queries (see
+        `TemporalHead.forward`: `pred_spans` (q, num_moments, 2) normalised (center, width),
+        `pred_logits`, `pred_saliency` (q, frames)) plus `batch_index` (q,) and `frame_mask`.
+    mask_outputs (`dict`): the mask head's outputs (`pred_mask_logits` (m, h, w) per SAM2 image,
+        `iou_scores`) plus `query_index` (m,) and `batch_index` (q,) of the mask queries.
     """
 
     loss: torch.FloatTensor | None = None
@@ -68,9 +74,23 @@ class TPOOutput(ModelOutput):
     router_logits: torch.FloatTensor | None = None
     pred_boxes: torch.FloatTensor | None = None
     pred_boxes_batch_index: torch.LongTensor | None = None
+    temporal_outputs: dict | None = None
+    mask_outputs: dict | None = None
     past_key_values: object | None = None
     hidden_states: tuple | None = None
     attentions: tuple | None = None
+
+
+@dataclass
+class _HeadContext:
+    """What every head may read from one forward pass."""
+
+    hidden_states: torch.Tensor
+    queries: dict
+    query_token_mask: torch.Tensor | None
+    frame_token_index: torch.Tensor | None
+    frame_timestamps: torch.Tensor | None
+    video_durations: torch.Tensor | None
 
 
 @dataclass
@@ -137,6 +157,16 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
         self.task_tokens = TaskTokens(config.tasks, config.num_task_tokens, hidden_size)
         self.router = TaskRouter(hidden_size, config.tasks, config.router_hidden_size)
         self.region_head = RegionHead(hidden_size, **config.region_head_config) if "region" in config.tasks else None
+        self.temporal_head = None
+        if "temporal" in config.tasks:
+            from .temporal_head import TemporalHead
+
+            self.temporal_head = TemporalHead(hidden_size, **config.temporal_head_config)
+        self.mask_head = None
+        if "mask" in config.tasks:
+            from .mask_head import MaskHead
+
+            self.mask_head = MaskHead(hidden_size, config.sam2_config, **config.mask_head_config)
 
         # Plain lists, not buffers: from_pretrained does not restore non-persistent buffers.
         self.slot_token_id_list = [i for task in config.tasks for i in config.task_token_ids[task]["slots"]]
@@ -168,6 +198,16 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
 
     def get_decoder(self) -> nn.Module:
         return self.mllm.get_decoder()
+
+    def save_pretrained(self, save_directory, *args, save_original_format: bool = False, **kwargs):
+        """`PreTrainedModel.save_pretrained`, keeping this model's own parameter names by default.
+
+        transformers renames the keys of its VLM classes to an older layout on save and expects
+        loaders to convert them back; `Trainer`'s checkpoint resume loads without converting, so
+        renamed language-model weights would silently not be restored. TPO checkpoints have no older
+        layout to stay compatible with, so they keep the names the modules have.
+        """
+        return super().save_pretrained(save_directory, *args, save_original_format=save_original_format, **kwargs)
 
     def resize_token_embeddings(self, *args, **kwargs) -> nn.Embedding:
         embeddings = self.mllm.resize_token_embeddings(*args, **kwargs)
@@ -325,9 +365,11 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
         hidden_states = backbone_outputs.last_hidden_state  # (batch, seq, hidden)
         logits = self.mllm.get_output_embeddings()(slice_logits_to_keep(hidden_states, logits_to_keep))
 
+        weights = self.config.loss_weights
+        computing_loss = labels is not None or task_labels is not None
         terms: dict[str, torch.Tensor] = {}
         finer: dict[str, torch.Tensor] = {}
-        if labels is not None:
+        if labels is not None and weights["lm"] != 0:
             terms["lm"] = self.loss_function(
                 logits=logits,
                 labels=labels,
@@ -338,49 +380,191 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
         end_index = self._instruction_end_index(hidden_states, labels, attention_mask, instruction_end_index)
         batch_range = torch.arange(hidden_states.shape[0], device=hidden_states.device)
         router_logits = self.router(hidden_states[batch_range, end_index])
-        if task_labels is not None:
+        if task_labels is not None and weights["assign"] != 0:
             terms["assign"] = self._assign_loss(router_logits, task_labels)
 
         queries = self._locate_task_queries(input_ids) if input_ids is not None else {}
-        computing_loss = labels is not None or task_labels is not None
-
-        pred_boxes = pred_boxes_batch_index = None
-        if self.region_head is not None:
-            region_queries = queries.get("region")
-            has_queries = region_queries is not None and region_queries.batch_index.numel() > 0
-            if has_queries:
-                pred_boxes_cxcywh = self.region_head(region_queries.gather(hidden_states))
-                pred_boxes = _cxcywh_to_clamped_xyxy(pred_boxes_cxcywh)
-                pred_boxes_batch_index = region_queries.batch_index
-            if region_boxes is not None:
-                targets = self._match_targets("region", region_queries, region_boxes, region_batch_index)
-                if has_queries:
-                    region_terms = self.region_head.loss(pred_boxes_cxcywh, targets)
-                    terms["region"] = region_terms.pop("region")
-                    finer.update(region_terms)
-            if computing_loss and "region" not in terms:
-                terms["region"] = _zero_touch(self.region_head, self.task_tokens)
+        context = _HeadContext(
+            hidden_states=hidden_states, queries=queries, query_token_mask=query_token_mask,
+            frame_token_index=frame_token_index, frame_timestamps=frame_timestamps, video_durations=video_durations,
+        )
+        targets = {
+            "region": (region_boxes, region_batch_index),
+            "temporal": (temporal_spans, temporal_span_query_index, temporal_saliency),
+            "mask": (sam2_pixel_values, mask_query_index, mask_targets),
+        }
+        predictions: dict[str, dict] = {}
+        untouched = []
+        for task in self.config.tasks:
+            if computing_loss and weights[task] == 0:  # not trained in this stage: skip the head
+                untouched.append(task)
+                continue
+            task_predictions, task_terms = getattr(self, f"_{task}_outputs")(context, *targets[task])
+            predictions[task] = task_predictions
+            if task_terms:
+                terms[task] = task_terms.pop(task)
+                finer.update(task_terms)
+            else:
+                untouched.append(task)
 
         loss = None
-        if terms:
-            weights = self.config.loss_weights
-            loss = sum(weights[name] * value.float() for name, value in terms.items() if value is not None)
-        loss_dict = {name: value.detach() for name, value in {**terms, **finer}.items() if value is not None}
+        if computing_loss or terms:
+            loss = sum(weights[name] * value.float() for name, value in terms.items())
+            # Heads without samples in this batch still get (zero) gradients: DDP needs no
+            # `find_unused_parameters` for mixed-task batches.
+            touch = _zero_touch(*(getattr(self, f"{task}_head") for task in untouched))
+            loss = loss + touch if touch is not None else loss
+            if not torch.is_tensor(loss):
+                loss = torch.zeros((), device=hidden_states.device)
+        loss_dict = {name: value.detach() for name, value in {**terms, **finer}.items()}
+        region = predictions.get("region", {})
 
         return TPOOutput(
             loss=loss,
             lm_loss=terms.get("lm"),
             assign_loss=terms.get("assign"),
             region_loss=terms.get("region"),
+            temporal_loss=terms.get("temporal"),
+            mask_loss=terms.get("mask"),
             loss_dict=loss_dict,
             logits=logits,
             router_logits=router_logits,
-            pred_boxes=pred_boxes,
-            pred_boxes_batch_index=pred_boxes_batch_index,
+            pred_boxes=region.get("pred_boxes"),
+            pred_boxes_batch_index=region.get("batch_index"),
+            temporal_outputs=predictions.get("temporal"),
+            mask_outputs=predictions.get("mask"),
             past_key_values=getattr(backbone_outputs, "past_key_values", None),
             hidden_states=getattr(backbone_outputs, "hidden_states", None),
             attentions=getattr(backbone_outputs, "attentions", None),
         )
+
+    # ----------------------------------------------------------------------------------------------
+    # Heads
+    # ----------------------------------------------------------------------------------------------
+    def _region_outputs(self, context: "_HeadContext", region_boxes, region_batch_index):
+        """Region predictions (normalised xyxy boxes, one per query) and, with targets, loss terms."""
+        queries = context.queries.get("region")
+        has_queries = queries is not None and queries.batch_index.numel() > 0
+        predictions, terms = {}, {}
+        if has_queries:
+            boxes_cxcywh = self.region_head(queries.gather(context.hidden_states))
+            predictions = {"pred_boxes": _cxcywh_to_clamped_xyxy(boxes_cxcywh), "batch_index": queries.batch_index}
+        if region_boxes is not None:
+            matched = self._match_targets("region", queries, region_boxes, region_batch_index)
+            if has_queries:
+                terms = self.region_head.loss(boxes_cxcywh, matched)
+        return predictions, terms
+
+    def _temporal_outputs(self, context: "_HeadContext", spans, span_query_index, saliency):
+        """Temporal predictions for the temporal queries and, with targets, loss terms.
+
+        Frame features are the means of each frame's visual-token hidden states; the query features are
+        the hidden states of the instruction's text tokens of the query's sample.
+        """
+        queries = context.queries.get("temporal")
+        has_queries = queries is not None and queries.batch_index.numel() > 0
+        if not has_queries:
+            if spans is not None and spans.numel() > 0:
+                raise ValueError(f"The batch has {spans.shape[0]} temporal target span(s) but no temporal slot "
+                                 f"({self.config.task_token_strings['temporal']['slots'][0]}).")
+            return {}, {}
+        if context.frame_token_index is None:
+            raise ValueError(
+                "Temporal queries need `frame_token_index` (which visual tokens belong to which frame); TPOProcessor "
+                "and its collator provide it."
+            )
+        sample = queries.batch_index
+        hidden = context.hidden_states[sample]  # (q, seq, hidden)
+        frame_index = context.frame_token_index.to(hidden.device)[sample]
+        num_frames = int(frame_index.max().item()) + 1
+        if context.frame_timestamps is not None:
+            num_frames = max(num_frames, context.frame_timestamps.shape[1])
+        frame_features, frame_mask = pool_frame_features(hidden, frame_index, num_frames)
+        valid_frames = frame_mask.sum(-1)
+        if bool((valid_frames < 2).any()):
+            bad = sample[valid_frames < 2].tolist()
+            raise ValueError(f"Sample(s) {bad}: a temporal query needs a video of at least 2 frames; found "
+                             f"{valid_frames[valid_frames < 2].tolist()} frame(s).")
+        timestamps = context.frame_timestamps[sample] if context.frame_timestamps is not None else None
+        durations = context.video_durations[sample] if context.video_durations is not None else None
+        frame_times = normalised_frame_times(frame_mask, timestamps, durations)
+        if context.query_token_mask is not None:
+            query_features, query_mask = gather_token_features(hidden, context.query_token_mask[sample])
+        else:
+            query_features = query_mask = None
+        outputs = self.temporal_head(queries.gather(context.hidden_states), frame_features, frame_mask, frame_times,
+                                     query_features, query_mask)
+        predictions = {**outputs, "batch_index": sample, "frame_mask": frame_mask, "frame_times": frame_times}
+        if spans is None:
+            return predictions, {}
+        targets = self._temporal_targets(queries, spans, span_query_index, saliency, num_frames)
+        return predictions, self.temporal_head.loss(outputs, targets)
+
+    def _temporal_targets(self, queries: TaskQueries, spans, span_query_index, saliency, num_frames: int) -> list[dict]:
+        num_queries = queries.batch_index.numel()
+        spans = spans.to(queries.batch_index.device).float()
+        if span_query_index is None:
+            if num_queries != 1:
+                raise ValueError("Several temporal queries need `temporal_span_query_index` to assign the spans.")
+            span_query_index = torch.zeros(spans.shape[0], dtype=torch.long, device=spans.device)
+        span_query_index = span_query_index.to(spans.device).long()
+        counts = torch.bincount(span_query_index, minlength=num_queries)
+        if counts.numel() > num_queries or bool((counts[:num_queries] == 0).any()):
+            samples = queries.batch_index.tolist()
+            raise ValueError(
+                f"The batch has {num_queries} temporal slot(s) (samples {samples}) but spans for queries "
+                f"{sorted(set(span_query_index.tolist()))}; every temporal slot needs at least one target span."
+            )
+        bad = (spans[:, 0] >= spans[:, 1]) | (spans < -1e-4).any(-1) | (spans > 1 + 1e-4).any(-1)
+        if bool(bad.any()):
+            j = int(bad.nonzero()[0])
+            sample = int(queries.batch_index[span_query_index[j]])
+            raise ValueError(f"Temporal span {spans[j].tolist()} of sample {sample} is invalid: spans are normalised "
+                             "(start, end) by the video duration, with 0 <= start < end <= 1.")
+        targets = []
+        for q in range(num_queries):
+            row = None
+            if saliency is not None:
+                row = saliency[q, :num_frames].to(spans.device).float()
+                if row.numel() < num_frames:
+                    row = F.pad(row, (0, num_frames - row.numel()))
+            targets.append({"spans": spans[span_query_index == q], "saliency": row})
+        return targets
+
+    def _mask_outputs(self, context: "_HeadContext", sam2_pixel_values, mask_query_index, mask_targets):
+        """Mask logits for every SAM2 image of the mask queries and, with targets, loss terms."""
+        queries = context.queries.get("mask")
+        has_queries = queries is not None and queries.batch_index.numel() > 0
+        if not has_queries:
+            if mask_targets is not None and mask_targets.numel() > 0:
+                raise ValueError(f"The batch has {mask_targets.shape[0]} mask target(s) but no mask slot "
+                                 f"({self.config.task_token_strings['mask']['slots'][0]}).")
+            return {}, {}
+        num_queries = queries.batch_index.numel()
+        if sam2_pixel_values is None:
+            raise ValueError(
+                f"Sample(s) {queries.batch_index.tolist()} ask for masks but `sam2_pixel_values` is missing: mask "
+                "samples need their images/frames at SAM2's input size (TPOProcessor.sam2_inputs)."
+            )
+        if mask_query_index is None:
+            if sam2_pixel_values.shape[0] != num_queries:
+                raise ValueError(f"{sam2_pixel_values.shape[0]} SAM2 images for {num_queries} mask queries: pass "
+                                 "`mask_query_index` to say which query each image belongs to.")
+            mask_query_index = torch.arange(num_queries, device=sam2_pixel_values.device)
+        mask_query_index = mask_query_index.to(sam2_pixel_values.device).long()
+        present = torch.bincount(mask_query_index, minlength=num_queries)
+        if present.numel() > num_queries or bool((present == 0).any()):
+            raise ValueError(f"`mask_query_index` {mask_query_index.tolist()} does not give every one of the "
+                             f"{num_queries} mask queries (samples {queries.batch_index.tolist()}) at least one image.")
+        outputs = self.mask_head(queries.gather(context.hidden_states), sam2_pixel_values=sam2_pixel_values,
+                                 query_index=mask_query_index)
+        predictions = {**outputs, "query_index": mask_query_index, "batch_index": queries.batch_index}
+        if mask_targets is None:
+            return predictions, {}
+        if mask_targets.shape[0] != sam2_pixel_values.shape[0]:
+            raise ValueError(f"{mask_targets.shape[0]} mask targets for {sam2_pixel_values.shape[0]} SAM2 images; "
+                             "each SAM2 image needs its mask.")
+        return predictions, self.mask_head.loss(outputs, mask_targets)
 
     def _run_backbone(self, input_ids: torch.LongTensor | None, **inputs):
         """The MLLM without its LM head (its `base_model`), giving the last hidden states.
@@ -664,12 +848,26 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
         return [i for t in self.config.tasks for i in self.config.task_token_ids[t]["slots"]]
 
     def _task_outputs_per_sample(self, outputs: "TPOOutput", batch: int) -> list[dict | None]:
+        """Split the heads' batched outputs per sample (normalised coordinates, as the heads give them)."""
         per_sample: list[dict] = [{} for _ in range(batch)]
         if outputs.pred_boxes is not None:
             for b in range(batch):
                 rows = outputs.pred_boxes_batch_index == b
                 if bool(rows.any()):
                     per_sample[b]["region"] = {"boxes": outputs.pred_boxes[rows]}
+        temporal = outputs.temporal_outputs
+        if temporal:
+            windows = self.temporal_head.predict_windows(temporal)
+            for q, b in enumerate(temporal["batch_index"].tolist()):
+                entry = per_sample[b].setdefault("temporal", {"windows": [], "saliency": [], "frame_times": []})
+                entry["windows"].append(windows[q])
+                entry["saliency"].append(temporal["pred_saliency"][q][temporal["frame_mask"][q]])
+                entry["frame_times"].append(temporal["frame_times"][q][temporal["frame_mask"][q]])
+        mask = outputs.mask_outputs
+        if mask:
+            for q, b in enumerate(mask["batch_index"].tolist()):
+                rows = mask["query_index"] == q
+                per_sample[b].setdefault("mask", {"mask_logits": []})["mask_logits"].append(mask["pred_mask_logits"][rows])
         return [entry or None for entry in per_sample]
 
     def lora_target_regex(self) -> str:
@@ -680,8 +878,18 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
         return re.escape(prefix) + r"\..*\.(" + "|".join(leaves) + ")"
 
     def task_module_names(self) -> list[str]:
-        """Names of the TPO modules outside the MLLM (for peft's `modules_to_save`)."""
-        return [name for name, child in self.named_children() if name != "mllm" and child is not None]
+        """Names of the TPO modules outside the MLLM that train (for peft's `modules_to_save`): the task
+        tokens, router, region and temporal heads, and of the mask head its prompt MLP and the SAM2
+        parts that are not frozen (never the whole SAM2)."""
+        names = [name for name, child in self.named_children() if name not in ("mllm", "mask_head") and child is not None]
+        if self.mask_head is not None:
+            settings = self.config.mask_head_config
+            names.append("mask_head.prompt_mlp")
+            for flag, module in (("freeze_mask_decoder", "mask_decoder"), ("freeze_prompt_encoder", "prompt_encoder"),
+                                 ("freeze_image_encoder", "vision_encoder")):
+                if not settings.get(flag, True):
+                    names.append(f"mask_head.sam2.{module}")
+        return names
 
 
 def _cxcywh_to_clamped_xyxy(boxes: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,65 @@
+"""Hungarian matching of predicted moments to ground-truth windows (1-D, DETR-style).
+
+Remote code: torch only at module level; scipy is imported where the assignment is solved.
+"""
+
+import torch
+from torch import nn
+
+from .box_ops import pairwise_generalized_temporal_iou, span_cw_to_se
+
+
+class SpanHungarianMatcher(nn.Module):
+    """One-to-one assignment between the `num_queries` predicted moments of each sample and its GT
+    windows, minimising
+
+        cost = cost_span * L1(center/width) - cost_giou * gIoU(start/end) - cost_class * p(foreground).
+
+    Args:
+        cost_span, cost_giou, cost_class: weights of the three costs.
+    """
+
+    def __init__(self, cost_span: float = 10.0, cost_giou: float = 1.0, cost_class: float = 4.0):
+        super().__init__()
+        if cost_span == 0 and cost_giou == 0 and cost_class == 0:
+            raise ValueError("At least one matching cost must be non-zero.")
+        self.cost_span = cost_span
+        self.cost_giou = cost_giou
+        self.cost_class = cost_class
+
+    @torch.no_grad()
+    def forward(self, pred_spans: torch.Tensor, pred_logits: torch.Tensor, target_spans: list[torch.Tensor]):
+        """
+        Args:
+            pred_spans: (batch, num_queries, 2) normalised (center, width).
+            pred_logits: (batch, num_queries, 2) logits, index 0 = foreground, 1 = no object.
+            target_spans: `batch` tensors of shape (num_targets_i, 2), normalised (start, end).
+        Returns:
+            `batch` pairs (pred_index, target_index) of LongTensors of equal length
+            min(num_queries, num_targets_i); empty targets give empty tensors.
+        """
+        from scipy.optimize import linear_sum_assignment
+
+        batch, num_queries = pred_spans.shape[:2]
+        sizes = [t.shape[0] for t in target_spans]
+        empty = torch.empty(0, dtype=torch.long)
+        if sum(sizes) == 0:
+            return [(empty, empty) for _ in range(batch)]
+        spans = pred_spans.flatten(0, 1).float()  # (batch * queries, 2) cw
+        foreground = pred_logits.flatten(0, 1).float().softmax(-1)[:, 0]
+        targets_se = torch.cat(target_spans).to(spans.device).float()  # (total_targets, 2)
+        targets_cw = torch.stack([(targets_se[:, 0] + targets_se[:, 1]) / 2, targets_se[:, 1] - targets_se[:, 0]], -1)
+        cost = (
+            self.cost_span * torch.cdist(spans, targets_cw, p=1)
+            - self.cost_giou * pairwise_generalized_temporal_iou(span_cw_to_se(spans), targets_se)
+            - self.cost_class * foreground[:, None]
+        )
+        cost = cost.view(batch, num_queries, -1).cpu()
+        indices = []
+        for i, part in enumerate(cost.split(sizes, dim=-1)):
+            if sizes[i] == 0:
+                indices.append((empty, empty))
+                continue
+            rows, cols = linear_sum_assignment(part[i].numpy())
+            indices.append((torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long)))
+        return indices

@@ -1,0 +1,176 @@
+"""Temporal head: a DETR-style moment localiser over the MLLM's own per-frame features.
+
+Inputs are what the MLLM already computed: the task embedding(s) (the last hidden states at the task
+slot tokens), per-frame features (the last hidden states of each frame's visual tokens, averaged),
+and the instruction's text-token features. A transformer encoder mixes frames with the query tokens
+and the task embedding (which enters as extra text tokens, as in the release); learned moment
+queries decode (center, width) spans and foreground logits; per-frame saliency is the similarity of
+each encoded frame with the encoded task embedding.
+
+Remote code: torch only.
+"""
+
+import math
+
+import torch
+from torch import nn
+
+from .box_ops import span_cw_to_se
+from .matcher import SpanHungarianMatcher
+from .temporal_loss import TemporalCriterion
+
+NO_SALIENCY = -1e4  # saliency given to padded frames
+
+
+def time_encoding(times: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal encoding of normalised times: (..., ) in [0, 1] -> (..., dim)."""
+    half = dim // 2
+    frequencies = torch.exp(torch.arange(half, device=times.device, dtype=torch.float32) * (-math.log(1e4) / half))
+    angles = times.float()[..., None] * 2 * math.pi * 100.0 * frequencies  # 100 cycles at the lowest wavelength
+    encoding = torch.cat([angles.sin(), angles.cos()], dim=-1)
+    return nn.functional.pad(encoding, (0, dim - 2 * half))
+
+
+class _MLP(nn.Module):
+    def __init__(self, in_dim: int, hidden: int, out_dim: int, layers: int):
+        super().__init__()
+        dims = [in_dim] + [hidden] * (layers - 1) + [out_dim]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = torch.relu(x)
+        return x
+
+
+class TemporalHead(nn.Module):
+    """Moment retrieval and highlight detection from an MLLM's hidden states.
+
+    Args:
+        hidden_size: the LLM's hidden size. The other arguments are `DEFAULT_TEMPORAL_HEAD`'s keys.
+    """
+
+    def __init__(self, hidden_size: int, d_model: int = 256, num_heads: int = 8, num_encoder_layers: int = 2,
+                 num_decoder_layers: int = 2, dim_feedforward: int = 1024, dropout: float = 0.1, num_queries: int = 10,
+                 max_frames: int = 512, use_query_tokens: bool = True, aux_loss: bool = True,
+                 span_l1_weight: float = 10.0, span_giou_weight: float = 1.0, label_weight: float = 4.0,
+                 saliency_weight: float = 4.0, eos_coef: float = 0.1, saliency_margin: float = 0.2,
+                 saliency_loss: str = "ranking", match_cost_span: float = 10.0, match_cost_giou: float = 1.0,
+                 match_cost_class: float = 4.0):
+        super().__init__()
+        self.d_model = d_model
+        self.max_frames = max_frames
+        self.use_query_tokens = use_query_tokens
+        self.aux_loss = aux_loss
+        self.frame_proj = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, d_model))
+        self.text_proj = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, d_model))
+        self.task_proj = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, d_model))
+        self.type_embedding = nn.Embedding(3, d_model)  # 0 frame, 1 query text, 2 task embedding
+        self.encoder = nn.ModuleList(
+            nn.TransformerEncoderLayer(d_model, num_heads, dim_feedforward, dropout, batch_first=True, norm_first=True)
+            for _ in range(num_encoder_layers)
+        )
+        self.encoder_norm = nn.LayerNorm(d_model)
+        self.query_embedding = nn.Embedding(num_queries, d_model)
+        self.decoder = nn.ModuleList(
+            nn.TransformerDecoderLayer(d_model, num_heads, dim_feedforward, dropout, batch_first=True, norm_first=True)
+            for _ in range(num_decoder_layers)
+        )
+        self.decoder_norm = nn.LayerNorm(d_model)
+        self.span_head = _MLP(d_model, d_model, 2, 3)
+        self.class_head = nn.Linear(d_model, 2)
+        self.saliency_frame = nn.Linear(d_model, d_model)
+        self.saliency_task = nn.Linear(d_model, d_model)
+        self.criterion = TemporalCriterion(
+            SpanHungarianMatcher(match_cost_span, match_cost_giou, match_cost_class),
+            span_l1_weight=span_l1_weight, span_giou_weight=span_giou_weight, label_weight=label_weight,
+            saliency_weight=saliency_weight, eos_coef=eos_coef, saliency_margin=saliency_margin,
+            saliency_loss=saliency_loss,
+        )
+
+    def forward(self, task_embeddings: torch.Tensor, frame_features: torch.Tensor, frame_mask: torch.Tensor,
+                frame_times: torch.Tensor, query_features: torch.Tensor | None = None,
+                query_mask: torch.Tensor | None = None) -> dict:
+        """
+        Args:
+            task_embeddings: (n, k, hidden), hidden states at the k task slot tokens.
+            frame_features: (n, F, hidden), per-frame pooled hidden states; frame_mask (n, F) bool.
+            frame_times: (n, F), frame times normalised to [0, 1] by the video duration.
+            query_features: (n, Q, hidden), instruction text-token hidden states; query_mask (n, Q) bool.
+        Returns:
+            pred_spans (n, num_queries, 2) normalised (center, width); pred_logits (n, num_queries, 2)
+            (0 foreground, 1 no object); pred_saliency (n, F); frame_mask (n, F); aux_outputs: a list of
+            {pred_spans, pred_logits} per decoder layer but the last (when aux_loss).
+        """
+        n, num_frames = frame_mask.shape
+        if num_frames < 2 or bool((frame_mask.sum(-1) < 2).any()):
+            raise ValueError(
+                f"The temporal head needs at least 2 frames per video; got {frame_mask.sum(-1).tolist()} valid frame(s)."
+            )
+        if num_frames > self.max_frames:
+            raise ValueError(f"{num_frames} frames exceed the temporal head's max_frames={self.max_frames}.")
+        dtype = self.frame_proj[1].weight.dtype
+        frames = self.frame_proj(frame_features.to(dtype)) + self.type_embedding.weight[0]
+        frames = frames + time_encoding(frame_times, self.d_model).to(dtype)
+        task = self.task_proj(task_embeddings.to(dtype)) + self.type_embedding.weight[2]  # (n, k, d)
+        parts, masks = [frames, task], [frame_mask, torch.ones(task.shape[:2], dtype=torch.bool, device=task.device)]
+        if self.use_query_tokens and query_features is not None:
+            parts.insert(1, self.text_proj(query_features.to(dtype)) + self.type_embedding.weight[1])
+            masks.insert(1, query_mask.bool() if query_mask is not None else torch.ones(query_features.shape[:2],
+                                                                                         dtype=torch.bool, device=task.device))
+        tokens = torch.cat(parts, dim=1)
+        valid = torch.cat(masks, dim=1)
+        for layer in self.encoder:
+            tokens = layer(tokens, src_key_padding_mask=~valid)
+        tokens = self.encoder_norm(tokens)
+        encoded_frames = tokens[:, :num_frames]
+        encoded_task = tokens[:, -task.shape[1]:].mean(1)  # (n, d)
+
+        queries = self.query_embedding.weight[None].expand(n, -1, -1)
+        hidden = queries
+        per_layer = []
+        for layer in self.decoder:
+            hidden = layer(hidden + queries, tokens, memory_key_padding_mask=~valid)
+            per_layer.append(self.decoder_norm(hidden))
+        outputs = [self._predict(h) for h in per_layer]
+        saliency = (self.saliency_frame(encoded_frames) * self.saliency_task(encoded_task)[:, None]).sum(-1)
+        saliency = saliency / math.sqrt(self.d_model)
+        saliency = saliency.masked_fill(~frame_mask, NO_SALIENCY)
+        result = {**outputs[-1], "pred_saliency": saliency, "frame_mask": frame_mask}
+        if self.aux_loss:
+            result["aux_outputs"] = outputs[:-1]
+        return result
+
+    def _predict(self, hidden: torch.Tensor) -> dict:
+        return {"pred_spans": self.span_head(hidden).sigmoid(), "pred_logits": self.class_head(hidden)}
+
+    def loss(self, outputs: dict, targets: list[dict]) -> dict[str, torch.Tensor]:
+        """Named terms (`temporal_span_l1`, `temporal_span_giou`, `temporal_label`,
+        `temporal_saliency`, aux terms suffixed `_{i}`) and `temporal`, their weighted sum.
+
+        targets: one dict per query: `spans` (m, 2) normalised (start, end), m >= 1, and `saliency`
+        (F,) >= 0 per frame or None.
+        """
+        for i, target in enumerate(targets):
+            spans = target["spans"]
+            if spans.numel() == 0:
+                raise ValueError(f"Temporal query {i} has no target span; every temporal sample needs one.")
+            bad = (spans[:, 0] >= spans[:, 1]) | (spans < -1e-4).any(-1) | (spans > 1 + 1e-4).any(-1)
+            if bool(bad.any()):
+                raise ValueError(f"Temporal query {i}: span {spans[bad][0].tolist()} must satisfy "
+                                 "0 <= start < end <= 1 (normalised by the video duration).")
+        return self.criterion(outputs, targets)
+
+    @torch.no_grad()
+    def predict_windows(self, outputs: dict, top_k: int | None = None) -> list[list[tuple[float, float, float]]]:
+        """Per query, (start, end, score) windows normalised to [0, 1], best first; score = foreground
+        probability."""
+        scores = outputs["pred_logits"].float().softmax(-1)[..., 0]
+        spans = span_cw_to_se(outputs["pred_spans"].float()).clamp(0, 1)
+        result = []
+        for query_scores, query_spans in zip(scores, spans):
+            order = query_scores.argsort(descending=True)[:top_k]
+            result.append([(float(query_spans[j, 0]), float(query_spans[j, 1]), float(query_scores[j])) for j in order])
+        return result

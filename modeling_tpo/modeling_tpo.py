@@ -5,6 +5,7 @@ This file is copied next to saved checkpoints as remote code: it imports only to
 transformers and its sibling files (relative imports), nothing optional at module level.
 """
 
+import contextlib
 import copy
 import logging
 import re
@@ -91,6 +92,7 @@ class _HeadContext:
     frame_token_index: torch.Tensor | None
     frame_timestamps: torch.Tensor | None
     video_durations: torch.Tensor | None
+    computing_loss: bool = False
 
 
 @dataclass
@@ -172,6 +174,7 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
         self.slot_token_id_list = [i for task in config.tasks for i in config.task_token_ids[task]["slots"]]
         self._slot_id_tensors = {}
         self._task_token_hook = {"module": None, "handle": None}
+        self._loss_weight_override: dict | None = None
         self.post_init()
         if mllm is not None:
             self.generation_config = copy.deepcopy(mllm.generation_config)
@@ -179,6 +182,21 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
             # generate() returns the sequences with the heads' predictions unless asked otherwise.
             self.generation_config.return_dict_in_generate = True
         self._attach_task_token_hook()
+
+    @property
+    def loss_weights(self) -> dict[str, float]:
+        """The weights of the loss terms in use: `config.loss_weights`, or a stage's (see `loss_weights_as`)."""
+        return self._loss_weight_override or self.config.loss_weights
+
+    @contextlib.contextmanager
+    def loss_weights_as(self, weights: dict[str, float] | None):
+        """Use other loss weights inside the block (a training stage's), leaving the config untouched."""
+        previous = self._loss_weight_override
+        self._loss_weight_override = {**self.config.loss_weights, **weights} if weights else None
+        try:
+            yield self
+        finally:
+            self._loss_weight_override = previous
 
     # ----------------------------------------------------------------------------------------
     # Embeddings and the task-token hook
@@ -365,7 +383,7 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
         hidden_states = backbone_outputs.last_hidden_state  # (batch, seq, hidden)
         logits = self.mllm.get_output_embeddings()(slice_logits_to_keep(hidden_states, logits_to_keep))
 
-        weights = self.config.loss_weights
+        weights = self.loss_weights
         computing_loss = labels is not None or task_labels is not None
         terms: dict[str, torch.Tensor] = {}
         finer: dict[str, torch.Tensor] = {}
@@ -387,6 +405,7 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
         context = _HeadContext(
             hidden_states=hidden_states, queries=queries, query_token_mask=query_token_mask,
             frame_token_index=frame_token_index, frame_timestamps=frame_timestamps, video_durations=video_durations,
+            computing_loss=computing_loss,
         )
         targets = {
             "region": (region_boxes, region_batch_index),
@@ -463,6 +482,14 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
         """
         queries = context.queries.get("temporal")
         has_queries = queries is not None and queries.batch_index.numel() > 0
+        num_spans = None
+        if context.computing_loss and torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Every process computes this at every training step (with or without temporal samples),
+            # so the collective always matches across processes.
+            local = float(spans.shape[0]) if (spans is not None and has_queries) else 0.0
+            num_spans = torch.tensor(local, device=context.hidden_states.device)
+            torch.distributed.all_reduce(num_spans)
+            num_spans = num_spans / torch.distributed.get_world_size()
         if not has_queries:
             if spans is not None and spans.numel() > 0:
                 raise ValueError(f"The batch has {spans.shape[0]} temporal target span(s) but no temporal slot "
@@ -488,17 +515,18 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
         timestamps = context.frame_timestamps[sample] if context.frame_timestamps is not None else None
         durations = context.video_durations[sample] if context.video_durations is not None else None
         frame_times = normalised_frame_times(frame_mask, timestamps, durations)
-        if context.query_token_mask is not None:
-            query_features, query_mask = gather_token_features(hidden, context.query_token_mask[sample])
-        else:
-            query_features = query_mask = None
+        # Without a query mask the query tokens are all masked out (the head's weights stay in the graph).
+        token_mask = context.query_token_mask
+        token_mask = token_mask[sample] if token_mask is not None else torch.zeros(hidden.shape[:2], dtype=torch.bool,
+                                                                                   device=hidden.device)
+        query_features, query_mask = gather_token_features(hidden, token_mask)
         outputs = self.temporal_head(queries.gather(context.hidden_states), frame_features, frame_mask, frame_times,
                                      query_features, query_mask)
         predictions = {**outputs, "batch_index": sample, "frame_mask": frame_mask, "frame_times": frame_times}
         if spans is None:
             return predictions, {}
         targets = self._temporal_targets(queries, spans, span_query_index, saliency, num_frames)
-        return predictions, self.temporal_head.loss(outputs, targets)
+        return predictions, self.temporal_head.loss(outputs, targets, num_spans)
 
     def _temporal_targets(self, queries: TaskQueries, spans, span_query_index, saliency, num_frames: int) -> list[dict]:
         num_queries = queries.batch_index.numel()

@@ -146,9 +146,10 @@ class TemporalHead(nn.Module):
     def _predict(self, hidden: torch.Tensor) -> dict:
         return {"pred_spans": self.span_head(hidden).sigmoid(), "pred_logits": self.class_head(hidden)}
 
-    def loss(self, outputs: dict, targets: list[dict]) -> dict[str, torch.Tensor]:
+    def loss(self, outputs: dict, targets: list[dict], num_spans: torch.Tensor | float | None = None) -> dict[str, torch.Tensor]:
         """Named terms (`temporal_span_l1`, `temporal_span_giou`, `temporal_label`,
         `temporal_saliency`, aux terms suffixed `_{i}`) and `temporal`, their weighted sum.
+        `num_spans`: the span-loss normaliser (default: the number of target spans).
 
         targets: one dict per query: `spans` (m, 2) normalised (start, end), m >= 1, and `saliency`
         (F,) >= 0 per frame or None.
@@ -161,7 +162,7 @@ class TemporalHead(nn.Module):
             if bool(bad.any()):
                 raise ValueError(f"Temporal query {i}: span {spans[bad][0].tolist()} must satisfy "
                                  "0 <= start < end <= 1 (normalised by the video duration).")
-        return self.criterion(outputs, targets)
+        return self.criterion(outputs, targets, num_spans)
 
     @torch.no_grad()
     def predict_windows(self, outputs: dict, top_k: int | None = None) -> list[list[tuple[float, float, float]]]:

@@ -93,12 +93,16 @@ class TemporalCriterion(nn.Module):
         return torch.stack(losses).mean()
 
     # ---- everything ----------------------------------------------------------------------------------
-    def forward(self, outputs: dict, targets: list[dict]) -> dict[str, torch.Tensor]:
-        num_spans = torch.tensor(float(sum(t["spans"].shape[0] for t in targets)), device=outputs["pred_spans"].device)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(num_spans)
-            num_spans = num_spans / torch.distributed.get_world_size()
-        num_spans = num_spans.clamp(min=1.0)
+    def forward(self, outputs: dict, targets: list[dict], num_spans: torch.Tensor | float | None = None) -> dict[str, torch.Tensor]:
+        """Named terms and their weighted sum `temporal`.
+
+        `num_spans` normalises the span losses; by default the number of GT spans here. In
+        distributed training pass the mean number of spans per process (see
+        `TPOForConditionalGeneration._temporal_outputs`), computed by every process.
+        """
+        if num_spans is None:
+            num_spans = float(sum(t["spans"].shape[0] for t in targets))
+        num_spans = torch.as_tensor(num_spans, dtype=torch.float32, device=outputs["pred_spans"].device).clamp(min=1.0)
         terms = {f"temporal_{k}": v for k, v in self.span_terms(outputs, targets, num_spans).items()}
         terms["temporal_saliency"] = self.saliency_term(outputs["pred_saliency"], outputs["frame_mask"], targets)
         total = sum(self.weights[k.removeprefix("temporal_")] * v for k, v in terms.items())

@@ -120,8 +120,12 @@ def tiny_qwen2_vl_config(tokenizer: PreTrainedTokenizerFast, hidden_size: int = 
     )
 
 
-def tiny_sam2_config(image_size: int = 128):
-    """A SAM2 (video) configuration of about 1.4 M parameters; masks come out at image_size / 4."""
+def tiny_sam2_config(image_size: int = 128, hidden_size: int = 128):
+    """A SAM2 (video) configuration of a few million parameters; masks come out at image_size / 4.
+
+    SAM2's video memory hard-codes 64 memory channels and needs them below `hidden_size` (the
+    object pointers are split into hidden / 64 memory tokens), hence hidden_size >= 128.
+    """
     from transformers import Sam2VideoConfig
 
     stride_sizes = [image_size // 4, image_size // 8, image_size // 16]
@@ -136,20 +140,20 @@ def tiny_sam2_config(image_size: int = 128):
             },
             "backbone_channel_list": [256, 128, 64, 32],
             "backbone_feature_sizes": [[s, s] for s in stride_sizes],
-            "fpn_hidden_size": 64,
+            "fpn_hidden_size": hidden_size,
         },
-        prompt_encoder_config={"hidden_size": 64, "image_size": image_size, "patch_size": 16,
+        prompt_encoder_config={"hidden_size": hidden_size, "image_size": image_size, "patch_size": 16,
                                "mask_input_channels": 16},
-        mask_decoder_config={"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "mlp_dim": 128,
-                             "iou_head_hidden_dim": 64},
+        mask_decoder_config={"hidden_size": hidden_size, "num_hidden_layers": 2, "num_attention_heads": 4,
+                             "mlp_dim": 2 * hidden_size, "iou_head_hidden_dim": 64},
         image_size=image_size,
-        memory_attention_hidden_size=64,
+        memory_attention_hidden_size=hidden_size,
         memory_attention_num_layers=1,
-        memory_attention_feed_forward_hidden_size=128,
+        memory_attention_feed_forward_hidden_size=2 * hidden_size,
         memory_attention_rope_feat_sizes=[image_size // 16, image_size // 16],
-        memory_encoder_hidden_size=64,
-        memory_encoder_output_channels=16,
-        mask_downsampler_embed_dim=64,
-        memory_fuser_embed_dim=64,
-        memory_fuser_intermediate_dim=128,
+        memory_encoder_hidden_size=hidden_size,
+        memory_encoder_output_channels=64,
+        mask_downsampler_embed_dim=hidden_size,
+        memory_fuser_embed_dim=hidden_size,
+        memory_fuser_intermediate_dim=2 * hidden_size,
     )

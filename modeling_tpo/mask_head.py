@@ -1,0 +1,249 @@
+"""Mask head: the task embedding prompts SAM2 (transformers' `Sam2VideoModel`).
+
+An MLP turns each task embedding into K sparse prompt embeddings in SAM2's prompt space (the
+release's hidden -> hidden -> 3 x 256); SAM2's mask decoder reads them with SAM2's own image
+embeddings of the frame. For videos, the first frame's predicted mask (or a user-given box) prompts
+SAM2's video memory, which propagates through the remaining frames (tracking).
+
+Losses: sigmoid BCE + Dice on the masks (the release defines but never calls a mask loss; it trains
+only an L1 between the predicted prompt embedding and SAM2's prompt embedding of the GT box, kept
+here as `prompt_l1_weight`, 0 by default).
+
+Remote code: torch and transformers only.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import Sam2VideoModel
+from transformers.models.sam2_video.modeling_sam2_video import Sam2VideoInferenceSession
+
+
+def dice_loss(logits: torch.Tensor, targets: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """Mean over masks of 1 - (2 |P.T| + s) / (|P| + |T| + s), P = sigmoid(logits); (m, H, W) inputs."""
+    probabilities = logits.sigmoid().flatten(1)
+    targets = targets.flatten(1)
+    numerator = 2 * (probabilities * targets).sum(-1) + smooth
+    denominator = probabilities.sum(-1) + targets.sum(-1) + smooth
+    return (1 - numerator / denominator).mean()
+
+
+def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """(m, H, W) bool -> (m, 4) tight (x0, y0, x1, y1) pixel boxes (x1, y1 exclusive); zeros for an empty mask."""
+    masks = masks.bool()
+    m, height, width = masks.shape
+    rows, cols = masks.any(2), masks.any(1)  # (m, H), (m, W)
+    ys = torch.arange(height, device=masks.device)
+    xs = torch.arange(width, device=masks.device)
+    y0 = torch.where(rows, ys, height).min(1).values
+    y1 = torch.where(rows, ys + 1, 0).max(1).values
+    x0 = torch.where(cols, xs, width).min(1).values
+    x1 = torch.where(cols, xs + 1, 0).max(1).values
+    boxes = torch.stack([x0, y0, x1, y1], dim=-1).float()
+    return torch.where(rows.any(1)[:, None], boxes, torch.zeros_like(boxes))
+
+
+class MaskHead(nn.Module):
+    """Task embedding -> SAM2 sparse prompts -> SAM2 masks.
+
+    Args:
+        hidden_size: the LLM's hidden size.
+        sam2_config: a `Sam2VideoConfig`.
+        num_prompt_tokens: K prompt tokens per task token.
+        bce_weight, dice_weight, prompt_l1_weight: loss weights.
+        freeze_image_encoder, freeze_prompt_encoder, freeze_mask_decoder: frozen SAM2 parts
+            (`requires_grad=False`; a frozen image encoder runs without building a graph).
+        multimask_output: let SAM2 predict 3 masks and keep the one of highest predicted IoU.
+    """
+
+    def __init__(self, hidden_size: int, sam2_config, num_prompt_tokens: int = 3, bce_weight: float = 2.0,
+                 dice_weight: float = 0.5, prompt_l1_weight: float = 0.0, freeze_image_encoder: bool = True,
+                 freeze_prompt_encoder: bool = True, freeze_mask_decoder: bool = False, multimask_output: bool = False):
+        super().__init__()
+        self.sam2 = Sam2VideoModel(sam2_config)
+        self.prompt_dim = sam2_config.prompt_encoder_config.hidden_size
+        self.num_prompt_tokens = num_prompt_tokens
+        self.prompt_mlp = nn.Sequential(
+            nn.Linear(hidden_size, hidden_size), nn.GELU(), nn.Linear(hidden_size, num_prompt_tokens * self.prompt_dim)
+        )
+        self.weights = {"bce": bce_weight, "dice": dice_weight, "prompt_l1": prompt_l1_weight}
+        self.freeze_image_encoder = freeze_image_encoder
+        self.multimask_output = multimask_output
+        self.image_size = int(sam2_config.image_size)
+        self.sam2.vision_encoder.requires_grad_(not freeze_image_encoder)
+        for module in (self.sam2.prompt_encoder, self.sam2.shared_image_embedding):
+            module.requires_grad_(not freeze_prompt_encoder)
+        self.sam2.mask_decoder.requires_grad_(not freeze_mask_decoder)
+        for name, module in self.sam2.named_children():  # video memory: used at inference only
+            if name not in ("vision_encoder", "prompt_encoder", "shared_image_embedding", "mask_decoder"):
+                module.requires_grad_(False)
+        for name, parameter in self.sam2.named_parameters(recurse=False):
+            parameter.requires_grad_(name == "no_memory_embedding" and not freeze_image_encoder)
+
+    def load_sam2(self, sam2_model_or_path) -> None:
+        """Replace SAM2's weights by a pretrained `Sam2VideoModel` (instance or folder / hub id)."""
+        source = sam2_model_or_path
+        if not isinstance(source, nn.Module):
+            source = Sam2VideoModel.from_pretrained(source)
+        mine, theirs = self.sam2.state_dict(), source.state_dict()
+        mismatched = sorted(k for k in mine if k in theirs and mine[k].shape != theirs[k].shape)
+        missing = sorted(set(mine) - set(theirs))
+        if mismatched or missing:
+            raise ValueError(
+                f"The SAM2 checkpoint does not match this mask head's sam2_config: {len(mismatched)} shape "
+                f"mismatch(es) (e.g. {mismatched[:3]}) and {len(missing)} missing key(s) (e.g. {missing[:3]}). "
+                "Build the TPO config with that checkpoint's config (TPOConfig(sam2_config=...))."
+            )
+        requires_grad = {k: p.requires_grad for k, p in self.sam2.named_parameters()}
+        self.sam2.load_state_dict(theirs, strict=False)
+        for name, parameter in self.sam2.named_parameters():
+            parameter.requires_grad_(requires_grad[name])
+
+    # ---- features and prompts ------------------------------------------------------------------
+    def image_embeddings(self, sam2_pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """(m, 3, S, S) -> SAM2 feature maps, high resolution first, each (m, C_l, h_l, w_l)."""
+        dtype = next(self.sam2.vision_encoder.parameters()).dtype
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_image_encoder):
+            vision = self.sam2.vision_encoder(sam2_pixel_values.to(dtype), return_dict=True)
+        feature_maps = list(vision.fpn_hidden_states)
+        feature_maps[0] = self.sam2.mask_decoder.conv_s0(feature_maps[0])
+        feature_maps[1] = self.sam2.mask_decoder.conv_s1(feature_maps[1])
+        batch = sam2_pixel_values.shape[0]
+        feature_maps[-1] = feature_maps[-1] + self.sam2.no_memory_embedding.view(1, -1, 1, 1)
+        sizes = self.sam2.backbone_feature_sizes
+        return [f.reshape(batch, -1, *size) for f, size in zip(feature_maps, sizes)]
+
+    def prompts(self, task_embeddings: torch.Tensor) -> torch.Tensor:
+        """(n, k, hidden) -> (n, k * K, prompt_dim) sparse prompt embeddings."""
+        dtype = self.prompt_mlp[0].weight.dtype
+        out = self.prompt_mlp(task_embeddings.to(dtype))
+        return out.reshape(task_embeddings.shape[0], -1, self.prompt_dim)
+
+    def forward(self, task_embeddings: torch.Tensor, sam2_pixel_values: torch.Tensor | None = None,
+                image_embeddings: list[torch.Tensor] | None = None, query_index: torch.Tensor | None = None,
+                input_boxes: torch.Tensor | None = None, input_masks: torch.Tensor | None = None) -> dict:
+        """
+        Args:
+            task_embeddings: (n, k, hidden).
+            sam2_pixel_values: (m, 3, S, S), or `image_embeddings` from `image_embeddings()`.
+            query_index: (m,) the query of each image (default: arange(n), m == n).
+            input_boxes: (m, 4) optional user boxes, (x0, y0, x1, y1) in SAM2 input pixels.
+            input_masks: (m, S, S) optional mask prompts (dense), e.g. a previous frame's mask.
+        Returns:
+            pred_mask_logits (m, h, w) low-resolution logits (h = S / 4), iou_scores (m,),
+            object_score_logits (m,), prompt_embeddings (m, k * K, prompt_dim).
+        """
+        if image_embeddings is None:
+            if sam2_pixel_values is None:
+                raise ValueError("The mask head needs `sam2_pixel_values` (or precomputed `image_embeddings`).")
+            image_embeddings = self.image_embeddings(sam2_pixel_values)
+        m = image_embeddings[-1].shape[0]
+        if query_index is None:
+            if task_embeddings.shape[0] != m:
+                raise ValueError(f"{m} images for {task_embeddings.shape[0]} mask queries: pass `query_index`.")
+            query_index = torch.arange(m, device=task_embeddings.device)
+        prompts = self.prompts(task_embeddings)[query_index.to(task_embeddings.device)]  # (m, kK, C)
+        sparse = prompts[:, None]  # (m, 1 object, tokens, C)
+        encoder = self.sam2.prompt_encoder
+        if input_boxes is not None:
+            box_tokens = encoder._embed_boxes(input_boxes.to(sparse.dtype)[:, None])  # (m, 1, 3, C)
+            sparse = torch.cat([sparse, box_tokens.to(sparse.dtype)], dim=2)
+        if input_masks is not None:
+            masks = F.interpolate(input_masks[:, None].float(), size=encoder.mask_input_size, mode="bilinear",
+                                  align_corners=False)
+            dense = encoder.mask_embed(masks.to(sparse.dtype))
+        else:
+            size = encoder.image_embedding_size
+            dense = encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(m, -1, size[0], size[1])
+        positional = self.sam2.get_image_wide_positional_embeddings().repeat(m, 1, 1, 1)
+        low_res, iou_scores, _, object_scores = self.sam2.mask_decoder(
+            image_embeddings=image_embeddings[-1],
+            image_positional_embeddings=positional.to(image_embeddings[-1].dtype),
+            sparse_prompt_embeddings=sparse.to(image_embeddings[-1].dtype),
+            dense_prompt_embeddings=dense.to(image_embeddings[-1].dtype),
+            multimask_output=self.multimask_output,
+            high_resolution_features=image_embeddings[:-1],
+        )
+        low_res, iou_scores = low_res[:, 0], iou_scores[:, 0]  # one object per image
+        if self.multimask_output:
+            best = iou_scores.argmax(-1)
+            rows = torch.arange(m, device=low_res.device)
+            logits, iou = low_res[rows, best], iou_scores[rows, best]
+        else:
+            logits, iou = low_res[:, 0], iou_scores[:, 0]
+        return {"pred_mask_logits": logits, "iou_scores": iou, "object_score_logits": object_scores.reshape(m),
+                "prompt_embeddings": prompts}
+
+    # ---- loss -------------------------------------------------------------------------------------
+    def loss(self, outputs: dict, target_masks: torch.Tensor, target_boxes: torch.Tensor | None = None) -> dict:
+        """`mask_bce`, `mask_dice`, optionally `mask_prompt_l1`, and `mask` (weighted sum), float32.
+
+        target_masks: (m, H, W) in {0, 1} at any size (logits are upsampled bilinearly to it);
+        target_boxes: (m, 4) GT boxes in SAM2 input pixels, for the prompt L1.
+        """
+        logits = outputs["pred_mask_logits"].float()
+        targets = target_masks.to(logits.device).float()
+        if logits.shape[-2:] != targets.shape[-2:]:
+            logits = F.interpolate(logits[:, None], size=targets.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        terms = {
+            "mask_bce": F.binary_cross_entropy_with_logits(logits, targets),
+            "mask_dice": dice_loss(logits, targets),
+        }
+        total = self.weights["bce"] * terms["mask_bce"] + self.weights["dice"] * terms["mask_dice"]
+        if self.weights["prompt_l1"] and target_boxes is not None:
+            with torch.no_grad():
+                reference = self.sam2.prompt_encoder._embed_boxes(target_boxes.to(logits.device)[:, None])[:, 0]
+            predicted = outputs["prompt_embeddings"].float()
+            tokens = min(predicted.shape[1], reference.shape[1])
+            terms["mask_prompt_l1"] = F.l1_loss(predicted[:, :tokens], reference[:, :tokens].float())
+            total = total + self.weights["prompt_l1"] * terms["mask_prompt_l1"]
+        terms["mask"] = total
+        return terms
+
+    # ---- video inference ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def track(self, task_embedding: torch.Tensor, frames: torch.Tensor, initial_box: torch.Tensor | None = None,
+              initial_mask_logits: torch.Tensor | None = None, threshold: float = 0.0) -> dict:
+        """Segment and track through a video.
+
+        Args:
+            task_embedding: (k, hidden) one query's task embedding.
+            frames: (T, 3, S, S) SAM2 inputs.
+            initial_box: optional (4,) user box on frame 0, SAM2 input pixels (a tracking prompt).
+            initial_mask_logits: optional (h, w) mask logits for frame 0 (skips the head's prediction).
+        Returns:
+            mask_logits (T, S, S), boxes_xyxy (T, 4) in SAM2 input pixels, visible (T,) bool.
+        """
+        size = self.image_size
+        dtype = next(self.sam2.parameters()).dtype
+        session = Sam2VideoInferenceSession(video=frames, video_height=size, video_width=size,
+                                            inference_device=frames.device, inference_state_device=frames.device,
+                                            video_storage_device=frames.device, dtype=dtype)
+        obj_idx = session.obj_id_to_idx(1)
+        if initial_box is not None:
+            corners = initial_box.reshape(1, 1, 2, 2).float()
+            session.add_point_inputs(obj_idx, 0, {"point_coords": corners,
+                                                  "point_labels": torch.tensor([[[2, 3]]], dtype=torch.int32)})
+        else:
+            if initial_mask_logits is None:
+                first = self.forward(task_embedding[None], sam2_pixel_values=frames[:1])
+                initial_mask_logits = first["pred_mask_logits"][0]
+            mask = F.interpolate(initial_mask_logits[None, None].float(), size=(size, size), mode="bilinear",
+                                 align_corners=False)
+            session.add_mask_inputs(obj_idx, 0, (mask > threshold).float())
+        session.obj_with_new_inputs = [1]
+        logits = []
+        was_training = self.sam2.training
+        self.sam2.eval()  # SAM2's video path keeps object scores only in eval mode
+        try:
+            for output in self.sam2.propagate_in_video_iterator(session, start_frame_idx=0):
+                frame_logits = output.pred_masks.reshape(-1, *output.pred_masks.shape[-2:])[0].float()
+                if frame_logits.shape[-1] != size:
+                    frame_logits = F.interpolate(frame_logits[None, None], size=(size, size), mode="bilinear",
+                                                 align_corners=False)[0, 0]
+                logits.append(frame_logits)
+        finally:
+            self.sam2.train(was_training)
+        mask_logits = torch.stack(logits)
+        binary = mask_logits > threshold
+        return {"mask_logits": mask_logits, "boxes_xyxy": masks_to_boxes(binary), "visible": binary.flatten(1).any(1)}

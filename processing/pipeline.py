@@ -1,0 +1,237 @@
+"""From datasets of the common schema to model batches.
+
+Where work happens (memory and disk):
+- `encode_dataset` (a batched, `num_proc`-capable `Dataset.map`) does the token side: prompts, labels,
+  visual placeholder expansion, targets, and the frame-sampling plan (which timestamps to decode). It
+  opens media only to read sizes and durations when a sample lacks them. Its cache holds token ids and
+  small targets (about a few KB per sample), never pixels.
+- `TPODataCollator` decodes media (images with PIL, videos with PyAV seek sampling at the planned
+  timestamps, frame folders by index) in the DataLoader workers and turns them into pixel tensors.
+  Decoded frames live only for the batch: with 8 frames of 384 x 384 that is about 3.5 MB per video
+  sample; nothing decoded is written to disk. Caching decoded video in Arrow would cost
+  frames x H x W x 3 bytes per sample on disk (7 MB for 16 frames at 384 px: 700 GB for 100k videos).
+
+Bad data: `encode_dataset` drops samples the processor refuses (invalid spans, wrong mask size, ...)
+with a logged warning naming the sample and the reason, and logs the count (`strict=True` raises
+instead). The collator replaces a sample whose media cannot be decoded (missing or corrupt file) by the
+previous good sample of the run, logs a warning naming the file, and counts it in
+`batch["tpo_meta"]["skipped"]` (the trainer logs the total as `data/skipped_samples`).
+"""
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+from datasets import Dataset
+from PIL import Image
+
+from .collator_tpo import collate_encoded
+from .processing_tpo import EncodedSample, TPOProcessor
+
+logger = logging.getLogger(__name__)
+
+ENCODED_COLUMNS = (
+    "sample_id", "input_ids", "labels", "task_label", "instruction_end_index", "query_token_mask",
+    "frame_token_index", "mm_token_type_ids", "media_plan", "targets",
+)
+
+
+class MediaError(ValueError):
+    """Media of a sample cannot be read (missing, corrupt, truncated, no video stream)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Media probing and decoding
+# --------------------------------------------------------------------------------------------------
+def probe_media(sample: dict) -> dict:
+    """Fill `image_size` (and `duration_seconds` for videos) when a sample lacks them."""
+    kind = sample.get("media_type", "none")
+    size = list(sample.get("image_size") or [0, 0])
+    if kind == "image" and not all(size):
+        with Image.open(sample["media_path"]) as image:
+            sample = {**sample, "image_size": [image.height, image.width]}
+    elif kind == "frames" and not all(size):
+        with Image.open(sample["frame_paths"][0]) as image:
+            sample = {**sample, "image_size": [image.height, image.width]}
+    elif kind == "video" and (not all(size) or not sample.get("duration_seconds")):
+        from .video import probe_video
+
+        info = probe_video(sample["media_path"])
+        sample = {**sample, "image_size": [info.height, info.width],
+                  "duration_seconds": sample.get("duration_seconds") or info.duration_seconds}
+    return sample
+
+
+def _read_image(path: str) -> np.ndarray:
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except (OSError, ValueError) as error:
+        raise MediaError(f"Cannot read image {path!r}: {error}. Check that the file exists and is a valid image.") from error
+
+
+def load_media(plan: dict, targets: dict | None = None) -> dict:
+    """Decode what a sample's media plan asks for.
+
+    Returns {} (no media), {"image": (h, w, 3)}, or {"frames": (T, h, w, 3), "timestamps": [T]} plus
+    {"sam2_frames": (m, h, w, 3)} when a video mask sample names its annotated frames.
+    """
+    kind = plan.get("kind")
+    if kind == "image":
+        return {"image": _read_image(plan["path"])}
+    if kind != "video":
+        return {}
+    targets = targets or {}
+    if plan.get("source") == "frames":
+        paths, fps = plan["frame_paths"], plan["fps"] or 1.0
+        indices = [min(int(round(t * fps - 0.5)), len(paths) - 1) for t in plan["timestamps"]]
+        indices = [max(i, 0) for i in indices]
+        frames = np.stack([_read_image(paths[i]) for i in indices])
+        media = {"frames": frames, "timestamps": [(i + 0.5) / fps for i in indices]}
+        if targets.get("mask_frames"):
+            media["sam2_frames"] = np.stack([_read_image(paths[i]) for i in targets["mask_frames"]])
+        return media
+    from .video import VideoLoadError, load_video
+
+    try:
+        video = load_video(plan["path"], timestamps_seconds=plan["timestamps"])
+        media = {"frames": video.frames, "timestamps": list(video.metadata.timestamps_seconds)}
+        if targets.get("mask_frames"):
+            fps = video.metadata.fps
+            extra = load_video(plan["path"], timestamps_seconds=[i / fps for i in targets["mask_frames"]])
+            media["sam2_frames"] = extra.frames
+    except VideoLoadError as error:
+        raise MediaError(str(error)) from error
+    return media
+
+
+# --------------------------------------------------------------------------------------------------
+# Token side: Dataset.map
+# --------------------------------------------------------------------------------------------------
+def _encode_batch(batch: dict, processor: TPOProcessor, mode: str, strict: bool) -> dict:
+    out = {name: [] for name in ENCODED_COLUMNS}
+    rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
+    for row in rows:
+        try:
+            encoded = processor.encode(probe_media(row), mode=mode)
+        except (ValueError, OSError) as error:
+            if strict:
+                raise
+            logger.warning("Dropping sample %r: %s", row.get("id"), error)
+            continue
+        out["sample_id"].append(str(row.get("id", "")))
+        out["input_ids"].append(encoded.input_ids)
+        out["labels"].append(encoded.labels)
+        out["task_label"].append(encoded.task_label)
+        out["instruction_end_index"].append(encoded.instruction_end_index)
+        out["query_token_mask"].append(encoded.query_token_mask)
+        out["frame_token_index"].append(encoded.frame_token_index)
+        out["mm_token_type_ids"].append(encoded.mm_token_type_ids)
+        out["media_plan"].append(json.dumps(encoded.media))
+        out["targets"].append(json.dumps(encoded.targets))
+    return out
+
+
+def _processor_fingerprint(processor: TPOProcessor) -> str:
+    digest = hashlib.sha256()
+    digest.update(processor.to_json_string().encode())
+    digest.update(json.dumps(sorted(processor.tokenizer.get_vocab().items())).encode())
+    digest.update(str(processor.chat_template or processor.tokenizer.chat_template).encode())
+    return digest.hexdigest()[:16]
+
+
+def encode_dataset(dataset: Dataset, processor: TPOProcessor, mode: str = "train", num_proc: int | None = None,
+                   strict: bool = False, batch_size: int = 64, load_from_cache_file: bool = True) -> Dataset:
+    """Token-side preprocessing with `Dataset.map` (batched, `num_proc`-capable).
+
+    The cache fingerprint is derived from the input dataset's fingerprint, the processor's settings,
+    its vocabulary and chat template, and `mode`, so it is stable across runs and processes and
+    changes exactly when one of them does.
+    """
+    fingerprint = hashlib.sha256(
+        f"{dataset._fingerprint}-{_processor_fingerprint(processor)}-{mode}-{strict}-v1".encode()
+    ).hexdigest()[:16]
+    before = len(dataset)
+    encoded = dataset.map(
+        _encode_batch,
+        fn_kwargs={"processor": processor, "mode": mode, "strict": strict},
+        batched=True,
+        batch_size=batch_size,
+        num_proc=num_proc,
+        remove_columns=dataset.column_names,
+        new_fingerprint=fingerprint,
+        load_from_cache_file=load_from_cache_file,
+        desc=f"TPO encode ({mode})",
+    )
+    dropped = before - len(encoded)
+    if dropped:
+        logger.warning("encode_dataset dropped %d of %d samples (see the warnings above for which and why).",
+                       dropped, before)
+    return encoded
+
+
+def row_to_encoded(row: dict) -> EncodedSample:
+    return EncodedSample(
+        input_ids=list(row["input_ids"]), labels=list(row["labels"]), task_label=int(row["task_label"]),
+        instruction_end_index=int(row["instruction_end_index"]), query_token_mask=list(row["query_token_mask"]),
+        frame_token_index=list(row["frame_token_index"]), mm_token_type_ids=list(row["mm_token_type_ids"]),
+        media=json.loads(row["media_plan"]), targets=json.loads(row["targets"]),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Batches: the collator
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class TPODataCollator:
+    """Decode media and batch encoded samples (rows of `encode_dataset`) for the model.
+
+    Example:
+        >>> collator = TPODataCollator(processor)
+        >>> batch = collator([encoded[0], encoded[1]])   # rows with input_ids, labels, media_plan, ...
+        >>> sorted(batch)[:4]
+        ['attention_mask', 'frame_token_index', 'input_ids', 'instruction_end_index']
+
+    `batch["tpo_meta"]` carries `sample_ids`, the media plans and `skipped` (samples whose media could
+    not be decoded and were replaced by the last good sample).
+    """
+
+    processor: TPOProcessor
+    media_loader: Callable[[dict, dict], dict] = load_media
+    padding_side: str = "right"
+    skip_bad_media: bool = True
+    _last_good: tuple | None = field(default=None, init=False, repr=False)
+
+    def __call__(self, features: list[dict]) -> dict:
+        encoded, media, ids, skipped = [], [], [], 0
+        for row in features:
+            sample = row_to_encoded(row)
+            try:
+                decoded = self.media_loader(sample.media, sample.targets)
+            except MediaError as error:
+                if not self.skip_bad_media:
+                    raise
+                skipped += 1
+                logger.warning("Skipping sample %r: %s", row.get("sample_id"), error)
+                if self._last_good is None:
+                    continue
+                sample, decoded, sample_id = self._last_good
+                ids.append(sample_id)
+                encoded.append(sample)
+                media.append(decoded)
+                continue
+            self._last_good = (sample, decoded, row.get("sample_id"))
+            encoded.append(sample)
+            media.append(decoded)
+            ids.append(row.get("sample_id"))
+        if not encoded:
+            raise MediaError(
+                f"No sample of this batch has readable media ({skipped} failed) and no earlier good sample exists; "
+                "check the dataset's media paths."
+            )
+        batch = collate_encoded(self.processor, encoded, media, padding_side=self.padding_side)
+        batch["tpo_meta"].update(sample_ids=ids, skipped=skipped)
+        return batch

@@ -1,0 +1,136 @@
+"""Mask head on a tiny SAM2: shapes, gradients vs frozen parts, BCE + Dice by hand, prompts per query,
+box prompts, tracking, overfitting, loading a pretrained SAM2."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import Sam2VideoModel
+
+from tpo.modeling_tpo.mask_head import MaskHead, dice_loss, masks_to_boxes
+from tpo.training.tiny import tiny_sam2_config
+
+HIDDEN = 32
+
+
+@pytest.fixture(scope="module")
+def sam2_config():
+    return tiny_sam2_config()
+
+
+def test_shapes_and_gradients_reach_prompts_not_frozen_encoder(sam2_config):
+    torch.manual_seed(0)
+    head = MaskHead(HIDDEN, sam2_config)
+    embeddings = torch.randn(2, 1, HIDDEN, requires_grad=True)
+    out = head(embeddings, sam2_pixel_values=torch.randn(3, 3, 128, 128), query_index=torch.tensor([0, 1, 1]))
+    assert out["pred_mask_logits"].shape == (3, 32, 32)
+    assert out["iou_scores"].shape == (3,) and out["prompt_embeddings"].shape == (3, 3, 128)
+    target = torch.zeros(3, 128, 128)
+    target[:, 40:90, 20:70] = 1
+    head.loss(out, target)["mask"].backward()
+    assert embeddings.grad.abs().sum() > 0
+    assert head.prompt_mlp[0].weight.grad.abs().sum() > 0
+    assert head.sam2.mask_decoder.conv_s0.weight.grad is not None  # decoder trains by default
+    encoder = list(head.sam2.vision_encoder.parameters())
+    assert all(not p.requires_grad and p.grad is None for p in encoder)
+    assert all(not p.requires_grad for p in head.sam2.memory_attention.parameters())
+
+
+def test_frames_of_one_query_share_prompts(sam2_config):
+    head = MaskHead(HIDDEN, sam2_config).eval()
+    embeddings = torch.randn(2, 1, HIDDEN)
+    frame = torch.randn(1, 3, 128, 128)
+    out = head(embeddings, sam2_pixel_values=frame.repeat(3, 1, 1, 1), query_index=torch.tensor([1, 0, 1]))
+    torch.testing.assert_close(out["prompt_embeddings"][0], out["prompt_embeddings"][2])
+    torch.testing.assert_close(out["pred_mask_logits"][0], out["pred_mask_logits"][2])
+    assert not torch.allclose(out["prompt_embeddings"][0], out["prompt_embeddings"][1])
+
+
+def test_box_prompt_changes_the_mask(sam2_config):
+    torch.manual_seed(0)
+    head = MaskHead(HIDDEN, sam2_config).eval()
+    embeddings, frame = torch.randn(1, 1, HIDDEN), torch.randn(1, 3, 128, 128)
+    plain = head(embeddings, sam2_pixel_values=frame)["pred_mask_logits"]
+    boxed = head(embeddings, sam2_pixel_values=frame, input_boxes=torch.tensor([[10.0, 20.0, 60.0, 90.0]]))
+    assert not torch.allclose(plain, boxed["pred_mask_logits"])
+
+
+def test_bce_and_dice_hand_computed(sam2_config):
+    logits = torch.tensor([[[0.0, 2.0], [-2.0, 0.0]]])
+    target = torch.tensor([[[0.0, 1.0], [0.0, 1.0]]])
+    p = torch.sigmoid(logits)
+    expected_dice = 1 - (2 * (p * target).sum() + 1) / (p.sum() + target.sum() + 1)
+    assert dice_loss(logits, target).item() == pytest.approx(expected_dice.item(), rel=1e-6)
+    head = MaskHead(HIDDEN, sam2_config, bce_weight=2.0, dice_weight=0.5)
+    terms = head.loss({"pred_mask_logits": logits}, target)
+    bce = sum(math.log(1 + math.exp(-x)) if t else math.log(1 + math.exp(x))
+              for x, t in [(0.0, 0), (2.0, 1), (-2.0, 0), (0.0, 1)]) / 4
+    assert terms["mask_bce"].item() == pytest.approx(bce, rel=1e-5)
+    assert terms["mask"].item() == pytest.approx(2.0 * bce + 0.5 * expected_dice.item(), rel=1e-5)
+    empty = head.loss({"pred_mask_logits": torch.randn(2, 8, 8)}, torch.zeros(2, 32, 32))
+    assert all(torch.isfinite(v) for v in empty.values())
+
+
+def test_prompt_l1_against_sam2_box_embedding(sam2_config):
+    head = MaskHead(HIDDEN, sam2_config, prompt_l1_weight=1.0)
+    out = head(torch.randn(1, 1, HIDDEN), sam2_pixel_values=torch.randn(1, 3, 128, 128))
+    box = torch.tensor([[10.0, 20.0, 60.0, 90.0]])
+    terms = head.loss(out, torch.zeros(1, 128, 128), target_boxes=box)
+    reference = head.sam2.prompt_encoder._embed_boxes(box[:, None])[:, 0]
+    expected = F.l1_loss(out["prompt_embeddings"].float(), reference)
+    assert terms["mask_prompt_l1"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_masks_to_boxes():
+    masks = torch.zeros(2, 10, 12, dtype=torch.bool)
+    masks[0, 2:5, 3:9] = True
+    assert masks_to_boxes(masks).tolist() == [[3.0, 2.0, 9.0, 5.0], [0.0, 0.0, 0.0, 0.0]]
+
+
+def test_track_returns_per_frame_masks_and_boxes(sam2_config):
+    torch.manual_seed(0)
+    head = MaskHead(HIDDEN, sam2_config)
+    frames = torch.randn(4, 3, 128, 128)
+    initial = torch.full((32, 32), -10.0)
+    initial[4:12, 8:20] = 10.0  # a rectangle of rows 16..48, columns 32..80 at 128 px
+    out = head.track(torch.randn(1, HIDDEN), frames, initial_mask_logits=initial)
+    assert out["mask_logits"].shape == (4, 128, 128) and out["boxes_xyxy"].shape == (4, 4)
+    assert out["visible"][0]
+    # frame 0 is the given mask itself (SAM2 takes a mask prompt as the frame's output)
+    torch.testing.assert_close(out["boxes_xyxy"][0], torch.tensor([32.0, 16.0, 80.0, 48.0]), atol=2.0, rtol=0)
+    assert head.sam2.training  # mode restored
+    boxed = head.track(torch.randn(1, HIDDEN), frames, initial_box=torch.tensor([10.0, 10.0, 60.0, 70.0]))
+    assert boxed["mask_logits"].shape == (4, 128, 128)
+
+
+def test_overfits_one_mask(sam2_config):
+    torch.manual_seed(0)
+    head = MaskHead(HIDDEN, sam2_config)
+    embedding = torch.randn(1, 1, HIDDEN)
+    image = torch.randn(1, 3, 128, 128)
+    target = torch.zeros(1, 128, 128)
+    target[0, 30:90, 40:100] = 1
+    optimizer = torch.optim.Adam([p for p in head.parameters() if p.requires_grad], lr=3e-3)
+    losses = []
+    for _ in range(40):
+        terms = head.loss(head(embedding, sam2_pixel_values=image), target)
+        optimizer.zero_grad()
+        terms["mask"].backward()
+        optimizer.step()
+        losses.append(terms["mask"].item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_load_pretrained_sam2_and_refuse_a_mismatch(tmp_path, sam2_config):
+    torch.manual_seed(1)
+    pretrained = Sam2VideoModel(sam2_config)
+    pretrained.save_pretrained(tmp_path / "sam2")
+    head = MaskHead(HIDDEN, sam2_config)
+    head.load_sam2(tmp_path / "sam2")
+    for key, value in Sam2VideoModel.from_pretrained(tmp_path / "sam2").state_dict().items():
+        assert torch.equal(head.sam2.state_dict()[key], value), key
+    assert not any(p.requires_grad for p in head.sam2.vision_encoder.parameters())  # freezing kept
+    other = Sam2VideoModel(tiny_sam2_config(hidden_size=256))
+    with pytest.raises(ValueError, match="does not match this mask head's sam2_config"):
+        head.load_sam2(other)

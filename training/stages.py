@@ -1,0 +1,123 @@
+"""What each TPO stage trains and which losses it counts, as data; and the parameter groups.
+
+A parameter belongs to exactly one group, decided from its name:
+    task_tokens, heads (region/temporal/mask heads and the router), lora (peft adapters),
+    projector (the MLLM's vision-language connector), vision (the MLLM's vision encoder),
+    sam2_image_encoder, sam2 (SAM2's other parts), llm (the language model), other.
+"""
+
+import logging
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+ALL_LOSSES = ("lm", "assign", "temporal", "region", "mask")
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """Which losses count and which parameter groups train in a stage."""
+
+    losses: tuple[str, ...]
+    groups: tuple[str, ...]
+    trains_llm: bool
+
+
+STAGE_SPECS = {
+    "assign": StageSpec(losses=("lm", "assign"), groups=("router",), trains_llm=True),
+    "task": StageSpec(losses=("temporal", "region", "mask"), groups=("task_heads", "task_tokens"), trains_llm=False),
+    "joint": StageSpec(losses=ALL_LOSSES, groups=("router", "task_heads", "task_tokens", "projector"), trains_llm=True),
+}
+
+_GROUP_PATTERNS = [  # first match wins
+    ("lora", re.compile(r"lora_")),
+    ("task_tokens", re.compile(r"(^|\.)task_tokens\.")),
+    ("router", re.compile(r"(^|\.)router\.")),
+    ("sam2_image_encoder", re.compile(r"(^|\.)mask_head\.sam2\.vision_encoder\.")),
+    ("sam2_prompt_encoder", re.compile(r"(^|\.)mask_head\.sam2\.(prompt_encoder|shared_image_embedding)\.")),
+    ("sam2_mask_decoder", re.compile(r"(^|\.)mask_head\.sam2\.mask_decoder\.")),
+    ("sam2_memory", re.compile(r"(^|\.)mask_head\.sam2\.")),
+    ("task_heads", re.compile(r"(^|\.)(region_head|temporal_head|mask_head)\.")),
+    ("projector", re.compile(r"(multi_modal_projector|\.merger\.|mm_projector)")),
+    ("vision", re.compile(r"(vision_tower|\.visual\.|vision_model|image_encoder)")),
+]
+
+
+def parameter_group(name: str) -> str:
+    """The group of a parameter name (see the module docstring); "llm" for the language model,
+    "other" for anything else. peft's frozen `original_module` copies are "frozen_copy"."""
+    if ".original_module." in name:
+        return "frozen_copy"
+    for group, pattern in _GROUP_PATTERNS:
+        if pattern.search(name):
+            return group
+    if re.search(r"(language_model|lm_head|embed_tokens|\.layers\.\d+\.|\.norm\.)", name):
+        return "llm"
+    return "other"
+
+
+def trainable_groups(stage: str, args, mask_head_config: dict | None = None) -> set[str]:
+    """The parameter groups that train in `stage` under the freezing policy of `args`."""
+    spec = STAGE_SPECS[stage]
+    groups = set(spec.groups)
+    if stage == "joint" and not args.train_projector:
+        groups.discard("projector")
+    trains_llm = spec.trains_llm or (stage == "task" and args.task_stage_trains_llm)
+    if trains_llm and args.llm_training == "lora":
+        groups.add("lora")
+    if trains_llm and args.llm_training == "full":
+        groups.update({"llm", "lora"})
+    if args.train_vision_tower and stage != "task":
+        groups.add("vision")
+    if "task_heads" in groups:
+        mask_head_config = mask_head_config or {}
+        if args.train_sam2_image_encoder or not mask_head_config.get("freeze_image_encoder", True):
+            groups.add("sam2_image_encoder")
+        if not mask_head_config.get("freeze_prompt_encoder", True):
+            groups.add("sam2_prompt_encoder")
+        if not mask_head_config.get("freeze_mask_decoder", False):
+            groups.add("sam2_mask_decoder")
+    return groups
+
+
+def apply_stage(model: nn.Module, stage: str, args, mask_head_config: dict | None = None) -> Counter:
+    """Set `requires_grad` for `stage`; returns the number of trainable parameters per group."""
+    groups = trainable_groups(stage, args, mask_head_config)
+    counts: Counter = Counter()
+    for name, parameter in model.named_parameters():
+        group = parameter_group(name)
+        train = group in groups
+        parameter.requires_grad_(train)
+        if train:
+            counts[group] += parameter.numel()
+    if not counts:
+        raise ValueError(
+            f"Stage {stage!r} leaves no parameter trainable (groups {sorted(groups)}); check `llm_training` and "
+            "that the model enables the tasks of this stage."
+        )
+    logger.info("Stage %s trains: %s", stage, ", ".join(f"{g} {n / 1e6:.2f}M" for g, n in sorted(counts.items())))
+    return counts
+
+
+def stage_loss_weights(stage: str, base_weights: dict[str, float], overrides: dict[str, float], tasks: list[str]) -> dict[str, float]:
+    """Loss weights of `stage`: the model's (or overridden) weights for the counted terms, 0 otherwise."""
+    counted = set(STAGE_SPECS[stage].losses)
+    weights = {**base_weights, **overrides}
+    return {name: (weights[name] if name in counted and (name in ("lm", "assign") or name in tasks) else 0.0)
+            for name in ALL_LOSSES}
+
+
+def lr_multipliers(args) -> dict[str, float]:
+    """Learning-rate multiplier of every parameter group."""
+    return {
+        "task_tokens": args.task_token_lr_multiplier,
+        "router": args.head_lr_multiplier,
+        "task_heads": args.head_lr_multiplier,
+        "sam2_mask_decoder": args.head_lr_multiplier,
+        "sam2_prompt_encoder": args.head_lr_multiplier,
+        "lora": args.lora_lr_multiplier,
+    }

@@ -1,0 +1,240 @@
+"""Train and evaluate TPO: the three stages (task assignment, task heads, joint) in sequence, then the
+task metrics on the test split.
+
+    # The embedded default (no arguments): the synthetic benchmark (generated once, cached), a tiny
+    # LLaVA and a tiny SAM2 built from configurations, three stages on CPU, metrics table and
+    # eval_results.json. Equivalent to: python examples/run_tpo.py examples/configs/synthetic_default.yaml
+    python examples/run_tpo.py
+
+    # A real backbone on real data (see the template's comments), on 8 GPUs:
+    accelerate launch --config_file examples/accelerate/ddp.yaml examples/run_tpo.py \\
+        examples/configs/real_backbone_template.yaml
+
+    # Any argument on the command line instead of a YAML file:
+    python examples/run_tpo.py --output_dir outputs/x --stages task joint --per_device_train_batch_size 8 ...
+"""
+
+import dataclasses
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from transformers import AutoModelForImageTextToText, AutoProcessor, HfArgumentParser, set_seed
+
+from tpo import TPOForConditionalGeneration
+from tpo.processing.pipeline import TPODataCollator, encode_dataset
+from tpo.processing.processing_tpo import DEFAULT_PROMPT_TEMPLATES, TPOProcessor
+from tpo.processing.readers import read_specs
+from tpo.processing.synthetic import generate_synthetic_benchmark
+from tpo.training.arguments import STAGES, TPOTrainingArguments
+from tpo.training.evaluation import REQUIRED_KEYS, TaskEvaluator, format_table
+from tpo.training.tiny import build_tiny_tokenizer, tiny_llava_config, tiny_sam2_config
+from tpo.training.trainer import TPOTrainer, unwrap_tpo
+
+logger = logging.getLogger("run_tpo")
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "synthetic_default.yaml"
+
+
+# ------------------------------------------------------------------------------------------------------
+# Arguments
+# ------------------------------------------------------------------------------------------------------
+@dataclass
+class ScriptArguments:
+    data_config: str | None = field(
+        default=None, metadata={"help": "YAML with `train`, `eval` and `test` lists of dataset specs (see "
+                                        "examples/configs/real_backbone_template.yaml). None: the synthetic benchmark."})
+    synthetic_dir: str = field(default=".cache/tpo/synthetic", metadata={"help": "Where the synthetic benchmark is cached."})
+    synthetic_size: str = field(default="default", metadata={"help": "Synthetic benchmark size: small or default."})
+    synthetic_seed: int = field(default=0, metadata={"help": "Seed of the synthetic benchmark."})
+    stages: list[str] = field(default_factory=lambda: list(STAGES), metadata={"help": "Stages to run, in order."})
+    assign_epochs: float = field(default=1.0, metadata={"help": "Epochs of the assign stage."})
+    task_epochs: float = field(default=1.0, metadata={"help": "Epochs of the task stage."})
+    joint_epochs: float = field(default=1.0, metadata={"help": "Epochs of the joint stage."})
+    assign_learning_rate: float | None = field(default=None, metadata={"help": "Learning rate of the assign stage "
+                                                                               "(default: --learning_rate)."})
+    task_learning_rate: float | None = field(default=None, metadata={"help": "Learning rate of the task stage."})
+    joint_learning_rate: float | None = field(default=None, metadata={"help": "Learning rate of the joint stage."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Cap on test samples evaluated."})
+    num_proc: int | None = field(default=None, metadata={"help": "Processes of the Dataset.map preprocessing."})
+    results_file: str = field(default="eval_results.json", metadata={"help": "Metrics file in --output_dir."})
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "A transformers vision-language model (folder or hub id). None: a tiny LLaVA "
+                                        "built from configurations (the embedded default)."})
+    sam2_name_or_path: str | None = field(default=None, metadata={"help": "A SAM2 checkpoint (Sam2VideoModel) for the "
+                                                                          "mask head. None: a tiny SAM2 from configs."})
+    enabled_tasks: list[str] = field(default_factory=lambda: ["temporal", "region", "mask"],
+                                     metadata={"help": "Tasks the model enables (heads exist only for these)."})
+    num_task_tokens: int = field(default=1, metadata={"help": "Learnable task tokens per task."})
+    num_frames: int = field(default=8, metadata={"help": "Video frames the MLLM sees."})
+    mask_frames_per_video: int = field(default=4, metadata={"help": "Annotated frames per video mask sample for SAM2."})
+    tiny_hidden_size: int = field(default=128, metadata={"help": "Tiny LLaVA: hidden size."})
+    tiny_num_layers: int = field(default=4, metadata={"help": "Tiny LLaVA: layers of the vision tower and the LM."})
+    tiny_image_size: int = field(default=64, metadata={"help": "Tiny LLaVA: vision tower input size."})
+    tiny_patch_size: int = field(default=16, metadata={"help": "Tiny LLaVA: patch size."})
+    tiny_sam2_image_size: int = field(default=128, metadata={"help": "Tiny SAM2: input size."})
+    freeze_sam2_image_encoder: bool = field(default=True, metadata={"help": "Keep SAM2's image encoder frozen."})
+    temporal_head_config: str | None = field(default=None, metadata={"help": "JSON of temporal head settings "
+                                                                             "(keys of DEFAULT_TEMPORAL_HEAD)."})
+    region_head_config: str | None = field(default=None, metadata={"help": "JSON of region head settings."})
+    mask_head_config: str | None = field(default=None, metadata={"help": "JSON of mask head settings."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank (llm_training=lora), as released: 16."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha, as released: 32."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    merge_lora: bool = field(default=True, metadata={"help": "Merge LoRA into the final saved model."})
+    dtype: str = field(default="auto", metadata={"help": "Weights dtype of a pretrained MLLM (auto, bfloat16, float32)."})
+
+
+def parse_arguments(argv: list[str]):
+    parser = HfArgumentParser((ScriptArguments, ModelArguments, TPOTrainingArguments))
+    if not argv:
+        logger.info("No arguments: running the embedded default, %s", DEFAULT_CONFIG)
+        return parser.parse_yaml_file(str(DEFAULT_CONFIG))
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+        return parser.parse_yaml_file(argv[0])
+    return parser.parse_args_into_dataclasses(argv)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Data
+# ------------------------------------------------------------------------------------------------------
+def load_data(script: ScriptArguments) -> dict:
+    """{"train", "eval", "test"} datasets of the common schema."""
+    if script.data_config:
+        config = yaml.safe_load(Path(script.data_config).read_text(encoding="utf-8"))
+        return {split: read_specs(config.get(split, [])) for split in ("train", "eval", "test")}
+    manifest = generate_synthetic_benchmark(script.synthetic_dir, size=script.synthetic_size, seed=script.synthetic_seed)
+    specs = {split: list(manifest["splits"][split].values()) for split in ("train", "val", "test")}
+    return {"train": read_specs(specs["train"]), "eval": read_specs(specs["val"]), "test": read_specs(specs["test"])}
+
+
+def tokenizer_corpus(dataset) -> list[str]:
+    texts = [template for templates in DEFAULT_PROMPT_TEMPLATES.values() for template in templates]
+    for row in dataset:
+        texts.append(row["query"])
+        texts.extend(turn["content"] for turn in row["conversations"])
+    return texts
+
+
+# ------------------------------------------------------------------------------------------------------
+# Model
+# ------------------------------------------------------------------------------------------------------
+def build_model(model_args: ModelArguments, train_data):
+    """(model, processor): a pretrained MLLM wrapped with `from_mllm`, or the tiny default."""
+    head_config = {
+        "temporal_head_config": json.loads(model_args.temporal_head_config or "{}"),
+        "region_head_config": json.loads(model_args.region_head_config or "{}"),
+        "mask_head_config": {"freeze_image_encoder": model_args.freeze_sam2_image_encoder,
+                             **json.loads(model_args.mask_head_config or "{}")},
+    }
+    if model_args.model_name_or_path is None:
+        from transformers import LlavaForConditionalGeneration
+        from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+        tokenizer = build_tiny_tokenizer(tokenizer_corpus(train_data), vocab_size=1000)
+        mllm_config = tiny_llava_config(tokenizer, image_size=model_args.tiny_image_size,
+                                        patch_size=model_args.tiny_patch_size, hidden_size=model_args.tiny_hidden_size,
+                                        num_layers=model_args.tiny_num_layers)
+        mllm_config.vision_config.vision_use_head = False  # LLaVA reads hidden states, never SigLIP's pooling head
+        mllm = LlavaForConditionalGeneration(mllm_config)
+        image_processor = SiglipImageProcessorPil(size={"height": model_args.tiny_image_size,
+                                                        "width": model_args.tiny_image_size})
+        sam2_config = tiny_sam2_config(model_args.tiny_sam2_image_size)
+    else:
+        processor = AutoProcessor.from_pretrained(model_args.model_name_or_path)
+        tokenizer, image_processor = processor.tokenizer, processor.image_processor
+        dtype = model_args.dtype if model_args.dtype == "auto" else getattr(torch, model_args.dtype)
+        mllm = AutoModelForImageTextToText.from_pretrained(model_args.model_name_or_path, dtype=dtype)
+        sam2_config = None
+        if "mask" in model_args.enabled_tasks:
+            from transformers import Sam2VideoConfig
+
+            if model_args.sam2_name_or_path is None:
+                raise ValueError("With a pretrained MLLM and the mask task, give --sam2_name_or_path (a SAM2 checkpoint).")
+            sam2_config = Sam2VideoConfig.from_pretrained(model_args.sam2_name_or_path)
+    model = TPOForConditionalGeneration.from_mllm(
+        mllm, tasks=model_args.enabled_tasks, tokenizer=tokenizer, num_task_tokens=model_args.num_task_tokens,
+        sam2_config=sam2_config if "mask" in model_args.enabled_tasks else None, **head_config,
+    )
+    if model.mask_head is not None and model_args.sam2_name_or_path:
+        model.mask_head.load_sam2(model_args.sam2_name_or_path)
+    processor = TPOProcessor.from_model_config(model.config, image_processor, tokenizer, num_frames=model_args.num_frames,
+                                               mask_frames_per_video=model_args.mask_frames_per_video)
+    return model, processor
+
+
+def lora_config(model_args: ModelArguments, model):
+    from peft import LoraConfig
+
+    return LoraConfig(r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
+                      target_modules=model.lora_target_regex(), modules_to_save=model.task_module_names())
+
+
+# ------------------------------------------------------------------------------------------------------
+# Main
+# ------------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    script, model_args, training_args = parse_arguments(sys.argv[1:] if argv is None else argv)
+    set_seed(training_args.seed)
+    output_dir = Path(training_args.output_dir)
+
+    # Dataset
+    data = load_data(script)
+    logger.info("Samples: train %d, eval %d, test %d", len(data["train"]), len(data["eval"]), len(data["test"]))
+
+    # Model
+    model, processor = build_model(model_args, data["train"])
+    logger.info("TPO model: %.2fM parameters, tasks %s", sum(p.numel() for p in model.parameters()) / 1e6,
+                model.config.tasks)
+    train = encode_dataset(data["train"], processor, mode="train", num_proc=script.num_proc)
+    evaluation = encode_dataset(data["eval"], processor, mode="train", num_proc=script.num_proc) if len(data["eval"]) else None
+    collator = TPODataCollator(processor)
+
+    # Training
+    peft_config = lora_config(model_args, model) if training_args.llm_training == "lora" else None
+    trained = model
+    for stage in script.stages:
+        overrides = {"stage": stage, "output_dir": str(output_dir / f"stage-{stage}"),
+                     "num_train_epochs": getattr(script, f"{stage}_epochs")}
+        if getattr(script, f"{stage}_learning_rate") is not None:
+            overrides["learning_rate"] = getattr(script, f"{stage}_learning_rate")
+        stage_args = dataclasses.replace(training_args, **overrides)
+        stage_train = train if stage != "task" else train.filter(lambda row: row["task_label"] != 0,
+                                                                 desc="grounding samples")
+        trainer = TPOTrainer(model=trained, args=stage_args, peft_config=peft_config, train_dataset=stage_train,
+                             eval_dataset=evaluation if stage_args.eval_strategy != "no" else None,
+                             data_collator=collator, processing_class=processor)
+        trainer.train()
+        trained = trainer.model
+        peft_config = None  # the adapters exist from the first stage on
+
+    # Evaluation
+    final = trained.merge_and_unload() if hasattr(trained, "merge_and_unload") and model_args.merge_lora else trained
+    test = data["test"]
+    if script.max_eval_samples is not None and len(test) > script.max_eval_samples:
+        test = test.shuffle(seed=training_args.seed).select(range(script.max_eval_samples))
+    evaluator = TaskEvaluator(processor, test, batch_size=training_args.per_device_eval_batch_size,
+                              output_dir=str(output_dir / "predictions"))
+    metrics = evaluator(unwrap_tpo(final))
+    final_dir = output_dir / "final"
+    final.save_pretrained(final_dir)
+    processor.save_pretrained(final_dir)
+    (output_dir / script.results_file).write_text(json.dumps(metrics, indent=2, sort_keys=True), encoding="utf-8")
+    missing = [k for k in REQUIRED_KEYS if k not in metrics]
+    if missing:
+        logger.warning("Metrics without data in this test set: %s", missing)
+    print(format_table(metrics))
+    print(f"\nmetrics: {output_dir / script.results_file}   model and processor: {final_dir}")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,561 @@
+"""Readers of the real dataset formats into the common schema (`tpo.processing.schema`).
+
+Each reader returns a `datasets.Dataset` built lazily with `Dataset.from_generator` (cached by
+`datasets`; the cache key includes each annotation file's size and modification time, so an edited
+file is read again). Malformed records are handled per case, as each docstring says: a record that
+cannot be understood at all (broken JSON, a pickle instead of JSON) raises with the file and line;
+a record with a fixable or isolated problem is skipped (or clamped) with a logged warning naming the
+file and line, and the number skipped is logged at the end.
+"""
+
+import json
+import logging
+import os
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from datasets import Dataset
+
+from .schema import SAMPLE_FEATURES, empty_sample, mask_from_rle, rle_from_mask, rle_from_polygons
+
+logger = logging.getLogger(__name__)
+
+
+class SkipCounter:
+    """Counts and logs skipped records of one file."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.counts: Counter = Counter()
+
+    def skip(self, where: str, reason: str) -> None:
+        self.counts[reason.split(":")[0]] += 1
+        logger.warning("%s %s: skipped (%s)", self.path, where, reason)
+
+    def report(self) -> None:
+        if self.counts:
+            total = sum(self.counts.values())
+            logger.warning("%s: skipped %d record(s): %s", self.path, total, dict(self.counts))
+
+
+def _signature(*paths) -> str:
+    """(path, size, mtime) of each file: part of the cache key, so edited files are read again.
+
+    A string, not a list: `Dataset.from_generator` shards list-valued `gen_kwargs` (one generator call
+    per element), which would read every file once per list element.
+    """
+    out = []
+    for path in paths:
+        if path is None:
+            continue
+        stat = os.stat(path)
+        out.append([str(path), stat.st_size, stat.st_mtime_ns])
+    return json.dumps(out)
+
+
+def _from_generator(generator, cache_dir: str | None = None, **gen_kwargs) -> Dataset:
+    return Dataset.from_generator(generator, features=SAMPLE_FEATURES, gen_kwargs=gen_kwargs, cache_dir=cache_dir)
+
+
+def _video_path(video_dir: str, video_id: str, extensions: tuple[str, ...]) -> str:
+    for extension in extensions:
+        candidate = os.path.join(video_dir, video_id + extension)
+        if os.path.exists(candidate):
+            return candidate
+    return os.path.join(video_dir, video_id + extensions[0])
+
+
+def _clamp_span(start: float, end: float, duration: float, where: str, counter: SkipCounter):
+    """Clamp a span to [0, duration] (warning); None if nothing is left or start >= end."""
+    if not start < end:
+        counter.skip(where, f"invalid span: start {start} >= end {end}")
+        return None
+    if duration > 0 and (start < 0 or end > duration):
+        clamped = (max(start, 0.0), min(end, duration))
+        if clamped[0] >= clamped[1]:
+            counter.skip(where, f"span outside the video: ({start}, {end}) s for {duration} s")
+            return None
+        logger.warning("%s %s: span (%s, %s) s clamped to the video's %s s", counter.path, where, start, end, duration)
+        return clamped
+    return (start, end)
+
+
+# --------------------------------------------------------------------------------------------------
+# Temporal grounding
+# --------------------------------------------------------------------------------------------------
+def _qvhighlights_rows(path, video_dir, split, video_extensions, signature):
+    counter = SkipCounter(path)
+    with open(path, encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            where = f"line {line_number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path} line {line_number}: not valid JSON ({error}); fix or remove the line.") from error
+            missing = [k for k in ("qid", "query", "duration", "vid") if k not in record]
+            if missing:
+                counter.skip(where, f"missing fields: {missing}")
+                continue
+            duration = float(record["duration"])
+            spans = []
+            for start, end in record.get("relevant_windows", []):
+                span = _clamp_span(float(start), float(end), duration, where, counter)
+                if span is not None:
+                    spans.append(list(span))
+            if "relevant_windows" in record and not spans:
+                continue
+            clip_ids = [int(c) for c in record.get("relevant_clip_ids", [])]
+            scores = [[int(v) for v in s] for s in record.get("saliency_scores", [])]
+            if len(clip_ids) != len(scores) or any(len(s) != 3 for s in scores):
+                counter.skip(where, f"saliency mismatch: {len(clip_ids)} clip ids, {len(scores)} score rows (3 each)")
+                continue
+            yield empty_sample(
+                id=f"qvh-{record['qid']}", source="qvhighlights", split=split, task="temporal", media_type="video",
+                media_path=_video_path(video_dir, record["vid"], video_extensions), query=record["query"],
+                duration_seconds=duration, spans_seconds=spans, saliency_clip_seconds=2.0,
+                saliency_clip_ids=clip_ids, saliency_scores=scores,
+                meta={"qid": record["qid"], "vid": record["vid"]},
+            )
+    counter.report()
+
+
+def read_qvhighlights(jsonl_path: str, video_dir: str, split: str = "train",
+                      video_extensions: tuple[str, ...] = (".mp4", ".mkv", ".webm"), cache_dir: str | None = None) -> Dataset:
+    """QVHighlights / CG-DETR jsonl: `qid, query, duration, vid, relevant_windows [[st, ed]]`,
+    `relevant_clip_ids` (2-second clips) and `saliency_scores` (3 annotators, 0-4 per relevant clip).
+
+    Malformed: broken JSON raises (file and line); missing fields, start >= end, or saliency rows that do
+    not match the clip ids are skipped with a warning; windows beyond the duration are clamped with a
+    warning. Records without `relevant_windows` (the test split) are kept, without spans.
+    """
+    return _from_generator(_qvhighlights_rows, cache_dir, path=str(jsonl_path), video_dir=str(video_dir),
+                           split=split, video_extensions=tuple(video_extensions), signature=_signature(jsonl_path))
+
+
+def _load_durations(durations) -> dict[str, float]:
+    if durations is None:
+        return {}
+    if isinstance(durations, dict):
+        return {str(k): float(v) for k, v in durations.items()}
+    text = Path(durations).read_text(encoding="utf-8")
+    if str(durations).endswith(".json"):
+        return {str(k): float(v) for k, v in json.loads(text).items()}
+    out = {}
+    for line in text.splitlines()[1:]:  # csv with a header: id,duration[,...]
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) >= 2 and parts[0]:
+            out[parts[0]] = float(parts[1])
+    return out
+
+
+def _charades_rows(path, video_dir, split, durations, video_extensions, signature):
+    from .video import VideoLoadError, probe_video
+
+    counter = SkipCounter(path)
+    known = _load_durations(durations)
+    with open(path, encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, 1):
+            line = line.strip()
+            if not line:
+                continue
+            where = f"line {line_number}"
+            head, separator, query = line.partition("##")
+            parts = head.split()
+            if not separator or len(parts) != 3:
+                counter.skip(where, f"malformed line (expected 'VIDEOID START END##query'): {line[:60]!r}")
+                continue
+            video_id = parts[0]
+            try:
+                start, end = float(parts[1]), float(parts[2])
+            except ValueError:
+                counter.skip(where, f"malformed times: {parts[1:]}")
+                continue
+            media_path = _video_path(video_dir, video_id, video_extensions)
+            duration = known.get(video_id)
+            if duration is None:
+                try:
+                    duration = probe_video(media_path).duration_seconds
+                except VideoLoadError as error:
+                    counter.skip(where, f"unreadable video: {error}")
+                    continue
+                known[video_id] = duration
+            span = _clamp_span(start, end, duration, where, counter)
+            if span is None:
+                continue
+            yield empty_sample(
+                id=f"charades-{video_id}-{line_number}", source="charades_sta", split=split, task="temporal",
+                media_type="video", media_path=media_path, query=query.strip().rstrip("."), duration_seconds=duration,
+                spans_seconds=[list(span)], meta={"vid": video_id},
+            )
+    counter.report()
+
+
+def read_charades_sta(txt_path: str, video_dir: str, durations: str | dict | None = None, split: str = "test",
+                      video_extensions: tuple[str, ...] = (".mp4",), cache_dir: str | None = None) -> Dataset:
+    """Charades-STA text lines `VIDEOID START END##query` (seconds).
+
+    `durations`: a dict, a json {id: seconds} or a csv `id,duration,...` (Charades' own csv has the
+    duration in the `length` column: pass a dict then); videos without one are probed with PyAV.
+    Malformed lines, start >= end and unreadable videos are skipped with a warning; spans past the
+    end are clamped with a warning (Charades annotations often overshoot by a fraction of a second).
+    """
+    return _from_generator(_charades_rows, cache_dir, path=str(txt_path), video_dir=str(video_dir), split=split,
+                           durations=durations if not isinstance(durations, os.PathLike) else str(durations),
+                           video_extensions=tuple(video_extensions), signature=_signature(txt_path))
+
+
+def _activitynet_rows(path, video_dir, split, video_extensions, signature):
+    counter = SkipCounter(path)
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error}).") from error
+    for video_id, record in data.items():
+        where = f"video {video_id}"
+        timestamps, sentences = record.get("timestamps", []), record.get("sentences", [])
+        if "duration" not in record or len(timestamps) != len(sentences):
+            counter.skip(where, f"mismatch: {len(timestamps)} timestamps, {len(sentences)} sentences, "
+                                f"duration {'present' if 'duration' in record else 'missing'}")
+            continue
+        duration = float(record["duration"])
+        for index, ((start, end), sentence) in enumerate(zip(timestamps, sentences)):
+            span = _clamp_span(float(start), float(end), duration, f"{where} sentence {index}", counter)
+            if span is None:
+                continue
+            yield empty_sample(
+                id=f"anet-{video_id}-{index}", source="activitynet_captions", split=split, task="temporal",
+                media_type="video", media_path=_video_path(video_dir, video_id, video_extensions),
+                query=sentence.strip().rstrip("."), duration_seconds=duration, spans_seconds=[list(span)],
+                meta={"vid": video_id},
+            )
+    counter.report()
+
+
+def read_activitynet_captions(json_path: str, video_dir: str, split: str = "train",
+                              video_extensions: tuple[str, ...] = (".mp4", ".mkv", ".webm"),
+                              cache_dir: str | None = None) -> Dataset:
+    """ActivityNet Captions json `{vid: {duration, timestamps: [[s, e]], sentences: [...]}}`, one
+    sample per sentence. Broken JSON raises; videos whose timestamps and sentences differ in number are
+    skipped with a warning; spans are clamped to the duration with a warning."""
+    return _from_generator(_activitynet_rows, cache_dir, path=str(json_path), video_dir=str(video_dir), split=split,
+                           video_extensions=tuple(video_extensions), signature=_signature(json_path))
+
+
+# --------------------------------------------------------------------------------------------------
+# Referring expressions (boxes and masks)
+# --------------------------------------------------------------------------------------------------
+def _load_refs(refs_path: str) -> list[dict]:
+    suffix = Path(refs_path).suffix.lower()
+    if suffix in (".p", ".pkl", ".pickle"):
+        raise ValueError(
+            f"{refs_path} is a Python pickle; unpickling an untrusted file can run code, so it is not read. Convert "
+            "it once in a trusted environment to JSON (a list of refs with ref_id, ann_id, image_id, split, "
+            "sentences[].sent) or parquet, and pass that file."
+        )
+    if suffix == ".parquet":
+        rows = Dataset.from_parquet(str(refs_path)).to_list()
+        for row in rows:
+            if isinstance(row.get("sentences"), str):
+                row["sentences"] = json.loads(row["sentences"])
+        return rows
+    try:
+        return json.loads(Path(refs_path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{refs_path}: not valid JSON ({error}).") from error
+
+
+def _refcoco_rows(instances_path, refs_path, image_dir, split, tasks, dataset_name, signature):
+    counter = SkipCounter(refs_path)
+    try:
+        coco = json.loads(Path(instances_path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{instances_path}: not valid JSON ({error}).") from error
+    images = {image["id"]: image for image in coco["images"]}
+    annotations = {annotation["id"]: annotation for annotation in coco["annotations"]}
+    for index, ref in enumerate(_load_refs(refs_path)):
+        if split is not None and ref.get("split") != split:
+            continue
+        where = f"ref {ref.get('ref_id', index)}"
+        annotation = annotations.get(ref.get("ann_id"))
+        image = images.get(ref.get("image_id"))
+        if annotation is None or image is None:
+            counter.skip(where, f"unknown annotation {ref.get('ann_id')} or image {ref.get('image_id')}")
+            continue
+        height, width = int(image["height"]), int(image["width"])
+        x, y, w, h = (float(v) for v in annotation["bbox"])
+        box = [max(x, 0.0), max(y, 0.0), min(x + w, width), min(y + h, height)]
+        if box != [x, y, x + w, y + h]:
+            logger.warning("%s %s: box %s clamped to the %dx%d image", refs_path, where, [x, y, x + w, y + h], width, height)
+        if box[0] >= box[2] or box[1] >= box[3]:
+            counter.skip(where, f"degenerate box: {annotation['bbox']} in a {width}x{height} image")
+            continue
+        mask = None
+        if "mask" in tasks:
+            segmentation = annotation.get("segmentation")
+            if isinstance(segmentation, list) and segmentation:
+                mask = rle_from_polygons(segmentation, height, width)
+            elif isinstance(segmentation, dict):
+                if [int(v) for v in segmentation["size"]] != [height, width]:
+                    raise ValueError(f"{instances_path} annotation {annotation['id']}: RLE of size {segmentation['size']} "
+                                     f"for a {height}x{width} image; the annotation file is inconsistent.")
+                counts = segmentation["counts"]
+                mask = {"size": [height, width],
+                        "counts": counts if isinstance(counts, str) else _compressed_counts(segmentation, height, width)}
+            else:
+                counter.skip(where, "no segmentation for a mask sample")
+        for sentence_index, sentence in enumerate(ref.get("sentences", [])):
+            text = (sentence.get("sent") or sentence.get("raw")) if isinstance(sentence, dict) else str(sentence)
+            if not text:
+                continue
+            base = dict(source=dataset_name, split=ref.get("split", ""), media_type="image",
+                        media_path=os.path.join(image_dir, image["file_name"]), query=text.strip(),
+                        image_size=[height, width], boxes_xyxy_pixels=[box],
+                        meta={"ref_id": ref.get("ref_id"), "ann_id": annotation["id"], "image_id": image["id"]})
+            if "region" in tasks:
+                yield empty_sample(id=f"{dataset_name}-{ref.get('ref_id', index)}-{sentence_index}-box", task="region", **base)
+            if "mask" in tasks and mask is not None:
+                yield empty_sample(id=f"{dataset_name}-{ref.get('ref_id', index)}-{sentence_index}-mask", task="mask",
+                                   masks_rle=[mask], **base)
+    counter.report()
+
+
+def _compressed_counts(segmentation: dict, height: int, width: int) -> str:
+    """Uncompressed (list) RLE counts -> compressed string counts."""
+    from pycocotools import mask as mask_utils
+
+    encoded = mask_utils.frPyObjects(segmentation, height, width)
+    return encoded["counts"].decode("ascii")
+
+
+def read_refcoco(instances_json: str, refs_path: str, image_dir: str, split: str | None = "train",
+                 tasks: tuple[str, ...] = ("region",), dataset_name: str = "refcoco",
+                 cache_dir: str | None = None) -> Dataset:
+    """RefCOCO / RefCOCO+ / RefCOCOg: COCO instances json (images, annotations with `bbox` xywh and
+    polygon or RLE `segmentation`) and refs (ref_id, ann_id, image_id, split, sentences) from JSON or
+    parquet. One sample per sentence and task (`tasks` among "region", "mask").
+
+    Never unpickles: a `.p` refs file raises with how to convert it. Boxes outside the image are clamped
+    with a warning; boxes degenerate after clamping and refs to unknown annotations are skipped with a
+    warning; an RLE whose size differs from its image raises (the files disagree).
+    """
+    unknown = set(tasks) - {"region", "mask"}
+    if unknown:
+        raise ValueError(f"Unknown task(s) {sorted(unknown)} for RefCOCO; use 'region' and/or 'mask'.")
+    return _from_generator(_refcoco_rows, cache_dir, instances_path=str(instances_json), refs_path=str(refs_path),
+                           image_dir=str(image_dir), split=split, tasks=tuple(tasks), dataset_name=dataset_name,
+                           signature=_signature(instances_json, refs_path))
+
+
+def _mevis_rows(meta_path, mask_path, frames_dir, split, fps, frame_extension, dataset_name, signature):
+    from PIL import Image
+
+    counter = SkipCounter(meta_path)
+    meta = json.loads(Path(meta_path).read_text(encoding="utf-8"))
+    mask_dict = json.loads(Path(mask_path).read_text(encoding="utf-8")) if mask_path else {}
+    for video_id, video in meta["videos"].items():
+        frames = list(video.get("frames", []))
+        if not frames:
+            counter.skip(f"video {video_id}", "no frames listed")
+            continue
+        frame_paths = [os.path.join(frames_dir, video_id, name + frame_extension) for name in frames]
+        size = None
+        for expression_id, expression in video.get("expressions", {}).items():
+            where = f"video {video_id} expression {expression_id}"
+            ids = expression.get("anno_id", expression.get("obj_id", []))
+            ids = [ids] if isinstance(ids, (int, str)) else list(ids)
+            masks_rle, indices = [], []
+            if mask_dict:
+                missing = [i for i in ids if str(i) not in mask_dict]
+                if missing:
+                    counter.skip(where, f"annotation ids {missing} not in {mask_path}")
+                    continue
+                if size is None:
+                    with Image.open(frame_paths[0]) as first:
+                        size = [first.height, first.width]
+                for frame_index in range(len(frames)):
+                    merged = None
+                    for annotation_id in ids:
+                        per_frame = mask_dict[str(annotation_id)]
+                        if frame_index >= len(per_frame):
+                            raise ValueError(f"{mask_path}: annotation {annotation_id} has {len(per_frame)} masks for "
+                                             f"{len(frames)} frames of video {video_id}.")
+                        rle = per_frame[frame_index]
+                        if rle is None:
+                            continue
+                        if [int(v) for v in rle["size"]] != size:
+                            raise ValueError(f"{mask_path}: annotation {annotation_id} frame {frame_index} has an RLE of "
+                                             f"size {rle['size']}, but the frames of video {video_id} are {size}.")
+                        mask = mask_from_rle(rle)
+                        merged = mask if merged is None else (merged | mask)
+                    merged = merged if merged is not None else np.zeros(size, dtype=bool)
+                    masks_rle.append(rle_from_mask(merged))
+                    indices.append(frame_index)
+            yield empty_sample(
+                id=f"{dataset_name}-{video_id}-{expression_id}", source=dataset_name, split=split, task="mask",
+                media_type="frames", media_path=os.path.join(frames_dir, video_id), frame_paths=frame_paths,
+                query=expression.get("exp", "").strip(), fps=fps, duration_seconds=len(frames) / fps,
+                image_size=size or [0, 0], masks_rle=masks_rle, mask_frame_indices=indices,
+                meta={"video": video_id, "expression": expression_id, "ids": ids},
+            )
+    counter.report()
+
+
+def read_mevis(meta_expressions_json: str, mask_dict_json: str | None, frames_dir: str, split: str = "train",
+               fps: float = 6.0, frame_extension: str = ".jpg", dataset_name: str = "mevis",
+               cache_dir: str | None = None) -> Dataset:
+    """MeViS / Ref-YouTube-VOS: `meta_expressions.json` {videos: {vid: {frames: [...], expressions:
+    {eid: {exp, anno_id | obj_id}}}}} and `mask_dict.json` {anno_id: [RLE per frame or null]}; frames as
+    JPEG folders `frames_dir/vid/frame.jpg`. One sample per expression; the masks of all its objects are
+    merged per frame (a null RLE is an empty mask). Without a mask dict (test splits) samples carry no masks.
+
+    An RLE whose size differs from the frames, or fewer masks than frames, raises (the files disagree);
+    expressions naming unknown annotation ids are skipped with a warning.
+    """
+    return _from_generator(_mevis_rows, cache_dir, meta_path=str(meta_expressions_json),
+                           mask_path=str(mask_dict_json) if mask_dict_json else None, frames_dir=str(frames_dir),
+                           split=split, fps=float(fps), frame_extension=frame_extension, dataset_name=dataset_name,
+                           signature=_signature(meta_expressions_json, mask_dict_json))
+
+
+def _reasonseg_rows(folder, split, image_extensions, signature):
+    from PIL import Image
+
+    counter = SkipCounter(folder)
+    for json_path in sorted(Path(folder).glob("*.json")):
+        where = json_path.name
+        try:
+            record = json.loads(json_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{json_path}: not valid JSON ({error}).") from error
+        image_path = next((json_path.with_suffix(e) for e in image_extensions if json_path.with_suffix(e).exists()), None)
+        if image_path is None:
+            counter.skip(where, f"no image next to it ({', '.join(image_extensions)})")
+            continue
+        with Image.open(image_path) as image:
+            width, height = image.size
+        polygons = [sum(([float(x), float(y)] for x, y in shape["points"]), [])
+                    for shape in record.get("shapes", []) if shape.get("label", "target") != "ignore"
+                    and len(shape.get("points", [])) >= 3]
+        if not polygons:
+            counter.skip(where, "no target polygon with 3 or more points")
+            continue
+        mask = rle_from_polygons(polygons, height, width)
+        texts = record.get("text", [])
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        for index, text in enumerate(texts):
+            yield empty_sample(
+                id=f"reasonseg-{json_path.stem}-{index}", source="reasonseg", split=split, task="mask",
+                media_type="image", media_path=str(image_path), query=text.strip(), image_size=[height, width],
+                masks_rle=[mask], meta={"is_sentence": bool(record.get("is_sentence", False))},
+            )
+    counter.report()
+
+
+def read_reasonseg(folder: str, split: str = "val", image_extensions: tuple[str, ...] = (".jpg", ".png"),
+                   cache_dir: str | None = None) -> Dataset:
+    """ReasonSeg: a folder of images, each with a json of polygon `shapes` (label "target"; "ignore"
+    shapes are left out) and `text` queries. One sample per query; the target polygons form one mask.
+    Broken JSON raises; a json without image or without a usable polygon is skipped with a warning."""
+    files = sorted(Path(folder).glob("*.json"))
+    return _from_generator(_reasonseg_rows, cache_dir, folder=str(folder), split=split,
+                           image_extensions=tuple(image_extensions), signature=_signature(*files))
+
+
+# --------------------------------------------------------------------------------------------------
+# Conversations
+# --------------------------------------------------------------------------------------------------
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+def _llava_rows(path, media_dir, split, fps, signature):
+    counter = SkipCounter(path)
+    try:
+        records = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error}).") from error
+    for index, record in enumerate(records):
+        where = f"record {index} (id {record.get('id', '?')})"
+        turns = record.get("conversations")
+        if not isinstance(turns, list) or not turns:
+            counter.skip(where, "no conversations")
+            continue
+        roles = [_ROLES.get(turn.get("from")) for turn in turns]
+        if None in roles or roles[0] != "user" or "assistant" not in roles:
+            counter.skip(where, f"bad roles: {[turn.get('from') for turn in turns]}")
+            continue
+        media_type, media_path = "none", ""
+        if record.get("image"):
+            media_type, media_path = "image", os.path.join(media_dir, record["image"])
+        elif record.get("video"):
+            media_type, media_path = "video", os.path.join(media_dir, record["video"])
+        yield empty_sample(
+            id=f"llava-{record.get('id', index)}", source="llava", split=split, task="text", media_type=media_type,
+            media_path=media_path, conversations=[{"role": r, "content": t["value"]} for r, t in zip(roles, turns)],
+            options=[str(o) for o in record.get("options", [])], answer=str(record.get("answer", "")),
+            fps=fps if media_type == "video" else 0.0, meta={k: v for k, v in record.items() if k in ("category",)},
+        )
+    counter.report()
+
+
+def read_llava_conversations(json_path: str, media_dir: str, split: str = "train", fps: float = 0.0,
+                             cache_dir: str | None = None) -> Dataset:
+    """LLaVA-style conversations `[{id, image | video, conversations: [{from: human | gpt, value}]}]`
+    (image, video or text only), with optional `options` and `answer` for multiple-choice questions.
+    Broken JSON raises; records without conversations or with roles other than human/gpt (or not
+    starting with the human) are skipped with a warning."""
+    return _from_generator(_llava_rows, cache_dir, path=str(json_path), media_dir=str(media_dir), split=split,
+                           fps=float(fps), signature=_signature(json_path))
+
+
+# --------------------------------------------------------------------------------------------------
+# Specs (as written in YAML configs and the synthetic manifest)
+# --------------------------------------------------------------------------------------------------
+# format -> (reader, {spec key: reader argument})
+READERS = {
+    "qvhighlights": (read_qvhighlights, {"jsonl": "jsonl_path", "video_dir": "video_dir", "split": "split"}),
+    "charades_sta": (read_charades_sta, {"txt": "txt_path", "video_dir": "video_dir", "durations": "durations",
+                                                 "split": "split"}),
+    "activitynet_captions": (read_activitynet_captions, {"json": "json_path", "video_dir": "video_dir",
+                                                                 "split": "split"}),
+    "refcoco": (read_refcoco, {"instances": "instances_json", "refs": "refs_path", "image_dir": "image_dir",
+                                       "split": "split", "tasks": "tasks", "dataset_name": "dataset_name"}),
+    "mevis": (read_mevis, {"meta_expressions": "meta_expressions_json", "mask_dict": "mask_dict_json",
+                                   "frames_dir": "frames_dir", "split": "split", "fps": "fps",
+                                   "dataset_name": "dataset_name"}),
+    "reasonseg": (read_reasonseg, {"folder": "folder", "split": "split"}),
+    "llava": (read_llava_conversations, {"json": "json_path", "media_dir": "media_dir", "split": "split",
+                                                 "fps": "fps"}),
+}
+
+
+def read_spec(spec: dict) -> Dataset:
+    """One dataset from a spec such as {"format": "qvhighlights", "jsonl": ..., "video_dir": ...,
+    "max_samples": 1000}."""
+    spec = dict(spec)
+    fmt = spec.pop("format", None)
+    if fmt not in READERS:
+        raise ValueError(f"Unknown dataset format {fmt!r} in {spec}; formats: {sorted(READERS)}.")
+    max_samples = spec.pop("max_samples", None)
+    reader, names = READERS[fmt]
+    unknown = set(spec) - set(names)
+    if unknown:
+        raise ValueError(f"Unknown key(s) {sorted(unknown)} for format {fmt!r}; expected {sorted(names)}.")
+    kwargs = {names[key]: (tuple(value) if isinstance(value, list) else value) for key, value in spec.items()}
+    dataset = reader(**kwargs)
+    if max_samples is not None and len(dataset) > max_samples:
+        dataset = dataset.select(range(int(max_samples)))
+    return dataset
+
+
+def read_specs(specs: list[dict]) -> Dataset:
+    """All specs concatenated (an empty dataset of the schema when there are none)."""
+    from datasets import concatenate_datasets
+
+    parts = [read_spec(spec) for spec in specs]
+    parts = [p for p in parts if len(p)]
+    if not parts:
+        return Dataset.from_list([], features=SAMPLE_FEATURES)
+    return concatenate_datasets(parts)

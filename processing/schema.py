@@ -1,0 +1,112 @@
+"""The common sample schema every reader produces, as `datasets.Features`.
+
+One row per sample (a query, or a conversation). Units are in the names: spans in seconds, boxes in
+pixels of the original image as (x0, y0, x1, y1), masks as COCO RLE with string `counts`.
+"""
+
+import copy
+import json
+
+import numpy as np
+from datasets import Features, List, Value
+
+TASKS = ("text", "temporal", "region", "mask")
+MEDIA_TYPES = ("image", "video", "frames", "none")
+
+SAMPLE_FEATURES = Features({
+    "id": Value("string"),
+    "source": Value("string"),
+    "split": Value("string"),
+    "task": Value("string"),
+    "media_type": Value("string"),
+    "media_path": Value("string"),
+    "frame_paths": List(Value("string")),
+    "query": Value("string"),
+    "conversations": List({"role": Value("string"), "content": Value("string")}),
+    "options": List(Value("string")),
+    "answer": Value("string"),
+    "duration_seconds": Value("float32"),
+    "fps": Value("float32"),
+    "spans_seconds": List(List(Value("float32"), length=2)),
+    "saliency_clip_seconds": Value("float32"),
+    "saliency_clip_ids": List(Value("int32")),
+    "saliency_scores": List(List(Value("int32"), length=3)),
+    "image_size": List(Value("int32"), length=2),
+    "boxes_xyxy_pixels": List(List(Value("float32"), length=4)),
+    "masks_rle": List({"size": List(Value("int32"), length=2), "counts": Value("string")}),
+    "mask_frame_indices": List(Value("int32")),
+    "meta": Value("string"),
+})
+
+_EMPTY = {
+    "id": "", "source": "", "split": "", "task": "text", "media_type": "none", "media_path": "", "frame_paths": [],
+    "query": "", "conversations": [], "options": [], "answer": "", "duration_seconds": 0.0, "fps": 0.0,
+    "spans_seconds": [], "saliency_clip_seconds": 0.0, "saliency_clip_ids": [], "saliency_scores": [],
+    "image_size": [0, 0], "boxes_xyxy_pixels": [], "masks_rle": [], "mask_frame_indices": [], "meta": "{}",
+}
+
+
+def empty_sample(**fields) -> dict:
+    """A row with every schema field at its empty value, updated with `fields`."""
+    unknown = set(fields) - set(_EMPTY)
+    if unknown:
+        raise ValueError(f"Unknown sample field(s) {sorted(unknown)}; the schema has {sorted(_EMPTY)}.")
+    sample = copy.deepcopy(_EMPTY)
+    sample.update(fields)
+    if isinstance(sample["meta"], dict):
+        sample["meta"] = json.dumps(sample["meta"], sort_keys=True)
+    return sample
+
+
+def rle_from_mask(mask: np.ndarray) -> dict:
+    """bool (h, w) -> COCO RLE {"size": [h, w], "counts": str}."""
+    from pycocotools import mask as mask_utils
+
+    encoded = mask_utils.encode(np.asfortranarray(np.asarray(mask, dtype=np.uint8)))
+    return {"size": [int(v) for v in encoded["size"]], "counts": encoded["counts"].decode("ascii")}
+
+
+def mask_from_rle(rle: dict) -> np.ndarray:
+    """COCO RLE (string or bytes counts, or uncompressed list counts) -> bool (h, w)."""
+    from pycocotools import mask as mask_utils
+
+    height, width = (int(v) for v in rle["size"])
+    counts = rle["counts"]
+    if isinstance(counts, list):
+        counts = mask_utils.frPyObjects({"size": [height, width], "counts": counts}, height, width)["counts"]
+    encoded = {"size": [height, width], "counts": counts.encode() if isinstance(counts, str) else counts}
+    return mask_utils.decode(encoded).astype(bool)
+
+
+def rle_from_polygons(polygons: list[list[float]], height: int, width: int) -> dict:
+    """COCO polygons ([[x0, y0, x1, y1, ...], ...]) -> one merged RLE with string counts."""
+    from pycocotools import mask as mask_utils
+
+    rles = mask_utils.frPyObjects(polygons, height, width)
+    merged = mask_utils.merge(rles) if isinstance(rles, list) else rles
+    return {"size": [int(v) for v in merged["size"]], "counts": merged["counts"].decode("ascii")}
+
+
+def validate_sample(sample: dict) -> None:
+    """Raise ValueError naming the sample when a row breaks the schema's rules."""
+    sample_id = sample.get("id", "?")
+    if sample["task"] not in TASKS:
+        raise ValueError(f"Sample {sample_id!r}: unknown task {sample['task']!r}; valid tasks are {list(TASKS)}.")
+    if sample["media_type"] not in MEDIA_TYPES:
+        raise ValueError(f"Sample {sample_id!r}: unknown media_type {sample['media_type']!r}; valid: {list(MEDIA_TYPES)}.")
+    for start, end in sample["spans_seconds"]:
+        if not start < end:
+            raise ValueError(f"Sample {sample_id!r}: span ({start}, {end}) s needs start < end.")
+        if sample["duration_seconds"] and (start < 0 or end > sample["duration_seconds"] + 1e-3):
+            raise ValueError(f"Sample {sample_id!r}: span ({start}, {end}) s lies outside [0, {sample['duration_seconds']}] s.")
+    height, width = sample["image_size"]
+    for box in sample["boxes_xyxy_pixels"]:
+        x0, y0, x1, y1 = box
+        if not (x0 < x1 and y0 < y1):
+            raise ValueError(f"Sample {sample_id!r}: box {box} needs x0 < x1 and y0 < y1.")
+        if height and width and (x0 < 0 or y0 < 0 or x1 > width + 1e-3 or y1 > height + 1e-3):
+            raise ValueError(f"Sample {sample_id!r}: box {box} lies outside the {width}x{height} image.")
+    for rle in sample["masks_rle"]:
+        if height and width and [int(v) for v in rle["size"]] != [height, width]:
+            raise ValueError(f"Sample {sample_id!r}: a mask of size {list(rle['size'])} does not match the image "
+                             f"size ({height}, {width}).")

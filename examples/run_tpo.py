@@ -93,12 +93,20 @@ class ModelArguments:
 
 
 def parse_arguments(argv: list[str]):
+    """No arguments: the embedded default config. A YAML file first: its values, which any following
+    `--name value` overrides. Otherwise command-line arguments only."""
     parser = HfArgumentParser((ScriptArguments, ModelArguments, TPOTrainingArguments))
     if not argv:
         logger.info("No arguments: running the embedded default, %s", DEFAULT_CONFIG)
         return parser.parse_yaml_file(str(DEFAULT_CONFIG))
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        return parser.parse_yaml_file(argv[0])
+    if argv[0].endswith((".yaml", ".yml")):
+        defaults = yaml.safe_load(Path(argv[0]).read_text(encoding="utf-8")) or {}
+        known = {action.dest for action in parser._actions}
+        unknown = sorted(set(defaults) - known)
+        if unknown:
+            raise ValueError(f"{argv[0]}: unknown key(s) {unknown}.")
+        parser.set_defaults(**defaults)
+        argv = argv[1:]
     return parser.parse_args_into_dataclasses(argv)
 
 
@@ -189,6 +197,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # Dataset
     data = load_data(script)
     logger.info("Samples: train %d, eval %d, test %d", len(data["train"]), len(data["eval"]), len(data["test"]))
+
+    # Samples of tasks the model does not enable are left out (conversation samples always stay).
+    keep = set(model_args.enabled_tasks) | {"text"}
+    for split in ("train", "eval", "test"):
+        before = len(data[split])
+        data[split] = data[split].filter(lambda row: row["task"] in keep, desc=f"enabled tasks ({split})")
+        if len(data[split]) < before:
+            logger.info("%s: left out %d samples of tasks not enabled", split, before - len(data[split]))
 
     # Model
     model, processor = build_model(model_args, data["train"])

@@ -22,14 +22,15 @@ DEFAULT_BEGIN_TOKENS = {"temporal": "<time_begin>", "region": "<box_begin>", "ma
 DEFAULT_SLOT_TOKENS = {"temporal": "<temp>", "region": "<boxes>", "mask": "<masks>"}
 
 # Head defaults, documented against REFERENCE.md section 2 (the public release):
-# - region: 2-layer MLP hidden -> hidden/2 -> 4, loss 2 * L1 + GIoU / 5.
+# - region: 2-layer MLP hidden -> hidden/2 -> 4, loss 2 * L1 + GIoU / 5 ("mlp"; "heatmap" is our
+#   soft-argmax variant over the visual tokens, for MLLMs trained from scratch).
 # - temporal: CG-DETR-like localiser, 10 moment queries, matching costs span L1 10, gIoU 1,
 #   class 4; loss weights span L1 10, gIoU 1, CE 4 (no-object weight 0.1), saliency 4, the
 #   whole temporal sum scaled by 0.05 (`loss_weights["temporal"]`).
 # - mask: task embedding -> MLP hidden -> hidden -> K x prompt_dim sparse SAM2 prompts (K=3).
 #   The release trains only an L1 on SAM2 prompt embeddings; we add BCE + Dice on the masks
 #   (weights as LISA: BCE 2.0, Dice 0.5) and keep the prompt L1 as an option (weight 0).
-DEFAULT_REGION_HEAD = {"hidden_ratio": 0.5, "l1_weight": 2.0, "giou_weight": 0.2}
+DEFAULT_REGION_HEAD = {"mode": "mlp", "hidden_ratio": 0.5, "l1_weight": 2.0, "giou_weight": 0.2, "heatmap_dim": 256}
 DEFAULT_TEMPORAL_HEAD = {
     "d_model": 256,
     "num_heads": 8,
@@ -51,6 +52,7 @@ DEFAULT_TEMPORAL_HEAD = {
     "match_cost_span": 10.0,
     "match_cost_giou": 1.0,
     "match_cost_class": 4.0,
+    "frame_pooling": "mean_max",
 }
 DEFAULT_MASK_HEAD = {
     "num_prompt_tokens": 3,

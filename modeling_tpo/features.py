@@ -7,31 +7,43 @@ import torch
 
 
 def pool_frame_features(
-    hidden_states: torch.Tensor, frame_token_index: torch.LongTensor, num_frames: int
+    hidden_states: torch.Tensor, frame_token_index: torch.LongTensor, num_frames: int, pooling: str = "mean"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean of the hidden states of each frame's visual tokens.
+    """Pool the hidden states of each frame's visual tokens.
 
     Args:
         hidden_states: (n, seq, hidden).
         frame_token_index: (n, seq), the frame of each visual token, -1 for other tokens.
         num_frames: F, the number of frame slots to return.
+        pooling: "mean", or "mean_max" (mean and max concatenated: the max keeps a small object that
+            the mean over a frame's tokens dilutes).
     Returns:
-        frame_features (n, F, hidden) (zeros for frames without tokens) and frame_mask (n, F) bool.
+        frame_features (n, F, hidden) or (n, F, 2 * hidden) (zeros for frames without tokens) and
+        frame_mask (n, F) bool.
     """
     frames = torch.arange(num_frames, device=hidden_states.device)
     membership = (frame_token_index.to(hidden_states.device)[:, None, :] == frames[None, :, None])  # (n, F, seq)
     counts = membership.sum(-1)  # (n, F)
     weights = membership.to(hidden_states.dtype) / counts.clamp(min=1)[..., None].to(hidden_states.dtype)
-    return weights @ hidden_states, counts > 0
+    mean = weights @ hidden_states
+    if pooling == "mean":
+        return mean, counts > 0
+    if pooling != "mean_max":
+        raise ValueError(f"Unknown frame pooling {pooling!r}; use 'mean' or 'mean_max'.")
+    lowest = torch.finfo(hidden_states.dtype).min
+    masked = torch.where(membership[..., None], hidden_states[:, None], lowest)  # (n, F, seq, hidden)
+    maximum = masked.amax(2).masked_fill(~(counts > 0)[..., None], 0.0)
+    return torch.cat([mean, maximum], dim=-1), counts > 0
 
 
-def gather_token_features(hidden_states: torch.Tensor, token_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def gather_token_features(hidden_states: torch.Tensor, token_mask: torch.Tensor, return_order: bool = False):
     """The hidden states of the marked tokens of each row, left-aligned and padded.
 
     Args:
         hidden_states: (n, seq, hidden); token_mask: (n, seq) bool.
     Returns:
-        features (n, Q, hidden) with Q the largest count (at least 1) and mask (n, Q) bool.
+        features (n, Q, hidden) with Q the largest count (at least 1) and mask (n, Q) bool (and, with
+        `return_order`, the (n, Q) sequence positions gathered, to gather aligned tensors).
     """
     token_mask = token_mask.to(hidden_states.device).bool()
     counts = token_mask.sum(-1)
@@ -40,6 +52,8 @@ def gather_token_features(hidden_states: torch.Tensor, token_mask: torch.Tensor)
     order = torch.argsort((~token_mask).to(torch.int8), dim=-1, stable=True)[:, :width]
     features = torch.gather(hidden_states, 1, order[..., None].expand(-1, -1, hidden_states.shape[-1]))
     mask = torch.arange(width, device=hidden_states.device)[None, :] < counts[:, None]
+    if return_order:
+        return features * mask[..., None].to(features.dtype), mask, order
     return features * mask[..., None].to(features.dtype), mask
 
 

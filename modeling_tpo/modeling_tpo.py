@@ -33,13 +33,14 @@ logger = logging.getLogger(__name__)
 # Inputs used only by the heads' pass of `generate` (not by the MLLM's decoding).
 _HEAD_ONLY_INPUTS = (
     "instruction_end_index", "query_token_mask", "frame_token_index", "frame_timestamps", "video_durations",
+    "visual_token_xy",
     "sam2_pixel_values", "mask_query_index", "tpo_meta",
 )
 _TRAINING_TARGETS = (
     "labels", "task_labels", "region_boxes", "region_batch_index", "temporal_spans", "temporal_span_query_index",
     "temporal_saliency", "mask_targets",
 )
-_PER_TOKEN_FILL = {"frame_token_index": -1, "query_token_mask": False, "mm_token_type_ids": 0}
+_PER_TOKEN_FILL = {"frame_token_index": -1, "query_token_mask": False, "mm_token_type_ids": 0, "visual_token_xy": -1.0}
 
 
 @dataclass
@@ -93,6 +94,7 @@ class _HeadContext:
     frame_timestamps: torch.Tensor | None
     video_durations: torch.Tensor | None
     computing_loss: bool = False
+    visual_token_xy: torch.Tensor | None = None
 
 
 @dataclass
@@ -325,6 +327,7 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
         region_batch_index: torch.LongTensor | None = None,
         query_token_mask: torch.Tensor | None = None,
         frame_token_index: torch.LongTensor | None = None,
+        visual_token_xy: torch.FloatTensor | None = None,
         frame_timestamps: torch.FloatTensor | None = None,
         video_durations: torch.FloatTensor | None = None,
         temporal_spans: torch.FloatTensor | None = None,
@@ -354,6 +357,8 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
             region_batch_index (`(num_region_queries,)`): the sample of each target box.
             query_token_mask (`(batch, seq)` bool): the instruction's text tokens (temporal head query).
             frame_token_index (`(batch, seq)`): head-frame index of each visual token, -1 elsewhere.
+            visual_token_xy (`(batch, seq, 2)`): each visual token's patch centre in its image,
+                normalised, -1 elsewhere (the "heatmap" region head reads it).
             frame_timestamps (`(batch, frames)`): head-frame times in seconds (-1 where padded).
             video_durations (`(batch,)`): video durations in seconds.
             temporal_spans (`(num_spans, 2)`): GT windows, normalised (start, end);
@@ -405,7 +410,7 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
         context = _HeadContext(
             hidden_states=hidden_states, queries=queries, query_token_mask=query_token_mask,
             frame_token_index=frame_token_index, frame_timestamps=frame_timestamps, video_durations=video_durations,
-            computing_loss=computing_loss,
+            computing_loss=computing_loss, visual_token_xy=visual_token_xy,
         )
         targets = {
             "region": (region_boxes, region_batch_index),
@@ -466,7 +471,17 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
         has_queries = queries is not None and queries.batch_index.numel() > 0
         predictions, terms = {}, {}
         if has_queries:
-            boxes_cxcywh = self.region_head(queries.gather(context.hidden_states))
+            visual = {}
+            if self.region_head.needs_visual_tokens:
+                if context.visual_token_xy is None:
+                    raise ValueError("The 'heatmap' region head needs `visual_token_xy` (each visual token's patch "
+                                     "centre); TPOProcessor and its collator provide it.")
+                xy = context.visual_token_xy.to(context.hidden_states.device)[queries.batch_index]
+                features, mask, order = gather_token_features(context.hidden_states[queries.batch_index], xy[..., 0] >= 0,
+                                                              return_order=True)
+                visual = {"visual_features": features, "visual_mask": mask,
+                          "visual_xy": torch.gather(xy, 1, order[..., None].expand(-1, -1, 2))}
+            boxes_cxcywh = self.region_head(queries.gather(context.hidden_states), **visual)
             predictions = {"pred_boxes": _cxcywh_to_clamped_xyxy(boxes_cxcywh), "batch_index": queries.batch_index}
         if region_boxes is not None:
             matched = self._match_targets("region", queries, region_boxes, region_batch_index)
@@ -506,7 +521,8 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
         num_frames = int(frame_index.max().item()) + 1
         if context.frame_timestamps is not None:
             num_frames = max(num_frames, context.frame_timestamps.shape[1])
-        frame_features, frame_mask = pool_frame_features(hidden, frame_index, num_frames)
+        frame_features, frame_mask = pool_frame_features(hidden, frame_index, num_frames,
+                                                         pooling=self.temporal_head.frame_pooling)
         valid_frames = frame_mask.sum(-1)
         if bool((valid_frames < 2).any()):
             bad = sample[valid_frames < 2].tolist()

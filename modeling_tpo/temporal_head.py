@@ -58,13 +58,17 @@ class TemporalHead(nn.Module):
                  span_l1_weight: float = 10.0, span_giou_weight: float = 1.0, label_weight: float = 4.0,
                  saliency_weight: float = 4.0, eos_coef: float = 0.1, saliency_margin: float = 0.2,
                  saliency_loss: str = "ranking", match_cost_span: float = 10.0, match_cost_giou: float = 1.0,
-                 match_cost_class: float = 4.0):
+                 match_cost_class: float = 4.0, frame_pooling: str = "mean_max"):
         super().__init__()
+        if frame_pooling not in ("mean", "mean_max"):
+            raise ValueError(f"frame_pooling must be 'mean' or 'mean_max', got {frame_pooling!r}.")
+        self.frame_pooling = frame_pooling
         self.d_model = d_model
         self.max_frames = max_frames
         self.use_query_tokens = use_query_tokens
         self.aux_loss = aux_loss
-        self.frame_proj = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, d_model))
+        frame_size = hidden_size * (2 if frame_pooling == "mean_max" else 1)
+        self.frame_proj = nn.Sequential(nn.LayerNorm(frame_size), nn.Linear(frame_size, d_model))
         self.text_proj = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, d_model))
         self.task_proj = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, d_model))
         self.type_embedding = nn.Embedding(3, d_model)  # 0 frame, 1 query text, 2 task embedding
@@ -96,7 +100,8 @@ class TemporalHead(nn.Module):
         """
         Args:
             task_embeddings: (n, k, hidden), hidden states at the k task slot tokens.
-            frame_features: (n, F, hidden), per-frame pooled hidden states; frame_mask (n, F) bool.
+            frame_features: (n, F, hidden) per-frame pooled hidden states ((n, F, 2 * hidden) with
+                `frame_pooling="mean_max"`, see `pool_frame_features`); frame_mask (n, F) bool.
             frame_times: (n, F), frame times normalised to [0, 1] by the video duration.
             query_features: (n, Q, hidden), instruction text-token hidden states; query_mask (n, Q) bool.
         Returns:

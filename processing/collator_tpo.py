@@ -29,7 +29,8 @@ def collate_encoded(processor, encoded: list, media: list[dict], padding_side: s
     Returns the model's keyword arguments (see `TPOForConditionalGeneration.forward`), with
     `tpo_meta` holding per-sample metadata for evaluation (ignored by the model):
         input_ids, attention_mask, labels (batch, seq); task_labels, instruction_end_index (batch,);
-        query_token_mask, frame_token_index (batch, seq); frame_timestamps (batch, frames) seconds,
+        query_token_mask, frame_token_index (batch, seq); visual_token_xy (batch, seq, 2) patch centres
+        in [0, 1] (-1 for other tokens); frame_timestamps (batch, frames) seconds,
         -1 where padded; video_durations (batch,) seconds (0 without video);
         region_boxes (n, 4) + region_batch_index (n,);
         temporal_spans (s, 2) normalised + temporal_span_query_index (s,), temporal_saliency (q, frames);
@@ -52,6 +53,8 @@ def collate_encoded(processor, encoded: list, media: list[dict], padding_side: s
         "instruction_end_index": torch.tensor([e.instruction_end_index + o for e, o in zip(encoded, offsets)]),
         "query_token_mask": _pad([e.query_token_mask for e in encoded], 0, padding_side)[0].bool(),
         "frame_token_index": _pad([e.frame_token_index for e in encoded], -1, padding_side)[0],
+        "visual_token_xy": _pad([e.visual_token_xy or [[-1.0, -1.0]] * len(e.input_ids) for e in encoded],
+                                [-1.0, -1.0], padding_side)[0].float(),
     }
     if processor.layout != "llava":
         batch["mm_token_type_ids"] = _pad([e.mm_token_type_ids for e in encoded], 0, padding_side)[0]

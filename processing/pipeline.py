@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 ENCODED_COLUMNS = (
     "sample_id", "input_ids", "labels", "task_label", "instruction_end_index", "query_token_mask",
-    "frame_token_index", "mm_token_type_ids", "media_plan", "targets",
+    "frame_token_index", "mm_token_type_ids", "visual_token_xy", "media_plan", "targets",
 )
 
 
@@ -130,6 +130,7 @@ def _encode_batch(batch: dict, processor: TPOProcessor, mode: str, strict: bool)
         out["query_token_mask"].append(encoded.query_token_mask)
         out["frame_token_index"].append(encoded.frame_token_index)
         out["mm_token_type_ids"].append(encoded.mm_token_type_ids)
+        out["visual_token_xy"].append(encoded.visual_token_xy)
         out["media_plan"].append(json.dumps(encoded.media))
         out["targets"].append(json.dumps(encoded.targets))
     return out
@@ -152,7 +153,7 @@ def encode_dataset(dataset: Dataset, processor: TPOProcessor, mode: str = "train
     changes exactly when one of them does.
     """
     fingerprint = hashlib.sha256(
-        f"{dataset._fingerprint}-{_processor_fingerprint(processor)}-{mode}-{strict}-v1".encode()
+        f"{dataset._fingerprint}-{_processor_fingerprint(processor)}-{mode}-{strict}-v2".encode()
     ).hexdigest()[:16]
     before = len(dataset)
     encoded = dataset.map(
@@ -178,6 +179,7 @@ def row_to_encoded(row: dict) -> EncodedSample:
         input_ids=list(row["input_ids"]), labels=list(row["labels"]), task_label=int(row["task_label"]),
         instruction_end_index=int(row["instruction_end_index"]), query_token_mask=list(row["query_token_mask"]),
         frame_token_index=list(row["frame_token_index"]), mm_token_type_ids=list(row["mm_token_type_ids"]),
+        visual_token_xy=[list(p) for p in row.get("visual_token_xy") or []],
         media=json.loads(row["media_plan"]), targets=json.loads(row["targets"]),
     )
 

@@ -181,6 +181,21 @@ class VisualTokens:
     token_id: int
     frame_ids: list[int]
     wrap: tuple[int, int] | None = None  # (start, end) tokens to put around the copies if missing
+    xy: list[tuple[float, float]] | None = None  # each copy's patch centre in its image, normalised
+
+    def positions(self) -> list[tuple[float, float]]:
+        return self.xy if self.xy is not None else [(-1.0, -1.0)] * len(self.frame_ids)
+
+
+def grid_positions(rows: int, cols: int) -> list[tuple[float, float]]:
+    """Centres (x, y) in [0, 1] of a rows x cols token grid, row-major."""
+    return [((c + 0.5) / cols, (r + 0.5) / rows) for r in range(rows) for c in range(cols)]
+
+
+def square_grid_positions(count: int) -> list[tuple[float, float]] | None:
+    """Centres of `count` tokens forming a square grid (LLaVA), or None if `count` is not a square."""
+    side = math.isqrt(count)
+    return grid_positions(side, side) if side * side == count else None
 
 
 class LlavaLayout:
@@ -196,10 +211,12 @@ class LlavaLayout:
         return True
 
     def image_tokens(self, height: int, width: int) -> VisualTokens:
-        return VisualTokens(self.processor.image_token_id, [-1] * self.processor.image_seq_length)
+        count = self.processor.image_seq_length
+        return VisualTokens(self.processor.image_token_id, [-1] * count, xy=square_grid_positions(count))
 
     def frame_tokens(self, frame_index: int) -> VisualTokens:
-        return VisualTokens(self.processor.image_token_id, [frame_index] * self.processor.image_seq_length)
+        count = self.processor.image_seq_length
+        return VisualTokens(self.processor.image_token_id, [frame_index] * count, xy=square_grid_positions(count))
 
     def head_frame_timestamps(self, timestamps: list[float]) -> list[float]:
         return list(timestamps)
@@ -238,17 +255,20 @@ class Qwen2VLLayout:
     def _wrap(self) -> tuple[int, int]:
         return (self.processor.vision_start_token_id, self.processor.vision_end_token_id)
 
-    def image_tokens(self, height: int, width: int) -> VisualTokens:
+    def _merged_grid(self, height: int, width: int) -> tuple[int, int]:
         h, w = self._resized(height, width)
-        n = (h // self.patch) * (w // self.patch) // (self.merge**2)
-        return VisualTokens(self.processor.image_token_id, [-1] * n, self._wrap())
+        return h // (self.patch * self.merge), w // (self.patch * self.merge)
+
+    def image_tokens(self, height: int, width: int) -> VisualTokens:
+        rows, cols = self._merged_grid(height, width)
+        return VisualTokens(self.processor.image_token_id, [-1] * (rows * cols), self._wrap(),
+                            xy=grid_positions(rows, cols))
 
     def video_tokens(self, num_frames: int, height: int, width: int) -> VisualTokens:
-        h, w = self._resized(height, width)
-        per_group = (h // self.patch) * (w // self.patch) // (self.merge**2)
+        rows, cols = self._merged_grid(height, width)
         groups = math.ceil(num_frames / self.temporal)
-        return VisualTokens(self.processor.video_token_id, [g for g in range(groups) for _ in range(per_group)],
-                            self._wrap())
+        return VisualTokens(self.processor.video_token_id, [g for g in range(groups) for _ in range(rows * cols)],
+                            self._wrap(), xy=grid_positions(rows, cols) * groups)
 
     def head_frame_timestamps(self, timestamps: list[float]) -> list[float]:
         padded = list(timestamps) + [timestamps[-1]] * (-len(timestamps) % self.temporal)
@@ -304,6 +324,7 @@ class EncodedSample:
     query_token_mask: list[int]
     frame_token_index: list[int]
     mm_token_type_ids: list[int]
+    visual_token_xy: list[list[float]] = field(default_factory=list)  # (seq, 2), -1 for non-visual tokens
     media: dict = field(default_factory=dict)  # plan: kind, path, timestamps, image size, ...
     targets: dict = field(default_factory=dict)
 
@@ -494,7 +515,8 @@ class TPOProcessor(ProcessorMixin):
         else:
             labels = [IGNORE_INDEX] * len(ids)
         query = [int(_inside(o, query_spans)) for o in offsets]
-        ids, labels, query, frame_index, mm_types = self._expand_visual_tokens(ids, labels, query, media, sample)
+        ids, labels, query, frame_index, mm_types, token_xy = self._expand_visual_tokens(ids, labels, query, media,
+                                                                                        sample)
         if mode == "train" and any(label != IGNORE_INDEX for label in labels):
             prompt_end = _first_answer_token(labels) - 1
         elif mode == "force_task":  # the instruction ends before the forced begin + slot tokens
@@ -509,6 +531,7 @@ class TPOProcessor(ProcessorMixin):
             query_token_mask=query,
             frame_token_index=frame_index,
             mm_token_type_ids=mm_types,
+            visual_token_xy=token_xy,
             media=media,
             targets=self._targets(sample, media),
         )
@@ -567,11 +590,12 @@ class TPOProcessor(ProcessorMixin):
 
     def _expand_visual_tokens(self, ids, labels, query, media, sample):
         """Replace each image/video placeholder by its expansion; returns ids, labels, query mask,
-        frame index per token and mm_token_type_ids (0 text, 1 image, 2 video)."""
+        frame index per token, mm_token_type_ids (0 text, 1 image, 2 video) and each token's patch
+        centre (x, y) in its image ((-1, -1) for non-visual tokens)."""
         image_id, video_id = self.image_token_id, self.video_token_id
         placeholders = [i for i, t in enumerate(ids) if t in (image_id, video_id)]
         expansions = self._expansions(ids, placeholders, media, sample)
-        out_ids, out_labels, out_query, out_frames, out_types = [], [], [], [], []
+        out_ids, out_labels, out_query, out_frames, out_types, out_xy = [], [], [], [], [], []
         cursor = 0
         for position, visual in zip(placeholders, expansions):
             out_ids += ids[cursor:position]
@@ -579,6 +603,7 @@ class TPOProcessor(ProcessorMixin):
             out_query += query[cursor:position]
             out_frames += [-1] * (position - cursor)
             out_types += [0] * (position - cursor)
+            out_xy += [(-1.0, -1.0)] * (position - cursor)
             before = out_ids[-1] if out_ids else None
             after = ids[position + 1] if position + 1 < len(ids) else None
             wrap_start, wrap_end = visual.wrap if visual.wrap else (None, None)
@@ -594,13 +619,15 @@ class TPOProcessor(ProcessorMixin):
             out_query += [0] * len(block)
             out_frames += frames
             out_types += types
+            out_xy += ([(-1.0, -1.0)] if add_start else []) + visual.positions() + ([(-1.0, -1.0)] if add_end else [])
             cursor = position + 1
         out_ids += ids[cursor:]
         out_labels += labels[cursor:]
         out_query += query[cursor:]
         out_frames += [-1] * (len(ids) - cursor)
         out_types += [0] * (len(ids) - cursor)
-        return out_ids, out_labels, out_query, out_frames, out_types
+        out_xy += [(-1.0, -1.0)] * (len(ids) - cursor)
+        return out_ids, out_labels, out_query, out_frames, out_types, [list(p) for p in out_xy]
 
     def _expansions(self, ids, placeholders, media, sample) -> list[VisualTokens]:
         kind = media.get("kind")

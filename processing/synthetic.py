@@ -40,12 +40,12 @@ DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 HELD_OUT_PAIRS = (("yellow", "star"), ("cyan", "triangle"), ("magenta", "square"), ("green", "circle"))
 NUMBER_WORDS = ("zero", "one", "two", "three", "four")
 SPLITS = ("train", "val", "test")
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 # Samples per split for each part, by size.
 SIZES = {
     "small": {"region": (6, 3, 3), "temporal": (6, 3, 3), "mask_video": (4, 2, 2), "conversation": (6, 3, 3)},
-    "default": {"region": (400, 80, 80), "temporal": (360, 60, 60), "mask_video": (200, 50, 50),
+    "default": {"region": (400, 80, 120), "temporal": (360, 60, 80), "mask_video": (200, 50, 50),
                 "conversation": (400, 80, 80)},
 }
 IMAGE_SIZE = 128
@@ -437,8 +437,12 @@ def generate_synthetic_benchmark(out_dir: str | os.PathLike, size: str = "defaul
                                      "video_dir": str(root / "temporal" / "videos")}
     refcoco = _generate_refcoco(root, counts["region"], seed)
     for split in SPLITS:
-        splits[split]["region"] = {"format": "refcoco", **refcoco, "split": split, "tasks": ["region", "mask"],
+        # Every ref gives a box sample; half of them also give a mask sample (image masks are cheap to learn).
+        splits[split]["region"] = {"format": "refcoco", **refcoco, "split": split, "tasks": ["region"],
                                    "dataset_name": "synthetic_refcoco"}
+        splits[split]["mask_image"] = {"format": "refcoco", **refcoco, "split": split, "tasks": ["mask"],
+                                       "dataset_name": "synthetic_refcoco",
+                                       "max_samples": max(1, counts["region"][split] // 2)}
         splits[split]["mask_video"] = {"format": "mevis", "split": split, "dataset_name": "synthetic_mevis",
                                        **_generate_mevis(root, split, counts["mask_video"][split], seed)}
         splits[split]["conversation"] = {"format": "llava", "media_dir": str(root / "conversation"), "split": split,
@@ -451,7 +455,8 @@ def generate_synthetic_benchmark(out_dir: str | os.PathLike, size: str = "defaul
     return manifest
 
 
-def load_split(manifest: dict, split: str, parts: tuple[str, ...] = ("temporal", "region", "mask_video", "conversation")):
+def load_split(manifest: dict, split: str,
+               parts: tuple[str, ...] = ("temporal", "region", "mask_image", "mask_video", "conversation")):
     """The schema datasets of one split, one per part, read with the real readers."""
     from .readers import read_spec
 

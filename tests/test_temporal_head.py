@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from tpo.modeling_tpo.box_ops import pairwise_temporal_iou, span_cw_to_se
+from tpo.modeling_tpo.features import gather_token_features, normalised_frame_times, pool_frame_features
 from tpo.modeling_tpo.matcher import SpanHungarianMatcher
 from tpo.modeling_tpo.temporal_head import TemporalHead
 from tpo.modeling_tpo.temporal_loss import TemporalCriterion
@@ -17,7 +18,7 @@ HIDDEN = 32
 
 def small_head(**overrides) -> TemporalHead:
     settings = dict(d_model=32, num_heads=4, num_encoder_layers=1, num_decoder_layers=2, dim_feedforward=64,
-                    dropout=0.0, num_queries=5)
+                    dropout=0.0, num_queries=5, frame_pooling="mean")
     settings.update(overrides)
     return TemporalHead(HIDDEN, **settings)
 
@@ -175,3 +176,19 @@ def test_overfits_one_example():
     iou, _ = pairwise_temporal_iou(torch.tensor([best[:2]]), target)
     assert iou.item() > 0.5
     assert span_cw_to_se(head(**batch)["pred_spans"]).shape == (1, 5, 2)
+
+
+def test_frame_pooling_and_token_gathering_hand_computed():
+    hidden = torch.tensor([[[1.0, 0.0], [3.0, 2.0], [5.0, -4.0], [7.0, 1.0]]])  # (1, 4 tokens, 2)
+    frame_index = torch.tensor([[0, 0, -1, 1]])
+    mean, mask = pool_frame_features(hidden, frame_index, num_frames=3)
+    torch.testing.assert_close(mean, torch.tensor([[[2.0, 1.0], [7.0, 1.0], [0.0, 0.0]]]))
+    assert mask.tolist() == [[True, True, False]]
+    both, _ = pool_frame_features(hidden, frame_index, num_frames=3, pooling="mean_max")
+    torch.testing.assert_close(both[0, 0], torch.tensor([2.0, 1.0, 3.0, 2.0]))  # mean, then max
+    torch.testing.assert_close(both[0, 2], torch.zeros(4))
+    features, token_mask = gather_token_features(hidden, torch.tensor([[False, True, False, True]]))
+    torch.testing.assert_close(features, torch.tensor([[[3.0, 2.0], [7.0, 1.0]]]))
+    assert token_mask.tolist() == [[True, True]]
+    times = normalised_frame_times(mask, torch.tensor([[1.0, 3.0, -1.0]]), torch.tensor([4.0]))
+    torch.testing.assert_close(times, torch.tensor([[0.25, 0.75, 0.0]]))

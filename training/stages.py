@@ -64,14 +64,16 @@ def trainable_groups(stage: str, args, mask_head_config: dict | None = None) -> 
     """The parameter groups that train in `stage` under the freezing policy of `args`."""
     spec = STAGE_SPECS[stage]
     groups = set(spec.groups)
-    if stage == "joint" and not args.train_projector:
-        groups.discard("projector")
     trains_llm = spec.trains_llm or (stage == "task" and args.task_stage_trains_llm)
     if trains_llm and args.llm_training == "lora":
         groups.add("lora")
     if trains_llm and args.llm_training == "full":
         groups.update({"llm", "lora"})
-    if args.train_vision_tower and stage != "task":
+    if trains_llm and args.train_projector and stage != "assign":
+        groups.add("projector")
+    elif stage == "joint" and not args.train_projector:
+        groups.discard("projector")
+    if args.train_vision_tower:
         groups.add("vision")
     if "task_heads" in groups:
         mask_head_config = mask_head_config or {}

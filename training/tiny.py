@@ -71,6 +71,11 @@ def build_tiny_tokenizer(corpus: Iterable[str] | None = None, vocab_size: int = 
     return wrapped
 
 
+def _end_of_turn(tokenizer) -> int:
+    """Generation stops at the chat template's end of turn (as chat models' generation configs do)."""
+    return tokenizer.convert_tokens_to_ids("<|end|>")
+
+
 def tiny_llava_config(tokenizer: PreTrainedTokenizerFast, image_size: int = 32, patch_size: int = 8,
                       hidden_size: int = 64, num_layers: int = 2) -> LlavaConfig:
     """A LLaVA configuration of a few hundred thousand parameters (SigLIP vision tower, Qwen2 LM)."""
@@ -83,7 +88,7 @@ def tiny_llava_config(tokenizer: PreTrainedTokenizerFast, image_size: int = 32, 
         text_config=Qwen2Config(
             vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 3,
             num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=_end_of_turn(tokenizer),
             bos_token_id=tokenizer.bos_token_id,
         ),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
@@ -109,7 +114,7 @@ def tiny_qwen2_vl_config(tokenizer: PreTrainedTokenizerFast, hidden_size: int = 
             "vocab_size": len(tokenizer), "hidden_size": hidden_size, "intermediate_size": hidden_size * 3,
             "num_hidden_layers": num_layers, "num_attention_heads": 4, "num_key_value_heads": 2,
             "rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "mrope_section": mrope_section},
-            "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id, "eos_token_id": _end_of_turn(tokenizer),
             "bos_token_id": tokenizer.bos_token_id, "tie_word_embeddings": True,
         },
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),

@@ -56,7 +56,7 @@ class TPOGenerateOutput(ModelOutput):
         (`{"region": {"boxes": (q, 4)}, "temporal": {...}, "mask": {...}}`, normalised as the model's
         forward returns them), or None for a sample that asked for no task.
     head_outputs (`TPOOutput`, *optional*): the raw forward output of the heads' pass.
-    scores, logits, attentions, hidden_states, past_key_values: transformers' generation outputs.
+    scores, logits, attentions, hidden_states, cache: transformers' generation outputs.
     """
 
     sequences: torch.LongTensor | None = None
@@ -66,7 +66,12 @@ class TPOGenerateOutput(ModelOutput):
     logits: tuple | None = None
     attentions: tuple | None = None
     hidden_states: tuple | None = None
-    past_key_values: object | None = None
+    cache: object | None = None
+
+    @property
+    def past_key_values(self):
+        """The KV cache under its name before transformers 5.24 (`cache` since)."""
+        return self.cache
 
 
 def right_align(tensor: torch.Tensor, shift: torch.Tensor, fill) -> torch.Tensor:

@@ -7,6 +7,7 @@ transformers and its sibling files (relative imports), nothing optional at modul
 
 import contextlib
 import copy
+import inspect
 import logging
 import re
 from collections import Counter
@@ -78,9 +79,14 @@ class TPOOutput(ModelOutput):
     pred_boxes_batch_index: torch.LongTensor | None = None
     temporal_outputs: dict | None = None
     mask_outputs: dict | None = None
-    past_key_values: object | None = None
+    cache: object | None = None
     hidden_states: tuple | None = None
     attentions: tuple | None = None
+
+    @property
+    def past_key_values(self):
+        """The KV cache under its name before transformers 5.24 (`cache` since)."""
+        return self.cache
 
 
 @dataclass
@@ -319,6 +325,7 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         past_key_values=None,
+        cache=None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         task_labels: torch.LongTensor | None = None,
@@ -343,7 +350,8 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
     ) -> TPOOutput:
         r"""
         Args:
-            input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, and any other
+            input_ids, attention_mask, position_ids, cache (or past_key_values before transformers 5.24),
+                inputs_embeds, and any other
                 keyword argument (`pixel_values`, `image_sizes`, `pixel_values_videos`,
                 `image_grid_thw`, `video_grid_thw`, `mm_token_type_ids`, ...): passed to the MLLM.
             labels (`(batch, seq)`): next-token targets, -100 on prompt and padding.
@@ -380,7 +388,7 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache if cache is not None else past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             **kwargs,
@@ -457,7 +465,7 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
             pred_boxes_batch_index=region.get("batch_index"),
             temporal_outputs=predictions.get("temporal"),
             mask_outputs=predictions.get("mask"),
-            past_key_values=getattr(backbone_outputs, "past_key_values", None),
+            cache=cache_of(backbone_outputs),
             hidden_states=getattr(backbone_outputs, "hidden_states", None),
             attentions=getattr(backbone_outputs, "attentions", None),
         )
@@ -610,12 +618,17 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
                              "each SAM2 image needs its mask.")
         return predictions, self.mask_head.loss(outputs, mask_targets)
 
-    def _run_backbone(self, input_ids: torch.LongTensor | None, **inputs):
+    def _run_backbone(self, input_ids: torch.LongTensor | None, cache=None, **inputs):
         """The MLLM without its LM head (its `base_model`), giving the last hidden states.
+
+        The KV cache goes under the name the installed transformers uses (`cache` since 5.24,
+        `past_key_values` before), so that no version warns or refuses it.
 
         A mismatch between image/video placeholder tokens and visual features is re-raised with
         the per-sample placeholder counts, so that the faulty sample can be found.
         """
+        if cache is not None:
+            inputs[_cache_argument(self.mllm.base_model)] = cache
         try:
             return self.mllm.base_model(input_ids=input_ids, **inputs)
         except ValueError as error:
@@ -827,7 +840,7 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
             logits=getattr(outputs, "logits", None),
             attentions=getattr(outputs, "attentions", None),
             hidden_states=getattr(outputs, "hidden_states", None),
-            past_key_values=getattr(outputs, "past_key_values", None),
+            cache=cache_of(outputs),
         )
         if run_task_heads and input_ids is not None:
             result.head_outputs, result.task_outputs = self._heads_on_generated(
@@ -934,6 +947,20 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
                 if not settings.get(flag, True):
                     names.append(f"mask_head.sam2.{module}")
         return names
+
+
+def _cache_argument(module: nn.Module) -> str:
+    """The name under which `module.forward` takes the KV cache: `cache` (transformers >= 5.24) or
+    `past_key_values` (earlier releases)."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+def cache_of(outputs: ModelOutput):
+    """The KV cache of a transformers output, whichever name the installed release gives it."""
+    for name in ("cache", "past_key_values"):
+        if name in outputs.keys():
+            return outputs[name]
+    return None
 
 
 def _cxcywh_to_clamped_xyxy(boxes: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,8 @@ DEFAULT_SLOT_TOKENS = {"temporal": "<temp>", "region": "<boxes>", "mask": "<mask
 #   soft-argmax variant over the visual tokens, for MLLMs trained from scratch).
 # - temporal: CG-DETR-like localiser, 10 moment queries, matching costs span L1 10, gIoU 1,
 #   class 4; loss weights span L1 10, gIoU 1, CE 4 (no-object weight 0.1), saliency 4, the
-#   whole temporal sum scaled by 0.05 (`loss_weights["temporal"]`).
+#   whole temporal sum scaled by 0.05 (`loss_weights["temporal"]`). `decoder="dense"` is our
+#   frame-anchored alternative (each frame predicts its moment's ends), fast to train from scratch.
 # - mask: task embedding -> MLP hidden -> hidden -> K x prompt_dim sparse SAM2 prompts (K=3).
 #   The release trains only an L1 on SAM2 prompt embeddings; we add BCE + Dice on the masks
 #   (weights as LISA: BCE 2.0, Dice 0.5) and keep the prompt L1 as an option (weight 0).
@@ -53,6 +54,8 @@ DEFAULT_TEMPORAL_HEAD = {
     "match_cost_giou": 1.0,
     "match_cost_class": 4.0,
     "frame_pooling": "mean_max",
+    "decoder": "detr",
+    "nms_iou": 0.7,
 }
 DEFAULT_MASK_HEAD = {
     "num_prompt_tokens": 3,

@@ -17,7 +17,7 @@ from torch import nn
 
 from .box_ops import span_cw_to_se
 from .matcher import SpanHungarianMatcher
-from .temporal_loss import TemporalCriterion
+from .temporal_loss import DenseTemporalCriterion, TemporalCriterion
 
 NO_SALIENCY = -1e4  # saliency given to padded frames
 
@@ -58,11 +58,16 @@ class TemporalHead(nn.Module):
                  span_l1_weight: float = 10.0, span_giou_weight: float = 1.0, label_weight: float = 4.0,
                  saliency_weight: float = 4.0, eos_coef: float = 0.1, saliency_margin: float = 0.2,
                  saliency_loss: str = "ranking", match_cost_span: float = 10.0, match_cost_giou: float = 1.0,
-                 match_cost_class: float = 4.0, frame_pooling: str = "mean_max"):
+                 match_cost_class: float = 4.0, frame_pooling: str = "mean_max", decoder: str = "detr",
+                 nms_iou: float = 0.7):
         super().__init__()
         if frame_pooling not in ("mean", "mean_max"):
             raise ValueError(f"frame_pooling must be 'mean' or 'mean_max', got {frame_pooling!r}.")
+        if decoder not in ("detr", "dense"):
+            raise ValueError(f"decoder must be 'detr' or 'dense', got {decoder!r}.")
         self.frame_pooling = frame_pooling
+        self.decoder_type = decoder
+        self.nms_iou = nms_iou
         self.d_model = d_model
         self.max_frames = max_frames
         self.use_query_tokens = use_query_tokens
@@ -77,22 +82,28 @@ class TemporalHead(nn.Module):
             for _ in range(num_encoder_layers)
         )
         self.encoder_norm = nn.LayerNorm(d_model)
-        self.query_embedding = nn.Embedding(num_queries, d_model)
-        self.decoder = nn.ModuleList(
-            nn.TransformerDecoderLayer(d_model, num_heads, dim_feedforward, dropout, batch_first=True, norm_first=True)
-            for _ in range(num_decoder_layers)
-        )
-        self.decoder_norm = nn.LayerNorm(d_model)
-        self.span_head = _MLP(d_model, d_model, 2, 3)
-        self.class_head = nn.Linear(d_model, 2)
+        if decoder == "detr":
+            self.query_embedding = nn.Embedding(num_queries, d_model)
+            self.decoder = nn.ModuleList(
+                nn.TransformerDecoderLayer(d_model, num_heads, dim_feedforward, dropout, batch_first=True,
+                                           norm_first=True)
+                for _ in range(num_decoder_layers)
+            )
+            self.decoder_norm = nn.LayerNorm(d_model)
+            self.span_head = _MLP(d_model, d_model, 2, 3)
+            self.class_head = nn.Linear(d_model, 2)
+        else:  # dense: every frame predicts whether it lies in a moment and the distances to its ends
+            self.frame_class = nn.Linear(d_model, 1)
+            self.frame_offsets = _MLP(d_model, d_model, 2, 2)
         self.saliency_frame = nn.Linear(d_model, d_model)
         self.saliency_task = nn.Linear(d_model, d_model)
-        self.criterion = TemporalCriterion(
-            SpanHungarianMatcher(match_cost_span, match_cost_giou, match_cost_class),
-            span_l1_weight=span_l1_weight, span_giou_weight=span_giou_weight, label_weight=label_weight,
-            saliency_weight=saliency_weight, eos_coef=eos_coef, saliency_margin=saliency_margin,
-            saliency_loss=saliency_loss,
-        )
+        weights = dict(span_l1_weight=span_l1_weight, span_giou_weight=span_giou_weight, label_weight=label_weight,
+                       saliency_weight=saliency_weight, saliency_margin=saliency_margin, saliency_loss=saliency_loss)
+        if decoder == "detr":
+            self.criterion = TemporalCriterion(SpanHungarianMatcher(match_cost_span, match_cost_giou, match_cost_class),
+                                               eos_coef=eos_coef, **weights)
+        else:
+            self.criterion = DenseTemporalCriterion(**weights)
 
     def forward(self, task_embeddings: torch.Tensor, frame_features: torch.Tensor, frame_mask: torch.Tensor,
                 frame_times: torch.Tensor, query_features: torch.Tensor | None = None,
@@ -106,13 +117,18 @@ class TemporalHead(nn.Module):
             query_features: (n, Q, hidden), instruction text-token hidden states; query_mask (n, Q) bool.
         Returns:
             pred_spans (n, num_queries, 2) normalised (center, width); pred_logits (n, num_queries, 2)
-            (0 foreground, 1 no object); pred_saliency (n, F); frame_mask (n, F); aux_outputs: a list of
-            {pred_spans, pred_logits} per decoder layer but the last (when aux_loss).
+            (0 foreground, 1 no object); pred_saliency (n, F) (padded frames -1e4); frame_mask (n, F);
+            frame_times (n, F); aux_outputs: a list of {pred_spans, pred_logits} per decoder layer but
+            the last (when aux_loss). With `decoder="dense"`, num_queries = F (one moment per frame),
+            plus pred_offsets (n, F, 2) and no aux_outputs.
         """
         n, num_frames = frame_mask.shape
-        if num_frames < 2 or bool((frame_mask.sum(-1) < 2).any()):
+        valid_frames = frame_mask.sum(-1)
+        if num_frames < 2 or bool((valid_frames < 2).any()):
+            bad = (valid_frames < 2).nonzero().flatten().tolist() if num_frames >= 2 else list(range(n))
             raise ValueError(
-                f"The temporal head needs at least 2 frames per video; got {frame_mask.sum(-1).tolist()} valid frame(s)."
+                f"Temporal query/queries {bad}: fewer frames than the head needs (at least 2 frames per video); "
+                f"valid frames per query: {valid_frames.tolist()}. Sample more frames from the video."
             )
         if num_frames > self.max_frames:
             raise ValueError(f"{num_frames} frames exceed the temporal head's max_frames={self.max_frames}.")
@@ -133,6 +149,12 @@ class TemporalHead(nn.Module):
         encoded_frames = tokens[:, :num_frames]
         encoded_task = tokens[:, -task.shape[1]:].mean(1)  # (n, d)
 
+        saliency = (self.saliency_frame(encoded_frames) * self.saliency_task(encoded_task)[:, None]).sum(-1)
+        saliency = saliency / math.sqrt(self.d_model)
+        saliency = saliency.masked_fill(~frame_mask, NO_SALIENCY)
+        common = {"pred_saliency": saliency, "frame_mask": frame_mask, "frame_times": frame_times}
+        if self.decoder_type == "dense":
+            return {**self._predict_dense(encoded_frames, frame_times, frame_mask), **common}
         queries = self.query_embedding.weight[None].expand(n, -1, -1)
         hidden = queries
         per_layer = []
@@ -140,13 +162,23 @@ class TemporalHead(nn.Module):
             hidden = layer(hidden + queries, tokens, memory_key_padding_mask=~valid)
             per_layer.append(self.decoder_norm(hidden))
         outputs = [self._predict(h) for h in per_layer]
-        saliency = (self.saliency_frame(encoded_frames) * self.saliency_task(encoded_task)[:, None]).sum(-1)
-        saliency = saliency / math.sqrt(self.d_model)
-        saliency = saliency.masked_fill(~frame_mask, NO_SALIENCY)
-        result = {**outputs[-1], "pred_saliency": saliency, "frame_mask": frame_mask}
+        result = {**outputs[-1], **common}
         if self.aux_loss:
             result["aux_outputs"] = outputs[:-1]
         return result
+
+    def _predict_dense(self, encoded_frames: torch.Tensor, frame_times: torch.Tensor, frame_mask: torch.Tensor) -> dict:
+        """Per frame: a moment [t - d_start, t + d_end] (distances in units of the video duration) and a
+        foreground logit; as (center, width) spans and (foreground, 0) logits like the DETR decoder's."""
+        logit = self.frame_class(encoded_frames).squeeze(-1)  # (n, F)
+        logit = logit.masked_fill(~frame_mask, NO_SALIENCY)
+        offsets = self.frame_offsets(encoded_frames).sigmoid()  # (n, F, 2)
+        times = frame_times.to(offsets.dtype)
+        start = (times - offsets[..., 0]).clamp(0, 1)
+        end = (times + offsets[..., 1]).clamp(0, 1)
+        spans = torch.stack([(start + end) / 2, end - start], dim=-1)
+        return {"pred_spans": spans, "pred_logits": torch.stack([logit, torch.zeros_like(logit)], dim=-1),
+                "pred_offsets": offsets}
 
     def _predict(self, hidden: torch.Tensor) -> dict:
         return {"pred_spans": self.span_head(hidden).sigmoid(), "pred_logits": self.class_head(hidden)}
@@ -154,7 +186,8 @@ class TemporalHead(nn.Module):
     def loss(self, outputs: dict, targets: list[dict], num_spans: torch.Tensor | float | None = None) -> dict[str, torch.Tensor]:
         """Named terms (`temporal_span_l1`, `temporal_span_giou`, `temporal_label`,
         `temporal_saliency`, aux terms suffixed `_{i}`) and `temporal`, their weighted sum.
-        `num_spans`: the span-loss normaliser (default: the number of target spans).
+        `num_spans`: the span-loss normaliser (default: the number of target spans, averaged over
+        processes under torch.distributed). Computed in float32 whatever the outputs' dtype.
 
         targets: one dict per query: `spans` (m, 2) normalised (start, end), m >= 1, and `saliency`
         (F,) >= 0 per frame or None.
@@ -167,16 +200,43 @@ class TemporalHead(nn.Module):
             if bool(bad.any()):
                 raise ValueError(f"Temporal query {i}: span {spans[bad][0].tolist()} must satisfy "
                                  "0 <= start < end <= 1 (normalised by the video duration).")
+            saliency = target.get("saliency")
+            if saliency is not None:
+                num_frames = outputs["pred_saliency"].shape[1]
+                if saliency.dim() != 1 or saliency.shape[0] > num_frames:
+                    raise ValueError(f"Temporal query {i}: saliency has shape {tuple(saliency.shape)}; expected "
+                                     f"(frames,) with at most {num_frames} frames (one score per head frame).")
+                if not bool(torch.isfinite(saliency).all()) or bool((saliency < 0).any()):
+                    raise ValueError(f"Temporal query {i}: saliency scores must be finite and >= 0 "
+                                     "(0 = not relevant); got negative or non-finite values.")
         return self.criterion(outputs, targets, num_spans)
 
     @torch.no_grad()
     def predict_windows(self, outputs: dict, top_k: int | None = None) -> list[list[tuple[float, float, float]]]:
         """Per query, (start, end, score) windows normalised to [0, 1], best first; score = foreground
-        probability."""
+        probability. The dense decoder's per-frame windows go through non-maximum suppression."""
         scores = outputs["pred_logits"].float().softmax(-1)[..., 0]
         spans = span_cw_to_se(outputs["pred_spans"].float()).clamp(0, 1)
         result = []
-        for query_scores, query_spans in zip(scores, spans):
-            order = query_scores.argsort(descending=True)[:top_k]
+        for i, (query_scores, query_spans) in enumerate(zip(scores, spans)):
+            order = query_scores.argsort(descending=True)
+            if self.decoder_type == "dense":
+                order = _nms(query_spans, order[outputs["frame_mask"][i][order]], self.nms_iou)
+            order = order[:top_k]
             result.append([(float(query_spans[j, 0]), float(query_spans[j, 1]), float(query_scores[j])) for j in order])
         return result
+
+
+def _nms(spans_se: torch.Tensor, order: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """Indices of `order` (best first) kept by 1-D non-maximum suppression."""
+    from .box_ops import pairwise_temporal_iou
+
+    iou, _ = pairwise_temporal_iou(spans_se[order], spans_se[order])
+    keep = []
+    suppressed = torch.zeros(len(order), dtype=torch.bool)
+    for position in range(len(order)):
+        if suppressed[position]:
+            continue
+        keep.append(position)
+        suppressed |= iou[position].cpu() > iou_threshold
+    return order[torch.tensor(keep, dtype=torch.long, device=order.device)] if keep else order[:0]

@@ -8,6 +8,8 @@ a record with a fixable or isolated problem is skipped (or clamped) with a logge
 file and line, and the number skipped is logged at the end.
 """
 
+import csv
+import io
 import json
 import logging
 import os
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 from datasets import Dataset
+from datasets.exceptions import DatasetGenerationError
 
 from .schema import SAMPLE_FEATURES, empty_sample, mask_from_rle, rle_from_mask, rle_from_polygons
 
@@ -23,20 +26,29 @@ logger = logging.getLogger(__name__)
 
 
 class SkipCounter:
-    """Counts and logs skipped records of one file."""
+    """Counts and logs the skipped records (and dropped parts of kept records) of one file."""
 
     def __init__(self, path: str):
         self.path = path
         self.counts: Counter = Counter()
+        self.dropped: Counter = Counter()
 
     def skip(self, where: str, reason: str) -> None:
+        """A whole record is left out."""
         self.counts[reason.split(":")[0]] += 1
         logger.warning("%s %s: skipped (%s)", self.path, where, reason)
 
+    def drop(self, where: str, reason: str) -> None:
+        """Part of a record (one window of several) is left out; the record is kept if anything remains."""
+        self.dropped[reason.split(":")[0]] += 1
+        logger.warning("%s %s: dropped (%s)", self.path, where, reason)
+
     def report(self) -> None:
         if self.counts:
-            total = sum(self.counts.values())
-            logger.warning("%s: skipped %d record(s): %s", self.path, total, dict(self.counts))
+            logger.warning("%s: skipped %d record(s): %s", self.path, sum(self.counts.values()), dict(self.counts))
+        if self.dropped:
+            logger.warning("%s: dropped %d part(s) of records: %s", self.path, sum(self.dropped.values()),
+                           dict(self.dropped))
 
 
 def _signature(*paths) -> str:
@@ -54,8 +66,28 @@ def _signature(*paths) -> str:
     return json.dumps(out)
 
 
+def _read_json(path) -> object:
+    """A whole JSON file; broken JSON raises naming the file (the error gives line and column)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error}); fix the file.") from error
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text ({error}); is it a JSON file?") from error
+
+
 def _from_generator(generator, cache_dir: str | None = None, **gen_kwargs) -> Dataset:
-    return Dataset.from_generator(generator, features=SAMPLE_FEATURES, gen_kwargs=gen_kwargs, cache_dir=cache_dir)
+    """`Dataset.from_generator` with the schema's features. `datasets` wraps an error raised by the
+    generator in a `DatasetGenerationError` ("An error occurred while generating the dataset"); the
+    reader's own error (a ValueError naming the file and line) is raised instead, so that callers see
+    what to fix."""
+    try:
+        return Dataset.from_generator(generator, features=SAMPLE_FEATURES, gen_kwargs=gen_kwargs, cache_dir=cache_dir)
+    except DatasetGenerationError as error:
+        cause = error.__cause__
+        if isinstance(cause, (ValueError, OSError)):
+            raise cause from cause.__cause__
+        raise
 
 
 def _video_path(video_dir: str, video_id: str, extensions: tuple[str, ...]) -> str:
@@ -66,15 +98,17 @@ def _video_path(video_dir: str, video_id: str, extensions: tuple[str, ...]) -> s
     return os.path.join(video_dir, video_id + extensions[0])
 
 
-def _clamp_span(start: float, end: float, duration: float, where: str, counter: SkipCounter):
-    """Clamp a span to [0, duration] (warning); None if nothing is left or start >= end."""
+def _clamp_span(start: float, end: float, duration: float, where: str, counter: SkipCounter, part: bool = False):
+    """Clamp a span to [0, duration] (warning); None if nothing is left or start >= end (counted as a
+    skipped record, or as a dropped part when `part`: one window of a record with several)."""
+    leave_out = counter.drop if part else counter.skip
     if not start < end:
-        counter.skip(where, f"invalid span: start {start} >= end {end}")
+        leave_out(where, f"invalid span: start {start} >= end {end}")
         return None
     if duration > 0 and (start < 0 or end > duration):
         clamped = (max(start, 0.0), min(end, duration))
         if clamped[0] >= clamped[1]:
-            counter.skip(where, f"span outside the video: ({start}, {end}) s for {duration} s")
+            leave_out(where, f"span outside the video: ({start}, {end}) s for {duration} s")
             return None
         logger.warning("%s %s: span (%s, %s) s clamped to the video's %s s", counter.path, where, start, end, duration)
         return clamped
@@ -102,10 +136,11 @@ def _qvhighlights_rows(path, video_dir, split, video_extensions, signature):
             duration = float(record["duration"])
             spans = []
             for start, end in record.get("relevant_windows", []):
-                span = _clamp_span(float(start), float(end), duration, where, counter)
+                span = _clamp_span(float(start), float(end), duration, where, counter, part=True)
                 if span is not None:
                     spans.append(list(span))
             if "relevant_windows" in record and not spans:
+                counter.skip(where, "no valid window: every relevant window was skipped or the list is empty")
                 continue
             clip_ids = [int(c) for c in record.get("relevant_clip_ids", [])]
             scores = [[int(v) for v in s] for s in record.get("saliency_scores", [])]
@@ -127,15 +162,19 @@ def read_qvhighlights(jsonl_path: str, video_dir: str, split: str = "train",
     """QVHighlights / CG-DETR jsonl: `qid, query, duration, vid, relevant_windows [[st, ed]]`,
     `relevant_clip_ids` (2-second clips) and `saliency_scores` (3 annotators, 0-4 per relevant clip).
 
-    Malformed: broken JSON raises (file and line); missing fields, start >= end, or saliency rows that do
-    not match the clip ids are skipped with a warning; windows beyond the duration are clamped with a
-    warning. Records without `relevant_windows` (the test split) are kept, without spans.
+    Malformed: broken JSON raises (file and line); a record with missing fields, saliency rows that do not
+    match the clip ids, or no valid window left is skipped with a warning naming the line, and the skips
+    are counted (one summary warning per file); a window with start >= end is dropped the same way;
+    windows beyond the duration are clamped with a warning. Records without `relevant_windows` (the
+    test split) are kept, without spans.
     """
     return _from_generator(_qvhighlights_rows, cache_dir, path=str(jsonl_path), video_dir=str(video_dir),
                            split=split, video_extensions=tuple(video_extensions), signature=_signature(jsonl_path))
 
 
 def _load_durations(durations) -> dict[str, float]:
+    """{video id: seconds} from a dict, a json object, or a csv with a header: the id column is `id`
+    (else the first), the duration column `duration`, else `length` (Charades' own csv), else the second."""
     if durations is None:
         return {}
     if isinstance(durations, dict):
@@ -143,11 +182,21 @@ def _load_durations(durations) -> dict[str, float]:
     text = Path(durations).read_text(encoding="utf-8")
     if str(durations).endswith(".json"):
         return {str(k): float(v) for k, v in json.loads(text).items()}
+    rows = csv.reader(io.StringIO(text))
+    header = [name.strip().lower() for name in next(rows, [])]
+    if len(header) < 2:
+        raise ValueError(f"{durations}: a durations csv needs a header with an id and a duration column.")
+    id_column = header.index("id") if "id" in header else 0
+    duration_column = next((header.index(n) for n in ("duration", "length") if n in header), 1)
     out = {}
-    for line in text.splitlines()[1:]:  # csv with a header: id,duration[,...]
-        parts = [p.strip() for p in line.split(",")]
-        if len(parts) >= 2 and parts[0]:
-            out[parts[0]] = float(parts[1])
+    for line_number, row in enumerate(rows, 2):
+        if not row or not row[id_column].strip():
+            continue
+        try:
+            out[row[id_column].strip()] = float(row[duration_column])
+        except (ValueError, IndexError) as error:
+            raise ValueError(f"{durations} line {line_number}: no duration in column "
+                             f"{header[duration_column]!r} ({error}); fix the line.") from error
     return out
 
 
@@ -197,22 +246,22 @@ def read_charades_sta(txt_path: str, video_dir: str, durations: str | dict | Non
                       video_extensions: tuple[str, ...] = (".mp4",), cache_dir: str | None = None) -> Dataset:
     """Charades-STA text lines `VIDEOID START END##query` (seconds).
 
-    `durations`: a dict, a json {id: seconds} or a csv `id,duration,...` (Charades' own csv has the
-    duration in the `length` column: pass a dict then); videos without one are probed with PyAV.
+    `durations`: a dict, a json {id: seconds} or a csv with a header (`id` and `duration` or `length`
+    columns, so Charades' own `Charades_v1_test.csv` works); videos without one are probed with PyAV.
     Malformed lines, start >= end and unreadable videos are skipped with a warning; spans past the
     end are clamped with a warning (Charades annotations often overshoot by a fraction of a second).
     """
     return _from_generator(_charades_rows, cache_dir, path=str(txt_path), video_dir=str(video_dir), split=split,
                            durations=durations if not isinstance(durations, os.PathLike) else str(durations),
-                           video_extensions=tuple(video_extensions), signature=_signature(txt_path))
+                           video_extensions=tuple(video_extensions),
+                           signature=_signature(txt_path, None if isinstance(durations, dict) else durations))
 
 
 def _activitynet_rows(path, video_dir, split, video_extensions, signature):
     counter = SkipCounter(path)
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error}).") from error
+    data = _read_json(path)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected an object {{video id: {{duration, timestamps, sentences}}}}.")
     for video_id, record in data.items():
         where = f"video {video_id}"
         timestamps, sentences = record.get("timestamps", []), record.get("sentences", [])
@@ -261,18 +310,17 @@ def _load_refs(refs_path: str) -> list[dict]:
             if isinstance(row.get("sentences"), str):
                 row["sentences"] = json.loads(row["sentences"])
         return rows
-    try:
-        return json.loads(Path(refs_path).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{refs_path}: not valid JSON ({error}).") from error
+    refs = _read_json(refs_path)
+    if not isinstance(refs, list):
+        raise ValueError(f"{refs_path}: expected a list of refs (ref_id, ann_id, image_id, split, sentences).")
+    return refs
 
 
 def _refcoco_rows(instances_path, refs_path, image_dir, split, tasks, dataset_name, signature):
     counter = SkipCounter(refs_path)
-    try:
-        coco = json.loads(Path(instances_path).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{instances_path}: not valid JSON ({error}).") from error
+    coco = _read_json(instances_path)
+    if not isinstance(coco, dict) or "images" not in coco or "annotations" not in coco:
+        raise ValueError(f"{instances_path}: not a COCO instances file (needs 'images' and 'annotations').")
     images = {image["id"]: image for image in coco["images"]}
     annotations = {annotation["id"]: annotation for annotation in coco["annotations"]}
     for index, ref in enumerate(_load_refs(refs_path)):
@@ -349,19 +397,85 @@ def read_refcoco(instances_json: str, refs_path: str, image_dir: str, split: str
                            signature=_signature(instances_json, refs_path))
 
 
-def _mevis_rows(meta_path, mask_path, frames_dir, split, fps, frame_extension, dataset_name, signature):
+def _frame_size(frame_path: str, video_id: str) -> list[int]:
     from PIL import Image
 
+    try:
+        with Image.open(frame_path) as image:
+            return [image.height, image.width]
+    except (OSError, ValueError) as error:
+        raise ValueError(f"Video {video_id}: cannot read its first frame {frame_path!r} ({error}); check frames_dir "
+                         "and the frame names in meta_expressions.json.") from error
+
+
+def _mask_dict_masks(mask_dict: dict, mask_path: str, ids: list, video_id: str, num_frames: int,
+                     size: list[int]) -> tuple[list[dict], list[int]]:
+    """MeViS: the objects' RLEs merged per frame (a null RLE is an empty mask); every frame annotated."""
+    masks_rle, indices = [], []
+    for frame_index in range(num_frames):
+        merged = np.zeros(size, dtype=bool)
+        for annotation_id in ids:
+            per_frame = mask_dict[str(annotation_id)]
+            if frame_index >= len(per_frame):
+                raise ValueError(f"{mask_path}: annotation {annotation_id} has {len(per_frame)} masks for "
+                                 f"{num_frames} frames of video {video_id}; the files disagree.")
+            rle = per_frame[frame_index]
+            if rle is None:
+                continue
+            if [int(v) for v in rle["size"]] != size:
+                raise ValueError(f"{mask_path}: annotation {annotation_id} frame {frame_index} has an RLE of "
+                                 f"size {list(rle['size'])}, but the frames of video {video_id} are {size}.")
+            merged |= mask_from_rle(rle)
+        masks_rle.append(rle_from_mask(merged))
+        indices.append(frame_index)
+    return masks_rle, indices
+
+
+def _palette_masks(annotations_dir: str, video_id: str, frames: list[str], ids: list, size: list[int],
+                   cache: dict) -> tuple[list[dict], list[int]]:
+    """Ref-YouTube-VOS: `annotations_dir/vid/frame.png` palette PNGs whose pixel values are object ids.
+    Frames without a PNG are not annotated (left out of `mask_frame_indices`)."""
+    from PIL import Image
+
+    object_ids = [int(i) for i in ids]
+    masks_rle, indices = [], []
+    for frame_index, name in enumerate(frames):
+        png_path = os.path.join(annotations_dir, video_id, name + ".png")
+        if png_path not in cache:
+            if not os.path.exists(png_path):
+                cache[png_path] = None
+            else:
+                with Image.open(png_path) as image:
+                    if image.mode not in ("P", "L", "I", "I;16"):
+                        raise ValueError(f"{png_path}: mode {image.mode}, expected a palette or single-channel PNG "
+                                         "whose pixel values are object ids.")
+                    cache[png_path] = np.asarray(image)
+        labels = cache[png_path]
+        if labels is None:
+            continue
+        if list(labels.shape) != size:
+            raise ValueError(f"{png_path}: annotation of size {list(labels.shape)}, but the frames of video "
+                             f"{video_id} are {size}.")
+        masks_rle.append(rle_from_mask(np.isin(labels, object_ids)))
+        indices.append(frame_index)
+    return masks_rle, indices
+
+
+def _mevis_rows(meta_path, mask_path, annotations_dir, frames_dir, split, fps, frame_extension, dataset_name,
+                signature):
     counter = SkipCounter(meta_path)
-    meta = json.loads(Path(meta_path).read_text(encoding="utf-8"))
-    mask_dict = json.loads(Path(mask_path).read_text(encoding="utf-8")) if mask_path else {}
+    meta = _read_json(meta_path)
+    mask_dict = _read_json(mask_path) if mask_path else {}
+    if "videos" not in meta:
+        raise ValueError(f"{meta_path}: no 'videos' key; expected {{'videos': {{vid: {{frames, expressions}}}}}}.")
     for video_id, video in meta["videos"].items():
         frames = list(video.get("frames", []))
         if not frames:
             counter.skip(f"video {video_id}", "no frames listed")
             continue
         frame_paths = [os.path.join(frames_dir, video_id, name + frame_extension) for name in frames]
-        size = None
+        size = _frame_size(frame_paths[0], video_id) if (mask_dict or annotations_dir) else None
+        png_cache: dict = {}
         for expression_id, expression in video.get("expressions", {}).items():
             where = f"video {video_id} expression {expression_id}"
             ids = expression.get("anno_id", expression.get("obj_id", []))
@@ -370,29 +484,13 @@ def _mevis_rows(meta_path, mask_path, frames_dir, split, fps, frame_extension, d
             if mask_dict:
                 missing = [i for i in ids if str(i) not in mask_dict]
                 if missing:
-                    counter.skip(where, f"annotation ids {missing} not in {mask_path}")
+                    counter.skip(where, f"unknown annotation ids: {missing} not in {mask_path}")
                     continue
-                if size is None:
-                    with Image.open(frame_paths[0]) as first:
-                        size = [first.height, first.width]
-                for frame_index in range(len(frames)):
-                    merged = None
-                    for annotation_id in ids:
-                        per_frame = mask_dict[str(annotation_id)]
-                        if frame_index >= len(per_frame):
-                            raise ValueError(f"{mask_path}: annotation {annotation_id} has {len(per_frame)} masks for "
-                                             f"{len(frames)} frames of video {video_id}.")
-                        rle = per_frame[frame_index]
-                        if rle is None:
-                            continue
-                        if [int(v) for v in rle["size"]] != size:
-                            raise ValueError(f"{mask_path}: annotation {annotation_id} frame {frame_index} has an RLE of "
-                                             f"size {rle['size']}, but the frames of video {video_id} are {size}.")
-                        mask = mask_from_rle(rle)
-                        merged = mask if merged is None else (merged | mask)
-                    merged = merged if merged is not None else np.zeros(size, dtype=bool)
-                    masks_rle.append(rle_from_mask(merged))
-                    indices.append(frame_index)
+                masks_rle, indices = _mask_dict_masks(mask_dict, mask_path, ids, video_id, len(frames), size)
+            elif annotations_dir:
+                ids = expression.get("obj_id", ids)
+                ids = [ids] if isinstance(ids, (int, str)) else list(ids)
+                masks_rle, indices = _palette_masks(annotations_dir, video_id, frames, ids, size, png_cache)
             yield empty_sample(
                 id=f"{dataset_name}-{video_id}-{expression_id}", source=dataset_name, split=split, task="mask",
                 media_type="frames", media_path=os.path.join(frames_dir, video_id), frame_paths=frame_paths,
@@ -405,17 +503,23 @@ def _mevis_rows(meta_path, mask_path, frames_dir, split, fps, frame_extension, d
 
 def read_mevis(meta_expressions_json: str, mask_dict_json: str | None, frames_dir: str, split: str = "train",
                fps: float = 6.0, frame_extension: str = ".jpg", dataset_name: str = "mevis",
-               cache_dir: str | None = None) -> Dataset:
-    """MeViS / Ref-YouTube-VOS: `meta_expressions.json` {videos: {vid: {frames: [...], expressions:
-    {eid: {exp, anno_id | obj_id}}}}} and `mask_dict.json` {anno_id: [RLE per frame or null]}; frames as
-    JPEG folders `frames_dir/vid/frame.jpg`. One sample per expression; the masks of all its objects are
-    merged per frame (a null RLE is an empty mask). Without a mask dict (test splits) samples carry no masks.
+               annotations_dir: str | None = None, cache_dir: str | None = None) -> Dataset:
+    """MeViS and Ref-YouTube-VOS: `meta_expressions.json` {videos: {vid: {frames: [...], expressions:
+    {eid: {exp, anno_id | obj_id}}}}}, frames as JPEG folders `frames_dir/vid/frame.jpg` (played at `fps`).
+    One sample per expression (task "mask", media_type "frames").
 
-    An RLE whose size differs from the frames, or fewer masks than frames, raises (the files disagree);
-    expressions naming unknown annotation ids are skipped with a warning.
+    Masks: MeViS `mask_dict.json` {anno_id: [RLE per frame or null]}: the masks of the expression's
+    objects are merged per frame (null = empty), every frame annotated. Ref-YouTube-VOS: no mask dict but
+    `annotations_dir` with palette PNGs `annotations_dir/vid/frame.png` (pixel value = obj_id): frames
+    without a PNG are left out of `mask_frame_indices`. With neither (test splits), no masks.
+
+    Malformed: broken JSON raises; an RLE or PNG whose size differs from the frames, or fewer masks than
+    frames, raises (the files disagree); expressions naming unknown annotation ids are skipped with a
+    warning and counted; videos without frames are skipped the same way.
     """
     return _from_generator(_mevis_rows, cache_dir, meta_path=str(meta_expressions_json),
-                           mask_path=str(mask_dict_json) if mask_dict_json else None, frames_dir=str(frames_dir),
+                           mask_path=str(mask_dict_json) if mask_dict_json else None,
+                           annotations_dir=str(annotations_dir) if annotations_dir else None, frames_dir=str(frames_dir),
                            split=split, fps=float(fps), frame_extension=frame_extension, dataset_name=dataset_name,
                            signature=_signature(meta_expressions_json, mask_dict_json))
 
@@ -426,10 +530,7 @@ def _reasonseg_rows(folder, split, image_extensions, signature):
     counter = SkipCounter(folder)
     for json_path in sorted(Path(folder).glob("*.json")):
         where = json_path.name
-        try:
-            record = json.loads(json_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{json_path}: not valid JSON ({error}).") from error
+        record = _read_json(json_path)
         image_path = next((json_path.with_suffix(e) for e in image_extensions if json_path.with_suffix(e).exists()), None)
         if image_path is None:
             counter.skip(where, f"no image next to it ({', '.join(image_extensions)})")
@@ -470,32 +571,55 @@ def read_reasonseg(folder: str, split: str = "val", image_extensions: tuple[str,
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
+_LLAVA_FIELDS = ("id", "image", "video", "conversations", "options", "answer")
+
+
+def _llava_media(record: dict, media_dir: str) -> tuple[str, str] | str:
+    """(media_type, media_path), or the reason the record cannot be used."""
+    for kind in ("image", "video"):
+        value = record.get(kind)
+        if not value:
+            continue
+        if isinstance(value, list):
+            if len(value) != 1:
+                return f"multi-{kind} record ({len(value)} {kind}s): the schema holds one media file per sample"
+            value = value[0]
+        return kind, os.path.join(media_dir, str(value))
+    return "none", ""
+
+
 def _llava_rows(path, media_dir, split, fps, signature):
     counter = SkipCounter(path)
-    try:
-        records = json.loads(Path(path).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error}).") from error
+    records = _read_json(path)
+    if not isinstance(records, list):
+        raise ValueError(f"{path}: expected a list of conversation records.")
     for index, record in enumerate(records):
+        if not isinstance(record, dict):
+            counter.skip(f"record {index}", f"not an object: {type(record).__name__}")
+            continue
         where = f"record {index} (id {record.get('id', '?')})"
         turns = record.get("conversations")
-        if not isinstance(turns, list) or not turns:
+        if not isinstance(turns, list) or not turns or not all(isinstance(t, dict) for t in turns):
             counter.skip(where, "no conversations")
             continue
         roles = [_ROLES.get(turn.get("from")) for turn in turns]
         if None in roles or roles[0] != "user" or "assistant" not in roles:
             counter.skip(where, f"bad roles: {[turn.get('from') for turn in turns]}")
             continue
-        media_type, media_path = "none", ""
-        if record.get("image"):
-            media_type, media_path = "image", os.path.join(media_dir, record["image"])
-        elif record.get("video"):
-            media_type, media_path = "video", os.path.join(media_dir, record["video"])
+        if not all(isinstance(turn.get("value"), str) for turn in turns):
+            counter.skip(where, "bad turns: a turn has no string 'value'")
+            continue
+        media = _llava_media(record, media_dir)
+        if isinstance(media, str):
+            counter.skip(where, f"unsupported media: {media}")
+            continue
+        media_type, media_path = media
         yield empty_sample(
             id=f"llava-{record.get('id', index)}", source="llava", split=split, task="text", media_type=media_type,
             media_path=media_path, conversations=[{"role": r, "content": t["value"]} for r, t in zip(roles, turns)],
             options=[str(o) for o in record.get("options", [])], answer=str(record.get("answer", "")),
-            fps=fps if media_type == "video" else 0.0, meta={k: v for k, v in record.items() if k in ("category",)},
+            fps=fps if media_type == "video" else 0.0,
+            meta={k: v for k, v in record.items() if k not in _LLAVA_FIELDS},
         )
     counter.report()
 
@@ -503,9 +627,13 @@ def _llava_rows(path, media_dir, split, fps, signature):
 def read_llava_conversations(json_path: str, media_dir: str, split: str = "train", fps: float = 0.0,
                              cache_dir: str | None = None) -> Dataset:
     """LLaVA-style conversations `[{id, image | video, conversations: [{from: human | gpt, value}]}]`
-    (image, video or text only), with optional `options` and `answer` for multiple-choice questions.
-    Broken JSON raises; records without conversations or with roles other than human/gpt (or not
-    starting with the human) are skipped with a warning."""
+    (image, video or text only), with optional `options` and `answer` for multiple-choice questions; roles
+    human/gpt become user/assistant and `<image>` / `<video>` placeholders are kept as written. Other
+    record keys (e.g. `category`) go to `meta`. `fps` is stored for video records (the rate to sample at).
+
+    Malformed: broken JSON (or a file that is not a list) raises; records without conversations, with
+    roles other than human/gpt (or not starting with the human), with a turn lacking a string `value`, or
+    with several images/videos are skipped with a warning naming the record index and id, and counted."""
     return _from_generator(_llava_rows, cache_dir, path=str(json_path), media_dir=str(media_dir), split=split,
                            fps=float(fps), signature=_signature(json_path))
 
@@ -524,7 +652,7 @@ READERS = {
                                        "split": "split", "tasks": "tasks", "dataset_name": "dataset_name"}),
     "mevis": (read_mevis, {"meta_expressions": "meta_expressions_json", "mask_dict": "mask_dict_json",
                                    "frames_dir": "frames_dir", "split": "split", "fps": "fps",
-                                   "dataset_name": "dataset_name"}),
+                                   "dataset_name": "dataset_name", "annotations_dir": "annotations_dir"}),
     "reasonseg": (read_reasonseg, {"folder": "folder", "split": "split"}),
     "llava": (read_llava_conversations, {"json": "json_path", "media_dir": "media_dir", "split": "split",
                                                  "fps": "fps"}),
@@ -557,5 +685,5 @@ def read_specs(specs: list[dict]) -> Dataset:
     parts = [read_spec(spec) for spec in specs]
     parts = [p for p in parts if len(p)]
     if not parts:
-        return Dataset.from_list([], features=SAMPLE_FEATURES)
+        return Dataset.from_dict({name: [] for name in SAMPLE_FEATURES}, features=SAMPLE_FEATURES)
     return concatenate_datasets(parts)

@@ -40,7 +40,7 @@ DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 HELD_OUT_PAIRS = (("yellow", "star"), ("cyan", "triangle"), ("magenta", "square"), ("green", "circle"))
 NUMBER_WORDS = ("zero", "one", "two", "three", "four")
 SPLITS = ("train", "val", "test")
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 
 # Samples per split for each part, by size.
 SIZES = {
@@ -135,13 +135,39 @@ def _distinct_sprites(rng, count: int, allowed_pairs: list[tuple[str, str]], mov
             continue
         size = float(rng.uniform(0.28, 0.45) * IMAGE_SIZE)
         margin = size / 2 + 2
-        direction = list(DIRECTIONS)[rng.integers(len(DIRECTIONS))]
-        sprites.append(Sprite(colour, shape, size, float(rng.uniform(margin, IMAGE_SIZE - margin)),
-                              float(rng.uniform(margin, IMAGE_SIZE - margin)), direction,
-                              float(rng.uniform(3, 6)) if moving else 0.0))
+        x, y = float(rng.uniform(margin, IMAGE_SIZE - margin)), float(rng.uniform(margin, IMAGE_SIZE - margin))
+        direction = _roomy_direction(list(DIRECTIONS)[rng.integers(len(DIRECTIONS))], x, y, size)
+        sprites.append(Sprite(colour, shape, size, x, y, direction, float(rng.uniform(3, 6)) if moving else 0.0))
         used_colours.add(colour)
         used_shapes.add(shape)
     return sprites
+
+
+def _room_pixels(direction: str, x: float, y: float, size: float) -> float:
+    """How far a sprite can move in `direction` before `Sprite.position` stops it at the border."""
+    dx, dy = DIRECTIONS[direction]
+    limit = size / 2 + 1
+    if dx:
+        return (IMAGE_SIZE - limit - x) if dx > 0 else (x - limit)
+    return (IMAGE_SIZE - limit - y) if dy > 0 else (y - limit)
+
+
+_OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
+
+
+def _roomy_direction(direction: str, x: float, y: float, size: float) -> str:
+    """The drawn direction, or its opposite when the border is nearer that way: a sprite that started
+    against the border would not move, and "which direction does it move" would have no answer.
+    Flipping needs no random draw, so the rest of the sample is unchanged."""
+    if _room_pixels(direction, x, y, size) < _room_pixels(_OPPOSITE[direction], x, y, size):
+        return _OPPOSITE[direction]
+    return direction
+
+
+def _keep_moving(sprite: Sprite, seconds: float) -> None:
+    """Cap the speed so that the sprite is still moving at `seconds` (never stopped by the border), so
+    its direction shows whenever it is visible."""
+    sprite.speed = min(sprite.speed, _room_pixels(sprite.direction, sprite.x, sprite.y, sprite.size) / seconds)
 
 
 def _all_pairs() -> list[tuple[str, str]]:
@@ -205,6 +231,8 @@ def _clip_saliency(windows: list[tuple[float, float]]) -> tuple[list[int], list[
 def make_temporal_video(rng, path: Path) -> dict:
     """A 16 s video: the target is visible during its window(s) only; 1-2 distractors elsewhere."""
     sprites = _distinct_sprites(rng, int(rng.integers(2, 4)), _all_pairs(), moving=True)
+    for sprite in sprites:
+        _keep_moving(sprite, VIDEO_SECONDS)
     target, distractors = sprites[0], sprites[1:]
     windows = _visibility_windows(rng)
     distractor_windows = [[(float(a), float(a) + float(rng.uniform(3, 10)))] for a in rng.uniform(0, 10, len(distractors))]
@@ -231,6 +259,19 @@ def make_image(rng, allowed_pairs) -> tuple[np.ndarray, list[Sprite], list[np.nd
     image = textured_background(rng)
     masks = paint(image, [(s, s.x, s.y) for s in reversed(sprites)])[::-1]  # sprites[0] painted last (on top)
     return image, sprites, masks
+
+
+def _without_hidden(sprites: list[Sprite], max_hidden_fraction: float = 0.5) -> list[Sprite]:
+    """Leave out (do not draw) a sprite that the sprites in front of it would mostly cover, so that
+    "how many shapes" and "what colour is the X" have one answer. sprites[0] is in front of all others."""
+    kept, in_front = [], np.zeros((IMAGE_SIZE, IMAGE_SIZE), bool)
+    for sprite in sprites:
+        mask = shape_mask(sprite.shape, sprite.x, sprite.y, sprite.size)
+        if (mask & in_front).sum() > max_hidden_fraction * mask.sum():
+            continue
+        kept.append(sprite)
+        in_front |= mask
+    return kept
 
 
 def _box_xywh(mask: np.ndarray) -> list[float]:
@@ -319,6 +360,7 @@ def _generate_mevis(root: Path, split: str, count: int, seed: int) -> dict:
         sprites = _distinct_sprites(rng, int(rng.integers(1, 3)), _all_pairs(), moving=True)
         for sprite in sprites:
             sprite.speed *= 4  # move visibly within the 4-second clip
+            _keep_moving(sprite, (MASK_VIDEO_FRAMES - 1) / MASK_VIDEO_FPS)
         background = textured_background(rng)
         video_id = f"{split}_{index:05d}"
         frame_dir = root / "mevis" / "JPEGImages" / video_id
@@ -348,7 +390,7 @@ def _conversation_on_image(rng, split: str, index: int, root: Path) -> dict:
     """Training conversations never show a held-out colour x shape pair; half of the test ones ask about one."""
     allowed = [p for p in _all_pairs() if p not in HELD_OUT_PAIRS] if split == "train" else _all_pairs()
     first = HELD_OUT_PAIRS[int(rng.integers(len(HELD_OUT_PAIRS)))] if split == "test" and index % 2 == 0 else None
-    sprites = _distinct_sprites(rng, int(rng.integers(1, 4)), allowed, moving=False, first_pair=first)
+    sprites = _without_hidden(_distinct_sprites(rng, int(rng.integers(1, 4)), allowed, moving=False, first_pair=first))
     image = textured_background(rng)
     paint(image, [(s, s.x, s.y) for s in reversed(sprites)])
     file_name = f"{split}_{index:05d}.png"
@@ -385,19 +427,23 @@ def _conversation_on_video(rng, split: str, index: int, video_id: str, info: dic
 def _conversation_record(rng, record_id: str, media: dict, question: str, answer: str, pool: list[str], kind: str,
                          subject: str) -> dict:
     placeholder = "<image>" if "image" in media else "<video>"
+    # `held_out`: the subject is a colour x shape pair that no training conversation shows.
+    common = {"id": record_id, **media, "category": kind, "subject": subject,
+              "held_out": tuple(subject.split()) in HELD_OUT_PAIRS}
     if rng.random() < 0.5:
         options, letter = _options(rng, answer, pool)
-        return {"id": record_id, **media, "category": kind, "subject": subject, "options": options, "answer": letter,
+        return {**common, "options": options, "answer": letter,
                 "conversations": [{"from": "human", "value": f"{placeholder}\n{_mcq_text(question, options)}"},
                                   {"from": "gpt", "value": letter}]}
-    return {"id": record_id, **media, "category": kind, "subject": subject,
-            "conversations": [{"from": "human", "value": f"{placeholder}\n{question} Answer with one word."},
-                              {"from": "gpt", "value": answer}]}
+    return {**common, "conversations": [{"from": "human", "value": f"{placeholder}\n{question} Answer with one word."},
+                                        {"from": "gpt", "value": answer}]}
 
 
 def _generate_conversations(root: Path, split: str, count: int, seed: int, videos: dict) -> Path:
     records = []
     video_ids = sorted(v for v in videos if v.startswith(split))
+    if split == "train":  # training conversations never show a held-out pair, in images or in videos
+        video_ids = [v for v in video_ids if not any((s.colour, s.shape) in HELD_OUT_PAIRS for s in videos[v]["sprites"])]
     for index in range(count):
         rng = _rng(seed, split, "conversation", index)
         if video_ids and index % 3 == 2:
@@ -410,11 +456,26 @@ def _generate_conversations(root: Path, split: str, count: int, seed: int, video
     return path
 
 
+PART_FOLDERS = ("temporal", "refcoco", "mevis", "conversation")
+
+
+def _is_complete(manifest: dict, root: Path, size: str, seed: int) -> bool:
+    """Same size, seed, format version and folder, and every annotation file still there."""
+    if (manifest.get("size"), manifest.get("seed"), manifest.get("version")) != (size, seed, FORMAT_VERSION):
+        return False
+    if Path(manifest.get("root", "")).resolve() != root.resolve():
+        return False  # moved: the manifest's paths point elsewhere
+    files = [value for parts in manifest["splits"].values() for spec in parts.values()
+             for key, value in spec.items() if key in ("jsonl", "json", "instances", "refs", "meta_expressions", "mask_dict")]
+    return all(Path(f).exists() for f in files)
+
+
 def generate_synthetic_benchmark(out_dir: str | os.PathLike, size: str = "default", seed: int = 0) -> dict:
     """Write the benchmark under `out_dir` and return its manifest (also `out_dir/manifest.json`).
 
     A folder that already holds a complete benchmark of the same size, seed and format version is reused
-    as it is.
+    as it is (its manifest is returned). Otherwise the generator's own folders (temporal/, refcoco/, mevis/,
+    conversation/) are replaced; other files in `out_dir` are left alone.
     """
     if size not in SIZES:
         raise ValueError(f"Unknown size {size!r}; choose one of {list(SIZES)}.")
@@ -422,10 +483,14 @@ def generate_synthetic_benchmark(out_dir: str | os.PathLike, size: str = "defaul
     manifest_path = root / "manifest.json"
     if manifest_path.exists():
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        if (manifest.get("size"), manifest.get("seed"), manifest.get("version")) == (size, seed, FORMAT_VERSION):
+        if _is_complete(manifest, root, size, seed):
             logger.info("Reusing the synthetic benchmark in %s", root)
             return manifest
-        shutil.rmtree(root)
+    # The manifest goes first and comes back last: a run cut short never looks complete. Only the
+    # folders this generator writes are removed, never anything else in `out_dir`.
+    manifest_path.unlink(missing_ok=True)
+    for part in PART_FOLDERS:
+        shutil.rmtree(root / part, ignore_errors=True)
     counts = {part: dict(zip(SPLITS, numbers)) for part, numbers in SIZES[size].items()}
     root.mkdir(parents=True, exist_ok=True)
     logger.info("Generating the synthetic benchmark (%s, seed %d) in %s", size, seed, root)

@@ -2,14 +2,28 @@
 
 For each requested time the loader returns the frame on screen at that time (the last frame whose
 presentation time is <= t; the first frame for times before it) with its true presentation time.
-Targets are visited in order; the loader seeks (to the keyframe before a target) only when the target
-lies beyond the current GOP, and otherwise decodes forward, so 16 frames of a 5-minute video cost 16
-short GOP decodes instead of decoding the whole video. The cost per frame is bounded by the keyframe
-interval (a seek decodes from the previous keyframe).
+Targets are visited in increasing order; the loader seeks (to the keyframe before a target) when the
+target is more than FORWARD_DECODE_SECONDS past the last decoded frame, and otherwise decodes forward,
+so 16 frames of a 5-minute video cost 16 short decodes from a keyframe instead of decoding the whole
+video. The cost per frame is bounded by the keyframe interval (a seek decodes from the previous
+keyframe): about 14x faster than decoding everything with a keyframe every 2 s (see
+benchmarks/bench_video_loading.py), much less with 8-second keyframe intervals.
 
 Sampling modes: `num_frames` (middle of N equal segments), `fps` (every 1/fps seconds, at the middle of
-each interval), or explicit `timestamps_seconds`. Very short videos: the returned frames follow the
-requested times, so a 3-frame video sampled at 8 times repeats frames (their timestamps say so).
+each interval), or explicit `timestamps_seconds`. A time that falls exactly on a frame's presentation
+time returns that frame (so asking for `i / fps` gives frame i, as "the first frame with pts >= t"
+would); a time between two frames returns the earlier one, the frame a viewer sees at that moment.
+Times before the first frame give the first frame, times past the end the last one.
+
+Very short videos (fewer frames than asked for): one frame is still returned per requested time, so a
+3-frame video sampled 8 times repeats frames, and `metadata.timestamps_seconds` shows the repeats.
+Streams without a frame count (mkv, webm) have `num_frames=None`; a stream without a duration is
+decoded once to measure it. Variable frame rate needs nothing special: frames are chosen by their
+presentation times, never by index. A stream that cannot seek and has no timestamps (a raw .h264 file)
+is decoded forward from the start, its frames taken as 1/fps apart.
+
+Image-sequence videos (MeViS / Ref-YouTube-VOS JPEG folders) are loaded by `load_frame_folder` with the
+folder's frame rate: frame i is on screen during [i / fps, (i + 1) / fps).
 """
 
 import logging
@@ -45,7 +59,9 @@ class VideoMetadata:
 
 @dataclass
 class VideoClip:
-    frames: np.ndarray  # (T, H, W, 3) uint8 RGB
+    """Decoded frames (T, H, W, 3) uint8 RGB, in the order of the requested times, and the metadata."""
+
+    frames: np.ndarray
     metadata: VideoMetadata
 
 
@@ -90,10 +106,12 @@ def probe_video(path: str | os.PathLike) -> VideoMetadata:
         stream = container.streams.video[0]
         metadata = _stream_metadata(path, container, stream)
         if metadata.duration_seconds <= 0:
+            step = 1.0 / metadata.fps if metadata.fps > 0 else 0.0
             last, count = 0.0, 0
             for frame in container.decode(stream):
-                last, count = float(frame.time or 0.0), count + 1
-            step = 1.0 / metadata.fps if metadata.fps > 0 else 0.0
+                # a raw elementary stream (.h264) has no timestamps: its frames are 1/fps apart
+                last = float(frame.time) if frame.time is not None else count * step
+                count += 1
             metadata.duration_seconds = last + step
             metadata.num_frames = metadata.num_frames or count
         return metadata
@@ -119,12 +137,20 @@ def load_video(path: str | os.PathLike, num_frames: int | None = None, fps: floa
                timestamps_seconds: list[float] | None = None, threads: bool = True) -> VideoClip:
     """Decode the frames at the requested times (see the module docstring).
 
+    Give exactly one of `num_frames` (uniform: middle of N equal segments), `fps` (sampling rate, frames
+    per second) or `timestamps_seconds` (seconds from the start of the stream, any order, repeats allowed).
     Returns frames (T, H, W, 3) uint8 RGB in the order of the requested times, and metadata whose
-    `timestamps_seconds` are the returned frames' true presentation times.
+    `timestamps_seconds` are the returned frames' true presentation times (seconds from the stream start).
+    Raises `VideoLoadError` (a ValueError naming the file) for a missing, empty, corrupt or truncated file
+    or one without a video stream.
     """
     import av
 
     path = str(path)
+    given = sum(value is not None for value in (num_frames, fps, timestamps_seconds))
+    if given != 1:
+        raise ValueError(f"load_video({path!r}): give exactly one of num_frames, fps and timestamps_seconds "
+                         f"(got {given}).")
     container = _open(path)
     try:
         stream = container.streams.video[0]
@@ -149,74 +175,180 @@ def load_video(path: str | os.PathLike, num_frames: int | None = None, fps: floa
     return VideoClip(frames=frames, metadata=metadata)
 
 
-def _decode_at(container, stream, targets: list[float], path: str, duration_seconds: float) -> tuple[np.ndarray, list[float]]:
-    """Frames on screen at each target time (seconds from the stream start), visiting targets in order."""
-    time_base = float(stream.time_base)
-    start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
-    fps = float(stream.average_rate or 0) or 25.0
-    declared_end = start + duration_seconds
-    tolerance = max(3.0 / fps, 0.25)
-    threshold = FORWARD_DECODE_SECONDS
-    order = sorted(range(len(targets)), key=lambda i: targets[i])
-    results: dict[int, tuple[np.ndarray, float]] = {}
-    decoder = None
-    previous = pending = None  # (frame, time): last frame at or before the target / first one after it
-    position = -math.inf  # time of the last decoded frame
-    for index in order:
-        target = max(targets[index], 0.0) + start
-        if decoder is None or target - position > threshold:
-            container.seek(int(target / time_base), stream=stream, backward=True, any_frame=False)
-            decoder = container.decode(stream)
-            previous = pending = None
-            position = -math.inf
-        while pending is None or pending[1] <= target + 1e-9:
-            if pending is not None:  # the frame past the last target is at or before this one
-                previous, pending = pending, None
+class _ForwardDecoder:
+    """Frames on screen at increasing target times (absolute stream seconds), seeking only when a target
+    is more than FORWARD_DECODE_SECONDS past the last decoded frame."""
+
+    def __init__(self, container, stream, path: str, duration_seconds: float):
+        self.container, self.stream, self.path = container, stream, path
+        self.time_base = float(stream.time_base)
+        self.start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+        self.fps = float(stream.average_rate or 0) or 25.0
+        self.declared_end = self.start + duration_seconds
+        self.tolerance = max(3.0 / self.fps, 0.25)  # how early a complete stream may end
+        self.seekable, self.from_start, self.decoded = True, True, 0
+        self.decoder = None
+        self.previous = self.pending = None  # (frame, time): last frame at or before the target / first after it
+        self.position = -math.inf  # time of the last decoded frame
+        self.reopened = None  # a fresh container, when a failed seek spoilt the first one
+
+    def close(self) -> None:
+        if self.reopened is not None:
+            self.reopened.close()
+
+    def frame_at(self, target: float):
+        """(frame, time) on screen at `target` seconds (absolute); targets must not decrease."""
+        if self.decoder is None or (self.seekable and target - self.position > FORWARD_DECODE_SECONDS):
+            self._restart(target)
+        while self.pending is None or self.pending[1] <= target + 1e-9:
+            if self.pending is not None:  # the frame past the last target is at or before this one
+                self.previous, self.pending = self.pending, None
                 continue
-            frame = next(decoder, None)
+            frame = next(self.decoder, None)
             if frame is None:
-                if declared_end - max(position, 0.0) > tolerance and target < declared_end - tolerance:
-                    raise VideoLoadError(
-                        f"Video file {path!r} is truncated: it declares {declared_end - start:.2f} s but decoding stops "
-                        f"at {max(position, 0.0) - start:.2f} s (asked for {targets[index]:.2f} s); re-download or "
-                        "re-encode it."
-                    )
+                self._check_complete(target)
                 break
-            time = float(frame.pts * time_base) if frame.pts is not None else position + 1e-6
-            position = time
+            time = self._frame_time(frame)
             if time <= target + 1e-9:
-                previous = (frame, time)
+                self.previous = (frame, time)
             else:
-                pending = (frame, time)
-        chosen = previous if previous is not None else pending
+                self.pending = (frame, time)
+        chosen = self.previous if self.previous is not None else self.pending
         if chosen is None:
-            raise VideoLoadError(f"Video file {path!r} yielded no frame near {targets[index]:.3f} s; it may be truncated.")
-        frame, time = chosen
-        results[index] = (frame.to_ndarray(format="rgb24"), time - start)
-    frames = np.stack([results[i][0] for i in range(len(targets))]) if targets else np.zeros((0, 0, 0, 3), np.uint8)
+            raise VideoLoadError(f"Video file {self.path!r} yielded no frame near {target - self.start:.3f} s; it may be "
+                                 "truncated: re-download or re-encode it.")
+        return chosen
+
+    def _restart(self, target: float) -> None:
+        import av
+
+        if self.seekable:
+            try:
+                self.container.seek(round(target / self.time_base), stream=self.stream, backward=True, any_frame=False)
+                self.from_start = False
+            except av.error.FFmpegError as error:
+                # e.g. a raw .h264 stream: not seekable, and the failed seek leaves the demuxer at the end,
+                # so decode forward from the start of a fresh container
+                logger.debug("%s cannot seek (%s); decoding forward from the start", self.path, error)
+                self.seekable = False
+                thread_type = self.stream.thread_type
+                self.reopened = self.container = _open(self.path)
+                self.stream = self.container.streams.video[0]
+                self.stream.thread_type = thread_type
+                self.decoder = None
+        if self.seekable or self.decoder is None:
+            self.decoder = self.container.decode(self.stream)
+            self.previous = self.pending = None
+            self.position = -math.inf
+
+    def _frame_time(self, frame) -> float:
+        if frame.pts is not None:
+            time = float(frame.pts * self.time_base)
+        elif self.from_start:  # no timestamps (raw stream): frames are 1/fps apart from the start
+            time = self.start + self.decoded / self.fps
+        else:
+            time = self.position + 1.0 / self.fps
+        self.decoded += 1
+        self.position = time
+        return time
+
+    def _check_complete(self, target: float) -> None:
+        """The stream ended: fine near its declared end, a truncated file before it."""
+        if self.declared_end - max(self.position, self.start) > self.tolerance and target < self.declared_end - self.tolerance:
+            reached = "no frame" if self.position == -math.inf else f"{self.position - self.start:.2f} s"
+            raise VideoLoadError(
+                f"Video file {self.path!r} is truncated: it declares {self.declared_end - self.start:.2f} s but decoding "
+                f"stops at {reached} (asked for {target - self.start:.2f} s); re-download or re-encode it."
+            )
+
+
+def _decode_at(container, stream, targets: list[float], path: str, duration_seconds: float) -> tuple[np.ndarray, list[float]]:
+    """Frames (T, H, W, 3) on screen at each target time (seconds from the stream start) and their times,
+    in the order of `targets`; the targets are visited in increasing order."""
+    if not targets:
+        context = stream.codec_context
+        return np.zeros((0, context.height, context.width, 3), np.uint8), []
+    decoder = _ForwardDecoder(container, stream, path, duration_seconds)
+    results: dict[int, tuple[np.ndarray, float]] = {}
+    try:
+        for index in sorted(range(len(targets)), key=lambda i: targets[i]):
+            frame, time = decoder.frame_at(max(targets[index], 0.0) + decoder.start)
+            results[index] = (frame.to_ndarray(format="rgb24"), time - decoder.start)
+    finally:
+        decoder.close()
+    frames = np.stack([results[i][0] for i in range(len(targets))])
     return frames, [results[i][1] for i in range(len(targets))]
 
 
-def load_frame_folder(frame_paths: list[str], fps: float, timestamps_seconds: list[float]) -> VideoClip:
-    """Frames of an image-sequence video (e.g. MeViS JPEG folders) at the requested times; frame i is
-    on screen during [i / fps, (i + 1) / fps)."""
-    from PIL import Image
+FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
+
+def list_frame_files(folder: str | os.PathLike) -> list[str]:
+    """The image files of a frame folder, sorted by name (MeViS names frames 00000.jpg, 00001.jpg, ...)."""
+    folder = str(folder)
+    if not os.path.isdir(folder):
+        raise VideoLoadError(f"Frame folder {folder!r} does not exist; check the dataset's frames directory.")
+    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(FRAME_EXTENSIONS))
+    if not names:
+        raise VideoLoadError(f"Frame folder {folder!r} holds no image files ({', '.join(FRAME_EXTENSIONS)}); "
+                             "extract the frames there or fix the path.")
+    return [os.path.join(folder, n) for n in names]
+
+
+def load_frame_folder(frames: str | os.PathLike | list[str], fps: float, timestamps_seconds: list[float] | None = None,
+                      num_frames: int | None = None, sample_fps: float | None = None) -> VideoClip:
+    """Frames of an image-sequence video (a folder of image files, or their list in order) whose frame
+    rate is `fps`; frame i is on screen during [i / fps, (i + 1) / fps).
+
+    Give exactly one of `timestamps_seconds`, `num_frames` (middle of N equal segments of the
+    len(frames) / fps seconds) or `sample_fps`. Only the chosen files are read. Returns (T, H, W, 3) uint8
+    RGB and metadata whose `timestamps_seconds` are the chosen frames' start times i / fps.
+    """
+    frame_paths = list_frame_files(frames) if isinstance(frames, (str, os.PathLike)) else [str(p) for p in frames]
     if not frame_paths:
-        raise VideoLoadError("An image-sequence video has no frames.")
+        raise VideoLoadError("An image-sequence video has no frames; give a non-empty list of frame files.")
     if fps <= 0:
-        raise ValueError(f"fps must be > 0 for an image-sequence video, got {fps}.")
-    indices = [min(max(int(math.floor(t * fps)), 0), len(frame_paths) - 1) for t in timestamps_seconds]
-    frames = []
+        raise ValueError(f"fps must be > 0 for an image-sequence video ({os.path.dirname(frame_paths[0])!r}), got {fps}.")
+    duration = len(frame_paths) / fps
+    if timestamps_seconds is None:
+        if num_frames is None and sample_fps is None:
+            raise ValueError("load_frame_folder: give one of timestamps_seconds, num_frames and sample_fps.")
+        timestamps_seconds = sample_timestamps(duration, num_frames=num_frames, fps=sample_fps)
+    elif num_frames is not None or sample_fps is not None:
+        raise ValueError("load_frame_folder: give only one of timestamps_seconds, num_frames and sample_fps.")
+    # The 1e-9 keeps t = i / fps on frame i despite floating-point rounding of the division.
+    indices = [min(max(int(math.floor(t * fps + 1e-9)), 0), len(frame_paths) - 1) for t in timestamps_seconds]
+    decoded: dict[int, np.ndarray] = {}
     for i in indices:
-        try:
-            with Image.open(frame_paths[i]) as image:
-                frames.append(np.asarray(image.convert("RGB")))
-        except (OSError, ValueError) as error:
-            raise VideoLoadError(f"Frame {frame_paths[i]!r} cannot be read ({error}).") from error
-    with Image.open(frame_paths[0]) as first:
-        width, height = first.size
-    metadata = VideoMetadata(path=os.path.dirname(frame_paths[0]), fps=fps, duration_seconds=len(frame_paths) / fps,
+        if i not in decoded:
+            decoded[i] = _read_frame_file(frame_paths[i])
+    shapes = {decoded[i].shape for i in decoded}
+    if len(shapes) > 1:
+        raise VideoLoadError(f"Frames of {os.path.dirname(frame_paths[0])!r} differ in size {sorted(shapes)}; "
+                             "resize them to one size.")
+    height, width = _image_size(frame_paths[0])
+    stacked = np.stack([decoded[i] for i in indices]) if indices else np.zeros((0, height, width, 3), np.uint8)
+    metadata = VideoMetadata(path=os.path.dirname(frame_paths[0]), fps=float(fps), duration_seconds=duration,
                              width=width, height=height, num_frames=len(frame_paths),
                              timestamps_seconds=[i / fps for i in indices])
-    return VideoClip(frames=np.stack(frames), metadata=metadata)
+    return VideoClip(frames=stacked, metadata=metadata)
+
+
+def _read_frame_file(path: str) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except (OSError, ValueError) as error:
+        raise VideoLoadError(f"Frame {path!r} cannot be read ({error}); re-extract the frame or drop the video.") from error
+
+
+def _image_size(path: str) -> tuple[int, int]:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.height, image.width
+    except (OSError, ValueError) as error:
+        raise VideoLoadError(f"Frame {path!r} cannot be read ({error}); re-extract the frame or drop the video.") from error

@@ -148,13 +148,22 @@ def test_errors_for_too_few_frames_and_bad_spans():
     head = small_head()
     batch = inputs(frames=3)
     batch["frame_mask"][0, 1:] = False
-    with pytest.raises(ValueError, match="at least 2 frames"):
+    with pytest.raises(ValueError, match=r"queries \[0\]: fewer frames than the head needs"):
         head(**batch)
+    with pytest.raises(ValueError, match="fewer frames than the head needs"):
+        head(**inputs(n=1, frames=1))
     out = head(**inputs())
     with pytest.raises(ValueError, match=r"query 1: span \[0.5, 0.5\] must satisfy 0 <= start < end <= 1"):
         head.loss(out, [{"spans": torch.tensor([[0.1, 0.2]])}, {"spans": torch.tensor([[0.5, 0.5]])}])
     with pytest.raises(ValueError, match="no target span"):
         head.loss(out, [{"spans": torch.tensor([[0.1, 0.2]])}, {"spans": torch.zeros(0, 2)}])
+    with pytest.raises(ValueError, match=r"query 0: span \[0.5, 1.2000"):
+        head.loss(out, [{"spans": torch.tensor([[0.5, 1.2]])}, {"spans": torch.tensor([[0.1, 0.2]])}])
+    good = {"spans": torch.tensor([[0.1, 0.2]])}
+    with pytest.raises(ValueError, match="query 1: saliency scores must be finite and >= 0"):
+        head.loss(out, [good, {**good, "saliency": torch.tensor([0, -1.0, 0, 0, 0, 0])}])
+    with pytest.raises(ValueError, match="query 0: saliency has shape"):
+        head.loss(out, [{**good, "saliency": torch.zeros(7)}, good])
 
 
 def test_overfits_one_example():
@@ -192,3 +201,92 @@ def test_frame_pooling_and_token_gathering_hand_computed():
     assert token_mask.tolist() == [[True, True]]
     times = normalised_frame_times(mask, torch.tensor([[1.0, 3.0, -1.0]]), torch.tensor([4.0]))
     torch.testing.assert_close(times, torch.tensor([[0.25, 0.75, 0.0]]))
+
+
+def test_dense_frame_targets_hand_computed():
+    from tpo.modeling_tpo.temporal_loss import DenseTemporalCriterion
+
+    times = torch.tensor([0.1, 0.3, 0.5, 0.7, 0.9])
+    valid = torch.tensor([True, True, True, True, False])
+    spans = torch.tensor([[0.2, 0.6], [0.25, 0.35], [0.78, 0.8]])
+    positive, windows = DenseTemporalCriterion.frame_targets(times, valid, spans)
+    # 0.3 is in both windows and takes the shorter; 0.5 the first; [0.78, 0.8] holds no frame: nearest valid is 0.7
+    assert positive.tolist() == [False, True, True, True, False]
+    torch.testing.assert_close(windows[1:4], torch.tensor([[0.25, 0.35], [0.2, 0.6], [0.78, 0.8]]))
+
+
+def test_dense_decoder_shapes_and_overfit():
+    torch.manual_seed(0)
+    head = small_head(decoder="dense")
+    batch = {k: (v.detach() if torch.is_tensor(v) else v) for k, v in inputs(n=1, frames=8).items()}
+    out = head(**batch)
+    assert out["pred_spans"].shape == (1, 8, 2) and "aux_outputs" not in out
+    target = torch.tensor([[0.25, 0.625]])
+    optimizer = torch.optim.Adam(head.parameters(), lr=3e-3)
+    first = None
+    for _ in range(80):
+        terms = head.loss(head(**batch), [{"spans": target, "saliency": None}])
+        first = first if first is not None else terms["temporal"].item()
+        optimizer.zero_grad()
+        terms["temporal"].backward()
+        optimizer.step()
+    assert set(terms) == {"temporal", "temporal_span_l1", "temporal_span_giou", "temporal_label", "temporal_saliency"}
+    assert terms["temporal"].item() < 0.2 * first
+    windows = head.predict_windows(head(**batch), top_k=3)[0]
+    iou, _ = pairwise_temporal_iou(torch.tensor([windows[0][:2]]), target)
+    assert iou.item() > 0.5
+    # non-maximum suppression: no two kept windows overlap by more than the threshold
+    if len(windows) > 1:
+        pair, _ = pairwise_temporal_iou(torch.tensor([w[:2] for w in windows]), torch.tensor([w[:2] for w in windows]))
+        assert (pair.fill_diagonal_(0) <= head.nms_iou + 1e-6).all()
+
+
+def test_two_frames_single_query_and_aux_shapes():
+    head = small_head(num_decoder_layers=3)
+    out = head(**inputs(n=1, frames=2))
+    assert out["pred_spans"].shape == (1, 5, 2) and out["pred_saliency"].shape == (1, 2)
+    assert len(out["aux_outputs"]) == 2
+    for aux in out["aux_outputs"]:
+        assert aux["pred_spans"].shape == (1, 5, 2) and aux["pred_logits"].shape == (1, 5, 2)
+    terms = head.loss(out, [{"spans": torch.tensor([[0.0, 0.5]]), "saliency": torch.tensor([1.0, 0.0])}])
+    assert {"temporal_label_1", "temporal_span_l1_1"} <= set(terms) and torch.isfinite(terms["temporal"])
+    windows = head.predict_windows(out, top_k=3)[0]
+    assert len(windows) == 3 and [w[2] for w in windows] == sorted((w[2] for w in windows), reverse=True)
+    assert all(0 <= start <= end <= 1 for start, end, _ in windows)
+
+
+def test_bfloat16_inputs_give_float32_losses():
+    head = small_head()
+    batch = {k: (v.detach().bfloat16() if torch.is_floating_point(v) else v) for k, v in inputs().items()}
+    batch["frame_times"] = batch["frame_times"].float()
+    out = head(**batch)
+    bf16 = {"pred_spans": out["pred_spans"].bfloat16(), "pred_logits": out["pred_logits"].bfloat16(),
+            "pred_saliency": out["pred_saliency"].bfloat16(), "frame_mask": out["frame_mask"]}
+    targets = [{"spans": torch.tensor([[0.1, 0.4]]), "saliency": torch.tensor([0, 1, 1, 0, 0, 0.0])},
+               {"spans": torch.tensor([[0.3, 0.5]]), "saliency": None}]
+    terms = head.loss(bf16, targets)
+    assert all(v.dtype == torch.float32 for v in terms.values())
+
+
+def test_span_normaliser_is_averaged_over_processes(monkeypatch):
+    """Under torch.distributed the default normaliser is the mean number of spans per process: a fake
+    2-process all-reduce adds another rank's 3 spans to this rank's 1 -> (1 + 3) / 2 = 2."""
+    criterion = _criterion()
+    outputs = {"pred_spans": torch.tensor([[[0.5, 0.4]]]), "pred_logits": torch.zeros(1, 1, 2),
+               "pred_saliency": torch.zeros(1, 4), "frame_mask": torch.ones(1, 4, dtype=torch.bool)}
+    targets = [{"spans": torch.tensor([[0.2, 0.6]]), "saliency": None}]
+    local = criterion(outputs, targets)["temporal_span_l1"]
+    assert local.item() == pytest.approx(0.1, abs=1e-6)  # one span, offset 0.1
+
+    def fake_all_reduce(tensor):
+        tensor.add_(3.0)
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "all_reduce", fake_all_reduce)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+    averaged = criterion(outputs, targets)["temporal_span_l1"]
+    assert averaged.item() == pytest.approx(0.1 / 2, abs=1e-6)
+    # a process whose partners have no spans either still divides by at least 1
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda tensor: None)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 4)
+    assert criterion(outputs, targets)["temporal_span_l1"].item() == pytest.approx(0.1, abs=1e-6)

@@ -1,31 +1,69 @@
-"""Referring expression comprehension: box IoU and Acc@0.5 (RefCOCO protocol)."""
+"""Referring expression comprehension: box IoU and Acc@0.5 (RefCOCO/+/g protocol).
+
+Boxes in these functions are `(x0, y0, x1, y1)` in pixels (continuous coordinates, no +1); COCO files
+store `(x, y, w, h)`: convert at the file boundary with `xywh_to_xyxy`. A missing prediction is `None`,
+an empty list or a row of NaN: IoU 0, wrong, and still in the denominator.
+"""
 
 import numpy as np
 
 
-def box_iou(pred_xyxy, gt_xyxy) -> np.ndarray:
-    """Row-wise IoU of (n, 4) pixel boxes (x0, y0, x1, y1); a NaN (missing) prediction gives 0."""
-    pred = np.asarray(pred_xyxy, dtype=np.float64).reshape(-1, 4)
-    gt = np.asarray(gt_xyxy, dtype=np.float64).reshape(-1, 4)
+def _box_area(boxes_xyxy: np.ndarray) -> np.ndarray:
+    return np.clip(boxes_xyxy[..., 2] - boxes_xyxy[..., 0], 0, None) * np.clip(boxes_xyxy[..., 3] - boxes_xyxy[..., 1], 0, None)
+
+
+def box_iou(pred_boxes_xyxy_pixels, gt_boxes_xyxy_pixels) -> np.ndarray:
+    """Row-wise IoU of `(n, 4)` predicted and `(n, 4)` GT boxes -> `(n,)`; NaN rows give 0."""
+    pred = np.asarray(pred_boxes_xyxy_pixels, dtype=np.float64).reshape(-1, 4)
+    gt = np.asarray(gt_boxes_xyxy_pixels, dtype=np.float64).reshape(-1, 4)
+    if len(pred) != len(gt):
+        raise ValueError(f"box_iou: {len(pred)} predicted boxes for {len(gt)} GT boxes.")
     width = np.clip(np.minimum(pred[:, 2], gt[:, 2]) - np.maximum(pred[:, 0], gt[:, 0]), 0, None)
     height = np.clip(np.minimum(pred[:, 3], gt[:, 3]) - np.maximum(pred[:, 1], gt[:, 1]), 0, None)
     intersection = width * height
-    area = lambda b: np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)  # noqa: E731
-    union = area(pred) + area(gt) - intersection
+    union = _box_area(pred) + _box_area(gt) - intersection
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.nan_to_num(np.where(union > 0, intersection / union, 0.0), nan=0.0)
 
 
-def xywh_to_xyxy(boxes) -> np.ndarray:
-    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+def xywh_to_xyxy(boxes_xywh) -> np.ndarray:
+    """`(n, 4)` COCO `(x, y, w, h)` -> `(n, 4)` `(x0, y0, x1, y1)`, same units."""
+    boxes = np.asarray(boxes_xywh, dtype=np.float64).reshape(-1, 4)
     return np.concatenate([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], axis=1)
 
 
-def refcoco_accuracy(pred_boxes_xyxy, gt_boxes_xyxy, threshold: float = 0.5) -> dict[str, float]:
-    """Acc@0.5: the fraction (x100) of expressions whose predicted box has IoU >= 0.5 with the GT box.
-    A missing prediction (None, or a row of NaN) is wrong; it stays in the denominator. Also mIoU."""
-    pred = np.array([[np.nan] * 4 if p is None else p for p in pred_boxes_xyxy], dtype=np.float64).reshape(-1, 4)
-    gt = np.asarray(gt_boxes_xyxy, dtype=np.float64).reshape(-1, 4)
+def xyxy_to_xywh(boxes_xyxy) -> np.ndarray:
+    """`(n, 4)` `(x0, y0, x1, y1)` -> `(n, 4)` COCO `(x, y, w, h)`, same units."""
+    boxes = np.asarray(boxes_xyxy, dtype=np.float64).reshape(-1, 4)
+    return np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
+
+
+def boxes_or_nan(boxes, what: str = "prediction") -> np.ndarray:
+    """A list whose items are 4 numbers, `None` or `[]` (missing) -> `(n, 4)` with NaN rows."""
+    if isinstance(boxes, np.ndarray):
+        return boxes.astype(np.float64).reshape(-1, 4)
+    rows = []
+    for index, box in enumerate(boxes):
+        if box is None or len(box) == 0:
+            rows.append([np.nan] * 4)
+        elif len(box) != 4:
+            raise ValueError(f"{what} {index}: a box needs 4 numbers, got {box!r}.")
+        else:
+            rows.append([float(v) for v in box])
+    return np.array(rows, dtype=np.float64).reshape(-1, 4)
+
+
+def refcoco_accuracy(pred_boxes_xyxy_pixels, gt_boxes_xyxy_pixels, threshold: float = 0.5) -> dict[str, float]:
+    """RefCOCO Acc@0.5: % of expressions whose predicted box has IoU >= 0.5 with the GT box; also mIoU.
+
+    Args:
+        pred_boxes_xyxy_pixels: `(n, 4)` or a list of boxes / `None` (missing = wrong).
+        gt_boxes_xyxy_pixels: `(n, 4)`.
+    Returns:
+        `{"Acc@0.5": %, "mIoU": %}` (not rounded).
+    """
+    pred = boxes_or_nan(pred_boxes_xyxy_pixels)
+    gt = np.asarray(gt_boxes_xyxy_pixels, dtype=np.float64).reshape(-1, 4)
     if len(pred) != len(gt):
         raise ValueError(f"{len(pred)} predictions for {len(gt)} expressions; give one (possibly None) per expression.")
     if len(gt) == 0:

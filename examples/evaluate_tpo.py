@@ -1,6 +1,8 @@
 """Evaluate predictions against benchmark ground truth with the official metrics; prints the metrics JSON
-and writes it with `--output`.
+and writes it with `--output`. `predict` runs a TPO checkpoint over a dataset and writes the predictions in
+the formats these subcommands read.
 
+    python examples/evaluate_tpo.py predict --model outputs/tpo-default/final --data data.yaml --split test --output-dir preds/ --evaluate
     python examples/evaluate_tpo.py qvhighlights --predictions preds.jsonl --ground-truth highlight_val_release.jsonl --output metrics.json
     python examples/evaluate_tpo.py charades --predictions preds.jsonl --ground-truth charades_sta_test.txt
     python examples/evaluate_tpo.py refcoco --predictions boxes.json --ground-truth refcoco_val.jsonl
@@ -56,14 +58,49 @@ mcqa
     "options": [...] (optional)}` where `answer` is a letter, or MVBench rows `{"candidates": [...], "answer":
     "<candidate text>"}` (ids default to the row index when absent on both sides); an optional `task_type`
     (or `question_type`, `group`) adds per-task accuracy and their mean. A missing answer is wrong.
-    Output: accuracy, unparsed (%), accuracy/<task>, mean_group_accuracy.
+    Records without `answer` (open-ended questions of a LLaVA file) are left out on both sides; ids are
+    compared as strings. Output: accuracy, unparsed (%), accuracy/<task>, mean_group_accuracy.
+predict
+    Runs a TPO checkpoint (a folder saved by `save_pretrained`, e.g. `examples/run_tpo.py`'s
+    `<output_dir>/final`, with its processor; `--processor` when the processor is saved elsewhere) over
+    samples read by `tpo.processing.readers` and writes one prediction file per dataset and task in
+    `--output-dir`. Model and processor load with `AutoModel` / `AutoProcessor` (`trust_remote_code=True`);
+    a folder that is not a TPO model, or a processor whose task-token ids differ from the model's, is refused.
+    `--data`: a YAML or JSON file with the reader specs of `tpo.processing.readers.read_spec`
+    (`{"format": "qvhighlights", "jsonl": ..., "video_dir": ...}`; formats qvhighlights, charades_sta,
+    activitynet_captions, refcoco, mevis, reasonseg, llava), as a list of specs, or a mapping from split
+    names to lists of specs (`examples/run_tpo.py --data_config`, pick with `--split`, default test), or the
+    synthetic benchmark's `manifest.json`. Paths in the specs are used as written (relative to the working
+    directory). `--max-samples N` reads at most N samples per spec. Samples of tasks the model lacks are
+    left out; samples without annotations (test splits) are predicted and left out of `--evaluate`.
+    Files, named `<source>_<split>_<kind>` (source: the spec's dataset name or format):
+      QVHighlights     `*_submission.jsonl`  the official submission (qid, pred_relevant_windows sorted by
+                       score, pred_saliency_scores per 2-second clip) -> qvhighlights
+      Charades-STA     `*_windows.jsonl`     `{"qid": "charades-<VIDEOID>-<line>", "pred_relevant_windows"}`
+                       -> charades (ActivityNet Captions: the same records, no subcommand)
+      RefCOCO boxes    `*_boxes.json`        `{"id", "bbox": [x, y, w, h], "bbox_xyxy", "image_id"}` -> refcoco
+      RefCOCO masks    `*_masks.json` + `*_masks_ground_truth.json` `{"id", "mask": RLE}` -> reasonseg
+      ReasonSeg        `*_masks.json`        `{"id", "mask": RLE}` -> reasonseg (its folder as ground truth)
+      MeViS            `*_masks.json`        `{"id", "video_id", "exp_id", "masks": [RLE or null per frame]}`
+                       -> mevis; every annotated frame (every frame of an unannotated video) is
+                       segmented, SAM2 tracking from the first; `--mask-frames-per-video N` segments N evenly
+                       spaced ones instead (faster), the others are null (empty for the benchmark)
+      conversations    `*_answers.json`      `{"id": the LLaVA record id, "prediction"}` -> mcqa
+    `predict_summary.json` lists each file with its record count and the evaluate command line that reads it
+    (`evaluate`: the arguments of this script; null where no subcommand applies). `--evaluate` adds the task
+    metrics (`task/metric`, fractions in [0, 1], on the annotated samples predicted) to the summary and
+    `metrics.json`. `--visualize K` writes K PNGs per task under `visualizations/<task>/` (with the JSON
+    record each was drawn from, re-drawable with `python -m tpo.training.visualization`).
 """
 
 import argparse
 import json
 import logging
 import math
+import shlex
 import sys
+import textwrap
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +115,7 @@ from tpo.training.metrics import (
     mcqa_accuracy,
     qvhighlights_eval,
     refcoco_accuracy,
+    to_submission,
     tracking_metrics,
     xywh_to_xyxy,
 )
@@ -460,13 +498,26 @@ def _answer_and_options(record: dict):
     return record["answer"], record.get("options")
 
 
+def _string_keys(indexed: dict) -> dict:
+    """Ids compared as strings (a LLaVA id 5 and the reader's "llava-5" -> "5" are the same question)."""
+    return {str(k): v for k, v in indexed.items()}
+
+
 def evaluate_mcqa(args) -> dict:
     gt_records = read_records(args.ground_truth)
     pred_records = read_records(args.predictions)
     with_ids = all("id" in r for r in gt_records)
-    truths = _index(gt_records, ("id",), args.ground_truth) if with_ids else dict(enumerate(gt_records))
-    predicted = ({k: r.get("prediction") for k, r in _index(pred_records, ("id",), args.predictions).items()} if with_ids
-                 else {i: r.get("prediction") for i, r in enumerate(pred_records)})
+    truths = _string_keys(_index(gt_records, ("id",), args.ground_truth) if with_ids else dict(enumerate(gt_records)))
+    predicted = _string_keys({k: r.get("prediction") for k, r in _index(pred_records, ("id",), args.predictions).items()}
+                             if with_ids else {i: r.get("prediction") for i, r in enumerate(pred_records)})
+    open_ended = {k for k, r in truths.items() if "answer" not in r}
+    if open_ended:  # a LLaVA file mixes open questions (no answer letter) with multiple-choice ones
+        logger.info("%d ground-truth record(s) without an answer (open-ended) are not evaluated (e.g. %s).",
+                    len(open_ended), sorted(open_ended)[:3])
+        truths = {k: r for k, r in truths.items() if k not in open_ended}
+        predicted = {k: v for k, v in predicted.items() if k not in open_ended}
+    if not truths:
+        raise ValueError(f"{args.ground_truth}: no record with an answer; nothing to evaluate.")
     _check_unknown(predicted, set(truths), args.predictions)
     _report_missing([k for k in truths if k not in predicted], "questions")
     keys = list(truths)
@@ -474,6 +525,416 @@ def evaluate_mcqa(args) -> dict:
     group_field = next((f for f in ("task_type", "question_type", "group") if all(f in truths[k] for k in keys)), None)
     groups = [str(truths[k][group_field]) for k in keys] if group_field else None
     return mcqa_accuracy([predicted.get(k) for k in keys], list(answers), list(options), groups)
+
+
+# ----------------------------------------------------------------------------------------------------
+# predict: a TPO checkpoint over a dataset -> prediction files in the formats read above
+# ----------------------------------------------------------------------------------------------------
+
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+NOT_TPO = ("{path} is a {model_type!r} checkpoint, not a TPO model (config.json has no TPO task tokens or heads). "
+           "Wrap the MLLM first, TPOForConditionalGeneration.from_mllm(...), and train it (examples/run_tpo.py "
+           "--model_name_or_path {path}); then pass the saved TPO folder (run_tpo.py writes <output_dir>/final) "
+           "to --model.")
+
+
+def _load_or_explain(loader, path: str, what: str):
+    """`loader(path)`, with errors that name the path and what to pass instead."""
+    try:
+        return loader(path)
+    except OSError as error:  # no such folder, no config / processor files, no Hub access
+        if not Path(path).exists():
+            raise FileNotFoundError(f"{path}: no such {what} folder (and not loadable from the Hub: "
+                                    f"{str(error).splitlines()[0]}).") from error
+        raise ValueError(f"{path}: cannot load the {what} ({str(error).splitlines()[0]}); pass a folder written by "
+                         f"save_pretrained (examples/run_tpo.py writes <output_dir>/final).") from error
+
+
+def load_tpo_checkpoint(model_path: str, processor_path: str | None = None, device: str | None = None,
+                        dtype: str = "float32"):
+    """(model in eval mode on `device`, processor) of a saved TPO checkpoint, loaded with the Auto classes
+    (`trust_remote_code=True`). Raises ValueError for a checkpoint that is not a TPO model and for a
+    processor whose task-token ids differ from the model's."""
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoProcessor
+
+    from tpo.processing.processing_tpo import TPOProcessor
+
+    if dtype not in DTYPES:
+        raise ValueError(f"Unknown dtype {dtype!r}; choose one of {list(DTYPES)}.")
+    processor_path = processor_path or model_path
+    if Path(model_path).is_dir() and not (Path(model_path) / "config.json").exists():
+        raise ValueError(f"{model_path}: no config.json, so not a saved checkpoint; pass the folder written by "
+                         f"save_pretrained (examples/run_tpo.py writes <output_dir>/final).")
+    config = _load_or_explain(lambda p: AutoConfig.from_pretrained(p, trust_remote_code=True), model_path, "model")
+    if getattr(config, "model_type", None) != "tpo" or not hasattr(config, "task_token_ids"):
+        raise ValueError(NOT_TPO.format(path=model_path, model_type=getattr(config, "model_type", None)))
+    processor = _load_or_explain(lambda p: AutoProcessor.from_pretrained(p, trust_remote_code=True), processor_path,
+                                 "processor")
+    if not hasattr(processor, "check_model_config"):
+        raise ValueError(f"{processor_path}: the processor is a {type(processor).__name__}, not a TPOProcessor; save "
+                         f"the TPO processor with the model (processor.save_pretrained(folder)) or pass its folder "
+                         f"with --processor.")
+    if not isinstance(processor, TPOProcessor):
+        # AutoProcessor gave the checkpoint's own copy of the code (remote code); the evaluator that drives it
+        # is this installed package's, so the processor comes from the same package (same settings and tokenizer).
+        logger.info("Using the installed TPOProcessor (not the checkpoint's copy of its code) for %s", processor_path)
+        processor = TPOProcessor.from_pretrained(processor_path)
+    try:
+        processor.check_model_config(config)
+    except ValueError as error:
+        raise ValueError(f"The processor of {processor_path} does not match the model {model_path}: {error}") from error
+    model = AutoModel.from_pretrained(model_path, trust_remote_code=True,
+                                      dtype="auto" if dtype == "auto" else getattr(torch, dtype))
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return model.to(device).eval(), processor
+
+
+def read_data_specs(path: str, split: str = "test") -> list[dict]:
+    """Reader specs from a YAML / JSON file: one spec, a list of specs, a mapping {split: [specs]} (`split`
+    picks one), or the synthetic benchmark's manifest ({"splits": {split: {part: spec}}})."""
+    import yaml
+
+    source = Path(path)
+    if not source.is_file():
+        raise FileNotFoundError(f"{path}: no such file; --data takes a YAML or JSON file of reader specs (see predict --help).")
+    try:
+        data = yaml.safe_load(source.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path}: not valid YAML or JSON ({error}).") from error
+    if isinstance(data, dict) and isinstance(data.get("splits"), dict):  # the synthetic manifest
+        data = data["splits"]
+    if isinstance(data, dict) and "format" not in data:
+        if split not in data:
+            raise ValueError(f"{path}: no split {split!r}; the file has {sorted(data)} (choose one with --split).")
+        data = data[split]
+        if isinstance(data, dict) and "format" not in data:  # {part: spec}
+            data = list(data.values())
+    specs = [data] if isinstance(data, dict) else data
+    if not isinstance(specs, list) or not specs or not all(isinstance(s, dict) and "format" in s for s in specs):
+        raise ValueError(f"{path}: expected reader specs such as {{\"format\": \"qvhighlights\", \"jsonl\": ..., "
+                         f"\"video_dir\": ...}}: one, a list, or a mapping from split names to lists.")
+    return [dict(spec) for spec in specs]
+
+
+def _prepare_sample(sample: dict) -> tuple[dict, bool]:
+    """(sample with sizes and durations filled, annotated?). A sample without annotations (a test split)
+    gets placeholder targets so the processor accepts it; its predictions are kept, its metrics are not."""
+    from tpo.processing.pipeline import probe_media
+    from tpo.processing.schema import rle_from_mask
+
+    sample = probe_media(dict(sample))
+    task, (height, width) = sample["task"], sample["image_size"]
+    if task == "temporal":
+        annotated = bool(sample["spans_seconds"])
+        if not annotated:
+            sample["spans_seconds"] = [[0.0, float(sample["duration_seconds"])]]
+    elif task == "region":
+        annotated = bool(sample["boxes_xyxy_pixels"])
+        if not annotated:
+            sample["boxes_xyxy_pixels"] = [[0.0, 0.0, float(width), float(height)]]
+    elif task == "mask":
+        annotated = bool(sample["masks_rle"])
+        if not annotated:
+            empty = rle_from_mask(np.zeros((height, width), dtype=bool))
+            count = len(sample["frame_paths"]) if sample["media_type"] == "frames" else 1
+            sample["masks_rle"] = [empty] * count
+            sample["mask_frame_indices"] = list(range(count)) if sample["media_type"] != "image" else []
+    else:
+        annotated = bool(sample["answer"]) or any(t["role"] == "assistant" for t in sample["conversations"])
+    return sample, annotated
+
+
+def read_prediction_samples(specs: list[dict], tasks, max_samples: int | None = None) -> list[dict]:
+    """Samples of the specs (at most `max_samples` per spec) as entries {"spec": index, "sample",
+    "annotated"}; tasks the model lacks and samples whose media cannot be read are left out (logged)."""
+    from tpo.processing.readers import read_spec
+
+    keep, entries, seen = set(tasks) | {"text"}, [], {}
+    for index, spec in enumerate(specs):
+        spec = dict(spec)
+        if max_samples is not None:
+            spec["max_samples"] = min(int(spec.get("max_samples") or max_samples), int(max_samples))
+        left_out, unreadable = Counter(), 0
+        for row in read_spec(spec).to_list():
+            if row["task"] not in keep:
+                left_out[row["task"]] += 1
+                continue
+            if row["id"] in seen:
+                raise ValueError(f"Sample id {row['id']!r} comes from spec {seen[row['id']] + 1} and spec {index + 1}; "
+                                 f"predictions are keyed by id, so give the specs distinct dataset names or splits.")
+            seen[row["id"]] = index
+            try:
+                sample, annotated = _prepare_sample(row)
+            except (OSError, ValueError, IndexError) as error:
+                unreadable += 1
+                logger.warning("Sample %r: media unreadable, not predicted (%s)", row["id"], error)
+                continue
+            entries.append({"spec": index, "sample": sample, "annotated": annotated})
+        if left_out:
+            logger.warning("Spec %d (%s): left out %s sample(s) of tasks the model does not have (it has %s).",
+                           index + 1, spec["format"], dict(left_out), list(tasks))
+        if unreadable:
+            logger.warning("Spec %d (%s): %d sample(s) with unreadable media.", index + 1, spec["format"], unreadable)
+    return entries
+
+
+def _safe_name(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in str(text)) or "dataset"
+
+
+def _box_record(sample: dict, prediction: dict) -> dict:
+    x0, y0, x1, y1 = (float(v) for v in prediction["pred_box"])
+    return {"id": sample["id"], "bbox": [x0, y0, x1 - x0, y1 - y0], "bbox_xyxy": [x0, y0, x1, y1],
+            "image_id": json.loads(sample["meta"]).get("image_id")}
+
+
+def _video_mask_record(sample: dict, prediction: dict) -> dict:
+    """{"id", "video_id", "exp_id", "masks": [RLE or null per frame]}: predicted frames at their index."""
+    frames = [int(f) for f in prediction.get("frames") or []]
+    count = len(sample["frame_paths"]) or (max(frames) + 1 if frames else 0)
+    masks = [None] * count
+    for frame, rle in zip(frames, prediction["pred_rle"]):
+        masks[frame] = rle
+    meta = json.loads(sample["meta"])
+    return {"id": sample["id"], "video_id": meta.get("video"), "exp_id": meta.get("expression"), "masks": masks}
+
+
+def _original_llava_id(sample: dict) -> str:
+    """The conversation record's own id (the reader names samples `llava-<id>`), as the mcqa ground truth has it."""
+    return sample["id"][len("llava-"):] if sample["id"].startswith("llava-") else sample["id"]
+
+
+def _prediction_records(predictions, entries: dict) -> dict:
+    """{(source, split, kind): {"benchmark", "task", "specs", "records", "ground_truth", "annotated"}}."""
+    groups: dict = {}
+
+    def add(prediction_id, task, kind, benchmark, record, ground_truth=None):
+        entry = entries[prediction_id]
+        sample = entry["sample"]
+        key = (sample["source"] or "dataset", sample["split"] or "all", kind)
+        group = groups.setdefault(key, {"benchmark": None, "task": task, "specs": set(), "records": [],
+                                        "ground_truth": [], "annotated": 0})
+        group["benchmark"] = group["benchmark"] or benchmark
+        group["specs"].add(entry["spec"])
+        group["records"].append(record)
+        group["annotated"] += int(entry["annotated"])
+        if ground_truth is not None and entry["annotated"]:
+            group["ground_truth"].append(ground_truth)
+
+    for p in predictions.temporal:
+        fmt = entries[p["id"]]["format"]
+        if fmt == "qvhighlights":
+            add(p["id"], "temporal", "submission.jsonl", "qvhighlights", to_submission(p["qid"], p["windows"], p["clip_scores"]))
+        else:
+            add(p["id"], "temporal", "windows.jsonl", "charades" if fmt == "charades_sta" else None,
+                to_submission(p["id"], p["windows"]))
+    for p in predictions.region:
+        add(p["id"], "region", "boxes.json", "refcoco", _box_record(entries[p["id"]]["sample"], p))
+    for p in predictions.mask:
+        sample, fmt = entries[p["id"]]["sample"], entries[p["id"]]["format"]
+        if sample["media_type"] == "image":
+            ground_truth = {"id": p["id"], "mask": sample["masks_rle"][0]} if fmt == "refcoco" else None
+            add(p["id"], "mask", "masks.json", "reasonseg", {"id": p["id"], "mask": p["pred_rle"][0]}, ground_truth)
+        else:
+            add(p["id"], "mask", "masks.json", "mevis" if fmt == "mevis" else None, _video_mask_record(sample, p))
+    for p in predictions.text:
+        sample = entries[p["id"]]["sample"]
+        multiple_choice = entries[p["id"]]["format"] == "llava" and bool(sample["options"])
+        add(p["id"], "text", "answers.json", "mcqa" if multiple_choice else None,
+            {"id": _original_llava_id(sample), "prediction": p["prediction"]})
+    return groups
+
+
+def _count_records(path: str) -> int:
+    try:
+        return len(read_records(path))
+    except (OSError, ValueError):
+        return 0
+
+
+def _evaluate_arguments(group: dict, spec: dict, path: str, ground_truth_path: str | None) -> tuple[list | None, str | None]:
+    """The arguments of this script that evaluate `path`, and a note (why none, or what to know)."""
+    benchmark = group["benchmark"]
+    if benchmark is None and group["task"] == "text":
+        return None, "open-ended answers: no subcommand scores them; --evaluate gives text/exact_match"
+    if benchmark is None:
+        return None, "no evaluate subcommand reads this dataset's ground truth; --evaluate gives the task metrics"
+    if not group["annotated"]:
+        return None, "no annotations (a test split): submit the file to the benchmark's evaluation server"
+    if len(group["specs"]) > 1:
+        return None, "the records come from several specs; evaluate each spec's predictions on its own"
+    predicted = ["--predictions", path]
+    if benchmark == "qvhighlights":
+        arguments = ["qvhighlights", *predicted, "--ground-truth", str(spec["jsonl"])]
+        if len(group["records"]) < _count_records(str(spec["jsonl"])):
+            return arguments + ["--on-missing", "drop"], "only the predicted qids are evaluated (--on-missing drop)"
+        return arguments, None
+    if benchmark == "charades":
+        return ["charades", *predicted, "--ground-truth", str(spec["txt"])], None
+    if benchmark == "refcoco":
+        if not str(spec["refs"]).endswith((".json", ".jsonl")):
+            return None, "the refs are not JSON; --evaluate gives the task metrics"
+        split = spec["split"] if "split" in spec else "train"  # read_refcoco's default
+        return (["refcoco", *predicted, "--instances", str(spec["instances"]), "--refs", str(spec["refs"]),
+                 "--dataset-name", str(spec.get("dataset_name", "refcoco"))] + (["--split", str(split)] if split else []),
+                "expressions without prediction count as wrong")
+    if benchmark == "reasonseg":
+        if spec["format"] == "reasonseg":
+            return (["reasonseg", *predicted, "--ground-truth", str(spec["folder"])],
+                    "LISA's protocol evaluates text 0 of each image; add --all-texts for every text")
+        return ["reasonseg", *predicted, "--ground-truth", ground_truth_path], "ground truth written from the samples read"
+    if benchmark == "mevis":
+        if not spec.get("mask_dict"):
+            return None, "no mask_dict.json: evaluate with the benchmark's server or its own annotations"
+        return (["mevis", *predicted, "--meta", str(spec["meta_expressions"]), "--mask-dict", str(spec["mask_dict"]),
+                 "--dataset-name", str(spec.get("dataset_name", "mevis"))],
+                "frames without a predicted mask count as empty")
+    return ["mcqa", *predicted, "--ground-truth", str(spec["json"])], None
+
+
+def write_benchmark_predictions(predictions, entries: dict, specs: list[dict], output_dir: str) -> list[dict]:
+    """One file per (source, split, kind) in the formats the subcommands read; returns their descriptions."""
+    root = Path(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    files = []
+    for (source, split, kind), group in sorted(_prediction_records(predictions, entries).items()):
+        path = root / f"{_safe_name(source)}_{_safe_name(split)}_{kind}"
+        if path.suffix == ".jsonl":
+            path.write_text("".join(json.dumps(r) + "\n" for r in group["records"]), encoding="utf-8")
+        else:
+            path.write_text(json.dumps(group["records"], indent=None if group["task"] == "mask" else 1), encoding="utf-8")
+        ground_truth_path = None
+        if group["ground_truth"]:
+            ground_truth_path = str(path.with_name(path.stem + "_ground_truth.json"))
+            Path(ground_truth_path).write_text(json.dumps(group["ground_truth"]), encoding="utf-8")
+        spec = specs[min(group["specs"])]
+        arguments, note = _evaluate_arguments(group, spec, str(path), ground_truth_path)
+        files.append({
+            "path": str(path), "benchmark": group["benchmark"], "source": source, "split": split, "task": group["task"],
+            "records": len(group["records"]), "annotated": group["annotated"], "ground_truth": ground_truth_path,
+            "evaluate": arguments,
+            "command": shlex.join([Path(sys.executable).name, str(Path(__file__)), *arguments]) if arguments else None,
+            "note": note,
+        })
+        logger.info("Wrote %s (%d records)", path, len(group["records"]))
+    return files
+
+
+def _visualization_record(task: str, sample: dict, prediction: dict, annotated: bool):
+    """(kind, record) in `tpo.training.visualization`'s JSON input format, or None if it cannot be drawn."""
+    if task == "temporal":
+        record = {"duration": float(sample["duration_seconds"]), "query": sample["query"],
+                  "pred_relevant_windows": prediction["windows"], "pred_saliency_scores": prediction["clip_scores"],
+                  "relevant_windows": prediction["gt_windows"] if annotated else []}
+        if annotated and sample["saliency_scores"]:
+            record.update(relevant_clip_ids=list(sample["saliency_clip_ids"]), saliency_scores=sample["saliency_scores"])
+        if sample["media_type"] == "video":
+            record.update(video=str(Path(sample["media_path"]).resolve()), num_thumbnails=8)
+        return "timeline", record
+    if task == "region":
+        record = {"image": str(Path(sample["media_path"]).resolve()), "pred_boxes_xyxy": [prediction["pred_box"]]}
+        if annotated:
+            record["gt_boxes_xyxy"] = [list(sample["boxes_xyxy_pixels"][0])]
+        return "boxes", record
+    if sample["media_type"] == "image":
+        record = {"image": str(Path(sample["media_path"]).resolve()), "pred_mask": prediction["pred_rle"][0]}
+        if annotated:
+            record["gt_mask"] = sample["masks_rle"][0]
+        return "masks", record
+    if sample["media_type"] != "frames":
+        return None  # masks on an encoded video: the renderer draws frame images only
+    frames = [int(f) for f in prediction.get("frames") or []]
+    record = {"frames": [str(Path(sample["frame_paths"][f]).resolve()) for f in frames],
+              "pred_masks": list(prediction["pred_rle"][: len(frames)]), "captions": [f"frame {f}" for f in frames]}
+    if annotated:
+        by_frame = dict(zip(sample["mask_frame_indices"], sample["masks_rle"]))
+        record["gt_masks"] = [by_frame.get(f) for f in frames]
+    return "masks", record
+
+
+def write_visualizations(predictions, entries: dict, output_dir: str, per_task: int) -> list[str]:
+    """Up to `per_task` PNGs per task under `output_dir/visualizations/<task>/`, each with its JSON record."""
+    from tpo.training.visualization import render_record
+
+    written = []
+    for task in ("temporal", "region", "mask"):
+        done = 0
+        for prediction in getattr(predictions, task):
+            if done >= per_task:
+                break
+            entry = entries[prediction["id"]]
+            drawable = _visualization_record(task, entry["sample"], prediction, entry["annotated"])
+            if drawable is None:
+                logger.info("No visualisation of %r (masks on an encoded video).", prediction["id"])
+                continue
+            kind, record = drawable
+            folder = Path(output_dir) / "visualizations" / task
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"{_safe_name(prediction['id'])}.png"
+            try:
+                render_record(kind, record).save(path, format="PNG")
+            except (OSError, ValueError) as error:
+                logger.warning("Cannot draw %r: %s", prediction["id"], error)
+                continue
+            path.with_suffix(".json").write_text(json.dumps(record), encoding="utf-8")
+            written.append(str(path))
+            done += 1
+    return written
+
+
+def _annotated_only(predictions, entries: dict):
+    from tpo.training.evaluation import Predictions
+
+    def keep(items):
+        return [p for p in items if entries[p["id"]]["annotated"]]
+
+    return Predictions(router=list(predictions.router), temporal=keep(predictions.temporal), region=keep(predictions.region),
+                       mask=keep(predictions.mask), text=keep(predictions.text))
+
+
+def predict(args) -> dict:
+    from tpo.training.evaluation import TaskEvaluator, compute_task_metrics, format_table
+
+    if args.batch_size < 1 or (args.max_samples is not None and args.max_samples < 1):
+        raise ValueError("--batch-size and --max-samples must be at least 1.")
+    specs = read_data_specs(args.data, args.split)
+    model, processor = load_tpo_checkpoint(args.model, args.processor, args.device, args.dtype)
+    logger.info("Model %s: tasks %s, on %s (%s)", args.model, list(model.config.tasks), next(model.parameters()).device,
+                next(model.parameters()).dtype)
+    entries = read_prediction_samples(specs, model.config.tasks, args.max_samples)
+    if not entries:
+        raise ValueError(f"{args.data}: no sample to predict (see the warnings above).")
+    for entry in entries:
+        entry["format"] = specs[entry["spec"]]["format"]
+    if args.mask_frames_per_video < 0:
+        raise ValueError("--mask-frames-per-video must be 0 (every annotated frame) or more.")
+    counts = [len(e["sample"]["masks_rle"]) for e in entries if e["sample"]["task"] == "mask"]
+    processor.mask_frames_per_video = args.mask_frames_per_video or max(counts + [1])  # frames given to SAM2
+    by_id = {entry["sample"]["id"]: entry for entry in entries}
+    evaluator = TaskEvaluator(processor, [e["sample"] for e in entries], batch_size=args.batch_size,
+                              max_new_tokens=args.max_new_tokens, mask_video_mode=args.mask_video_mode)
+    predictions = evaluator.predict(model)
+    predicted = {p["id"] for task in ("temporal", "region", "mask", "text") for p in getattr(predictions, task)}
+    missing = [i for i in by_id if i not in predicted]
+    if missing:
+        logger.warning("%d sample(s) have no prediction (e.g. %s); see the warnings above.", len(missing), missing[:3])
+    output_dir = Path(args.output_dir)
+    summary = {"model": args.model, "data": args.data, "split": args.split, "samples": len(entries),
+               "predicted": len(predicted), "annotated": sum(e["annotated"] for e in entries),
+               "files": write_benchmark_predictions(predictions, by_id, specs, str(output_dir))}
+    if args.visualize:
+        summary["visualizations"] = write_visualizations(predictions, by_id, str(output_dir), args.visualize)
+    if args.evaluate:
+        metrics = compute_task_metrics(_annotated_only(predictions, by_id))
+        if not metrics:
+            logger.warning("No annotated sample was predicted: no metrics.")
+        summary["metrics"] = metrics
+        (output_dir / "metrics.json").write_text(json.dumps(_json_ready(metrics), indent=2, sort_keys=True) + "\n",
+                                                 encoding="utf-8")
+        logger.info("Task metrics on %d annotated samples:\n%s", summary["annotated"], format_table(metrics))
+    (output_dir / "predict_summary.json").write_text(json.dumps(_json_ready(summary), indent=2) + "\n", encoding="utf-8")
+    return summary
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -492,7 +953,7 @@ def _section(name: str) -> str:
     lines = __doc__.splitlines()
     start = lines.index(name) + 1
     end = next((i for i in range(start, len(lines)) if lines[i] and not lines[i].startswith(" ")), len(lines))
-    return "\n".join(line.strip() for line in lines[start:end])
+    return textwrap.dedent("\n".join(lines[start:end]))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -522,6 +983,26 @@ def build_parser() -> argparse.ArgumentParser:
     mevis.add_argument("--dataset-name", default="mevis", help="id prefix, as given to the MeViS reader")
     add("tracking", evaluate_tracking).add_argument("--protocol", choices=("lasot", "got10k", "both"), default="both")
     add("mcqa", evaluate_mcqa)
+
+    run = subparsers.add_parser("predict", description=_section("predict"), formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("--model", required=True, help="TPO checkpoint folder (save_pretrained), e.g. <run_tpo output_dir>/final")
+    run.add_argument("--processor", help="folder of the saved TPOProcessor (default: --model)")
+    run.add_argument("--data", required=True, help="YAML/JSON file of reader specs: a list, {split: [specs]}, or a synthetic manifest.json")
+    run.add_argument("--split", default="test", help="split of a {split: [specs]} file or manifest (default: test)")
+    run.add_argument("--output-dir", required=True, help="folder for the prediction files, predict_summary.json, metrics.json")
+    run.add_argument("--batch-size", type=int, default=8, help="samples per forward pass (default: 8)")
+    run.add_argument("--max-samples", type=int, help="at most this many samples per spec")
+    run.add_argument("--max-new-tokens", type=int, default=16, help="answer length for conversation samples (default: 16)")
+    run.add_argument("--mask-frames-per-video", type=int, default=0, metavar="N",
+                     help="video mask samples: segment N evenly spaced annotated frames (default 0: all of them)")
+    run.add_argument("--mask-video-mode", choices=("propagate", "per_frame"), default="propagate",
+                     help="video masks: first frame by the mask head, then SAM2's video memory (propagate, default), "
+                          "or every frame prompted alone (per_frame: for a SAM2 whose memory is untrained)")
+    run.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    run.add_argument("--dtype", choices=DTYPES, default="float32", help="weights dtype (default: float32)")
+    run.add_argument("--evaluate", action="store_true", help="also compute the task metrics on the annotated samples")
+    run.add_argument("--visualize", type=int, default=0, metavar="K", help="write K PNGs per task under visualizations/")
+    run.set_defaults(handler=predict)
     return parser
 
 
@@ -540,7 +1021,7 @@ def main(argv: list[str] | None = None) -> dict:
     metrics = _json_ready(args.handler(args))
     text = json.dumps(metrics, indent=2)
     print(text)
-    if args.output:
+    if getattr(args, "output", None):
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(text + "\n", encoding="utf-8")
     return metrics

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import yaml
 from transformers import AutoModelForImageTextToText, AutoProcessor, HfArgumentParser, set_seed
+from transformers.trainer_utils import get_last_checkpoint
 
 from tpo import TPOForConditionalGeneration
 from tpo.processing.pipeline import TPODataCollator, encode_dataset
@@ -61,6 +62,9 @@ class ScriptArguments:
     max_eval_samples: int | None = field(default=None, metadata={"help": "Cap on test samples evaluated."})
     num_proc: int | None = field(default=None, metadata={"help": "Processes of the Dataset.map preprocessing."})
     results_file: str = field(default="eval_results.json", metadata={"help": "Metrics file in --output_dir."})
+    mask_video_mode: str = field(default="propagate", metadata={
+        "help": "How evaluation segments video mask samples: 'propagate' (first frame by the mask head, then "
+                "SAM2's video memory) or 'per_frame' (for a SAM2 whose memory is untrained, e.g. a random tiny one)."})
 
 
 @dataclass
@@ -75,6 +79,9 @@ class ModelArguments:
     num_task_tokens: int = field(default=1, metadata={"help": "Learnable task tokens per task."})
     num_frames: int = field(default=8, metadata={"help": "Video frames the MLLM sees."})
     mask_frames_per_video: int = field(default=4, metadata={"help": "Annotated frames per video mask sample for SAM2."})
+    question_before_media: bool = field(default=False, metadata={
+        "help": "Grounding questions before the image/video (for an MLLM trained from scratch: visual tokens "
+                "then read the question); pretrained MLLMs expect the media first (the default)."})
     tiny_hidden_size: int = field(default=128, metadata={"help": "Tiny LLaVA: hidden size."})
     tiny_num_layers: int = field(default=4, metadata={"help": "Tiny LLaVA: layers of the vision tower and the LM."})
     tiny_image_size: int = field(default=64, metadata={"help": "Tiny LLaVA: vision tower input size."})
@@ -113,19 +120,33 @@ def parse_arguments(argv: list[str]):
 # ------------------------------------------------------------------------------------------------------
 # Data
 # ------------------------------------------------------------------------------------------------------
+DATA_CONFIG_KEYS = ("train", *(f"train_{stage}" for stage in STAGES), "eval", "test")
+
+
 def load_data(script: ScriptArguments) -> dict:
-    """{"train", "eval", "test"} datasets of the common schema."""
+    """{"train", "train_<stage>" (where given), "eval", "test"} datasets of the common schema.
+
+    A data config lists reader specs under `train` (every stage), `train_assign` / `train_task` /
+    `train_joint` (one stage's own data, replacing `train` for it), `eval` and `test`.
+    """
     if script.data_config:
-        config = yaml.safe_load(Path(script.data_config).read_text(encoding="utf-8"))
-        return {split: read_specs(config.get(split, [])) for split in ("train", "eval", "test")}
+        config = yaml.safe_load(Path(script.data_config).read_text(encoding="utf-8")) or {}
+        unknown = sorted(set(config) - set(DATA_CONFIG_KEYS))
+        if unknown:
+            raise ValueError(f"{script.data_config}: unknown key(s) {unknown}; expected some of {list(DATA_CONFIG_KEYS)}.")
+        if not any(key.startswith("train") for key in config):
+            raise ValueError(f"{script.data_config}: no training data (`train` or `train_<stage>` lists).")
+        return {key: read_specs(specs or []) for key, specs in config.items()} | {
+            split: read_specs(config.get(split) or []) for split in ("train", "eval", "test")}
     manifest = generate_synthetic_benchmark(script.synthetic_dir, size=script.synthetic_size, seed=script.synthetic_seed)
     specs = {split: list(manifest["splits"][split].values()) for split in ("train", "val", "test")}
     return {"train": read_specs(specs["train"]), "eval": read_specs(specs["val"]), "test": read_specs(specs["test"])}
 
 
-def tokenizer_corpus(dataset) -> list[str]:
+def tokenizer_corpus(datasets: list) -> list[str]:
+    """Texts the tiny tokenizer is trained on: the prompt templates, queries and conversations."""
     texts = [template for templates in DEFAULT_PROMPT_TEMPLATES.values() for template in templates]
-    for row in dataset:
+    for row in (row for dataset in datasets for row in dataset):
         texts.append(row["query"])
         texts.extend(turn["content"] for turn in row["conversations"])
     return texts
@@ -174,8 +195,21 @@ def build_model(model_args: ModelArguments, train_data):
     if model.mask_head is not None and model_args.sam2_name_or_path:
         model.mask_head.load_sam2(model_args.sam2_name_or_path)
     processor = TPOProcessor.from_model_config(model.config, image_processor, tokenizer, num_frames=model_args.num_frames,
-                                               mask_frames_per_video=model_args.mask_frames_per_video)
+                                               mask_frames_per_video=model_args.mask_frames_per_video,
+                                               question_before_media=model_args.question_before_media)
     return model, processor
+
+
+def stage_resume_point(resume: str | None, stage_dir: str) -> str | None:
+    """The checkpoint a stage resumes from. `--resume_from_checkpoint true`: every stage resumes from the
+    last checkpoint in its own folder (`<output_dir>/stage-<stage>/checkpoint-*`), so finished stages
+    restore their final weights and the interrupted one goes on; a checkpoint path: only the stage whose
+    folder holds it resumes from it."""
+    if not resume or str(resume).lower() == "false":
+        return None
+    if str(resume).lower() == "true":
+        return get_last_checkpoint(stage_dir) if Path(stage_dir).is_dir() else None
+    return str(resume) if Path(resume).resolve().parent == Path(stage_dir).resolve() else None
 
 
 def lora_config(model_args: ModelArguments, model):
@@ -196,23 +230,37 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     # Dataset
     data = load_data(script)
-    logger.info("Samples: train %d, eval %d, test %d", len(data["train"]), len(data["eval"]), len(data["test"]))
+    logger.info("Samples: %s", ", ".join(f"{key} {len(value)}" for key, value in data.items()))
 
     # Samples of tasks the model does not enable are left out (conversation samples always stay).
     keep = set(model_args.enabled_tasks) | {"text"}
-    for split in ("train", "eval", "test"):
-        before = len(data[split])
-        data[split] = data[split].filter(lambda row: row["task"] in keep, desc=f"enabled tasks ({split})")
-        if len(data[split]) < before:
-            logger.info("%s: left out %d samples of tasks not enabled", split, before - len(data[split]))
+    for key in list(data):
+        before = len(data[key])
+        data[key] = data[key].filter(lambda row: row["task"] in keep, desc=f"enabled tasks ({key})")
+        if len(data[key]) < before:
+            logger.info("%s: left out %d samples of tasks not enabled", key, before - len(data[key]))
 
     # Model
-    model, processor = build_model(model_args, data["train"])
+    training_keys = [key for key in data if key.startswith("train") and len(data[key])]
+    model, processor = build_model(model_args, [data[key] for key in training_keys])
     logger.info("TPO model: %.2fM parameters, tasks %s", sum(p.numel() for p in model.parameters()) / 1e6,
                 model.config.tasks)
-    train = encode_dataset(data["train"], processor, mode="train", num_proc=script.num_proc)
-    evaluation = encode_dataset(data["eval"], processor, mode="train", num_proc=script.num_proc) if len(data["eval"]) else None
+    encoded = {}
+
+    def encoded_split(key: str):
+        if key not in encoded:
+            encoded[key] = encode_dataset(data[key], processor, mode="train", num_proc=script.num_proc)
+        return encoded[key]
+
+    evaluation = encoded_split("eval") if len(data["eval"]) else None
     collator = TPODataCollator(processor)
+    task_evaluator = None
+    if training_args.eval_strategy != "no" and len(data["eval"]):
+        eval_rows = data["eval"]
+        if script.max_eval_samples is not None and len(eval_rows) > script.max_eval_samples:
+            eval_rows = eval_rows.shuffle(seed=training_args.seed).select(range(script.max_eval_samples))
+        task_evaluator = TaskEvaluator(processor, eval_rows, batch_size=training_args.per_device_eval_batch_size,
+                                       mask_video_mode=script.mask_video_mode)
 
     # Training
     peft_config = lora_config(model_args, model) if training_args.llm_training == "lora" else None
@@ -223,12 +271,18 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         if getattr(script, f"{stage}_learning_rate") is not None:
             overrides["learning_rate"] = getattr(script, f"{stage}_learning_rate")
         stage_args = dataclasses.replace(training_args, **overrides)
-        stage_train = train if stage != "task" else train.filter(lambda row: row["task_label"] != 0,
-                                                                 desc="grounding samples")
+        stage_key = f"train_{stage}" if len(data.get(f"train_{stage}", [])) else "train"
+        stage_train = encoded_split(stage_key)
+        if stage == "task":  # the heads' stage: grounding samples only
+            stage_train = stage_train.filter(lambda row: row["task_label"] != 0, desc="grounding samples")
+        if not len(stage_train):
+            raise ValueError(f"Stage {stage!r} has no training samples (data {stage_key!r}); give it data or leave the "
+                             "stage out of --stages.")
+        logger.info("Stage %s: %d training samples from %r", stage, len(stage_train), stage_key)
         trainer = TPOTrainer(model=trained, args=stage_args, peft_config=peft_config, train_dataset=stage_train,
                              eval_dataset=evaluation if stage_args.eval_strategy != "no" else None,
-                             data_collator=collator, processing_class=processor)
-        trainer.train()
+                             data_collator=collator, processing_class=processor, task_evaluator=task_evaluator)
+        trainer.train(resume_from_checkpoint=stage_resume_point(training_args.resume_from_checkpoint, stage_args.output_dir))
         trained = trainer.model
         peft_config = None  # the adapters exist from the first stage on
 
@@ -238,6 +292,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if script.max_eval_samples is not None and len(test) > script.max_eval_samples:
         test = test.shuffle(seed=training_args.seed).select(range(script.max_eval_samples))
     evaluator = TaskEvaluator(processor, test, batch_size=training_args.per_device_eval_batch_size,
+                              mask_video_mode=script.mask_video_mode,
                               output_dir=str(output_dir / "predictions"))
     metrics = evaluator(unwrap_tpo(final))
     final_dir = output_dir / "final"

@@ -89,3 +89,18 @@ def pairwise_generalized_temporal_iou(spans_a: torch.Tensor, spans_b: torch.Tens
         torch.zeros_like(enclosing),
     )
     return iou - penalty
+
+
+def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """(m, H, W) bool -> (m, 4) tight (x0, y0, x1, y1) pixel boxes (x1, y1 exclusive); zeros for an empty mask."""
+    masks = masks.bool()
+    m, height, width = masks.shape
+    rows, cols = masks.any(2), masks.any(1)  # (m, H), (m, W)
+    ys = torch.arange(height, device=masks.device)
+    xs = torch.arange(width, device=masks.device)
+    y0 = torch.where(rows, ys, height).min(1).values
+    y1 = torch.where(rows, ys + 1, 0).max(1).values
+    x0 = torch.where(cols, xs, width).min(1).values
+    x1 = torch.where(cols, xs + 1, 0).max(1).values
+    boxes = torch.stack([x0, y0, x1, y1], dim=-1).float()
+    return torch.where(rows.any(1)[:, None], boxes, torch.zeros_like(boxes))

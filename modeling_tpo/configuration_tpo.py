@@ -23,7 +23,8 @@ DEFAULT_SLOT_TOKENS = {"temporal": "<temp>", "region": "<boxes>", "mask": "<mask
 
 # Head defaults, documented against REFERENCE.md section 2 (the public release):
 # - region: 2-layer MLP hidden -> hidden/2 -> 4, loss 2 * L1 + GIoU / 5 ("mlp"; "heatmap" is our
-#   soft-argmax variant over the visual tokens, for MLLMs trained from scratch).
+#   soft-argmax variant over the visual tokens, for MLLMs trained from scratch, with a heatmap KL term
+#   `heatmap_weight` that supervises the token scores directly).
 # - temporal: CG-DETR-like localiser, 10 moment queries, matching costs span L1 10, gIoU 1,
 #   class 4; loss weights span L1 10, gIoU 1, CE 4 (no-object weight 0.1), saliency 4, the
 #   whole temporal sum scaled by 0.05 (`loss_weights["temporal"]`). `decoder="dense"` is our
@@ -31,7 +32,8 @@ DEFAULT_SLOT_TOKENS = {"temporal": "<temp>", "region": "<boxes>", "mask": "<mask
 # - mask: task embedding -> MLP hidden -> hidden -> K x prompt_dim sparse SAM2 prompts (K=3).
 #   The release trains only an L1 on SAM2 prompt embeddings; we add BCE + Dice on the masks
 #   (weights as LISA: BCE 2.0, Dice 0.5) and keep the prompt L1 as an option (weight 0).
-DEFAULT_REGION_HEAD = {"mode": "mlp", "hidden_ratio": 0.5, "l1_weight": 2.0, "giou_weight": 0.2, "heatmap_dim": 256}
+DEFAULT_REGION_HEAD = {"mode": "mlp", "hidden_ratio": 0.5, "l1_weight": 2.0, "giou_weight": 0.2, "heatmap_dim": 256,
+                       "heatmap_weight": 1.0}
 DEFAULT_TEMPORAL_HEAD = {
     "d_model": 256,
     "num_heads": 8,

@@ -52,9 +52,16 @@ class TaskTokenLogitsProcessor(LogitsProcessor):
 class TPOGenerateOutput(ModelOutput):
     r"""
     sequences (`torch.LongTensor` of shape `(batch, prompt + generated)`): as transformers returns them.
-    task_outputs (`list[dict | None]`): per sample, the head predictions of the task tokens it generated
-        (`{"region": {"boxes": (q, 4)}, "temporal": {...}, "mask": {...}}`, normalised as the model's
-        forward returns them), or None for a sample that asked for no task.
+    task_outputs (`list[dict | None]`): per sample, the head predictions of its task queries (the slot
+        tokens it generated or was given), in normalised units, or None for a sample without any:
+        - `"region"`: `{"boxes": (q_i, 4)}` normalised (x0, y0, x1, y1) of the image the MLLM sees;
+        - `"temporal"`: `{"windows": [q_i lists of (start, end, score)], "saliency": [(frames,)],
+          "frame_times": [(frames,)]}`, normalised by the video duration;
+        - `"mask"`: per query `"mask_logits"` (T, h, w), `"boxes"` (T, 4) normalised (x0, y0, x1, y1) of
+          the thresholded masks (zeros where empty), `"visible"` (T,) bool and `"mode"` ("propagate": the
+          first frame segmented, the others tracked through SAM2's video memory at SAM2's input size;
+          "per_frame": every frame prompted by the task embedding, at SAM2's mask size S / 4).
+        The processor's `post_process_*` methods turn them into pixels, seconds and RLE masks.
     head_outputs (`TPOOutput`, *optional*): the raw forward output of the heads' pass.
     scores, logits, attentions, hidden_states, cache: transformers' generation outputs.
     """
@@ -97,3 +104,50 @@ def generated_attention_mask(new_tokens: torch.Tensor, eos_token_ids: list[int],
         is_eos |= new_tokens == token
     ended_before = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
     return (~ended_before).long()
+
+
+def append_to_left_padded(tensor: torch.Tensor, suffixes: list[torch.Tensor], fill) -> torch.Tensor:
+    """Append `suffixes[row]` ((n_row, ...) each) to the rows of a left-padded (batch, seq, ...) tensor,
+    keeping it left-padded: row i gains `max(n) - n_i` `fill` positions at its start.
+    Returns (batch, seq + max(n), ...)."""
+    width = max(suffix.shape[0] for suffix in suffixes)
+    rows = []
+    for row, suffix in zip(tensor, suffixes):
+        pad = torch.full((width - suffix.shape[0], *row.shape[1:]), fill, dtype=row.dtype, device=row.device)
+        rows.append(torch.cat([pad, row, suffix.to(device=row.device, dtype=row.dtype)]))
+    return torch.stack(rows)
+
+
+def incomplete_slot_runs(tokens: torch.Tensor, slot_ids: list[int]) -> torch.Tensor:
+    """(batch, seq) bool: slot tokens that are not part of a complete run `slot_ids` (in order), as left
+    at the end of an answer cut by `max_new_tokens` between two slot tokens."""
+    k = len(slot_ids)
+    is_slot = torch.isin(tokens, torch.tensor(slot_ids, device=tokens.device))
+    if k == 1:
+        return torch.zeros_like(is_slot)
+    seq_len = tokens.shape[1]
+    complete_start = torch.ones_like(is_slot)  # a complete run starts here
+    for offset, slot in enumerate(slot_ids):
+        shifted = torch.full_like(tokens, -1)
+        shifted[:, : seq_len - offset] = tokens[:, offset:]
+        complete_start &= shifted == slot
+    covered = torch.zeros_like(is_slot)
+    for offset in range(k):
+        covered[:, offset:] |= complete_start[:, : seq_len - offset]
+    return is_slot & ~covered
+
+
+def check_normalised_box(box: torch.Tensor, where: str) -> None:
+    """Refuse a tracking box that is not (x0, y0, x1, y1) inside the frame, normalised to [0, 1]."""
+    values = box.detach().float().reshape(-1)
+    tolerance = 1e-4
+    if values.numel() != 4 or not bool(torch.isfinite(values).all()):
+        raise ValueError(f"{where}: the initial box {values.tolist()} must be 4 finite numbers (x0, y0, x1, y1).")
+    x0, y0, x1, y1 = values.tolist()
+    inside = min(values.tolist()) >= -tolerance and max(values.tolist()) <= 1 + tolerance
+    if not (inside and x0 < x1 and y0 < y1):
+        raise ValueError(
+            f"{where}: the initial box {values.tolist()} is outside the frame or empty. Tracking boxes are "
+            "(x0, y0, x1, y1) normalised to [0, 1] of the frame with x0 < x1 and y0 < y1: divide a pixel box "
+            "by the frame's (width, height, width, height)."
+        )

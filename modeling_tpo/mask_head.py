@@ -18,6 +18,8 @@ from torch import nn
 from transformers import Sam2VideoModel
 from transformers.models.sam2_video.modeling_sam2_video import Sam2VideoInferenceSession
 
+from .box_ops import masks_to_boxes
+
 
 def dice_loss(logits: torch.Tensor, targets: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
     """Mean over masks of 1 - (2 |P.T| + s) / (|P| + |T| + s), P = sigmoid(logits); (m, H, W) inputs."""
@@ -26,21 +28,6 @@ def dice_loss(logits: torch.Tensor, targets: torch.Tensor, smooth: float = 1.0) 
     numerator = 2 * (probabilities * targets).sum(-1) + smooth
     denominator = probabilities.sum(-1) + targets.sum(-1) + smooth
     return (1 - numerator / denominator).mean()
-
-
-def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
-    """(m, H, W) bool -> (m, 4) tight (x0, y0, x1, y1) pixel boxes (x1, y1 exclusive); zeros for an empty mask."""
-    masks = masks.bool()
-    m, height, width = masks.shape
-    rows, cols = masks.any(2), masks.any(1)  # (m, H), (m, W)
-    ys = torch.arange(height, device=masks.device)
-    xs = torch.arange(width, device=masks.device)
-    y0 = torch.where(rows, ys, height).min(1).values
-    y1 = torch.where(rows, ys + 1, 0).max(1).values
-    x0 = torch.where(cols, xs, width).min(1).values
-    x1 = torch.where(cols, xs + 1, 0).max(1).values
-    boxes = torch.stack([x0, y0, x1, y1], dim=-1).float()
-    return torch.where(rows.any(1)[:, None], boxes, torch.zeros_like(boxes))
 
 
 class MaskHead(nn.Module):
@@ -202,35 +189,41 @@ class MaskHead(nn.Module):
 
     # ---- video inference ----------------------------------------------------------------------------
     @torch.no_grad()
-    def track(self, task_embedding: torch.Tensor, frames: torch.Tensor, initial_box: torch.Tensor | None = None,
+    def track(self, task_embedding: torch.Tensor | None, frames: torch.Tensor, initial_box: torch.Tensor | None = None,
               initial_mask_logits: torch.Tensor | None = None, threshold: float = 0.0) -> dict:
         """Segment and track through a video.
 
+        Frame 0's mask comes from `initial_box` (SAM2's box prompt alone), else `initial_mask_logits`,
+        else the head prompted by `task_embedding`; SAM2's video memory propagates it to the other frames.
+
         Args:
-            task_embedding: (k, hidden) one query's task embedding.
-            frames: (T, 3, S, S) SAM2 inputs.
-            initial_box: optional (4,) user box on frame 0, SAM2 input pixels (a tracking prompt).
-            initial_mask_logits: optional (h, w) mask logits for frame 0 (skips the head's prediction).
+            task_embedding: (k, hidden) one query's task embedding (unused with a box or initial mask).
+            frames: (T, 3, S, S) SAM2 inputs, in time order.
+            initial_box: optional (4,) user box on frame 0, (x0, y0, x1, y1) in SAM2 input pixels.
+            initial_mask_logits: optional (h, w) mask logits for frame 0, any size (skips the head).
         Returns:
             mask_logits (T, S, S), boxes_xyxy (T, 4) in SAM2 input pixels, visible (T,) bool.
         """
         size = self.image_size
         dtype = next(self.sam2.parameters()).dtype
+        frames = frames.to(dtype)
         session = Sam2VideoInferenceSession(video=frames, video_height=size, video_width=size,
                                             inference_device=frames.device, inference_state_device=frames.device,
                                             video_storage_device=frames.device, dtype=dtype)
         obj_idx = session.obj_id_to_idx(1)
         if initial_box is not None:
-            corners = initial_box.reshape(1, 1, 2, 2).float()
-            session.add_point_inputs(obj_idx, 0, {"point_coords": corners,
-                                                  "point_labels": torch.tensor([[[2, 3]]], dtype=torch.int32)})
+            corners = initial_box.reshape(1, 1, 2, 2).to(device=frames.device, dtype=torch.float32)
+            labels = torch.tensor([[[2, 3]]], dtype=torch.int32, device=frames.device)
+            session.add_point_inputs(obj_idx, 0, {"point_coords": corners, "point_labels": labels})
         else:
             if initial_mask_logits is None:
+                if task_embedding is None:
+                    raise ValueError("Tracking needs a frame-0 prompt: a task embedding, initial mask logits or a box.")
                 first = self.forward(task_embedding[None], sam2_pixel_values=frames[:1])
                 initial_mask_logits = first["pred_mask_logits"][0]
             mask = F.interpolate(initial_mask_logits[None, None].float(), size=(size, size), mode="bilinear",
                                  align_corners=False)
-            session.add_mask_inputs(obj_idx, 0, (mask > threshold).float())
+            session.add_mask_inputs(obj_idx, 0, (mask > threshold).to(dtype))
         session.obj_with_new_inputs = [1]
         logits = []
         was_training = self.sam2.training

@@ -26,7 +26,7 @@ class RegionHead(nn.Module):
     MODES = ("mlp", "heatmap")
 
     def __init__(self, hidden_size: int, mode: str = "mlp", hidden_ratio: float = 0.5, l1_weight: float = 2.0,
-                 giou_weight: float = 0.2, heatmap_dim: int = 256):
+                 giou_weight: float = 0.2, heatmap_dim: int = 256, heatmap_weight: float = 1.0):
         super().__init__()
         if mode not in self.MODES:
             raise ValueError(f"Unknown region head mode {mode!r}; use one of {self.MODES}.")
@@ -40,7 +40,9 @@ class RegionHead(nn.Module):
             self.key = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, heatmap_dim))
             self.query = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, heatmap_dim))
             self.score = nn.Sequential(nn.ReLU(), nn.Linear(heatmap_dim, 1))
-            self.size = nn.Sequential(nn.Linear(2 * heatmap_dim + 2, heatmap_dim), nn.ReLU(), nn.Linear(heatmap_dim, 2))
+            # per token: centre offset from its patch centre (tanh-bounded) and box size, both query-aware
+            self.token_box = nn.Sequential(nn.ReLU(), nn.Linear(heatmap_dim, 4))
+        self.heatmap_weight = heatmap_weight
         self.l1_weight = l1_weight
         self.giou_weight = giou_weight
 
@@ -50,34 +52,65 @@ class RegionHead(nn.Module):
 
     def forward(self, task_embeddings: torch.Tensor, visual_features: torch.Tensor | None = None,
                 visual_xy: torch.Tensor | None = None, visual_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(q, k, hidden) task embeddings (+ visual tokens for "heatmap") -> (q, 4) normalised (cx, cy, w, h)."""
+        return self.forward_with_heatmap(task_embeddings, visual_features, visual_xy, visual_mask)[0]
+
+    def forward_with_heatmap(self, task_embeddings: torch.Tensor, visual_features: torch.Tensor | None = None,
+                             visual_xy: torch.Tensor | None = None, visual_mask: torch.Tensor | None = None
+                             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Boxes (q, 4) normalised (cx, cy, w, h) and, for "heatmap", the visual tokens' scores (q, V)
+        (masked tokens at the dtype's minimum; None for "mlp")."""
         query = task_embeddings.mean(dim=1)
         if self.mode == "mlp":
-            return self.fc2(self.act(self.fc1(query))).sigmoid()
+            return self.fc2(self.act(self.fc1(query))).sigmoid(), None
         if visual_features is None or visual_xy is None:
             raise ValueError("The 'heatmap' region head needs the visual tokens' features and centres.")
         dtype = self.key[1].weight.dtype
-        keys = self.key(visual_features.to(dtype))  # (q, V, d)
-        queries = self.query(query.to(dtype))  # (q, d)
-        scores = self.score(keys + queries[:, None]).squeeze(-1)  # (q, V)
+        joint = self.key(visual_features.to(dtype)) + self.query(query.to(dtype))[:, None]  # (q, V, d)
+        scores = self.score(joint).squeeze(-1)  # (q, V)
         if visual_mask is not None:
             scores = scores.masked_fill(~visual_mask.bool(), torch.finfo(scores.dtype).min)
-        weights = scores.float().softmax(-1)
-        xy = visual_xy.float()
-        centre = (weights[..., None] * xy).sum(1)  # (q, 2)
-        spread = (weights[..., None] * (xy - centre[:, None]).abs()).sum(1)
-        attended = (weights[..., None].to(keys.dtype) * keys).sum(1)
-        size = self.size(torch.cat([attended, queries, spread.to(keys.dtype)], -1)).sigmoid()
-        return torch.cat([centre.to(size.dtype), size], -1)
+        weights = scores.float().softmax(-1)[..., None]  # (q, V, 1)
+        token_box = self.token_box(joint).float()  # (q, V, 4)
+        centres = visual_xy.float() + TOKEN_OFFSET_RANGE * token_box[..., :2].tanh()
+        centre = (weights * centres).sum(1)  # (q, 2)
+        size = (weights * token_box[..., 2:]).sum(1).sigmoid()
+        return torch.cat([centre, size], -1).clamp(0.0, 1.0).to(dtype), scores
 
-    def loss(self, pred_boxes_cxcywh: torch.Tensor, target_boxes_xyxy: torch.Tensor) -> dict[str, torch.Tensor]:
-        """L1 on (cx, cy, w, h) summed over coordinates and GIoU loss on (x0, y0, x1, y1), both
-        averaged over queries, computed in float32.
+    def loss(self, pred_boxes_cxcywh: torch.Tensor, target_boxes_xyxy: torch.Tensor,
+             token_scores: torch.Tensor | None = None, visual_xy: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """L1 on (cx, cy, w, h) summed over coordinates and GIoU loss on (x0, y0, x1, y1), both averaged over
+        queries, computed in float32; for "heatmap" with `token_scores` (q, V) and `visual_xy` (q, V, 2) also
+        `region_heatmap`: the KL divergence from a Gaussian at the GT centre (standard deviations a quarter
+        of the GT width and height) over the tokens to the tokens' softmax, which supervises *where* to
+        look directly instead of only through the box (0 when the two agree).
 
-        Returns `{"region": weighted total, "region_l1": ..., "region_giou": ...}`.
+        Returns `{"region": weighted total, "region_l1": ..., "region_giou": ..., ["region_heatmap": ...]}`.
         """
         pred = pred_boxes_cxcywh.float()
         target = target_boxes_xyxy.float()
         l1 = F.l1_loss(pred, box_xyxy_to_cxcywh(target), reduction="none").sum(-1).mean()
         giou = (1.0 - generalized_box_iou(box_cxcywh_to_xyxy(pred), target)).mean()
+        terms = {"region_l1": l1, "region_giou": giou}
         total = self.l1_weight * l1 + self.giou_weight * giou
-        return {"region": total, "region_l1": l1, "region_giou": giou}
+        if token_scores is not None and visual_xy is not None and self.heatmap_weight:
+            terms["region_heatmap"] = heatmap_kl_divergence(token_scores, visual_xy, target)
+            total = total + self.heatmap_weight * terms["region_heatmap"]
+        return {"region": total, **terms}
+
+
+TOKEN_OFFSET_RANGE = 0.25  # a token's predicted centre lies within +-0.25 (normalised) of its patch centre
+
+
+def heatmap_kl_divergence(token_scores: torch.Tensor, visual_xy: torch.Tensor, target_xyxy: torch.Tensor) -> torch.Tensor:
+    """Mean over queries of KL(target || softmax(token_scores)), (q, V) scores, the target a Gaussian at each
+    target box's centre with standard deviations (w / 4, h / 4) over the tokens' centres `visual_xy` (q, V, 2);
+    masked tokens (scores at the dtype's minimum) get no target mass."""
+    target = box_xyxy_to_cxcywh(target_xyxy.float())
+    sigma = (target[:, None, 2:] / 4).clamp(min=1e-3)  # (q, 1, 2)
+    distance = ((visual_xy.float() - target[:, None, :2]) / sigma).pow(2).sum(-1)  # (q, V)
+    valid = token_scores > torch.finfo(token_scores.dtype).min
+    log_target = (-0.5 * distance).masked_fill(~valid, float("-inf")).log_softmax(-1)
+    log_pred = token_scores.float().masked_fill(~valid, float("-inf")).log_softmax(-1)
+    terms = log_target.exp() * (log_target - log_pred)
+    return terms.masked_fill(~valid, 0.0).sum(-1).mean()

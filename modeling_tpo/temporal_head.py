@@ -213,18 +213,65 @@ class TemporalHead(nn.Module):
 
     @torch.no_grad()
     def predict_windows(self, outputs: dict, top_k: int | None = None) -> list[list[tuple[float, float, float]]]:
-        """Per query, (start, end, score) windows normalised to [0, 1], best first; score = foreground
-        probability. The dense decoder's per-frame windows go through non-maximum suppression."""
+        """Per query, (start, end, score) windows normalised to [0, 1], best first.
+
+        DETR decoder: the moment queries' spans, score = foreground probability. Dense decoder: first the
+        runs of consecutive frames whose foreground probability exceeds 0.5, each spanning its frames'
+        segments (bounds halfway to the neighbouring frames, 0 and 1 at the ends), score = the run's mean
+        probability; then the per-frame regressed windows, after non-maximum suppression against
+        everything before them, scored below every run. Runs tie the window's extent to the per-frame
+        decisions, which a model trained from scratch learns far sooner than the regressed offsets.
+        """
         scores = outputs["pred_logits"].float().softmax(-1)[..., 0]
         spans = span_cw_to_se(outputs["pred_spans"].float()).clamp(0, 1)
         result = []
         for i, (query_scores, query_spans) in enumerate(zip(scores, spans)):
-            order = query_scores.argsort(descending=True)
             if self.decoder_type == "dense":
-                order = _nms(query_spans, order[outputs["frame_mask"][i][order]], self.nms_iou)
-            order = order[:top_k]
-            result.append([(float(query_spans[j, 0]), float(query_spans[j, 1]), float(query_scores[j])) for j in order])
+                valid = outputs["frame_mask"][i]
+                windows = _dense_windows(query_scores[valid], query_spans[valid],
+                                         outputs["frame_times"][i][valid].float(), self.nms_iou)
+            else:
+                order = query_scores.argsort(descending=True)
+                windows = [(float(query_spans[j, 0]), float(query_spans[j, 1]), float(query_scores[j])) for j in order]
+            result.append(windows[:top_k])
         return result
+
+
+def frame_runs(probabilities: torch.Tensor, threshold: float = 0.5) -> list[tuple[int, int]]:
+    """(first, last) frame indices of each run of consecutive frames with probability > threshold."""
+    above = (probabilities > threshold).tolist()
+    runs, start = [], None
+    for index, on in enumerate(above + [False]):
+        if on and start is None:
+            start = index
+        elif not on and start is not None:
+            runs.append((start, index - 1))
+            start = None
+    return runs
+
+
+def _dense_windows(probabilities: torch.Tensor, regressed_se: torch.Tensor, times: torch.Tensor,
+                   nms_iou: float) -> list[tuple[float, float, float]]:
+    """Windows of the dense decoder for one query, best first: (F,) frame probabilities, (F, 2)
+    regressed (start, end) and (F,) frame times, all normalised (see `TemporalHead.predict_windows`)."""
+    from .box_ops import pairwise_temporal_iou
+
+    midpoints = ((times[1:] + times[:-1]) / 2).tolist()
+    bounds_before, bounds_after = [0.0] + midpoints, midpoints + [1.0]
+    runs = [(bounds_before[a], bounds_after[b], float(probabilities[a : b + 1].mean()))
+            for a, b in frame_runs(probabilities)]
+    runs.sort(key=lambda window: -window[2])
+    order = probabilities.argsort(descending=True)
+    candidates = regressed_se[order]
+    if runs:  # a regressed window overlapping a run too much adds nothing
+        taken = torch.tensor([w[:2] for w in runs], dtype=candidates.dtype, device=candidates.device)
+        overlap, _ = pairwise_temporal_iou(candidates, taken)
+        keep = (overlap <= nms_iou).all(-1)
+        order, candidates = order[keep], candidates[keep]
+    floor = runs[-1][2] if runs else 1.0  # regressed windows rank below every run
+    kept = _nms(regressed_se, order, nms_iou) if order.numel() else order
+    regressed = [(float(regressed_se[j, 0]), float(regressed_se[j, 1]), float(probabilities[j]) * floor) for j in kept]
+    return runs + regressed
 
 
 def _nms(spans_se: torch.Tensor, order: torch.Tensor, iou_threshold: float) -> torch.Tensor:

@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 ENCODED_COLUMNS = (
     "sample_id", "input_ids", "labels", "task_label", "instruction_end_index", "query_token_mask",
-    "frame_token_index", "mm_token_type_ids", "visual_token_xy", "media_plan", "targets",
+    "frame_token_index", "mm_token_type_ids", "visual_token_xy", "media_plan", "targets", "length",
 )
 
 
@@ -133,6 +133,7 @@ def _encode_batch(batch: dict, processor: TPOProcessor, mode: str, strict: bool)
         out["visual_token_xy"].append(encoded.visual_token_xy)
         out["media_plan"].append(json.dumps(encoded.media))
         out["targets"].append(json.dumps(encoded.targets))
+        out["length"].append(len(encoded.input_ids))  # for `train_sampling_strategy="group_by_length"`
     return out
 
 
@@ -148,12 +149,16 @@ def encode_dataset(dataset: Dataset, processor: TPOProcessor, mode: str = "train
                    strict: bool = False, batch_size: int = 64, load_from_cache_file: bool = True) -> Dataset:
     """Token-side preprocessing with `Dataset.map` (batched, `num_proc`-capable).
 
+    Rows hold the columns of `ENCODED_COLUMNS`; `length` (tokens) lets the Trainer batch samples of similar
+    length (`train_sampling_strategy="group_by_length"`), which saves most of the padding of batches that mix
+    videos (hundreds of visual tokens) and images (tens).
+
     The cache fingerprint is derived from the input dataset's fingerprint, the processor's settings,
     its vocabulary and chat template, and `mode`, so it is stable across runs and processes and
     changes exactly when one of them does.
     """
     fingerprint = hashlib.sha256(
-        f"{dataset._fingerprint}-{_processor_fingerprint(processor)}-{mode}-{strict}-v2".encode()
+        f"{dataset._fingerprint}-{_processor_fingerprint(processor)}-{mode}-{strict}-v3".encode()
     ).hexdigest()[:16]
     before = len(dataset)
     encoded = dataset.map(

@@ -8,9 +8,10 @@ Coordinate conventions
 ----------------------
 - Boxes in samples are `(x0, y0, x1, y1)` in pixels of the ORIGINAL image. Targets given to the
   model are normalised to the image the vision tower sees: for a processor that resizes the whole
-  image (SigLIP, Qwen2-VL's smart resize) that is simply x / width, y / height; for a processor that
-  resizes the shortest edge and centre-crops (CLIP), the crop is accounted for and boxes are clamped
-  to the crop. `post_process_boxes` inverts exactly the same mapping.
+  image (SigLIP, Qwen2-VL's smart resize) that is simply x / width, y / height; LLaVA's pad-to-square
+  (`do_pad`, centred) shifts the shorter side by the padding; a shortest-edge resize followed by a
+  centre crop (CLIP) shifts by the crop offset and boxes are clamped to the crop. `post_process_boxes`
+  inverts exactly the same mapping (`image_geometry`).
 - Spans in samples are `(start, end)` in seconds; targets are normalised by the video duration.
 - Frames: the MLLM sees `num_frames` frames sampled at the middle of equal segments; for Qwen2-VL
   two consecutive frames form one temporal token group, and a group's timestamp is the mean of its
@@ -113,23 +114,55 @@ class ImageGeometry:
         return out
 
 
+def _size_setting(setting) -> dict:
+    if setting is None:
+        return {}
+    if isinstance(setting, dict):
+        return {k: v for k, v in setting.items() if v is not None}
+    return {k: getattr(setting, k) for k in ("height", "width", "shortest_edge", "longest_edge")
+            if getattr(setting, k, None) is not None}
+
+
+def _resized_size(size: dict, height: int, width: int) -> tuple[int, int]:
+    """(height, width) after transformers' resize with `size` (shortest edge as `get_resize_output_image_size`
+    computes it, or a fixed height x width)."""
+    if "shortest_edge" in size and "longest_edge" not in size:
+        short, long = (width, height) if width <= height else (height, width)
+        new_short, new_long = int(size["shortest_edge"]), int(int(size["shortest_edge"]) * long / short)
+        return (new_long, new_short) if width <= height else (new_short, new_long)
+    if "height" in size and "width" in size:
+        return int(size["height"]), int(size["width"])
+    return height, width
+
+
 def image_geometry(image_processor, height: int, width: int) -> ImageGeometry:
-    """The geometry of `image_processor` on an image of (height, width): whole-image resize, or
-    shortest-edge resize followed by a centre crop (`do_center_crop` with `crop_size`)."""
-    size = getattr(image_processor, "size", None) or {}
-    size = dict(size) if not isinstance(size, dict) else size
-    crop = getattr(image_processor, "crop_size", None)
-    if getattr(image_processor, "do_center_crop", False) and crop:
-        short = size.get("shortest_edge") or min(crop["height"], crop["width"])
-        scale = short / min(height, width)
-        resized_w, resized_h = round(width * scale), round(height * scale)
-        return ImageGeometry(
-            width=width, height=height, scale_x=resized_w / width, scale_y=resized_h / height,
-            crop_x=(resized_w - crop["width"]) / 2, crop_y=(resized_h - crop["height"]) / 2,
-            view_width=crop["width"], view_height=crop["height"],
-        )
-    # Whole-image resize (possibly to another aspect ratio): normalised coordinates are unchanged.
-    return ImageGeometry(width=width, height=height, scale_x=1.0, scale_y=1.0, view_width=width, view_height=height)
+    """The geometry of `image_processor` on an image of (height, width), in the order transformers applies
+    the steps: LLaVA's `do_pad` pad-to-square (centred, before resizing), then the resize (whole image to
+    height x width, or shortest edge), then `do_center_crop` to `crop_size` (offsets floor((in - crop) / 2)).
+
+    Without a centre crop a resize keeps normalised coordinates (x / width, y / height); padding and cropping
+    move them, and `ImageGeometry.normalise` / `denormalise` account for both.
+    """
+    pad_x = pad_y = 0
+    padded_w, padded_h = width, height
+    if getattr(image_processor, "do_pad", False) and hasattr(image_processor, "pad_to_square") and height != width:
+        side = max(height, width)
+        pad_x, pad_y = ((side - width) // 2, 0) if height > width else (0, (side - height) // 2)
+        padded_w = padded_h = side
+    resized_h, resized_w = padded_h, padded_w
+    if getattr(image_processor, "do_resize", True):
+        resized_h, resized_w = _resized_size(_size_setting(getattr(image_processor, "size", None)), padded_h, padded_w)
+    crop = _size_setting(getattr(image_processor, "crop_size", None))
+    crop_x = crop_y = 0.0
+    view_w, view_h = resized_w, resized_h
+    if getattr(image_processor, "do_center_crop", False) and "height" in crop and "width" in crop:
+        view_h, view_w = int(crop["height"]), int(crop["width"])
+        crop_x, crop_y = float((resized_w - view_w) // 2), float((resized_h - view_h) // 2)
+    scale_x, scale_y = resized_w / padded_w, resized_h / padded_h
+    return ImageGeometry(
+        width=width, height=height, scale_x=scale_x, scale_y=scale_y,
+        crop_x=crop_x - pad_x * scale_x, crop_y=crop_y - pad_y * scale_y, view_width=view_w, view_height=view_h,
+    )
 
 
 def decode_rle(rle: dict) -> np.ndarray:
@@ -347,6 +380,10 @@ class TPOProcessor(ProcessorMixin):
         task_token_strings (`dict`, *optional*): `{task: {"begin": str, "slots": [str]}}`.
         prompt_templates (`dict`, *optional*): `{task: [template with {query}, ...]}`.
         saliency_clip_seconds (`float`): clip length of saliency annotations (QVHighlights: 2).
+        question_before_media (`bool`): put a grounding question before the image/video in the user turn
+            (default: after, as pretrained MLLMs are trained). Before, the LLM's causal attention lets every
+            visual token read the question, so its hidden states are question-aware: an MLLM trained from
+            scratch (the embedded default) learns to ground far sooner.
     """
 
     def __init__(
@@ -366,6 +403,7 @@ class TPOProcessor(ProcessorMixin):
         task_token_strings: dict | None = None,
         prompt_templates: dict | None = None,
         saliency_clip_seconds: float = 2.0,
+        question_before_media: bool = False,
         **kwargs,
     ):
         if layout not in LAYOUTS:
@@ -382,6 +420,7 @@ class TPOProcessor(ProcessorMixin):
         self.task_token_strings = task_token_strings or json.loads(json.dumps(DEFAULT_TASK_TOKENS))
         self.prompt_templates = prompt_templates or json.loads(json.dumps(DEFAULT_PROMPT_TEMPLATES))
         self.saliency_clip_seconds = float(saliency_clip_seconds)
+        self.question_before_media = bool(question_before_media)
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
         self._add_task_tokens()
         self._layout = LAYOUTS[layout](self)
@@ -474,7 +513,9 @@ class TPOProcessor(ProcessorMixin):
             if mode != "train" and messages and messages[-1]["role"] == "assistant":
                 messages = messages[:-1]
             return messages
-        user = ([{"type": visual}] if visual else []) + [{"type": "text", "text": self._question(sample)}]
+        media = [{"type": visual}] if visual else []
+        question = [{"type": "text", "text": self._question(sample)}]
+        user = question + media if self.question_before_media else media + question
         messages = [{"role": "user", "content": user}]
         if mode == "train":
             messages.append({"role": "assistant", "content": [{"type": "text", "text": self.task_answer(task)}]})
@@ -779,6 +820,14 @@ class TPOProcessor(ProcessorMixin):
             binary = (resized > threshold).numpy()
             out.append({"mask": binary, **({"rle": encode_rle(binary)} if return_rle else {})})
         return out
+
+    def post_process_mask_boxes(self, boxes: torch.Tensor, original_sizes: list[tuple[int, int]]) -> list[list[float]]:
+        """Boxes of predicted masks (or tracking boxes), normalised (x0, y0, x1, y1) of the frame as
+        `generate` / `track_masks` give them, -> pixels of each frame's original size ((height, width) per
+        box). SAM2 sees the whole frame resized, so this is a plain scaling (no crop to undo)."""
+        rows = boxes.detach().float().cpu().numpy().reshape(-1, 4)
+        return [(row * np.array([width, height, width, height], dtype=np.float64)).tolist()
+                for row, (height, width) in zip(rows, original_sizes)]
 
 
 def _split_placeholders(text: str, image_token: str, video_token: str) -> list[dict]:

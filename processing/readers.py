@@ -659,9 +659,13 @@ READERS = {
 }
 
 
-def read_spec(spec: dict) -> Dataset:
-    """One dataset from a spec such as {"format": "qvhighlights", "jsonl": ..., "video_dir": ...,
-    "max_samples": 1000}."""
+# Arguments a spec may leave out (test splits of MeViS / Ref-YouTube-VOS ship no mask_dict.json).
+SPEC_DEFAULTS = {"mevis": {"mask_dict_json": None}}
+
+
+def check_spec(spec: dict) -> tuple:
+    """(reader, keyword arguments, max_samples) of a spec, without reading anything; raises ValueError
+    naming the spec for an unknown format or key."""
     spec = dict(spec)
     fmt = spec.pop("format", None)
     if fmt not in READERS:
@@ -672,6 +676,13 @@ def read_spec(spec: dict) -> Dataset:
     if unknown:
         raise ValueError(f"Unknown key(s) {sorted(unknown)} for format {fmt!r}; expected {sorted(names)}.")
     kwargs = {names[key]: (tuple(value) if isinstance(value, list) else value) for key, value in spec.items()}
+    return reader, {**SPEC_DEFAULTS.get(fmt, {}), **kwargs}, max_samples
+
+
+def read_spec(spec: dict) -> Dataset:
+    """One dataset from a spec such as {"format": "qvhighlights", "jsonl": ..., "video_dir": ...,
+    "max_samples": 1000}."""
+    reader, kwargs, max_samples = check_spec(spec)
     dataset = reader(**kwargs)
     if max_samples is not None and len(dataset) > max_samples:
         dataset = dataset.select(range(int(max_samples)))

@@ -43,7 +43,7 @@ def test_config_validates_and_round_trips(llava):
     assert restored.get_text_config().hidden_size == config.mllm_config.text_config.hidden_size
     assert config.tasks == ["temporal", "region"]
     assert config.region_head_config == {"mode": "mlp", "hidden_ratio": 0.5, "l1_weight": 2.0, "giou_weight": 0.2,
-                                         "heatmap_dim": 256}
+                                         "heatmap_dim": 256, "heatmap_weight": 1.0}
     with pytest.raises(ValueError, match=r"valid tasks are \['temporal', 'region', 'mask'\]"):
         TPOConfig(mllm_config=config.mllm_config, tasks=["region", "depth"])
     with pytest.raises(ValueError, match="Unknown key"):
@@ -141,11 +141,21 @@ def test_gradients_reach_task_parts_and_not_frozen_parts(llava):
     model.zero_grad()
 
 
-def test_batch_without_region_gives_zero_region_loss_but_gradients():
+def test_batch_without_region_gives_zero_region_loss_but_gradients(monkeypatch):
+    """Under data parallelism an idle head gets exact zero gradients (DDP needs no find_unused_parameters);
+    a single process leaves it out of the graph (cheaper), with the same loss."""
+    from tpo.modeling_tpo import modeling_tpo
+
     model, tokenizer = build("llava")
     batch = make_batch(tokenizer, model.config, [SampleSpec(task=None), SampleSpec(task=None, visual="none")])
+    single = model(**batch)
+    single.loss.backward()
+    assert all(p.grad is None for p in model.region_head.parameters())
+    model.zero_grad(set_to_none=True)
+    monkeypatch.setattr(modeling_tpo, "_unused_heads_need_gradients", lambda: True)
     out = model(**batch)
     assert out.region_loss is None and "region" not in out.loss_dict  # no region sample: no term
+    assert out.loss.item() == single.loss.item()
     out.loss.backward()
     grads = [p.grad for p in model.region_head.parameters()]
     assert all(g is not None and g.abs().sum() == 0 for g in grads)

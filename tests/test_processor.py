@@ -6,6 +6,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from clean_env import run_clean_python
 from transformers import AutoProcessor, LlavaForConditionalGeneration, Qwen2VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -94,6 +95,37 @@ def test_geometry_resize_and_centre_crop():
     np.testing.assert_allclose(geometry.normalise([[0, 0, 40, 50]]), [[0.0, 0.0, 0.0, 0.5]])  # clamped to the crop
     box = np.array([[0.2, 0.3, 0.6, 0.9]])
     np.testing.assert_allclose(geometry.normalise(geometry.denormalise(box)), box)
+
+
+def _bright_box_in_pixels(pixel_values) -> np.ndarray:
+    """(x0, y0, x1, y1) normalised bounds of the above-mid-grey pixels of a (3, H, W) processed image."""
+    bright = np.asarray(pixel_values)[0] > 0.5
+    ys, xs = np.nonzero(bright)
+    height, width = bright.shape
+    return np.array([xs.min() / width, ys.min() / height, (xs.max() + 1) / width, (ys.max() + 1) / height])
+
+
+@pytest.mark.parametrize("settings, height, width", [
+    ({"do_pad": True, "size": {"shortest_edge": 48}, "crop_size": {"height": 48, "width": 48}}, 60, 120),  # LLaVA-1.5
+    ({"do_pad": True, "size": {"shortest_edge": 48}, "crop_size": {"height": 48, "width": 48}}, 120, 60),
+    ({"do_pad": False, "size": {"shortest_edge": 48}, "crop_size": {"height": 48, "width": 48}}, 60, 120),  # CLIP
+    ({"do_pad": False, "do_center_crop": False, "size": {"height": 48, "width": 48}}, 60, 120),  # plain resize
+])
+def test_geometry_matches_the_real_image_processor(settings, height, width):
+    """A white rectangle drawn at a known box lands, after the real LLaVA image processor (pad to square,
+    resize, centre crop), where `image_geometry` says it does; and post-processing maps it back."""
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    processor = LlavaImageProcessorPil(image_mean=[0.0, 0.0, 0.0], image_std=[1.0, 1.0, 1.0], **settings)
+    box = np.array([[30.0, 12.0, 54.0, 48.0]]) if width > height else np.array([[12.0, 30.0, 48.0, 54.0]])
+    image = np.zeros((height, width, 3), dtype=np.uint8)
+    x0, y0, x1, y1 = box[0].astype(int)
+    image[y0:y1, x0:x1] = 255
+    pixels = processor(images=Image.fromarray(image), return_tensors="np")["pixel_values"][0]
+    geometry = image_geometry(processor, height=height, width=width)
+    measured = _bright_box_in_pixels(pixels)
+    np.testing.assert_allclose(geometry.normalise(box)[0], measured, atol=2.5 / pixels.shape[-1])
+    np.testing.assert_allclose(geometry.denormalise(geometry.normalise(box)), box, atol=1e-6)
 
 
 def test_region_sample_labels_targets_and_query(llava):

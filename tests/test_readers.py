@@ -360,6 +360,10 @@ def test_mevis_without_masks(mevis_files):
                       cache_dir=str(mevis_files / "cache"))
     assert [r["id"] for r in rows] == ["mevis-v1-0", "mevis-v1-1"]
     assert rows[0]["masks_rle"] == [] and rows[0]["mask_frame_indices"] == []
+    # a spec may leave mask_dict out (test splits have none)
+    spec = {"format": "mevis", "meta_expressions": str(mevis_files / "meta_expressions.json"),
+            "frames_dir": str(mevis_files / "JPEGImages")}
+    assert [r["id"] for r in read_spec(spec)] == ["mevis-v1-0", "mevis-v1-1"]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -290,3 +290,25 @@ def test_span_normaliser_is_averaged_over_processes(monkeypatch):
     monkeypatch.setattr(torch.distributed, "all_reduce", lambda tensor: None)
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 4)
     assert criterion(outputs, targets)["temporal_span_l1"].item() == pytest.approx(0.1, abs=1e-6)
+
+
+def test_dense_windows_from_runs_hand_computed():
+    from tpo.modeling_tpo.temporal_head import _dense_windows, frame_runs
+
+    probabilities = torch.tensor([0.1, 0.8, 0.9, 0.2, 0.6, 0.05, 0.3, 0.55])
+    assert frame_runs(probabilities) == [(1, 2), (4, 4), (7, 7)]
+    times = (torch.arange(8) + 0.5) / 8  # segment middles
+    regressed = torch.tensor([[0.0, 0.1], [0.1, 0.4], [0.2, 0.35], [0.3, 0.4], [0.5, 0.6], [0.6, 0.7], [0.7, 0.8],
+                              [0.9, 1.0]])
+    windows = _dense_windows(probabilities, regressed, times, nms_iou=0.5)
+    runs = windows[:3]
+    # runs span their frames' segments, bounds halfway to the neighbours (1 at the end), best mean first
+    for (start, end, score), expected in zip(runs, [(0.125, 0.375, 0.85), (0.5, 0.625, 0.6), (0.875, 1.0, 0.55)]):
+        assert (start, end, score) == pytest.approx(expected)
+    # regressed windows: those overlapping a run by IoU > 0.5 are left out, the rest rank below every run
+    rest = windows[3:]
+    assert [w[:2] for w in rest] == [pytest.approx(w) for w in ([0.7, 0.8], [0.3, 0.4], [0.0, 0.1], [0.6, 0.7])]
+    assert all(w[2] < runs[-1][2] for w in rest)
+    assert [w[2] for w in windows] == sorted((w[2] for w in windows), reverse=True)
+    none_above = _dense_windows(torch.full((4,), 0.2), regressed[:4], times[:4] * 2, nms_iou=0.5)
+    assert none_above[0][:2] == pytest.approx([0.0, 0.1])  # no run: the regressed windows alone

@@ -213,3 +213,64 @@ def test_invalid_samples_are_dropped_by_encode(setup, caplog):
     again = encode_dataset(Dataset.from_list(samples(3)), processor)
     assert first._fingerprint == again._fingerprint
     assert json.loads(first[0]["media_plan"])["kind"] == "image"
+
+
+def _scalar_tags(log_dir) -> set[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = set()
+    for events in log_dir.rglob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        tags |= set(accumulator.Tags()["scalars"])
+    return tags
+
+
+def test_tensorboard_gets_every_term_and_evaluate_adds_task_metrics(setup):
+    """report_to tensorboard writes each loss term under its own tag; evaluate() runs the task evaluator."""
+    model, processor, dataset, tmp_path = setup
+    calls = []
+
+    def task_evaluator(tpo_model):
+        calls.append(type(tpo_model).__name__)
+        return {"region/acc@0.5": 0.25, "router/accuracy": 1.0, "temporal/miou": float("nan")}
+
+    # transformers 5.x has no `logging_dir`: TensorBoard writes under output_dir/runs/
+    args = make_args(tmp_path, "joint", llm_training="full", report_to=["tensorboard"], max_steps=2)
+    trainer = TPOTrainer(model=model, args=args, train_dataset=dataset, eval_dataset=dataset.select(range(4)),
+                         data_collator=TPODataCollator(processor, media_loader=fake_media),
+                         task_evaluator=task_evaluator)
+    trainer.train()
+    metrics = trainer.evaluate()
+    assert calls == ["TPOForConditionalGeneration"]
+    assert metrics["eval_region/acc@0.5"] == 0.25 and "eval_temporal/miou" not in metrics  # NaN is left out
+    assert {"eval_loss", "eval_loss/lm", "eval_loss/region"} <= set(metrics)
+    trainer.accelerator.end_training()
+    for callback in trainer.callback_handler.callbacks:
+        if hasattr(callback, "tb_writer") and callback.tb_writer is not None:
+            callback.tb_writer.flush()
+    tags = _scalar_tags(tmp_path / "out-joint" / "runs")
+    assert {"train/loss", "train/loss/lm", "train/loss/assign", "train/loss/region", "train/loss/temporal",
+            "train/loss/region_l1", "train/data/skipped_samples"} <= tags
+    assert "eval/region/acc@0.5" in tags
+
+
+def test_task_stage_that_trains_the_llm_keeps_the_router_and_lm_terms(setup):
+    """With task_stage_trains_llm the task stage also trains the router with the LM and assign terms, so
+    stage 1's routing follows the changing LLM; without it, neither counts."""
+    model, processor, dataset, tmp_path = setup
+    collator = TPODataCollator(processor, media_loader=fake_media)
+    plain = TPOTrainer(model=model, args=make_args(tmp_path, "task", llm_training="full"), train_dataset=dataset,
+                       data_collator=collator)
+    assert plain.stage_loss_weights["lm"] == 0.0 and plain.stage_loss_weights["assign"] == 0.0
+    assert "router" not in plain.trainable_per_group and "llm" not in plain.trainable_per_group
+    logs = LogCollector()
+    guarded = TPOTrainer(model=model, args=make_args(tmp_path, "task", llm_training="full", task_stage_trains_llm=True),
+                         train_dataset=dataset, data_collator=collator, callbacks=[logs])
+    assert guarded.stage_loss_weights["lm"] == 1.0 and guarded.stage_loss_weights["assign"] == 1.0
+    assert {"router", "llm", "task_heads", "task_tokens"} <= set(guarded.trainable_per_group)
+    router_before = model.router.state_dict()
+    router_before = {k: v.clone() for k, v in router_before.items()}
+    guarded.train()
+    assert any(not torch.equal(v, model.router.state_dict()[k]) for k, v in router_before.items())
+    assert any({"loss/lm", "loss/assign", "loss/region"} <= set(entry) for entry in logs.logs)

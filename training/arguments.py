@@ -20,7 +20,8 @@ class TPOTrainingArguments(TrainingArguments):
     Stages decide what trains and which losses count:
     - `assign`: LoRA on the LLM (or the LLM, see `llm_training`) and the task router; losses LM + assign,
       so that the LM learns to emit the right begin token.
-    - `task`: the heads and the task tokens (LoRA too if `task_stage_trains_llm`); the task losses.
+    - `task`: the heads and the task tokens; the task losses. With `task_stage_trains_llm` also LoRA (or the
+      LLM) and the router, with the LM and assign losses, so that stage 1's routing does not go stale.
     - `joint`: everything but the frozen encoders and SAM2's image encoder, all losses, conversation
       data mixed in.
     """
@@ -59,7 +60,8 @@ class TPOTrainingArguments(TrainingArguments):
         default=False, metadata={"help": "Train SAM2's image encoder (frozen by default, as in the release)."}
     )
     task_stage_trains_llm: bool = field(
-        default=False, metadata={"help": "Also train the LLM (LoRA or full) in the `task` stage."}
+        default=False, metadata={"help": "Also train the LLM (LoRA or full) in the `task` stage; the LM and assign "
+                                         "losses then count and the router trains too, so that they follow the LLM."}
     )
     prediction_loss_only: bool = field(
         default=True, metadata={"help": "Evaluation computes losses and task metrics, not stacked logits."}

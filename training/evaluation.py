@@ -2,6 +2,9 @@
 
 Grounding samples (temporal, region, mask) run once in "force_task" mode: the prompt ends with the
 task's begin and slot tokens, so one forward pass gives the router's choice and the head's prediction.
+Video mask samples are measured with tracking: the mask head segments the first of their SAM2 frames and
+SAM2's video memory propagates that mask through the others (`TPOForConditionalGeneration.track_masks`),
+so J&F measures the model as it is used on videos; image masks are the head's output as is.
 Conversation samples are answered with `generate` (greedy); multiple-choice answers are scored by
 their option letter. Predictions can be written in the benchmarks' formats (QVHighlights submission
 jsonl, boxes, RLE masks, answers) for `examples/evaluate_tpo.py`.
@@ -61,10 +64,17 @@ class TaskEvaluator:
         max_new_tokens: answer length for conversation samples.
         media_loader: `(media_plan, targets) -> decoded media` (default: files through PyAV / PIL).
         output_dir: when given, predictions are written there in the benchmarks' formats.
+        mask_video_mode: "propagate" (default): video mask samples are segmented on their first frame and
+            tracked through SAM2's video memory; "per_frame": every frame is prompted by the task embedding
+            alone (for a SAM2 whose memory was never trained, e.g. the randomly initialised tiny SAM2 of
+            the embedded default, whose training reaches the image path only).
     """
 
     def __init__(self, processor, samples, batch_size: int = 16, max_new_tokens: int = 8, media_loader=load_media,
-                 output_dir: str | None = None):
+                 output_dir: str | None = None, mask_video_mode: str = "propagate"):
+        if mask_video_mode not in ("propagate", "per_frame"):
+            raise ValueError(f"Unknown mask_video_mode {mask_video_mode!r}; use 'propagate' or 'per_frame'.")
+        self.mask_video_mode = mask_video_mode
         self.processor = processor
         self.samples = [probe_media(dict(s)) for s in samples]
         self.batch_size = batch_size
@@ -137,6 +147,7 @@ class TaskEvaluator:
         for key in ("labels", "region_boxes", "region_batch_index", "temporal_spans", "temporal_span_query_index",
                     "temporal_saliency", "mask_targets", "task_labels"):
             batch.pop(key, None)
+        tracked = self._video_mask_frames(batch, encoded) if self.mask_video_mode == "propagate" else {}
         outputs = model(**self._to_device(batch, model))
         router = outputs.router_logits.argmax(-1).tolist()
         for sample, choice in zip(kept, router):
@@ -151,7 +162,7 @@ class TaskEvaluator:
         if outputs.temporal_outputs:
             self._collect_temporal(model, outputs.temporal_outputs, kept, meta, predictions)
         if outputs.mask_outputs:
-            self._collect_masks(outputs.mask_outputs, kept, encoded, predictions)
+            self._collect_masks(model, outputs.mask_outputs, tracked, kept, encoded, predictions)
 
     def _collect_temporal(self, model, temporal: dict, kept: list[dict], meta: dict, predictions: Predictions) -> None:
         head = model.temporal_head
@@ -171,19 +182,53 @@ class TaskEvaluator:
                 "saliency_scores": [list(s) for s in sample["saliency_scores"]],
             })
 
-    def _collect_masks(self, masks: dict, kept: list[dict], encoded: list, predictions: Predictions) -> None:
+    @staticmethod
+    def _video_mask_frames(batch: dict, encoded: list) -> dict[int, torch.Tensor]:
+        """SAM2 frames (T, 3, S, S) of each video mask query with several frames, for tracking; only the
+        first frame of such a query stays in `batch` (the head segments it, SAM2's memory the others).
+        Mask query q is the q-th sample with mask targets (the collator's `mask_query_index`)."""
+        pixels = batch.get("sam2_pixel_values")
+        if pixels is None:
+            return {}
+        query_index = batch["mask_query_index"]
+        mask_samples = [e for e in encoded if "masks_rle" in e.targets]
+        tracked, keep = {}, []
+        for q, item in enumerate(mask_samples):
+            rows = (query_index == q).nonzero().flatten()
+            if item.media.get("kind") == "video" and rows.numel() > 1:
+                tracked[q] = pixels[rows]
+                rows = rows[:1]
+            keep.append(rows)
+        keep = torch.cat(keep)
+        batch["sam2_pixel_values"], batch["mask_query_index"] = pixels[keep], query_index[keep]
+        return tracked
+
+    def _collect_masks(self, model, masks: dict, tracked: dict[int, torch.Tensor], kept: list[dict], encoded: list,
+                       predictions: Predictions) -> None:
+        """Masks at the original size per query; video queries in `tracked` are propagated from the head's
+        first-frame mask through their SAM2 frames (their per-frame boxes are kept as `pred_boxes`)."""
         query_index = masks["query_index"].tolist()
         logits = masks["pred_mask_logits"]
         for q, b in enumerate(masks["batch_index"].tolist()):
             sample = kept[b]
             rows = [i for i, qi in enumerate(query_index) if qi == q]
             height, width = sample["image_size"]
-            binary = self.processor.post_process_masks(logits[rows], [(height, width)] * len(rows), return_rle=True)
+            query_logits, boxes = logits[rows], None
+            if q in tracked:
+                frames = self._to_device({"sam2_pixel_values": tracked[q]}, model)["sam2_pixel_values"]
+                track = model.track_masks(frames, first_frame_mask_logits=query_logits[:1], batch_index=[b])[0]
+                query_logits = track["mask_logits"]
+                boxes = self.processor.post_process_mask_boxes(track["boxes"], [(height, width)] * len(query_logits))
+            binary = self.processor.post_process_masks(query_logits, [(height, width)] * len(query_logits),
+                                                       return_rle=True)
             plan_targets = encoded[b].targets
             gt = [decode_rle(r) for r in plan_targets.get("masks_rle", [])]
-            predictions.mask.append({"id": sample["id"], "video": sample["media_type"] != "image",
-                                     "pred": [m["mask"] for m in binary], "pred_rle": [m["rle"] for m in binary],
-                                     "gt": gt, "frames": plan_targets.get("mask_frames", [])})
+            entry = {"id": sample["id"], "video": sample["media_type"] != "image", "tracked": q in tracked,
+                     "pred": [m["mask"] for m in binary], "pred_rle": [m["rle"] for m in binary],
+                     "gt": gt, "frames": plan_targets.get("mask_frames", [])}
+            if boxes is not None:
+                entry["pred_boxes"] = boxes
+            predictions.mask.append(entry)
 
     def _text_batch(self, model, samples: list[dict], predictions: Predictions) -> None:
         batch, kept, _ = self._encode(samples, "generate", "left")

@@ -69,6 +69,8 @@ def trainable_groups(stage: str, args, mask_head_config: dict | None = None) -> 
         groups.add("lora")
     if trains_llm and args.llm_training == "full":
         groups.update({"llm", "lora"})
+    if llm_drift_guard(stage, args):
+        groups.add("router")
     if trains_llm and args.train_projector and stage != "assign":
         groups.add("projector")
     elif stage == "joint" and not args.train_projector:
@@ -105,9 +107,20 @@ def apply_stage(model: nn.Module, stage: str, args, mask_head_config: dict | Non
     return counts
 
 
-def stage_loss_weights(stage: str, base_weights: dict[str, float], overrides: dict[str, float], tasks: list[str]) -> dict[str, float]:
-    """Loss weights of `stage`: the model's (or overridden) weights for the counted terms, 0 otherwise."""
+def llm_drift_guard(stage: str, args) -> bool:
+    """True when the `task` stage trains the LLM (`task_stage_trains_llm`): the LM and assign terms then
+    count too and the router trains, so that what the `assign` stage taught (emit the right begin token,
+    route the instruction) follows the LLM as it changes instead of going stale."""
+    return stage == "task" and bool(getattr(args, "task_stage_trains_llm", False)) and args.llm_training != "frozen"
+
+
+def stage_loss_weights(stage: str, base_weights: dict[str, float], overrides: dict[str, float], tasks: list[str],
+                       args=None) -> dict[str, float]:
+    """Loss weights of `stage`: the model's (or overridden) weights for the counted terms, 0 otherwise
+    (with `args`, see `llm_drift_guard`)."""
     counted = set(STAGE_SPECS[stage].losses)
+    if args is not None and llm_drift_guard(stage, args):
+        counted |= {"lm", "assign"}
     weights = {**base_weights, **overrides}
     return {name: (weights[name] if name in counted and (name in ("lm", "assign") or name in tasks) else 0.0)
             for name in ALL_LOSSES}

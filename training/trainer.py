@@ -74,7 +74,7 @@ class TPOTrainer(Trainer):
             raise ValueError(f"`tasks` {missing} are not enabled in the model (it enables {tpo.config.tasks}).")
         # The stage's loss weights apply inside compute_loss only; the model's config keeps its own.
         self.stage_loss_weights = stage_loss_weights(
-            args.stage, tpo.config.loss_weights, args.loss_weight_overrides(), self.tpo_tasks
+            args.stage, tpo.config.loss_weights, args.loss_weight_overrides(), self.tpo_tasks, args
         )
         self.trainable_per_group = apply_stage(model, args.stage, args, tpo.config.mask_head_config)
         self.task_evaluator = task_evaluator

@@ -21,7 +21,7 @@ Command line, each reading one JSON file (spans in seconds, boxes in pixels, mas
     python -m tpo.training.visualization masks --input m.json --output masks.png
         {"image": "img.jpg", "pred_mask": RLE, "gt_mask": RLE (optional)}   one image, or
         {"frames": ["00000.jpg", ...], "pred_masks": [RLE or null, ...], "gt_masks": [...] (optional),
-         "columns": 4 (optional)}                                        a grid of video frames
+         "columns": 4 (optional), "captions": ["frame 0", ...] (optional)}   a grid of video frames
 Relative paths in the JSON are resolved against the JSON file's folder.
 """
 
@@ -408,11 +408,20 @@ def _masks_from_json(record: dict, base: Path) -> Image.Image:
     if "frames" in record:
         frames = [np.asarray(_load_image(base, path)) for path in record["frames"]]
         return render_mask_grid(frames, record.get("pred_masks", [None] * len(frames)), record.get("gt_masks"),
-                                int(record.get("columns", 4)))
+                                int(record.get("columns", 4)), captions=record.get("captions"))
     return render_mask_overlay(_load_image(base, record["image"]), record.get("pred_mask"), record.get("gt_mask"))
 
 
 RENDERERS = {"timeline": _timeline_from_json, "boxes": _boxes_from_json, "masks": _masks_from_json}
+
+
+def render_record(kind: str, record: dict, base_dir: str | Path = ".") -> Image.Image:
+    """Render one record of the command line's JSON input formats (see the module docstring) without a
+    file: `kind` is "timeline", "boxes" or "masks"; relative paths in `record` resolve against `base_dir`.
+    `examples/evaluate_tpo.py predict --visualize` uses it (and writes each record next to its PNG)."""
+    if kind not in RENDERERS:
+        raise ValueError(f"Unknown visualisation {kind!r}; choose one of {sorted(RENDERERS)}.")
+    return RENDERERS[kind](record, Path(base_dir))
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -427,7 +436,7 @@ def main(argv: list[str] | None = None) -> str:
         record = json.loads(source.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise ValueError(f"{source}: not valid JSON ({error}).") from error
-    image = RENDERERS[args.kind](record, source.parent)
+    image = render_record(args.kind, record, source.parent)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     image.save(args.output, format="PNG")
     logger.info("wrote %s (%dx%d)", args.output, image.width, image.height)

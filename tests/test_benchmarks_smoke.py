@@ -1,0 +1,65 @@
+"""The benchmarks still run: each measurement function on the tiny size for one step returns positive,
+finite figures (the figures themselves are the benchmarks' business, not CI's)."""
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def _positive_finite(*values: float) -> bool:
+    return all(math.isfinite(v) and v > 0 for v in values)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One CPU thread: tiny models gain nothing from more, and a loaded machine makes them far slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def overhead():
+    return _load("bench_model_overhead")
+
+
+def test_model_overhead_benchmark_runs(overhead):
+    result = overhead.measure_overhead("tiny", steps=1, warmup=0, batch_size=2, num_frames=2, verbose=False)
+    assert _positive_finite(result["ratio"], result["bare_ms"], result["tpo_ms"])
+    assert {"region", "temporal"} <= set(result["losses"])  # both heads trained on real targets
+
+
+def test_mask_cost_benchmark_runs(overhead):
+    result = overhead.measure_mask_cost("tiny", steps=1, warmup=0, batch_size=2, num_mask=1, sam2_image_size=64,
+                                        verbose=False)
+    assert _positive_finite(result["ratio_region"], result["ratio_mixed"], result["ms_per_mask_sample"],
+                            result["relative_to_bare_sample"])
+    assert math.isfinite(result["ms_per_mask_sample_end_to_end"])  # a difference of two timings: its sign is noise
+
+
+@pytest.mark.parametrize("task", ["region", "temporal"])
+def test_generation_benchmark_runs(task):
+    generation = _load("bench_generation")
+    result = generation.measure_generation("tiny", task, batch_size=2, repeats=1, warmup=0, num_frames=2,
+                                           verbose=False)
+    assert _positive_finite(result["tokens_ratio"], result["time_ratio"], result["tpo_ms_per_sample"],
+                            result["text_ms_per_sample"])
+    assert result["tpo_tokens"] == 3 and result["text_tokens"] > result["tpo_tokens"]

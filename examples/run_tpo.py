@@ -38,6 +38,7 @@ from tpo.training.trainer import TPOTrainer, unwrap_tpo
 
 logger = logging.getLogger("run_tpo")
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "synthetic_default.yaml"
+REAL_RUN_FLAGS = ("__model_name_or_path", "__data_config")  # flags (dashes as underscores) of a non-synthetic run
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -101,19 +102,26 @@ class ModelArguments:
 
 def parse_arguments(argv: list[str]):
     """No arguments: the embedded default config. A YAML file first: its values, which any following
-    `--name value` overrides. Otherwise command-line arguments only."""
+    `--name value` overrides. Flags alone: the embedded default with those flags changed, unless they
+    name a model or data (`--model_name_or_path`, `--data_config`), which start from the fields'
+    own defaults instead (the synthetic run's from-scratch settings do not suit a real backbone)."""
     parser = HfArgumentParser((ScriptArguments, ModelArguments, TPOTrainingArguments))
     if not argv:
         logger.info("No arguments: running the embedded default, %s", DEFAULT_CONFIG)
         return parser.parse_yaml_file(str(DEFAULT_CONFIG))
-    if argv[0].endswith((".yaml", ".yml")):
-        defaults = yaml.safe_load(Path(argv[0]).read_text(encoding="utf-8")) or {}
+    config_file = None
+    if not argv[0].startswith("-") and argv[0].endswith((".yaml", ".yml")):
+        config_file, argv = Path(argv[0]), argv[1:]
+    elif not any(arg.split("=")[0].replace("-", "_") in REAL_RUN_FLAGS for arg in argv):
+        logger.info("Flags without a config file: the embedded default (%s) with them applied.", DEFAULT_CONFIG)
+        config_file = DEFAULT_CONFIG
+    if config_file is not None:
+        defaults = yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
         known = {action.dest for action in parser._actions}
         unknown = sorted(set(defaults) - known)
         if unknown:
-            raise ValueError(f"{argv[0]}: unknown key(s) {unknown}.")
+            raise ValueError(f"{config_file}: unknown key(s) {unknown}.")
         parser.set_defaults(**defaults)
-        argv = argv[1:]
     return parser.parse_args_into_dataclasses(argv)
 
 

@@ -102,7 +102,7 @@ class MaskHead(nn.Module):
 
     def prompts(self, task_embeddings: torch.Tensor) -> torch.Tensor:
         """(n, k, hidden) -> (n, k * K, prompt_dim) sparse prompt embeddings."""
-        dtype = self.prompt_mlp[0].weight.dtype
+        dtype = next(self.prompt_mlp.parameters()).dtype  # (peft may wrap the MLP)
         out = self.prompt_mlp(task_embeddings.to(dtype))
         return out.reshape(task_embeddings.shape[0], -1, self.prompt_dim)
 

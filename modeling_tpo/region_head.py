@@ -65,7 +65,7 @@ class RegionHead(nn.Module):
             return self.fc2(self.act(self.fc1(query))).sigmoid(), None
         if visual_features is None or visual_xy is None:
             raise ValueError("The 'heatmap' region head needs the visual tokens' features and centres.")
-        dtype = self.key[1].weight.dtype
+        dtype = next(self.key.parameters()).dtype
         joint = self.key(visual_features.to(dtype)) + self.query(query.to(dtype))[:, None]  # (q, V, d)
         scores = self.score(joint).squeeze(-1)  # (q, V)
         if visual_mask is not None:

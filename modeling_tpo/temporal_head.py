@@ -132,7 +132,7 @@ class TemporalHead(nn.Module):
             )
         if num_frames > self.max_frames:
             raise ValueError(f"{num_frames} frames exceed the temporal head's max_frames={self.max_frames}.")
-        dtype = self.frame_proj[1].weight.dtype
+        dtype = next(self.frame_proj.parameters()).dtype
         frames = self.frame_proj(frame_features.to(dtype)) + self.type_embedding.weight[0]
         frames = frames + time_encoding(frame_times, self.d_model).to(dtype)
         task = self.task_proj(task_embeddings.to(dtype)) + self.type_embedding.weight[2]  # (n, k, d)

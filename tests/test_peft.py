@@ -64,3 +64,29 @@ def test_lora_train_save_reload_and_merge(tmp_path):
     final = TPOForConditionalGeneration.from_pretrained(tmp_path / "merged")
     for got, want in zip(_outputs(final, batch), expected):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_lora_trains_every_head_with_mask_prompts_wrapped():
+    """With all three heads in `modules_to_save` (peft wraps e.g. the mask head's prompt MLP), a mixed
+    region / temporal / video-mask / image-mask batch trains: every head's saved copy gets a gradient."""
+    from test_generation import MASK_IMAGE, MASK_VIDEO, MEDIA, REGION, TEMPORAL, _build
+
+    from tpo.processing.collator_tpo import collate_encoded
+
+    model, processor = _build("llava")
+    names = model.task_module_names()
+    assert "mask_head.prompt_mlp" in names
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=model.lora_target_regex(), modules_to_save=names)
+    peft_model = get_peft_model(model, lora).train()
+    samples = [REGION, TEMPORAL, MASK_VIDEO, MASK_IMAGE]
+    encoded = [processor.encode(s, mode="train") for s in samples]
+    batch = collate_encoded(processor, encoded, [MEDIA[s["id"]] for s in samples], padding_side="right")
+    batch.pop("tpo_meta")
+    out = peft_model(**batch)
+    assert {"region", "temporal", "mask"} <= set(out.loss_dict)
+    out.loss.backward()
+    grads = {n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
+    for head in ("region_head", "temporal_head", "mask_head.prompt_mlp"):
+        saved = [g for n, g in grads.items() if head in n and "modules_to_save" in n]
+        assert saved and all(g is not None for g in saved), head
+        assert sum(float(g.abs().sum()) for g in saved) > 0, head

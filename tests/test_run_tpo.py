@@ -38,6 +38,17 @@ def test_embedded_default_and_real_template_parse():
     assert training.learning_rate * training.head_lr_multiplier == pytest.approx(1e-4 * training.learning_rate / 2e-5)
 
 
+def test_flags_alone_change_the_embedded_default_unless_they_name_a_model_or_data():
+    script, model, training = run_tpo.parse_arguments(["--seed", "2", "--output-dir", "elsewhere"])
+    assert training.seed == 2 and training.output_dir == "elsewhere"
+    assert script.task_epochs == 7 and training.llm_training == "full"  # the rest is the embedded default
+    assert model.region_head_config and "heatmap" in model.region_head_config
+    script, model, training = run_tpo.parse_arguments(["--model_name_or_path", "some/folder", "--seed", "2"])
+    assert script.task_epochs == 1.0 and training.llm_training == "lora"  # the fields' own defaults
+    script, model, training = run_tpo.parse_arguments(["--data-config=data.yaml"])
+    assert script.data_config == "data.yaml" and script.task_epochs == 1.0
+
+
 
 def test_yaml_with_an_unknown_key_is_refused(tmp_path):
     bad = tmp_path / "bad.yaml"

@@ -68,6 +68,9 @@ DEFAULT_MASK_HEAD = {
     "freeze_prompt_encoder": True,
     "freeze_mask_decoder": False,
     "multimask_output": False,
+    "box_prompt": False,  # not in the release: a localised box as an extra SAM2 prompt (see mask_head.py)
+    "box_prompt_config": None,
+    "box_loss_weight": 1.0,
 }
 DEFAULT_LOSS_WEIGHTS = {"lm": 1.0, "assign": 1.0, "temporal": 0.05, "region": 1.0, "mask": 1.0}
 

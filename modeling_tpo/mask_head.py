@@ -9,6 +9,14 @@ Losses: sigmoid BCE + Dice on the masks (the release defines but never calls a m
 only an L1 between the predicted prompt embedding and SAM2's prompt embedding of the GT box, kept
 here as `prompt_l1_weight`, 0 by default).
 
+Box prompt (`box_prompt=True`, off by default; not in the release): a localiser (the region head's
+"heatmap" mode) reads the MLLM's visual tokens of the frame with the task embedding and predicts the
+object's box, which SAM2's own prompt encoder embeds as a box prompt next to the task-embedding
+prompts. The release's L1 asks the MLP to *produce* SAM2's box embedding; here the box itself is
+predicted (L1 + GIoU + heatmap KL against the GT mask's box, `box_loss_weight`) and embedded exactly,
+which grounds the mask where the MLLM looks. The box enters SAM2 detached: the mask loss trains the
+decoder to use it, the box loss trains the localiser.
+
 Remote code: torch and transformers only.
 """
 
@@ -19,6 +27,9 @@ from transformers import Sam2VideoModel
 from transformers.models.sam2_video.modeling_sam2_video import Sam2VideoInferenceSession
 
 from .box_ops import masks_to_boxes
+from .region_head import RegionHead
+
+DEFAULT_BOX_PROMPT = {"heatmap_dim": 256, "l1_weight": 2.0, "giou_weight": 0.2, "heatmap_weight": 1.0}
 
 
 def dice_loss(logits: torch.Tensor, targets: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
@@ -41,11 +52,15 @@ class MaskHead(nn.Module):
         freeze_image_encoder, freeze_prompt_encoder, freeze_mask_decoder: frozen SAM2 parts
             (`requires_grad=False`; a frozen image encoder runs without building a graph).
         multimask_output: let SAM2 predict 3 masks and keep the one of highest predicted IoU.
+        box_prompt: add the localiser's predicted box as a SAM2 box prompt (see the module docstring);
+        box_prompt_config: the localiser's settings (keys of `DEFAULT_BOX_PROMPT`);
+        box_loss_weight: weight of its loss (`mask_box`) inside the `mask` term.
     """
 
     def __init__(self, hidden_size: int, sam2_config, num_prompt_tokens: int = 3, bce_weight: float = 2.0,
                  dice_weight: float = 0.5, prompt_l1_weight: float = 0.0, freeze_image_encoder: bool = True,
-                 freeze_prompt_encoder: bool = True, freeze_mask_decoder: bool = False, multimask_output: bool = False):
+                 freeze_prompt_encoder: bool = True, freeze_mask_decoder: bool = False, multimask_output: bool = False,
+                 box_prompt: bool = False, box_prompt_config: dict | None = None, box_loss_weight: float = 1.0):
         super().__init__()
         self.sam2 = Sam2VideoModel(sam2_config)
         self.prompt_dim = sam2_config.prompt_encoder_config.hidden_size
@@ -53,7 +68,14 @@ class MaskHead(nn.Module):
         self.prompt_mlp = nn.Sequential(
             nn.Linear(hidden_size, hidden_size), nn.GELU(), nn.Linear(hidden_size, num_prompt_tokens * self.prompt_dim)
         )
-        self.weights = {"bce": bce_weight, "dice": dice_weight, "prompt_l1": prompt_l1_weight}
+        self.weights = {"bce": bce_weight, "dice": dice_weight, "prompt_l1": prompt_l1_weight, "box": box_loss_weight}
+        self.localiser = None
+        if box_prompt:
+            unknown = sorted(set(box_prompt_config or {}) - set(DEFAULT_BOX_PROMPT))
+            if unknown:
+                raise ValueError(f"Unknown box_prompt_config key(s) {unknown}; valid: {sorted(DEFAULT_BOX_PROMPT)}.")
+            settings = {**DEFAULT_BOX_PROMPT, **(box_prompt_config or {})}
+            self.localiser = RegionHead(hidden_size, mode="heatmap", **settings)
         self.freeze_image_encoder = freeze_image_encoder
         self.multimask_output = multimask_output
         self.image_size = int(sam2_config.image_size)
@@ -162,11 +184,15 @@ class MaskHead(nn.Module):
                 "prompt_embeddings": prompts}
 
     # ---- loss -------------------------------------------------------------------------------------
-    def loss(self, outputs: dict, target_masks: torch.Tensor, target_boxes: torch.Tensor | None = None) -> dict:
-        """`mask_bce`, `mask_dice`, optionally `mask_prompt_l1`, and `mask` (weighted sum), float32.
+    def loss(self, outputs: dict, target_masks: torch.Tensor, target_boxes: torch.Tensor | None = None,
+             localisation: dict | None = None) -> dict:
+        """`mask_bce`, `mask_dice`, optionally `mask_prompt_l1` and the box prompt's `mask_box` (with its
+        `mask_box_l1`, `mask_box_giou`, `mask_box_heatmap`), and `mask` (weighted sum), float32.
 
         target_masks: (m, H, W) in {0, 1} at any size (logits are upsampled bilinearly to it);
-        target_boxes: (m, 4) GT boxes in SAM2 input pixels, for the prompt L1.
+        target_boxes: (m, 4) GT boxes in SAM2 input pixels, for the prompt L1;
+        localisation: from `localise` with `target_boxes_xyxy` (m, 4), the GT boxes normalised to the
+            localiser's frame, and `has_object` (m,) bool (frames without the object give no box loss).
         """
         logits = outputs["pred_mask_logits"].float()
         targets = target_masks.to(logits.device).float()
@@ -184,8 +210,32 @@ class MaskHead(nn.Module):
             tokens = min(predicted.shape[1], reference.shape[1])
             terms["mask_prompt_l1"] = F.l1_loss(predicted[:, :tokens], reference[:, :tokens].float())
             total = total + self.weights["prompt_l1"] * terms["mask_prompt_l1"]
+        if localisation is not None and self.localiser is not None:
+            rows = localisation["has_object"].to(logits.device)
+            if bool(rows.any()):
+                box_terms = self.localiser.loss(localisation["pred_boxes_cxcywh"][rows],
+                                                localisation["target_boxes_xyxy"][rows],
+                                                localisation["token_scores"][rows], localisation["visual_xy"][rows])
+            else:  # no frame shows its object: 0, with a gradient path for every localiser parameter
+                box_terms = {"region": localisation["pred_boxes_cxcywh"].float().sum() * 0.0}
+            for name, value in box_terms.items():
+                terms["mask_box" if name == "region" else name.replace("region", "mask_box")] = value
+            total = total + self.weights["box"] * terms["mask_box"]
         terms["mask"] = total
         return terms
+
+    def localise(self, task_embeddings: torch.Tensor, visual_features: torch.Tensor, visual_xy: torch.Tensor,
+                 visual_mask: torch.Tensor) -> dict:
+        """The box prompt's prediction per SAM2 image, in the localiser's (the visual tokens') frame.
+
+        Args: task_embeddings (m, k, hidden) of each image's query; visual_features (m, V, hidden), their
+            patch centres visual_xy (m, V, 2) and visual_mask (m, V): the visual tokens of that image.
+        Returns: pred_boxes_cxcywh (m, 4) normalised, token_scores (m, V), visual_xy (m, V, 2).
+        """
+        if self.localiser is None:
+            raise ValueError("This mask head has no box prompt (mask_head_config box_prompt=False).")
+        boxes, scores = self.localiser.forward_with_heatmap(task_embeddings, visual_features, visual_xy, visual_mask)
+        return {"pred_boxes_cxcywh": boxes, "token_scores": scores, "visual_xy": visual_xy}
 
     # ---- video inference ----------------------------------------------------------------------------
     @torch.no_grad()

@@ -44,12 +44,16 @@ logger = logging.getLogger(__name__)
 _HEAD_ONLY_INPUTS = (
     "instruction_end_index", "query_token_mask", "frame_token_index", "frame_timestamps", "video_durations",
     "visual_token_xy",
-    "sam2_pixel_values", "mask_query_index", "sam2_batch_index", "tpo_meta",
+    "sam2_pixel_values", "mask_query_index", "sam2_batch_index", "mask_frame_index", "mask_view_to_sam2", "tpo_meta",
 )
 _TRAINING_TARGETS = (
     "labels", "task_labels", "region_boxes", "region_batch_index", "temporal_spans", "temporal_span_query_index",
     "temporal_saliency", "mask_targets",
 )
+# per SAM2 image (m, ...), never per token, whatever their shapes
+_MASK_IMAGE_KEYS = ("mask_frame_index", "mask_view_to_sam2")
+_NOT_PER_TOKEN = ("sam2_pixel_values", "mask_query_index", "sam2_batch_index", "mask_targets", "region_boxes",
+                  "region_batch_index", "temporal_spans", "temporal_span_query_index", *_MASK_IMAGE_KEYS)
 _PER_TOKEN_FILL = {"frame_token_index": -1, "query_token_mask": False, "mm_token_type_ids": 0, "visual_token_xy": -1.0}
 MASK_VIDEO_MODES = ("propagate", "per_frame")
 _ONE_SEQUENCE_PER_PROMPT = (
@@ -385,6 +389,8 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
         sam2_pixel_values: torch.FloatTensor | None = None,
         mask_query_index: torch.LongTensor | None = None,
         mask_targets: torch.FloatTensor | None = None,
+        mask_frame_index: torch.LongTensor | None = None,
+        mask_view_to_sam2: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         tpo_meta: dict | None = None,
@@ -416,6 +422,12 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
             temporal_saliency (`(num_temporal_queries, frames)`): per-frame saliency targets >= 0.
             sam2_pixel_values (`(m, 3, S, S)`): SAM2 inputs of the mask queries' images/frames;
             mask_query_index (`(m,)`): the mask query of each SAM2 image; mask_targets (`(m, S, S)`).
+            mask_frame_index (`(m,)`): for the mask head's box prompt, the head frame (`frame_token_index`
+                value) whose visual tokens show each SAM2 image, -1 for all the sample's visual tokens
+                (images; the default).
+            mask_view_to_sam2 (`(m, 4)`): (a_x, b_x, a_y, b_y) mapping the visual tokens' normalised
+                coordinates to SAM2's (x_sam2 = a_x * x + b_x): padding and cropping of the MLLM's image
+                processor (default: the identity, a plain resize).
             tpo_meta: per-sample metadata from the collator, ignored here.
             num_items_in_batch: passed by the Trainer; the LM loss normalises by it.
         """
@@ -465,7 +477,7 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
         targets = {
             "region": (region_boxes, region_batch_index),
             "temporal": (temporal_spans, temporal_span_query_index, temporal_saliency),
-            "mask": (sam2_pixel_values, mask_query_index, mask_targets),
+            "mask": (sam2_pixel_values, mask_query_index, mask_targets, mask_frame_index, mask_view_to_sam2),
         }
         predictions: dict[str, dict] = {}
         untouched = []
@@ -628,7 +640,8 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
             targets.append({"spans": spans[span_query_index == q], "saliency": row})
         return targets
 
-    def _mask_outputs(self, context: "_HeadContext", sam2_pixel_values, mask_query_index, mask_targets):
+    def _mask_outputs(self, context: "_HeadContext", sam2_pixel_values, mask_query_index, mask_targets,
+                      mask_frame_index=None, mask_view_to_sam2=None):
         """Mask logits for every SAM2 image of the mask queries and, with targets, loss terms."""
         queries = context.queries.get("mask")
         has_queries = queries is not None and queries.batch_index.numel() > 0
@@ -654,16 +667,74 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
             raise ValueError(f"`mask_query_index` {mask_query_index.tolist()} does not give every one of the "
                              f"{num_queries} mask queries (samples {queries.batch_index.tolist()}) at least one image.")
         task_embeddings = queries.gather(context.hidden_states)  # (q, k, hidden)
+        localisation, input_boxes = None, None
+        if self.mask_head.localiser is not None:
+            localisation, input_boxes = self._mask_box_prompts(context, task_embeddings, queries.batch_index,
+                                                               mask_query_index, mask_frame_index, mask_view_to_sam2)
         outputs = self.mask_head(task_embeddings, sam2_pixel_values=sam2_pixel_values,
-                                 query_index=mask_query_index)
+                                 query_index=mask_query_index, input_boxes=input_boxes)
         predictions = {**outputs, "query_index": mask_query_index, "batch_index": queries.batch_index,
                        "task_embeddings": task_embeddings}
+        if input_boxes is not None:
+            predictions["prompt_boxes_xyxy_sam2"] = input_boxes
         if mask_targets is None:
             return predictions, {}
         if mask_targets.shape[0] != sam2_pixel_values.shape[0]:
             raise ValueError(f"{mask_targets.shape[0]} mask targets for {sam2_pixel_values.shape[0]} SAM2 images; "
                              "each SAM2 image needs its mask.")
-        return predictions, self.mask_head.loss(outputs, mask_targets)
+        if localisation is not None:
+            localisation.update(self._mask_box_targets(mask_targets, localisation["view_to_sam2"]))
+        return predictions, self.mask_head.loss(outputs, mask_targets, localisation=localisation)
+
+    def _mask_box_prompts(self, context: "_HeadContext", task_embeddings, batch_index, mask_query_index,
+                          mask_frame_index, mask_view_to_sam2):
+        """The mask head's box prompt per SAM2 image: its localiser over the visual tokens of the image's
+        frame (all of the sample's visual tokens for images) -> a box in SAM2 input pixels (m, 4), detached,
+        and the localisation outputs for the loss."""
+        if context.visual_token_xy is None:
+            raise ValueError("The mask head's box prompt needs `visual_token_xy` (each visual token's patch "
+                             "centre); TPOProcessor and its collator provide it.")
+        device = context.hidden_states.device
+        m = mask_query_index.shape[0]
+        samples = batch_index.to(device)[mask_query_index.to(device)]  # (m,)
+        xy = context.visual_token_xy.to(device)[samples]  # (m, seq, 2)
+        visual = xy[..., 0] >= 0
+        if mask_frame_index is not None and context.frame_token_index is not None:
+            frame = mask_frame_index.to(device).long()[:, None]
+            own_frame = visual & (context.frame_token_index.to(device)[samples] == frame)
+            # an image (-1), or a frame index the sample's tokens lack: all of its visual tokens
+            visual = torch.where((frame >= 0) & own_frame.any(-1, keepdim=True), own_frame, visual)
+        if not bool(visual.any(-1).all()):
+            missing = sorted(set(samples[~visual.any(-1)].tolist()))
+            raise ValueError(f"Sample(s) {missing}: a mask query's sample has no visual tokens for the box prompt.")
+        features, mask, order = gather_token_features(context.hidden_states[samples], visual, return_order=True)
+        xy = torch.gather(xy, 1, order[..., None].expand(-1, -1, 2))
+        localisation = self.mask_head.localise(task_embeddings[mask_query_index.to(device)], features, xy, mask)
+        if mask_view_to_sam2 is None:
+            mask_view_to_sam2 = torch.tensor([[1.0, 0.0, 1.0, 0.0]], device=device).expand(m, 4)
+        transform = mask_view_to_sam2.to(device).float()
+        localisation["view_to_sam2"] = transform
+        boxes = _cxcywh_to_clamped_xyxy(localisation["pred_boxes_cxcywh"].detach().float())
+        scale = torch.stack([transform[:, 0], transform[:, 2], transform[:, 0], transform[:, 2]], -1)
+        offset = torch.stack([transform[:, 1], transform[:, 3], transform[:, 1], transform[:, 3]], -1)
+        sam2_boxes = (boxes * scale + offset).clamp(0.0, 1.0) * self.mask_head.image_size
+        return localisation, sam2_boxes
+
+    @staticmethod
+    def _mask_box_targets(mask_targets: torch.Tensor, view_to_sam2: torch.Tensor) -> dict:
+        """GT boxes of the masks (m, S, S), in the visual tokens' normalised frame, and which frames show the
+        object."""
+        binary = mask_targets > 0.5
+        height, width = binary.shape[-2:]
+        boxes = masks_to_boxes(binary).to(view_to_sam2.device).float()
+        boxes = boxes / torch.tensor([width, height, width, height], device=boxes.device, dtype=boxes.dtype)
+        scale = torch.stack([view_to_sam2[:, 0], view_to_sam2[:, 2], view_to_sam2[:, 0], view_to_sam2[:, 2]], -1)
+        offset = torch.stack([view_to_sam2[:, 1], view_to_sam2[:, 3], view_to_sam2[:, 1], view_to_sam2[:, 3]], -1)
+        view_boxes = ((boxes - offset) / scale).clamp(0.0, 1.0)
+        has_object = binary.flatten(1).any(-1).to(view_boxes.device)
+        # a degenerate box (object entirely in the padding) cannot be localised either
+        has_object &= (view_boxes[:, 2] > view_boxes[:, 0]) & (view_boxes[:, 3] > view_boxes[:, 1])
+        return {"target_boxes_xyxy": view_boxes, "has_object": has_object}
 
     def _run_backbone(self, input_ids: torch.LongTensor | None, cache=None, **inputs):
         """The MLLM without its LM head (its `base_model`), giving the last hidden states.
@@ -1029,7 +1100,7 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
         if mask_queries is not None and mask_queries.batch_index.numel():
             plan = self._plan_generated_masks(mask_queries.batch_index, inputs, mask_request)
         else:
-            for key in ("sam2_pixel_values", "mask_query_index", "sam2_batch_index"):
+            for key in ("sam2_pixel_values", "mask_query_index", "sam2_batch_index", *_MASK_IMAGE_KEYS):
                 inputs.pop(key, None)
         # The heads read hidden states only: one logit row instead of (seq, vocab) per sample.
         outputs = self(**inputs, use_cache=False, logits_to_keep=1)
@@ -1061,7 +1132,8 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
         inputs = {"input_ids": right_align(sequences, shift, pad), "attention_mask": right_align(full_mask, shift, 0)}
         per_token = {**{k: v for k, v in generate_kwargs.items() if isinstance(v, torch.Tensor)}, **head_inputs}
         for key, value in per_token.items():
-            if isinstance(value, torch.Tensor) and value.dim() >= 2 and tuple(value.shape[:2]) == (batch, prompt_len):
+            if (key not in _NOT_PER_TOKEN and isinstance(value, torch.Tensor) and value.dim() >= 2
+                    and tuple(value.shape[:2]) == (batch, prompt_len)):
                 fill = _PER_TOKEN_FILL.get(key, 0)
                 extension = torch.full((batch, new_tokens.shape[1], *value.shape[2:]), fill, dtype=value.dtype,
                                        device=value.device)
@@ -1080,6 +1152,8 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
         Replaces the SAM2 inputs of `inputs` by those of the forward pass."""
         pixels = inputs.pop("sam2_pixel_values", None)
         image_query, image_sample = inputs.pop("mask_query_index", None), inputs.pop("sam2_batch_index", None)
+        per_image = {key: inputs.pop(key) for key in _MASK_IMAGE_KEYS if inputs.get(key) is not None}
+        forward_per_image = {key: [] for key in per_image}
         batch = inputs["input_ids"].shape[0]
         if pixels is not None:
             image_sample = self._sam2_sample_index(pixels.shape[0], image_query, image_sample, request.task_labels,
@@ -1094,8 +1168,12 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
             plan.frames.append(frames)
             plan.tracked.append(request.mode == "propagate" and (frames.shape[0] > 1 or box is not None))
             plan.initial_boxes.append(box)
+            for key, value in per_image.items():
+                own = value[rows.to(value.device)]
+                forward_per_image[key].append(own[:1] if plan.tracked[-1] else own)
         forward_frames = [f[:1] if tracked else f for f, tracked in zip(plan.frames, plan.tracked)]
         inputs["sam2_pixel_values"] = torch.cat(forward_frames)
+        inputs.update({key: torch.cat(values) for key, values in forward_per_image.items()})
         inputs["mask_query_index"] = torch.cat([torch.full((f.shape[0],), q, dtype=torch.long, device=f.device)
                                                 for q, f in enumerate(forward_frames)])
         return plan
@@ -1259,6 +1337,8 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
         if self.mask_head is not None:
             settings = self.config.mask_head_config
             names.append("mask_head.prompt_mlp")
+            if self.mask_head.localiser is not None:
+                names.append("mask_head.localiser")
             for flag, module in (("freeze_mask_decoder", "mask_decoder"), ("freeze_prompt_encoder", "prompt_encoder"),
                                  ("freeze_image_encoder", "vision_encoder")):
                 if not settings.get(flag, True):

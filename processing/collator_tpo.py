@@ -98,7 +98,7 @@ def _require(media: dict, key: str, encoded):
 def _collate_targets(processor, encoded, media, batch, num_frames) -> None:
     boxes, box_batch = [], []
     spans, span_query, saliency = [], [], []
-    sam2_images, sam2_masks, mask_query = [], [], []
+    sam2_images, sam2_masks, mask_query, mask_frame, view_to_sam2 = [], [], [], [], []
     temporal_query = mask_index = 0
     for index, (e, m) in enumerate(zip(encoded, media)):
         targets = e.targets
@@ -115,12 +115,17 @@ def _collate_targets(processor, encoded, media, batch, num_frames) -> None:
         if "masks_rle" in targets:
             if e.media.get("kind") == "image":
                 images = [np.asarray(m["image"])]
+                frame_index = [-1]
             else:
                 images = list(_require(m, "sam2_frames", e))
+                frame_index = _nearest_head_frames(processor, m, len(images))
             if len(images) != len(targets["masks_rle"]):
                 raise ValueError(f"Sample {e.media.get('path')!r}: {len(images)} SAM2 frames for "
                                  f"{len(targets['masks_rle'])} masks.")
             sam2_images += images
+            mask_frame += frame_index
+            height, width = np.asarray(images[0]).shape[:2]
+            view_to_sam2 += [processor.view_to_sam2(height, width)] * len(images)
             sam2_masks += list(targets["masks_rle"])
             mask_query += [mask_index] * len(images)
             mask_index += 1
@@ -136,3 +141,16 @@ def _collate_targets(processor, encoded, media, batch, num_frames) -> None:
         batch["sam2_pixel_values"] = sam2["sam2_pixel_values"]
         batch["mask_targets"] = sam2["mask_targets"]
         batch["mask_query_index"] = torch.tensor(mask_query)
+        batch["mask_frame_index"] = torch.tensor(mask_frame)
+        batch["mask_view_to_sam2"] = torch.tensor(view_to_sam2, dtype=torch.float32)
+
+
+def _nearest_head_frames(processor, media: dict, count: int) -> list[int]:
+    """Per SAM2 frame of a video mask sample, the head frame nearest in time (`media["sam2_timestamps"]`
+    against the head frames' timestamps), or -1 (every frame's tokens) when the times are unknown."""
+    sam2_times = media.get("sam2_timestamps")
+    head_times = processor.head_frame_timestamps(list(media.get("timestamps") or []))
+    if sam2_times is None or len(sam2_times) != count or not head_times:
+        return [-1] * count
+    head = np.asarray(head_times, dtype=np.float64)
+    return [int(np.abs(head - float(t)).argmin()) for t in sam2_times]

@@ -77,7 +77,8 @@ def load_media(plan: dict, targets: dict | None = None) -> dict:
     """Decode what a sample's media plan asks for.
 
     Returns {} (no media), {"image": (h, w, 3)}, or {"frames": (T, h, w, 3), "timestamps": [T]} plus
-    {"sam2_frames": (m, h, w, 3)} when a video mask sample names its annotated frames.
+    {"sam2_frames": (m, h, w, 3), "sam2_timestamps": [m seconds]} when a video mask sample names its
+    annotated frames.
     """
     kind = plan.get("kind")
     if kind == "image":
@@ -93,6 +94,7 @@ def load_media(plan: dict, targets: dict | None = None) -> dict:
         media = {"frames": frames, "timestamps": [(i + 0.5) / fps for i in indices]}
         if targets.get("mask_frames"):
             media["sam2_frames"] = np.stack([_read_image(paths[i]) for i in targets["mask_frames"]])
+            media["sam2_timestamps"] = [(i + 0.5) / fps for i in targets["mask_frames"]]
         return media
     from .video import VideoLoadError, load_video
 
@@ -103,6 +105,7 @@ def load_media(plan: dict, targets: dict | None = None) -> dict:
             fps = video.metadata.fps
             extra = load_video(plan["path"], timestamps_seconds=[i / fps for i in targets["mask_frames"]])
             media["sam2_frames"] = extra.frames
+            media["sam2_timestamps"] = list(extra.metadata.timestamps_seconds)
     except VideoLoadError as error:
         raise MediaError(str(error)) from error
     return media

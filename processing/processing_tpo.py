@@ -752,6 +752,16 @@ class TPOProcessor(ProcessorMixin):
     def head_frame_timestamps(self, timestamps: list[float]) -> list[float]:
         return self._layout.head_frame_timestamps(timestamps)
 
+    def view_to_sam2(self, height: int, width: int) -> list[float]:
+        """(a_x, b_x, a_y, b_y): an image of (height, width)'s normalised coordinates in the vision tower's
+        view (those of `visual_token_xy` and region boxes) -> normalised coordinates of the whole image
+        (SAM2's input), x = a_x * x_view + b_x; the identity for a plain resize."""
+        geometry = image_geometry(self.image_processor, int(height), int(width))
+        a_x = geometry.view_width / (geometry.scale_x * geometry.width)
+        a_y = geometry.view_height / (geometry.scale_y * geometry.height)
+        return [a_x, geometry.crop_x / (geometry.scale_x * geometry.width),
+                a_y, geometry.crop_y / (geometry.scale_y * geometry.height)]
+
     def sam2_inputs(self, images: list[np.ndarray], masks_rle: list[dict] | None = None) -> dict:
         """SAM2 pixel values (m, 3, S, S) and, if given, mask targets (m, S, S)."""
         if self.sam2_image_size is None:

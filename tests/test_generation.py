@@ -500,3 +500,80 @@ def test_initial_boxes_need_propagation_and_one_entry_per_prompt(llava):
         model.generate(**batch, max_new_tokens=1, mask_initial_boxes=[box])
     with pytest.raises(ValueError, match="Unknown mask_video_mode 'track'"):
         model.generate(**batch, max_new_tokens=1, mask_video_mode="track")
+
+
+@pytest.fixture(scope="module")
+def box_prompted():
+    torch.manual_seed(0)
+    tokenizer = build_tiny_tokenizer()
+    mllm = LlavaForConditionalGeneration(tiny_llava_config(tokenizer))
+    model = TPOForConditionalGeneration.from_mllm(
+        mllm, tasks=["mask"], tokenizer=tokenizer, sam2_config=tiny_sam2_config(SAM2_SIZE),
+        mask_head_config={"box_prompt": True, "box_prompt_config": {"heatmap_dim": 16}})
+    processor = TPOProcessor.from_model_config(model.config, SiglipImageProcessorPil(size={"height": 32, "width": 32}),
+                                               tokenizer, num_frames=4, sam2_image_size=SAM2_SIZE)
+    return model.eval(), processor
+
+
+def _box_batch(processor, modes, media, padding_side):
+    encoded = [processor.encode(s, mode=m) for s, m in zip((MASK_VIDEO, MASK_IMAGE), modes)]
+    batch = collate_encoded(processor, encoded, media, padding_side=padding_side)
+    batch.pop("tpo_meta")
+    return batch
+
+
+BOX_MEDIA = [{**MEDIA["mv1"], "sam2_timestamps": [0.4, 1.6, 3.4]}, MEDIA["mi1"]]
+
+
+def test_box_prompt_reads_the_frame_of_each_sam2_image_and_trains(box_prompted):
+    """Each SAM2 image's box prompt comes from the visual tokens of its own head frame (nearest in time);
+    training adds the `mask_box` terms and trains the localiser."""
+    model, processor = box_prompted
+    assert "mask_head.localiser" in model.task_module_names()
+    batch = _box_batch(processor, ["train", "train"], BOX_MEDIA, "right")
+    assert batch["mask_frame_index"].tolist() == [0, 1, 3, -1]  # head frames at 0.5, 1.5, 2.5, 3.5 s
+    torch.testing.assert_close(batch["mask_view_to_sam2"], torch.tensor([[1.0, 0.0, 1.0, 0.0]] * 4))
+    model.train()
+    out = model(**batch)
+    assert {"mask_box", "mask_box_l1", "mask_box_giou", "mask_box_heatmap"} <= set(out.loss_dict)
+    out.loss.backward()
+    assert model.mask_head.localiser.score[1].weight.grad.abs().sum() > 0
+    model.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        boxes = model(**batch).mask_outputs["prompt_boxes_xyxy_sam2"]
+        moved = model(**{**batch, "mask_frame_index": torch.tensor([2, 1, 3, -1])}).mask_outputs
+    assert boxes.shape == (4, 4) and bool((boxes[:, 2:] >= boxes[:, :2]).all())
+    assert float(boxes.min()) >= 0 and float(boxes.max()) <= SAM2_SIZE
+    assert not torch.allclose(moved["prompt_boxes_xyxy_sam2"][0], boxes[0])  # another frame's tokens
+    torch.testing.assert_close(moved["prompt_boxes_xyxy_sam2"][1:], boxes[1:])
+
+
+def test_box_prompt_maps_view_coordinates_to_sam2(box_prompted):
+    """`mask_view_to_sam2` (a_x, b_x, a_y, b_y) moves the prompt box: x_sam2 = a_x * x + b_x."""
+    model, processor = box_prompted
+    batch = _box_batch(processor, ["force_task", "force_task"], BOX_MEDIA, "right")
+    transform = torch.tensor([[0.5, 0.25, 2.0, -0.5]]).expand(4, 4)
+    with torch.no_grad():
+        plain = model(**batch).mask_outputs["prompt_boxes_xyxy_sam2"]
+        shifted = model(**{**batch, "mask_view_to_sam2": transform}).mask_outputs["prompt_boxes_xyxy_sam2"]
+    view = plain / SAM2_SIZE
+    expected = torch.stack([0.5 * view[:, 0] + 0.25, 2.0 * view[:, 1] - 0.5, 0.5 * view[:, 2] + 0.25,
+                            2.0 * view[:, 3] - 0.5], -1)
+    torch.testing.assert_close(shifted, expected.clamp(0, 1) * SAM2_SIZE)
+
+
+def test_generate_with_box_prompts_tracks_videos_and_equals_a_plain_forward_on_images(box_prompted):
+    model, processor = box_prompted
+    batch = _box_batch(processor, ["force_task", "force_task"], BOX_MEDIA, "left")
+    out = model.generate(**batch, max_new_tokens=2, do_sample=False)
+    video, image = out.task_outputs[0]["mask"], out.task_outputs[1]["mask"]
+    assert video["mode"] == ["propagate"] and video["mask_logits"][0].shape == (3, SAM2_SIZE, SAM2_SIZE)
+    eos, pad = model.generation_config.eos_token_id, model.generation_config.pad_token_id
+    with torch.no_grad():
+        sam2 = {k: batch[k] for k in ("sam2_pixel_values", "mask_query_index", "mask_frame_index", "mask_view_to_sam2")}
+        reference = model(**_right_padded(batch, batch["input_ids"], eos, pad), **sam2).mask_outputs
+    torch.testing.assert_close(image["mask_logits"][0], reference["pred_mask_logits"][3:])
+    # the video is tracked from the box-prompted mask of its first frame
+    tracked = model.track_masks(batch["sam2_pixel_values"][:3], first_frame_mask_logits=reference["pred_mask_logits"][:1])
+    torch.testing.assert_close(video["mask_logits"][0], tracked[0]["mask_logits"])

@@ -134,3 +134,32 @@ def test_load_pretrained_sam2_and_refuse_a_mismatch(tmp_path, sam2_config):
     other = Sam2VideoModel(tiny_sam2_config(hidden_size=256))
     with pytest.raises(ValueError, match="does not match this mask head's sam2_config"):
         head.load_sam2(other)
+
+
+def test_box_prompt_localiser_loss_and_frames_without_object(sam2_config):
+    """With `box_prompt`, `localise` predicts a box from the visual tokens; the loss adds `mask_box`
+    (the region-head terms on the rows whose mask shows the object) and it trains the localiser."""
+    torch.manual_seed(0)
+    head = MaskHead(HIDDEN, sam2_config, box_prompt=True, box_prompt_config={"heatmap_dim": 16}, box_loss_weight=0.5)
+    assert head.localiser is not None and head.localiser.mode == "heatmap"
+    embeddings = torch.randn(2, 1, HIDDEN)
+    features = torch.randn(2, 4, HIDDEN)
+    xy = torch.tensor([[0.25, 0.25], [0.75, 0.25], [0.25, 0.75], [0.75, 0.75]]).expand(2, 4, 2)
+    localisation = head.localise(embeddings, features, xy, torch.ones(2, 4, dtype=torch.bool))
+    assert localisation["pred_boxes_cxcywh"].shape == (2, 4) and localisation["token_scores"].shape == (2, 4)
+    out = head(embeddings, sam2_pixel_values=torch.randn(2, 3, 128, 128),
+               input_boxes=torch.tensor([[10.0, 10.0, 60.0, 60.0], [0.0, 0.0, 128.0, 128.0]]))
+    target_boxes = torch.tensor([[0.1, 0.2, 0.5, 0.6], [0.0, 0.0, 0.0, 0.0]])
+    localisation.update(target_boxes_xyxy=target_boxes, has_object=torch.tensor([True, False]))
+    masks = torch.zeros(2, 128, 128)
+    terms = head.loss(out, masks, localisation=localisation)
+    plain = head.loss(out, masks)
+    expected = head.localiser.loss(localisation["pred_boxes_cxcywh"][:1], target_boxes[:1],
+                                   localisation["token_scores"][:1], xy[:1])
+    torch.testing.assert_close(terms["mask_box"], expected["region"])
+    torch.testing.assert_close(terms["mask_box_heatmap"], expected["region_heatmap"])
+    torch.testing.assert_close(terms["mask"], plain["mask"] + 0.5 * expected["region"])
+    terms["mask"].backward()
+    assert head.localiser.score[1].weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="box_prompt_config"):
+        MaskHead(HIDDEN, sam2_config, box_prompt=True, box_prompt_config={"heatmap_dims": 8})

@@ -1,6 +1,7 @@
 """TPOProcessor: prompts, labels, targets, layouts (LLaVA, Qwen2-VL), batching, inverse transforms,
 save/load (in process and where the project is not installed)."""
 
+import copy
 import textwrap
 
 import numpy as np
@@ -126,6 +127,22 @@ def test_geometry_matches_the_real_image_processor(settings, height, width):
     measured = _bright_box_in_pixels(pixels)
     np.testing.assert_allclose(geometry.normalise(box)[0], measured, atol=2.5 / pixels.shape[-1])
     np.testing.assert_allclose(geometry.denormalise(geometry.normalise(box)), box, atol=1e-6)
+
+
+def test_view_to_sam2_undoes_llava_padding_hand_computed(llava):
+    """60 x 120 image, pad to 120 x 120 (30 rows above), resize to 48: y_view = (y + 30) / 120, so the whole
+    image's y / 60 = 2 y_view - 0.5; x is unchanged. A centre crop of 40 adds its offset of 4 px (of 48)."""
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    _, processor = llava
+    settings = {"do_pad": True, "size": {"shortest_edge": 48}, "crop_size": {"height": 48, "width": 48}}
+    padded = copy.copy(processor)
+    padded.image_processor = LlavaImageProcessorPil(**settings)
+    np.testing.assert_allclose(padded.view_to_sam2(60, 120), [1.0, 0.0, 2.0, -0.5])
+    cropped = copy.copy(processor)
+    cropped.image_processor = LlavaImageProcessorPil(**{**settings, "crop_size": {"height": 40, "width": 40}})
+    # view = 40 px of the 48 px resize, offset 4 px: x / 120 = (40 x_view + 4) / 48
+    np.testing.assert_allclose(cropped.view_to_sam2(60, 120), [40 / 48, 4 / 48, 2 * 40 / 48, 2 * 4 / 48 - 0.5])
 
 
 def test_region_sample_labels_targets_and_query(llava):

@@ -41,7 +41,9 @@ def test_embedded_default_and_real_template_parse():
 def test_flags_alone_change_the_embedded_default_unless_they_name_a_model_or_data():
     script, model, training = run_tpo.parse_arguments(["--seed", "2", "--output-dir", "elsewhere"])
     assert training.seed == 2 and training.output_dir == "elsewhere"
-    assert script.task_epochs == 7 and training.llm_training == "full"  # the rest is the embedded default
+    embedded = yaml.safe_load(run_tpo.DEFAULT_CONFIG.read_text(encoding="utf-8"))
+    assert embedded["task_epochs"] != 1.0 and embedded["llm_training"] != "lora"  # so the check below can fail
+    assert script.task_epochs == embedded["task_epochs"] and training.llm_training == embedded["llm_training"]
     assert model.region_head_config and "heatmap" in model.region_head_config
     script, model, training = run_tpo.parse_arguments(["--model_name_or_path", "some/folder", "--seed", "2"])
     assert script.task_epochs == 1.0 and training.llm_training == "lora"  # the fields' own defaults

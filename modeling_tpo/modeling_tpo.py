@@ -20,7 +20,7 @@ from torch import nn
 from transformers import AutoModelForImageTextToText, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.generation import LogitsProcessorList
-from transformers.modeling_outputs import ModelOutput
+from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
 from transformers.modeling_utils import slice_logits_to_keep
 
 from .features import gather_token_features, normalised_frame_times, pool_frame_features
@@ -394,6 +394,7 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         tpo_meta: dict | None = None,
+        backbone_hidden_states: torch.FloatTensor | None = None,
         **kwargs,
     ) -> TPOOutput:
         r"""
@@ -429,6 +430,9 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
                 coordinates to SAM2's (x_sam2 = a_x * x + b_x): padding and cropping of the MLLM's image
                 processor (default: the identity, a plain resize).
             tpo_meta: per-sample metadata from the collator, ignored here.
+            backbone_hidden_states (`(batch, seq, hidden)`): the MLLM's last hidden states for these inputs,
+                computed elsewhere (`generate` reuses those of decoding): the backbone is not run, the
+                heads, router and LM head read these.
             num_items_in_batch: passed by the Trainer; the LM loss normalises by it.
         """
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
@@ -438,15 +442,18 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
         if task_labels is not None:
             self._check_task_labels(task_labels)
 
-        backbone_outputs = self._run_backbone(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache if cache is not None else past_key_values,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            **kwargs,
-        )
+        if backbone_hidden_states is not None:
+            backbone_outputs = BaseModelOutputWithPast(last_hidden_state=backbone_hidden_states)
+        else:
+            backbone_outputs = self._run_backbone(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=cache if cache is not None else past_key_values,
+                inputs_embeds=inputs_embeds,
+                use_cache=use_cache,
+                **kwargs,
+            )
         hidden_states = backbone_outputs.last_hidden_state  # (batch, seq, hidden)
         logits = self.mllm.get_output_embeddings()(slice_logits_to_keep(hidden_states, logits_to_keep))
 
@@ -980,13 +987,15 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
         generation_config.return_dict_in_generate = True
         processors = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
         processors.append(self.task_token_logits_processor())
-        outputs = self.mllm.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            generation_config=generation_config,
-            logits_processor=processors,
-            **kwargs,
-        )
+        captured = [] if run_heads else None
+        with self._capturing_hidden_states(captured):
+            outputs = self.mllm.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                generation_config=generation_config,
+                logits_processor=processors,
+                **kwargs,
+            )
         if not wants_dict:
             return outputs.sequences
         result = TPOGenerateOutput(
@@ -1000,7 +1009,8 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
         if run_heads:
             request = _MaskRequest(mode=mask_video_mode, initial_boxes=initial_boxes, task_labels=task_labels)
             result.head_outputs, result.task_outputs = self._heads_on_generated(
-                outputs.sequences, input_ids, attention_mask, kwargs, head_inputs, generation_config, request
+                outputs.sequences, input_ids, attention_mask, kwargs, head_inputs, generation_config, request,
+                decoded_hidden_states=captured,
             )
         return result
 
@@ -1081,12 +1091,53 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
             out.append(box)
         return out
 
+    @contextlib.contextmanager
+    def _capturing_hidden_states(self, captured: list | None):
+        """Append the MLLM backbone's last hidden states of every call inside the block to `captured`
+        (nothing when it is None): decoding's prefill (batch, prompt, hidden), then one (batch, 1, hidden)
+        per step with a KV cache."""
+        if captured is None:
+            yield
+            return
+
+        def keep(module, args, output):
+            states = getattr(output, "last_hidden_state", None)
+            if states is None and isinstance(output, tuple) and output:
+                states = output[0]
+            captured.append(states.detach() if torch.is_tensor(states) else None)
+
+        handle = self.mllm.base_model.register_forward_hook(keep)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def _decoded_hidden_states(self, pieces: list | None, sequences: torch.Tensor, prompt_len: int,
+                               shift: torch.Tensor) -> torch.Tensor | None:
+        """The last hidden states of the whole generated sequences (batch, seq, hidden), right-aligned by
+        `shift` like the heads' inputs, from decoding's prefill and cached steps; None when decoding was not
+        one prefill then one token per step for these rows (beam search, no cache, ...) or when a slot token
+        is the last token, which decoding never feeds: the heads' pass then runs the backbone."""
+        if not pieces or any(p is None for p in pieces):
+            return None
+        batch, total = sequences.shape
+        if pieces[0].shape[:2] != (batch, prompt_len) or any(p.shape[:2] != (batch, 1) for p in pieces[1:]):
+            return None
+        if len(pieces) != total - prompt_len:
+            return None
+        slot_ids = torch.tensor(self._all_slot_ids(), device=sequences.device)
+        if total > prompt_len and bool(torch.isin(sequences[:, -1], slot_ids).any()):
+            return None
+        states = torch.cat([*pieces, pieces[0].new_zeros(batch, 1, pieces[0].shape[-1])], 1)[:, :total]
+        return right_align(states, shift.to(states.device), 0.0)
+
     @torch.no_grad()
     def _heads_on_generated(self, sequences, input_ids, attention_mask, generate_kwargs, head_inputs, generation_config,
-                            mask_request: "_MaskRequest"):
-        """One forward pass over the generated sequences (re-laid out to right padding, as in
-        training) giving the heads the hidden states of the slot tokens; mask queries of videos are
-        then tracked (see `generate`)."""
+                            mask_request: "_MaskRequest", decoded_hidden_states: list | None = None):
+        """The heads over the generated sequences (re-laid out to right padding, as in training), reading
+        the slot tokens' hidden states from decoding (`decoded_hidden_states`, the backbone's outputs of
+        every decoding call) or, where those do not cover the sequences, from one forward pass; mask
+        queries of videos are then tracked (see `generate`)."""
         batch = input_ids.shape[0]
         if sequences.shape[0] != batch:
             raise ValueError(_ONE_SEQUENCE_PER_PROMPT)
@@ -1102,6 +1153,10 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
         else:
             for key in ("sam2_pixel_values", "mask_query_index", "sam2_batch_index", *_MASK_IMAGE_KEYS):
                 inputs.pop(key, None)
+        hidden = self._decoded_hidden_states(decoded_hidden_states, sequences, input_ids.shape[1],
+                                             inputs.pop("_shift"))
+        if hidden is not None:
+            inputs["backbone_hidden_states"] = hidden
         # The heads read hidden states only: one logit row instead of (seq, vocab) per sample.
         outputs = self(**inputs, use_cache=False, logits_to_keep=1)
         mask_results = self._generated_mask_results(outputs.mask_outputs, plan) if plan is not None else None
@@ -1142,6 +1197,7 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
                 value = value - shift.to(value.device)
             inputs[key] = value
         inputs.setdefault("instruction_end_index", (prompt_mask.sum(-1) - 1).clamp(min=0))
+        inputs["_shift"] = shift
         return inputs
 
     # ---- masks of generated queries: SAM2 frames per query, tracking --------------------------------

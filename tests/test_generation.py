@@ -577,3 +577,27 @@ def test_generate_with_box_prompts_tracks_videos_and_equals_a_plain_forward_on_i
     # the video is tracked from the box-prompted mask of its first frame
     tracked = model.track_masks(batch["sam2_pixel_values"][:3], first_frame_mask_logits=reference["pred_mask_logits"][:1])
     torch.testing.assert_close(video["mask_logits"][0], tracked[0]["mask_logits"])
+
+
+def test_heads_reuse_decoding_hidden_states_and_fall_back_to_a_forward(mixed):
+    """With a KV cache the heads read the hidden states decoding computed (no extra backbone call); without
+    one (each step re-encodes) they run one forward pass; both give the same head outputs."""
+    model = mixed["model"]
+    calls = []
+    handle = model.mllm.base_model.register_forward_hook(lambda module, args, output: calls.append(args))
+    try:
+        cached = mixed["run"]()
+        steps = cached.sequences.shape[1] - mixed["batch"]["input_ids"].shape[1]
+        assert len(calls) == steps  # prefill + (steps - 1) cached steps, no heads' pass
+        calls.clear()
+        uncached = mixed["run"](use_cache=False)
+        assert len(calls) == steps + 1  # the heads' pass runs the backbone
+    finally:
+        handle.remove()
+    assert torch.equal(cached.sequences, uncached.sequences)
+    torch.testing.assert_close(cached.task_outputs[0]["region"]["boxes"], uncached.task_outputs[0]["region"]["boxes"])
+    torch.testing.assert_close(cached.task_outputs[1]["temporal"]["saliency"],
+                               uncached.task_outputs[1]["temporal"]["saliency"])
+    torch.testing.assert_close(cached.task_outputs[3]["mask"]["mask_logits"][0],
+                               uncached.task_outputs[3]["mask"]["mask_logits"][0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(cached.head_outputs.router_logits, uncached.head_outputs.router_logits)

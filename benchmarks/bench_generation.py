@@ -12,7 +12,7 @@ questions on `--num-frames`-frame videos, encoded by `TPOProcessor` in "generate
 - TPO: `TPOForConditionalGeneration.generate` with a logits processor that makes the model emit the
   task's begin token (`<box_begin>` / `<time_begin>`); TPO's own processor forces the slot token after
   it, then the end of turn is forced: 3 new tokens (prefill + 2 cached decode steps), after which the
-  head runs in one extra forward pass over the finished sequences (the box / spans come from the head).
+  head reads the hidden states decoding computed (the box / spans come from the head).
 - text: the bare MLLM's `generate` (same weights) with a logits processor forcing, token by token, the
   answer written as text: "[x0, y0, x1, y1]" normalised with 2 decimals for boxes, "[start, end]" in
   seconds with 1 decimal for spans, then the end of turn. Both sides do real decode steps with the KV
@@ -21,12 +21,13 @@ questions on `--num-frames`-frame videos, encoded by `TPOProcessor` in "generate
 Printed per (size, task): new tokens per answer (decode steps of `generate`, prefill included), wall time
 per sample (median over `--repeats` interleaved rounds after `--warmup`, divided by the batch size), and
 the ratios text / TPO of both. "TPO heads pass" is TPO's time minus the same generation with
-`run_task_heads=False` (its own interleaved run): the extra forward pass, which re-reads the whole
-sequence without the cache (and computes LM logits at every position), printed also in units of one
-prefill (the bare MLLM's `generate` with `max_new_tokens=1`, also interleaved). Where a decode step is
-cheap against a prefill (CPU, long video prompts) that pass, not the decode steps, dominates TPO's time
-and the time ratio can fall below 1. The number of text tokens depends on the tokenizer: the tiny
-byte-level tokenizer writes one token per character, as Qwen2's does for digits.
+`run_task_heads=False` (its own interleaved run): the heads and the bookkeeping of their inputs, printed
+also in units of one prefill (the bare MLLM's `generate` with `max_new_tokens=1`, also interleaved). The
+heads reuse decoding's hidden states (a hook on the backbone), so no prompt is encoded twice; where that
+is impossible (no KV cache, beam search) one forward pass over the sequences replaces it, about one
+prefill. In the tiny size the temporal head itself costs about a prefill of the 0.2 M-parameter MLLM. The
+number of text tokens depends on the tokenizer: the tiny byte-level tokenizer writes one token per
+character, as Qwen2's does for digits.
 """
 
 import argparse

@@ -931,8 +931,10 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
         tokens the answers contain.
 
         During decoding a task's begin token is always followed by its slot tokens, and slot tokens
-        are never produced otherwise. After decoding, one forward pass over the finished sequences
-        (re-laid out to right padding) gives the slot tokens' hidden states to the heads. TPO-specific
+        are never produced otherwise. After decoding, the heads read the hidden states decoding computed
+        (prefill + cached steps, collected by a hook on the backbone, re-laid out to right padding);
+        where those do not cover the sequences (no KV cache, beam search, a slot as the very last
+        token) one forward pass over the finished sequences replaces them. TPO-specific
         inputs (`frame_token_index`, `frame_timestamps`, `video_durations`, `query_token_mask`,
         `instruction_end_index`, `visual_token_xy`, `sam2_pixel_values`, `mask_query_index`,
         `sam2_batch_index`, ...) are used by that pass only; training targets are dropped.

@@ -38,7 +38,6 @@ CPU); the device is synchronised around each step.
 """
 
 import argparse
-import hashlib
 import math
 import statistics
 import time
@@ -53,7 +52,7 @@ from tpo import TPOForConditionalGeneration
 from tpo.processing.collator_tpo import collate_encoded
 from tpo.processing.processing_tpo import TPOProcessor, encode_rle
 from tpo.processing.schema import empty_sample
-from tpo.training.tiny import build_tiny_tokenizer, tiny_llava_config, tiny_sam2_config
+from tpo.training.tiny import build_tiny_tokenizer, random_media, tiny_llava_config, tiny_sam2_config
 
 SIZES = ("tiny", "100m")
 MLLM_KEYS = ("input_ids", "attention_mask", "pixel_values", "labels")
@@ -153,17 +152,8 @@ def make_sample(kind: str, index: int, image_size: int) -> dict:
 
 
 def fake_media(plan: dict, targets: dict | None = None) -> dict:
-    """Deterministic random uint8 pixels for a media plan (seeded by its path), in the shapes
-    `load_media` returns: {"image": (h, w, 3)} or {"frames": (T, h, w, 3), "timestamps": [T]}."""
-    seed = int(hashlib.md5(plan.get("path", "").encode()).hexdigest()[:8], 16)
-    rng = np.random.default_rng(seed)
-    if plan["kind"] == "image":
-        return {"image": rng.integers(0, 255, (plan["height"], plan["width"], 3), dtype=np.uint8)}
-    if plan["kind"] == "video":
-        count = len(plan["timestamps"])
-        return {"frames": rng.integers(0, 255, (count, plan["height"], plan["width"], 3), dtype=np.uint8),
-                "timestamps": list(plan["timestamps"])}
-    return {}
+    """Random pixels in place of decoding (`tpo.training.tiny.random_media`)."""
+    return random_media(plan)
 
 
 def build_batch(processor: TPOProcessor, samples: list[dict], device: torch.device | str = "cpu",

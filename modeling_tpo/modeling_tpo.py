@@ -722,8 +722,7 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
         transform = mask_view_to_sam2.to(device).float()
         localisation["view_to_sam2"] = transform
         boxes = _cxcywh_to_clamped_xyxy(localisation["pred_boxes_cxcywh"].detach().float())
-        scale = torch.stack([transform[:, 0], transform[:, 2], transform[:, 0], transform[:, 2]], -1)
-        offset = torch.stack([transform[:, 1], transform[:, 3], transform[:, 1], transform[:, 3]], -1)
+        scale, offset = _xyxy_scale_offset(transform)
         sam2_boxes = (boxes * scale + offset).clamp(0.0, 1.0) * self.mask_head.image_size
         return localisation, sam2_boxes
 
@@ -735,8 +734,7 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
         height, width = binary.shape[-2:]
         boxes = masks_to_boxes(binary).to(view_to_sam2.device).float()
         boxes = boxes / torch.tensor([width, height, width, height], device=boxes.device, dtype=boxes.dtype)
-        scale = torch.stack([view_to_sam2[:, 0], view_to_sam2[:, 2], view_to_sam2[:, 0], view_to_sam2[:, 2]], -1)
-        offset = torch.stack([view_to_sam2[:, 1], view_to_sam2[:, 3], view_to_sam2[:, 1], view_to_sam2[:, 3]], -1)
+        scale, offset = _xyxy_scale_offset(view_to_sam2)
         view_boxes = ((boxes - offset) / scale).clamp(0.0, 1.0)
         has_object = binary.flatten(1).any(-1).to(view_boxes.device)
         # a degenerate box (object entirely in the padding) cannot be localised either
@@ -1426,6 +1424,13 @@ def _per_frame_masks(mask_logits: torch.Tensor, threshold: float = 0.0) -> dict:
     scale = torch.tensor([width, height, width, height], dtype=torch.float32, device=mask_logits.device)
     return {"mask_logits": mask_logits, "boxes": masks_to_boxes(binary) / scale, "visible": binary.flatten(1).any(1),
             "mode": "per_frame"}
+
+
+def _xyxy_scale_offset(transform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(m, 4) per-axis maps (a_x, b_x, a_y, b_y) -> (m, 4) scales and offsets for (x0, y0, x1, y1) boxes."""
+    scale = transform[:, [0, 2, 0, 2]]
+    offset = transform[:, [1, 3, 1, 3]]
+    return scale, offset
 
 
 def _cxcywh_to_clamped_xyxy(boxes: torch.Tensor) -> torch.Tensor:

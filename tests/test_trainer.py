@@ -1,7 +1,6 @@
 """TPOTrainer: stages (what trains, which losses count), learning-rate groups, per-term logging,
 resume reproducing the uninterrupted run, non-finite loss and bad-media handling."""
 
-import hashlib
 import json
 
 import numpy as np
@@ -17,7 +16,7 @@ from tpo.processing.pipeline import MediaError, TPODataCollator, encode_dataset
 from tpo.processing.processing_tpo import TPOProcessor
 from tpo.training.arguments import TPOTrainingArguments
 from tpo.training.stages import parameter_group
-from tpo.training.tiny import build_tiny_tokenizer, tiny_llava_config
+from tpo.training.tiny import build_tiny_tokenizer, random_media, tiny_llava_config
 from tpo.training.trainer import NonFiniteLossError, TPOTrainer
 
 
@@ -25,15 +24,7 @@ def fake_media(plan: dict, targets: dict) -> dict:
     """Deterministic random pixels per media path; a path containing 'broken' fails like a corrupt file."""
     if "broken" in plan.get("path", ""):
         raise MediaError(f"Cannot read {plan['path']!r}")
-    seed = int(hashlib.md5(plan.get("path", "").encode()).hexdigest()[:8], 16)
-    rng = np.random.default_rng(seed)
-    if plan["kind"] == "image":
-        return {"image": rng.integers(0, 255, (plan["height"], plan["width"], 3), dtype=np.uint8)}
-    if plan["kind"] == "video":
-        count = len(plan["timestamps"])
-        return {"frames": rng.integers(0, 255, (count, plan["height"], plan["width"], 3), dtype=np.uint8),
-                "timestamps": plan["timestamps"]}
-    return {}
+    return random_media(plan)
 
 
 def samples(n: int = 24) -> list[dict]:

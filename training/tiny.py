@@ -162,3 +162,22 @@ def tiny_sam2_config(image_size: int = 128, hidden_size: int = 128):
         memory_fuser_embed_dim=hidden_size,
         memory_fuser_intermediate_dim=2 * hidden_size,
     )
+
+
+def random_media(plan: dict) -> dict:
+    """Deterministic random uint8 pixels for a media plan (seeded by its path), in the shapes
+    `load_media` returns: {"image": (h, w, 3)} or {"frames": (T, h, w, 3), "timestamps": [T]}; {} otherwise.
+    Stands in for decoding in tests and benchmarks."""
+    import hashlib
+
+    import numpy as np
+
+    seed = int(hashlib.md5(plan.get("path", "").encode()).hexdigest()[:8], 16)
+    rng = np.random.default_rng(seed)
+    if plan["kind"] == "image":
+        return {"image": rng.integers(0, 255, (plan["height"], plan["width"], 3), dtype=np.uint8)}
+    if plan["kind"] == "video":
+        count = len(plan["timestamps"])
+        return {"frames": rng.integers(0, 255, (count, plan["height"], plan["width"], 3), dtype=np.uint8),
+                "timestamps": list(plan["timestamps"])}
+    return {}

@@ -1,7 +1,7 @@
 """Generating a grounding answer with TPO's task tokens against generating the same box / span as text
 coordinates, through the same MLLM and tokenizer.
 
-    python benchmarks/bench_generation.py                           # tiny and ~100M, region and temporal
+    python benchmarks/bench_generation.py                           # micro, tiny and ~100M, region and temporal
     python benchmarks/bench_generation.py --sizes 100m --batch-size 8 --repeats 5 --threads 1
 
 What is measured
@@ -25,7 +25,7 @@ the ratios text / TPO of both. "TPO heads pass" is TPO's time minus the same gen
 also in units of one prefill (the bare MLLM's `generate` with `max_new_tokens=1`, also interleaved). The
 heads reuse decoding's hidden states (a hook on the backbone), so no prompt is encoded twice; where that
 is impossible (no KV cache, beam search) one forward pass over the sequences replaces it, about one
-prefill. In the tiny size the temporal head itself costs about a prefill of the 0.2 M-parameter MLLM. The
+prefill. In the micro size the temporal head itself costs about a prefill of the 0.2 M-parameter MLLM. The
 number of text tokens depends on the tokenizer: the tiny byte-level tokenizer writes one token per
 character, as Qwen2's does for digits.
 """
@@ -107,7 +107,7 @@ def timed(fn, device: torch.device) -> tuple[float, object]:
     return time.perf_counter() - start, result
 
 
-def measure_generation(size: str = "tiny", task: str = "region", batch_size: int = 8, repeats: int = 5,
+def measure_generation(size: str = "micro", task: str = "region", batch_size: int = 8, repeats: int = 5,
                        warmup: int = 1, num_frames: int = 4, device: str | None = None,
                        dtype: torch.dtype = torch.float32, verbose: bool = True) -> dict:
     """Time TPO's grounding answer against the text-coordinate answer on one batch of `task` prompts.

@@ -53,6 +53,72 @@ def generalized_box_iou(boxes_a: torch.Tensor, boxes_b: torch.Tensor) -> torch.T
     return iou - penalty
 
 
+def l1_and_giou_losses(pred_cxcywh: torch.Tensor, target_xyxy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean L1 over (cx, cy, w, h), summed over coordinates, and mean (1 - GIoU) of row-paired boxes.
+
+    pred_cxcywh (q, 4) and target_xyxy (q, 4), same floating dtype, q >= 1. Equal to
+
+        l1 = (pred - box_xyxy_to_cxcywh(target)).abs().sum(-1).mean()
+        giou = (1 - generalized_box_iou(box_cxcywh_to_xyxy(pred), target)).mean()
+
+    with the same gradients (ties in min / max split as autograd splits them), but as one autograd node
+    with a hand-written backward: about a quarter of the ops of the composed version, which is what a
+    small MLLM's step pays for (tested against the composed version). A target that requires grad takes
+    the composed path.
+    """
+    if pred_cxcywh.shape[0] == 0 or target_xyxy.requires_grad:
+        l1 = (pred_cxcywh - box_xyxy_to_cxcywh(target_xyxy)).abs().sum(-1).mean()
+        return l1, (1.0 - generalized_box_iou(box_cxcywh_to_xyxy(pred_cxcywh), target_xyxy)).mean()
+    return _L1GIoULoss.apply(pred_cxcywh, target_xyxy)
+
+
+def _max_weight(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """d max(a, b) / d a as autograd has it: 1 where a > b, 0.5 on ties, 0 elsewhere."""
+    return (a > b).to(a.dtype) + 0.5 * (a == b).to(a.dtype)
+
+
+class _L1GIoULoss(torch.autograd.Function):
+    """(pred cxcywh (q, 4), target xyxy (q, 4)) -> (mean L1, mean 1 - GIoU); see `l1_and_giou_losses`."""
+
+    @staticmethod
+    def forward(ctx, pred: torch.Tensor, target: torch.Tensor):
+        q = pred.shape[0]
+        centre, size = pred[:, :2], pred[:, 2:]
+        half = 0.5 * size
+        p0, p1 = centre - half, centre + half  # (q, 2) corners of the prediction
+        t0, t1 = target[:, :2], target[:, 2:]
+        diff = pred - torch.cat([(t0 + t1) * 0.5, t1 - t0], -1)
+        # (4, q, 2) widths and heights of: intersection, enclosing box, prediction, target
+        raw = torch.stack([torch.minimum(p1, t1) - torch.maximum(p0, t0), torch.maximum(p1, t1) - torch.minimum(p0, t0),
+                           p1 - p0, t1 - t0])
+        wh = raw.clamp(min=0)
+        inter, enclosing, area_pred, area_target = wh.prod(-1).unbind(0)  # each (q,)
+        union = area_pred + area_target - inter
+        tiny = torch.finfo(pred.dtype).tiny
+        union_c, enclosing_c = union.clamp(min=tiny), enclosing.clamp(min=tiny)
+        giou = inter / union_c - (enclosing - union) / enclosing_c
+        ctx.save_for_backward(diff, p0, p1, t0, t1, raw, wh, inter, enclosing, union, union_c, enclosing_c)
+        return diff.abs().sum() / q, (1.0 - giou).sum() / q
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_l1: torch.Tensor, grad_giou: torch.Tensor):
+        diff, p0, p1, t0, t1, raw, wh, inter, enclosing, union, union_c, enclosing_c = ctx.saved_tensors
+        q = diff.shape[0]
+        tiny = torch.finfo(diff.dtype).tiny
+        g_giou = -grad_giou / q  # d loss / d giou of each row
+        # giou = inter / union_c - (enclosing - union) / enclosing_c, union = area_pred + area_target - inter
+        d_union = -inter / union_c.square() * (union >= tiny) + 1.0 / enclosing_c
+        d_enclosing = -1.0 / enclosing_c + (enclosing - union) / enclosing_c.square() * (enclosing >= tiny)
+        d_inter = 1.0 / union_c - d_union
+        g_area = torch.stack([d_inter, d_enclosing, d_union]) * g_giou  # (3, q): intersection, enclosing, pred
+        g_raw = g_area[..., None] * wh[:3].flip(-1) * (raw[:3] >= 0)  # d (w * h) / d w = h; clamp passes x >= 0
+        g_p1 = g_raw[0] * _max_weight(t1, p1) + g_raw[1] * _max_weight(p1, t1) + g_raw[2]
+        g_p0 = -g_raw[0] * _max_weight(p0, t0) - g_raw[1] * _max_weight(t0, p0) - g_raw[2]
+        grad = torch.cat([g_p0 + g_p1, 0.5 * (g_p1 - g_p0)], -1) + diff.sign() * (grad_l1 / q)
+        return grad, None
+
+
 def span_cw_to_se(spans: torch.Tensor) -> torch.Tensor:
     """(..., 2) (center, width) -> (..., 2) (start, end)."""
     center, width = spans.unbind(-1)

@@ -226,7 +226,13 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
 
         # Plain lists, not buffers: from_pretrained does not restore non-persistent buffers.
         self.slot_token_id_list = [i for task in config.tasks for i in config.task_token_ids[task]["slots"]]
-        self._slot_id_tensors = {}
+        self._tasks = list(config.tasks)
+        # refused in the input: the begin and slot tokens of tasks this model does not enable
+        self._disabled_token_ids = [i for task in TASK_NAMES if task not in config.tasks
+                                    for i in [config.task_token_ids[task]["begin"], *config.task_token_ids[task]["slots"]]]
+        self._valid_task_labels = [IGNORE_INDEX] + [i for i, name in enumerate(ROUTER_CLASSES)
+                                                    if name == "text" or name in config.tasks]
+        self._id_tensors = {}
         self._task_token_hook = {"module": None, "handle": None}
         self._loss_weight_override: dict | None = None
         self.post_init()
@@ -306,14 +312,21 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
         input_ids = args[0] if args else None
         if input_ids is None or not self.slot_token_id_list or input_ids.dtype not in (torch.long, torch.int):
             return output
-        key = (input_ids.device, input_ids.dtype)
-        if key not in self._slot_id_tensors:  # one host-to-device copy per device, not per step
-            self._slot_id_tensors[key] = torch.tensor(self.slot_token_id_list, dtype=input_ids.dtype, device=input_ids.device)
-        slot_ids = self._slot_id_tensors[key]
+        task_embeddings = self.task_tokens.stacked(self._tasks).to(device=output.device, dtype=output.dtype)
+        if len(self.slot_token_id_list) == 1:  # one slot token: a broadcast select, no (..., hidden) product
+            return torch.where((input_ids == self.slot_token_id_list[0]).unsqueeze(-1), task_embeddings, output)
+        slot_ids = self._id_tensor("slots", self.slot_token_id_list, input_ids)
         match = input_ids.unsqueeze(-1) == slot_ids  # (..., num_slots)
-        task_embeddings = self.task_tokens.stacked(self.config.tasks).to(device=output.device, dtype=output.dtype)
         replacement = match.to(output.dtype) @ task_embeddings  # (..., hidden)
         return torch.where(match.any(-1, keepdim=True), replacement, output)
+
+    def _id_tensor(self, name: str, values: list[int], like: torch.Tensor) -> torch.Tensor:
+        """`values` as a tensor on `like`'s device and dtype, made once per device (no host-to-device copy per
+        step)."""
+        key = (name, like.device, like.dtype)
+        if key not in self._id_tensors:
+            self._id_tensors[key] = torch.tensor(values, dtype=like.dtype, device=like.device)
+        return self._id_tensors[key]
 
     # ----------------------------------------------------------------------------------------
     # Building from an existing MLLM
@@ -488,7 +501,7 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
         }
         predictions: dict[str, dict] = {}
         untouched = []
-        for task in self.config.tasks:
+        for task in self._tasks:
             if computing_loss and weights[task] == 0:  # not trained in this stage: skip the head
                 untouched.append(task)
                 continue
@@ -801,11 +814,13 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
         first_answer = is_answer.long().argmax(-1)
         return torch.where(is_answer.any(-1), (first_answer - 1).clamp(min=0), last_attended)
 
-    def _assign_loss(self, router_logits: torch.Tensor, task_labels: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _assign_loss(router_logits: torch.Tensor, task_labels: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over the samples whose label is not IGNORE_INDEX (0, with a zero gradient, when
+        every sample is ignored), without a host-device synchronisation."""
         task_labels = task_labels.to(router_logits.device).long()
-        if (task_labels != IGNORE_INDEX).any():
-            return F.cross_entropy(router_logits.float(), task_labels, ignore_index=IGNORE_INDEX)
-        return router_logits.sum() * 0.0
+        total = F.cross_entropy(router_logits.float(), task_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+        return total / (task_labels != IGNORE_INDEX).sum().clamp(min=1)
 
     # ----------------------------------------------------------------------------------------
     # Task queries and targets
@@ -816,12 +831,13 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
         A query is a run of the task's `num_task_tokens` slot tokens, in order.
         """
         queries = {}
-        for task in self.config.tasks:
-            slot_ids = self.config.task_token_ids[task]["slots"]
+        token_ids = self.config.task_token_ids
+        for task in self._tasks:
+            slot_ids = token_ids[task]["slots"]
             batch_index, first = (input_ids == slot_ids[0]).nonzero(as_tuple=True)
-            offsets = torch.arange(len(slot_ids), device=input_ids.device)
-            positions = first[:, None] + offsets  # (num_queries, num_task_tokens)
+            positions = first[:, None]  # (num_queries, num_task_tokens)
             if len(slot_ids) > 1:
+                positions = positions + torch.arange(len(slot_ids), device=input_ids.device)
                 seq_len = input_ids.shape[1]
                 inside = (positions < seq_len).all(-1)
                 expected = torch.tensor(slot_ids, device=input_ids.device)
@@ -845,8 +861,18 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
         targets: torch.Tensor,
         target_batch_index: torch.LongTensor | None,
     ) -> torch.Tensor:
-        """Check that every sample has as many targets as slots and return the targets."""
+        """Check that every sample has as many targets as slots and return the targets, in query order."""
         num_queries = 0 if queries is None else queries.batch_index.numel()
+        if (target_batch_index is not None and num_queries and target_batch_index.shape[0] == num_queries
+                and targets.shape[0] == num_queries):
+            # The collator's case: targets already in (sample, position) order. One test (and one host sync)
+            # checks the order and, for boxes, their values; anything else takes the path below, which
+            # reorders or names the faulty sample.
+            in_order = (target_batch_index.to(queries.batch_index.device) == queries.batch_index).all()
+            if task == "region":
+                in_order = in_order & _normalised_boxes_valid(targets).to(in_order.device)
+            if bool(in_order):
+                return targets
         slot = self.config.task_token_strings[task]["slots"][0]
         if target_batch_index is not None:
             batch_size = int(max(queries.batch_index.max().item() + 1 if num_queries else 0,
@@ -876,7 +902,7 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
         return targets
 
     def _check_boxes(self, boxes: torch.Tensor, queries: TaskQueries | None) -> None:
-        tolerance = 1e-4
+        tolerance = BOX_TOLERANCE
         x0, y0, x1, y1 = boxes.float().unbind(-1)
         bad = (x1 < x0) | (y1 < y0) | (boxes.float() < -tolerance).any(-1) | (boxes.float() > 1 + tolerance).any(-1)
         bad |= ~torch.isfinite(boxes.float()).all(-1)
@@ -891,6 +917,10 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
 
     def _check_task_tokens(self, input_ids: torch.LongTensor) -> None:
         """Refuse task tokens of tasks this model does not enable, naming the sample."""
+        if not self._disabled_token_ids or not bool(
+            torch.isin(input_ids, self._id_tensor("disabled", self._disabled_token_ids, input_ids)).any()
+        ):
+            return
         for task in TASK_NAMES:
             if task in self.config.tasks:
                 continue
@@ -906,6 +936,8 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
                     )
 
     def _check_task_labels(self, task_labels: torch.Tensor) -> None:
+        if bool(torch.isin(task_labels, self._id_tensor("task_labels", self._valid_task_labels, task_labels)).all()):
+            return
         allowed = [i for i, name in enumerate(ROUTER_CLASSES) if name == "text" or name in self.config.tasks]
         valid = task_labels == IGNORE_INDEX
         for label in allowed:
@@ -1434,9 +1466,19 @@ def _xyxy_scale_offset(transform: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 
 def _cxcywh_to_clamped_xyxy(boxes: torch.Tensor) -> torch.Tensor:
-    cx, cy, w, h = boxes.unbind(-1)
-    xyxy = torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)
-    return xyxy.clamp(0.0, 1.0)
+    """(..., 4) (cx, cy, w, h) -> (..., 4) (x0, y0, x1, y1) clamped to [0, 1]."""
+    centre, half = boxes[..., :2], 0.5 * boxes[..., 2:]
+    return torch.cat([centre - half, centre + half], dim=-1).clamp(0.0, 1.0)
+
+
+BOX_TOLERANCE = 1e-4  # normalised box coordinates may exceed [0, 1] by this much (rounding)
+
+
+def _normalised_boxes_valid(boxes: torch.Tensor) -> torch.Tensor:
+    """0-dim bool: every (x0, y0, x1, y1) row of (n, 4) is finite, ordered and within [0, 1] (+- BOX_TOLERANCE)."""
+    boxes = boxes.float()
+    excess = torch.cat([boxes[:, :2] - boxes[:, 2:], (boxes - 0.5).abs() - (0.5 + BOX_TOLERANCE)], dim=-1)
+    return excess.amax() <= 0  # False for NaN too
 
 
 def _add_task_tokens(mllm: PreTrainedModel, token_strings: dict, tokenizer=None) -> dict:

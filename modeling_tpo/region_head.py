@@ -1,10 +1,9 @@
 """Region head: task embedding -> one normalised box per region query."""
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, generalized_box_iou
+from .box_ops import box_xyxy_to_cxcywh, l1_and_giou_losses
 
 
 class RegionHead(nn.Module):
@@ -87,10 +86,8 @@ class RegionHead(nn.Module):
 
         Returns `{"region": weighted total, "region_l1": ..., "region_giou": ..., ["region_heatmap": ...]}`.
         """
-        pred = pred_boxes_cxcywh.float()
         target = target_boxes_xyxy.float()
-        l1 = F.l1_loss(pred, box_xyxy_to_cxcywh(target), reduction="none").sum(-1).mean()
-        giou = (1.0 - generalized_box_iou(box_cxcywh_to_xyxy(pred), target)).mean()
+        l1, giou = l1_and_giou_losses(pred_boxes_cxcywh.float(), target)
         terms = {"region_l1": l1, "region_giou": giou}
         total = self.l1_weight * l1 + self.giou_weight * giou
         if token_scores is not None and visual_xy is not None and self.heatmap_weight:

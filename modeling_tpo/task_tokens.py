@@ -22,6 +22,8 @@ class TaskTokens(nn.Module):
 
     def stacked(self, tasks: list[str]) -> torch.Tensor:
         """(len(tasks) * num_task_tokens, hidden_size), tasks in the given order."""
+        if len(tasks) == 1:
+            return self.embeddings[tasks[0]]
         return torch.cat([self.embeddings[task] for task in tasks], dim=0)
 
 
@@ -43,11 +45,15 @@ class TaskRouter(nn.Module):
             self.classifier = nn.Linear(hidden_size, len(ROUTER_CLASSES))
         # A plain list, not a buffer: non-persistent buffers are not restored by from_pretrained.
         self.disabled_classes = [i for i, name in enumerate(ROUTER_CLASSES) if name != "text" and name not in enabled_tasks]
+        self._disabled_masks = {}  # device -> (num_classes,) bool, made once per device
 
     def forward(self, instruction_hidden: torch.Tensor) -> torch.Tensor:
         logits = self.classifier(instruction_hidden)
         if not self.disabled_classes:
             return logits
-        disabled = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
-        disabled[self.disabled_classes] = True
+        disabled = self._disabled_masks.get(logits.device)
+        if disabled is None:
+            disabled = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+            disabled[self.disabled_classes] = True
+            self._disabled_masks[logits.device] = disabled
         return logits.masked_fill(disabled, torch.finfo(logits.dtype).min)

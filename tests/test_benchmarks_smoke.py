@@ -1,4 +1,4 @@
-"""The benchmarks still run: each measurement function on the tiny size for one step returns positive,
+"""The benchmarks still run: each measurement function on the micro size for one step returns positive,
 finite figures (the figures themselves are the benchmarks' business, not CI's)."""
 
 import importlib.util
@@ -42,13 +42,13 @@ def overhead():
 
 
 def test_model_overhead_benchmark_runs(overhead):
-    result = overhead.measure_overhead("tiny", steps=1, warmup=0, batch_size=2, num_frames=2, verbose=False)
+    result = overhead.measure_overhead("micro", steps=1, warmup=0, batch_size=2, num_frames=2, verbose=False)
     assert _positive_finite(result["ratio"], result["bare_ms"], result["tpo_ms"])
     assert {"region", "temporal"} <= set(result["losses"])  # both heads trained on real targets
 
 
 def test_mask_cost_benchmark_runs(overhead):
-    result = overhead.measure_mask_cost("tiny", steps=1, warmup=0, batch_size=2, num_mask=1, sam2_image_size=64,
+    result = overhead.measure_mask_cost("micro", steps=1, warmup=0, batch_size=2, num_mask=1, sam2_image_size=64,
                                         verbose=False)
     assert _positive_finite(result["ratio_region"], result["ratio_mixed"], result["ms_per_mask_sample"],
                             result["relative_to_bare_sample"])
@@ -58,7 +58,7 @@ def test_mask_cost_benchmark_runs(overhead):
 @pytest.mark.parametrize("task", ["region", "temporal"])
 def test_generation_benchmark_runs(task):
     generation = _load("bench_generation")
-    result = generation.measure_generation("tiny", task, batch_size=2, repeats=1, warmup=0, num_frames=2,
+    result = generation.measure_generation("micro", task, batch_size=2, repeats=1, warmup=0, num_frames=2,
                                            verbose=False)
     assert _positive_finite(result["tokens_ratio"], result["time_ratio"], result["tpo_ms_per_sample"],
                             result["text_ms_per_sample"])

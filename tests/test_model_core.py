@@ -244,6 +244,47 @@ def test_invalid_target_box_is_refused(llava, box):
         model(**batch)
 
 
+def test_nan_target_box_is_refused(llava):
+    model, tokenizer = llava
+    batch = make_batch(tokenizer, model.config, [SampleSpec(task="region")])
+    batch["region_boxes"] = torch.tensor([[0.1, float("nan"), 0.5, 0.6]])
+    with pytest.raises(ValueError, match=r"Region target 0 \(sample 0\)"):
+        model(**batch)
+
+
+def test_region_targets_out_of_sample_order_are_matched_to_their_slots(llava):
+    model, tokenizer = llava
+    model.eval()
+    specs = [SampleSpec(task="region"), SampleSpec(task=None), SampleSpec(task="region", num_queries=2)]
+    batch = make_batch(tokenizer, model.config, specs)
+    ordered = model(**batch)
+    # the same targets listed sample 2 first: matched back to (sample, position) order, same losses
+    permutation = torch.tensor([1, 2, 0])
+    shuffled = {**batch, "region_boxes": batch["region_boxes"][permutation],
+                "region_batch_index": batch["region_batch_index"][permutation]}
+    again = model(**shuffled)
+    torch.testing.assert_close(again.loss_dict["region"], ordered.loss_dict["region"])
+    # a wrong order without the batch index would pair boxes with other slots: the loss changes
+    swapped = {**batch, "region_boxes": batch["region_boxes"][permutation]}
+    swapped.pop("region_batch_index")
+    assert not torch.allclose(model(**swapped).loss_dict["region"], ordered.loss_dict["region"])
+    model.train()
+
+
+def test_router_loss_ignores_unlabelled_samples_and_is_zero_without_labels(llava):
+    model, tokenizer = llava
+    batch = make_batch(tokenizer, model.config, [SampleSpec(task="region"), SampleSpec(task=None)])
+    batch["task_labels"] = torch.tensor([2, -100])
+    out = model(**batch)
+    torch.testing.assert_close(out.assign_loss, F.cross_entropy(out.router_logits[:1].float(), torch.tensor([2])))
+    batch["task_labels"] = torch.tensor([-100, -100])
+    model.zero_grad()
+    out = model(**batch)
+    assert out.assign_loss.item() == 0.0 and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert all(p.grad is not None and torch.count_nonzero(p.grad) == 0 for p in model.router.parameters())
+
+
 @pytest.mark.parametrize("label", [3, 7, -1])
 def test_unknown_task_label_is_refused(llava, label):
     model, tokenizer = llava

@@ -56,7 +56,7 @@ def collate_encoded(processor, encoded: list, media: list[dict], padding_side: s
         "visual_token_xy": _pad([e.visual_token_xy or [[-1.0, -1.0]] * len(e.input_ids) for e in encoded],
                                 [-1.0, -1.0], padding_side)[0].float(),
     }
-    if processor.layout != "llava":
+    if processor.uses_mm_token_type_ids:
         batch["mm_token_type_ids"] = _pad([e.mm_token_type_ids for e in encoded], 0, padding_side)[0]
 
     items, head_times, durations = [], [], []

@@ -10,8 +10,11 @@ Coordinate conventions
   model are normalised to the image the vision tower sees: for a processor that resizes the whole
   image (SigLIP, Qwen2-VL's smart resize) that is simply x / width, y / height; LLaVA's pad-to-square
   (`do_pad`, centred) shifts the shorter side by the padding; a shortest-edge resize followed by a
-  centre crop (CLIP) shifts by the crop offset and boxes are clamped to the crop. `post_process_boxes`
-  inverts exactly the same mapping (`image_geometry`).
+  centre crop (CLIP) shifts by the crop offset and boxes are clamped to the crop. LLaVA-OneVision sees
+  the whole image twice (a plain resize to the base resolution, and an aspect-preserving tiling whose
+  padding tokens the model drops), so its boxes and `visual_token_xy` are both normalised to the
+  original image, x / width, y / height (`LlavaOnevisionLayout`). `post_process_boxes` inverts exactly
+  the same mapping (`TPOProcessor.geometry`, `image_geometry`).
 - Spans in samples are `(start, end)` in seconds; targets are normalised by the video duration.
 - Frames: the MLLM sees `num_frames` frames sampled at the middle of equal segments; for Qwen2-VL
   two consecutive frames form one temporal token group, and a group's timestamp is the mean of its
@@ -141,11 +144,15 @@ def image_geometry(image_processor, height: int, width: int) -> ImageGeometry:
     height x width, or shortest edge), then `do_center_crop` to `crop_size` (offsets floor((in - crop) / 2)).
 
     Without a centre crop a resize keeps normalised coordinates (x / width, y / height); padding and cropping
-    move them, and `ImageGeometry.normalise` / `denormalise` account for both.
+    move them, and `ImageGeometry.normalise` / `denormalise` account for both. Any-resolution processors
+    (`image_grid_pinpoints`: LLaVA-NeXT, LLaVA-OneVision) use `do_pad` to pad the tile count for batching and
+    resize their base image whole, so they keep x / width, y / height (see `LlavaOnevisionLayout`).
     """
     pad_x = pad_y = 0
     padded_w, padded_h = width, height
-    if getattr(image_processor, "do_pad", False) and hasattr(image_processor, "pad_to_square") and height != width:
+    pads_to_square = (getattr(image_processor, "do_pad", False) and hasattr(image_processor, "pad_to_square")
+                      and not getattr(image_processor, "image_grid_pinpoints", None))
+    if pads_to_square and height != width:
         side = max(height, width)
         pad_x, pad_y = ((side - width) // 2, 0) if height > width else (0, (side - height) // 2)
         padded_w = padded_h = side
@@ -236,9 +243,18 @@ class LlavaLayout:
     frame), so every sampled frame is a head frame."""
 
     model_types = ("llava",)
+    uses_mm_token_type_ids = False
 
     def __init__(self, processor: "TPOProcessor"):
         self.processor = processor
+
+    @classmethod
+    def settings_from_config(cls, mllm_config, tokenizer, image_processor) -> dict:
+        """The processor settings this layout needs from the MLLM's configuration."""
+        return {"image_seq_length": mllm_config.image_seq_length}
+
+    def geometry(self, image_processor, height: int, width: int) -> ImageGeometry:
+        return image_geometry(image_processor, height, width)
 
     def video_as_images(self) -> bool:
         return True
@@ -266,6 +282,7 @@ class Qwen2VLLayout:
     video is one placeholder whose tokens come in temporal groups of `temporal_patch_size` frames."""
 
     model_types = ("qwen2_vl", "qwen2_5_vl")
+    uses_mm_token_type_ids = True
 
     def __init__(self, processor: "TPOProcessor"):
         self.processor = processor
@@ -273,6 +290,16 @@ class Qwen2VLLayout:
         self.patch = ip.patch_size
         self.merge = ip.merge_size
         self.temporal = ip.temporal_patch_size
+
+    @classmethod
+    def settings_from_config(cls, mllm_config, tokenizer, image_processor) -> dict:
+        vocab = tokenizer.convert_ids_to_tokens
+        return {"image_token": vocab(mllm_config.image_token_id), "video_token": vocab(mllm_config.video_token_id),
+                "vision_start_token": vocab(mllm_config.vision_start_token_id),
+                "vision_end_token": vocab(mllm_config.vision_end_token_id)}
+
+    def geometry(self, image_processor, height: int, width: int) -> ImageGeometry:
+        return image_geometry(image_processor, height, width)
 
     def video_as_images(self) -> bool:
         return False
@@ -340,7 +367,180 @@ class Qwen2VLLayout:
         return out
 
 
-LAYOUTS = {model_type: layout for layout in (LlavaLayout, Qwen2VLLayout) for model_type in layout.model_types}
+def _tile_size(image_processor) -> int:
+    """Tile side in pixels of an any-resolution image processor (as its `_preprocess` picks it)."""
+    crop = _size_setting(getattr(image_processor, "crop_size", None))
+    size = _size_setting(getattr(image_processor, "size", None))
+    return int(crop.get("height") or size.get("height") or size["shortest_edge"])
+
+
+def _resized_into(height: int, width: int, target_height: int, target_width: int) -> tuple[int, int]:
+    """(height, width) of an image resized into (target_height, target_width) keeping its aspect ratio,
+    as transformers' `get_patch_output_size` rounds it."""
+    scale_w, scale_h = target_width / width, target_height / height
+    if scale_w < scale_h:
+        return min(math.ceil(height * scale_w), target_height), target_width
+    return target_height, min(math.ceil(width * scale_h), target_width)
+
+
+class LlavaOnevisionLayout:
+    """LLaVA-OneVision (`LlavaOnevisionForConditionalGeneration`): any-resolution tiling for images, pooled
+    base-resolution frames for videos. S is the tile side in pixels (the image processor's `size`, equal to
+    the vision tower's `image_size`), P = S / patch size the tokens per tile side (`image_seq_length` = P^2).
+
+    An image becomes, in the order of `LlavaOnevisionModel.pack_image_features`:
+      1. the base image: the whole image resized to S x S (aspect ratio not kept), P x P tokens, row-major;
+      2. the tile grid: the image resized, keeping its aspect ratio, into the best `image_grid_pinpoints`
+         resolution (bh, bw), centred on a zero canvas and cut into (bh / S) x (bw / S) tiles of P x P tokens;
+         the model stitches them into one (bh / S * P) x (bw / S * P) grid, drops the rows (or columns) of
+         padding (`unpad_image`), shrinks the grid bilinearly when it holds more than N tiles' worth of tokens
+         (`vision_aspect_ratio` "anyres_max_N") and appends a newline token to each of its `rows` rows.
+    That is P^2 + rows * (cols + 1) `<image>` tokens (the processor's `_get_number_of_features`).
+    `visual_token_xy`: the base tokens get the centres of a P x P grid over the whole image, the tile-grid
+    tokens their cell centres mapped from the canvas back to the original image (clipped to [0, 1]: a kept
+    edge cell may reach into the padding by a fraction of a cell), the newline tokens -1.
+
+    A video frame is resized to S x S (the base image, through the same image processor) and its P x P tokens
+    are pooled bilinearly to ceil(P / 2)^2 (`apply_pooling`); the frames' tokens follow each other and ONE
+    newline token ends the video: T * ceil(P / 2)^2 + 1 `<video>` tokens, the newline with frame index -1.
+    Every sampled frame is a head frame.
+
+    Boxes: normalised to the original image, (x / width, y / height). The base image is a plain resize of
+    the whole image, and the tile grid covers the whole image once the model has dropped its padding (up to
+    a fraction of a token cell at the padded edges: the model unpads in whole cells), so this is the frame
+    both views share and the one `visual_token_xy` uses; `post_process_boxes` multiplies back by the original
+    size. (The image processor's `do_pad` pads the tile count for batching, not the image to a square, so
+    LLaVA-1.5's pad-to-square convention does not apply.)
+    """
+
+    model_types = ("llava_onevision",)
+    uses_mm_token_type_ids = False
+
+    def __init__(self, processor: "TPOProcessor"):
+        self.processor = processor
+        ip = processor.image_processor
+        count = processor.image_seq_length
+        side = math.isqrt(count) if count else 0
+        if not count or side * side != count:
+            raise ValueError(
+                f"The llava_onevision layout needs `image_seq_length` = tokens per tile, a square "
+                f"((vision image_size / patch_size)^2), got {count!r}; build the processor with "
+                "TPOProcessor.from_model_config or pass image_seq_length."
+            )
+        if not getattr(ip, "image_grid_pinpoints", None):
+            raise ValueError(f"The llava_onevision layout needs an any-resolution image processor with "
+                             f"`image_grid_pinpoints` (LlavaOnevisionImageProcessor), got {type(ip).__name__}.")
+        self.tokens_per_side = side
+        self.tile_pixels = _tile_size(ip)
+        self.pinpoints = [[int(h), int(w)] for h, w in ip.image_grid_pinpoints]
+        aspect = str(processor.vision_aspect_ratio)
+        if not aspect.startswith("anyres_max_") or not aspect[len("anyres_max_"):].isdigit():
+            raise ValueError(f"Unknown vision_aspect_ratio {aspect!r}; LLaVA-OneVision uses 'anyres_max_N'.")
+        self.max_tiles = int(aspect[len("anyres_max_"):])
+
+    @classmethod
+    def settings_from_config(cls, mllm_config, tokenizer, image_processor) -> dict:
+        """Placeholder tokens, tokens per tile and `vision_aspect_ratio` from a `LlavaOnevisionConfig`; raises
+        if the image processor tiles differently from what the model unpacks."""
+        vision = mllm_config.vision_config
+        tile = int(vision.image_size)
+        if _tile_size(image_processor) != tile:
+            raise ValueError(
+                f"The image processor cuts {_tile_size(image_processor)} px tiles but the vision tower takes "
+                f"{tile} px images: use the checkpoint's image processor (size={{'height': {tile}, 'width': {tile}}})."
+            )
+        pinpoints = [list(p) for p in getattr(image_processor, "image_grid_pinpoints", None) or []]
+        if pinpoints != [list(p) for p in mllm_config.image_grid_pinpoints]:
+            raise ValueError(
+                f"The image processor's image_grid_pinpoints {pinpoints} differ from the model's "
+                f"{mllm_config.image_grid_pinpoints}: the placeholder count would not match the features; use the "
+                "checkpoint's image processor."
+            )
+        vocab = tokenizer.convert_ids_to_tokens
+        return {"image_token": vocab(mllm_config.image_token_id), "video_token": vocab(mllm_config.video_token_id),
+                "image_seq_length": (tile // int(vision.patch_size)) ** 2,
+                "vision_aspect_ratio": mllm_config.vision_aspect_ratio}
+
+    def geometry(self, image_processor, height: int, width: int) -> ImageGeometry:
+        """Normalised coordinates of the original image (see the class docstring)."""
+        return ImageGeometry(width=width, height=height, scale_x=1.0, scale_y=1.0, view_width=width,
+                             view_height=height)
+
+    def video_as_images(self) -> bool:
+        return False
+
+    def tile_grid(self, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """Centres of the tile-grid tokens after unpadding and the anyres_max shrink, normalised to the
+        original (height, width) image: xs (cols,), ys (rows,); the grid is rows x cols, row-major."""
+        from transformers.image_processing_utils import select_best_resolution
+
+        side, tile = self.tokens_per_side, self.tile_pixels
+        best_h, best_w = select_best_resolution((height, width), self.pinpoints)
+        grid_h, grid_w = best_h // tile * side, best_w // tile * side
+        # `unpad_image`, in token cells
+        top = left = 0
+        if width / height > grid_w / grid_h:
+            top = (grid_h - int(round(height * (grid_w / width), 7))) // 2
+        else:
+            left = (grid_w - int(round(width * (grid_h / height), 7))) // 2
+        kept_h, kept_w = grid_h - 2 * top, grid_w - 2 * left
+        rows, cols = kept_h, kept_w
+        ratio = math.sqrt(kept_h * kept_w / (self.max_tiles * side**2))
+        if ratio > 1.1:  # bilinear shrink (align_corners=False): output cell i spans input cells i * k .. (i + 1) * k
+            rows, cols = int(kept_h // ratio), int(kept_w // ratio)
+        cell_h, cell_w = best_h / grid_h, best_w / grid_w  # canvas pixels per token cell
+        ys_canvas = (top + (np.arange(rows) + 0.5) * kept_h / rows) * cell_h
+        xs_canvas = (left + (np.arange(cols) + 0.5) * kept_w / cols) * cell_w
+        # canvas -> original: the image was resized to (new_h, new_w) and pasted at the centre
+        new_h, new_w = _resized_into(height, width, best_h, best_w)
+        ys = (ys_canvas - (best_h - new_h) // 2) / new_h
+        xs = (xs_canvas - (best_w - new_w) // 2) / new_w
+        return np.clip(xs, 0.0, 1.0), np.clip(ys, 0.0, 1.0)
+
+    def image_tokens(self, height: int, width: int) -> VisualTokens:
+        xs, ys = self.tile_grid(height, width)
+        newline = (-1.0, -1.0)
+        tiles = [p for y in ys for p in [*((float(x), float(y)) for x in xs), newline]]
+        xy = grid_positions(self.tokens_per_side, self.tokens_per_side) + tiles
+        return VisualTokens(self.processor.image_token_id, [-1] * len(xy), xy=xy)
+
+    def video_tokens(self, num_frames: int, height: int, width: int) -> VisualTokens:
+        pooled = math.ceil(self.tokens_per_side / 2)
+        per_frame = pooled * pooled
+        frame_ids = [f for f in range(num_frames) for _ in range(per_frame)] + [-1]
+        xy = grid_positions(pooled, pooled) * num_frames + [(-1.0, -1.0)]
+        return VisualTokens(self.processor.video_token_id, frame_ids, xy=xy)
+
+    def head_frame_timestamps(self, timestamps: list[float]) -> list[float]:
+        return list(timestamps)
+
+    def pixel_inputs(self, items: list[tuple[str, np.ndarray]]) -> dict:
+        """pixel_values (images, max tiles + 1, 3, S, S) zero-padded over tiles, image_sizes (images, 2) as
+        (height, width); pixel_values_videos (videos, T, 3, S, S): each frame as the image processor's base
+        image (whole frame resized to S x S; the processor is run with the single pinpoint S x S and its
+        first tile kept)."""
+        ip = self.processor.image_processor
+        images = [np.asarray(array) for kind, array in items if kind == "image"]
+        videos = [np.asarray(array) for kind, array in items if kind == "video"]
+        out = {}
+        if images:
+            processed = ip(images=images, do_pad=True, return_tensors="pt")
+            out.update(pixel_values=processed["pixel_values"], image_sizes=processed["image_sizes"].long())
+        if videos:
+            lengths = sorted({len(v) for v in videos})
+            if len(lengths) > 1:
+                raise ValueError(f"LLaVA-OneVision batches videos as one (videos, frames, ...) tensor, but the videos "
+                                 f"of this batch have {lengths} frames; sample the same num_frames for every video.")
+            tile = self.tile_pixels
+            frames = [frame for video in videos for frame in video]
+            base = ip(images=frames, image_grid_pinpoints=[[tile, tile]], do_pad=True, return_tensors="pt")
+            out["pixel_values_videos"] = base["pixel_values"][:, 0].reshape(len(videos), lengths[0],
+                                                                           *base["pixel_values"].shape[2:])
+        return out
+
+
+LAYOUTS = {model_type: layout for layout in (LlavaLayout, Qwen2VLLayout, LlavaOnevisionLayout)
+           for model_type in layout.model_types}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -370,10 +570,13 @@ class TPOProcessor(ProcessorMixin):
         image_processor: the MLLM's image processor (a PIL backend works without torchvision).
         tokenizer: the MLLM's tokenizer; the task tokens of every task are added to it.
         chat_template (`str`, *optional*): defaults to the tokenizer's.
-        layout (`str`): the MLLM's `model_type` (`llava`, `qwen2_vl`, `qwen2_5_vl`), which decides how
-            images and videos become placeholder tokens and pixel tensors.
+        layout (`str`): the MLLM's `model_type` (`llava`, `qwen2_vl`, `qwen2_5_vl`, `llava_onevision`), which
+            decides how images and videos become placeholder tokens and pixel tensors.
         num_frames (`int`): frames the MLLM sees per video.
-        image_seq_length (`int`, *optional*): tokens per image (LLaVA).
+        image_seq_length (`int`, *optional*): tokens per image (LLaVA); tokens per tile, (vision image_size /
+            patch_size)^2 (LLaVA-OneVision).
+        vision_aspect_ratio (`str`): LLaVA-OneVision's "anyres_max_N": the tile grid is shrunk to about N tiles'
+            worth of tokens (the model config's `vision_aspect_ratio`).
         image_token, video_token, vision_start_token, vision_end_token (`str`): placeholder tokens.
         sam2_image_size (`int`, *optional*): SAM2's input size (mask samples).
         mask_frames_per_video (`int`): annotated frames per video mask sample given to SAM2.
@@ -404,6 +607,7 @@ class TPOProcessor(ProcessorMixin):
         prompt_templates: dict | None = None,
         saliency_clip_seconds: float = 2.0,
         question_before_media: bool = False,
+        vision_aspect_ratio: str = "anyres_max_9",
         **kwargs,
     ):
         if layout not in LAYOUTS:
@@ -421,6 +625,7 @@ class TPOProcessor(ProcessorMixin):
         self.prompt_templates = prompt_templates or json.loads(json.dumps(DEFAULT_PROMPT_TEMPLATES))
         self.saliency_clip_seconds = float(saliency_clip_seconds)
         self.question_before_media = bool(question_before_media)
+        self.vision_aspect_ratio = vision_aspect_ratio
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
         self._add_task_tokens()
         self._layout = LAYOUTS[layout](self)
@@ -461,6 +666,16 @@ class TPOProcessor(ProcessorMixin):
     def vision_end_token_id(self) -> int | None:
         return self._token_id(self.vision_end_token)
 
+    @property
+    def uses_mm_token_type_ids(self) -> bool:
+        """Whether the MLLM takes `mm_token_type_ids` (0 text, 1 image, 2 video) from the collator."""
+        return self._layout.uses_mm_token_type_ids
+
+    def geometry(self, height: int, width: int) -> ImageGeometry:
+        """How an original image of (height, width) maps onto the normalised coordinates of boxes and
+        `visual_token_xy` (the layout's convention; see the module docstring)."""
+        return self._layout.geometry(self.image_processor, int(height), int(width))
+
     def check_model_config(self, config) -> None:
         """Raise if the model's task-token ids differ from this processor's (another tokenizer)."""
         if config.task_token_ids != self.task_token_ids:
@@ -474,14 +689,11 @@ class TPOProcessor(ProcessorMixin):
     def from_model_config(cls, config, image_processor, tokenizer, **kwargs) -> "TPOProcessor":
         """A processor matching a `TPOConfig` (layout, placeholder tokens, tokens per image)."""
         mllm = config.mllm_config
-        settings = {"layout": mllm.model_type, "task_token_strings": config.task_token_strings}
-        if mllm.model_type in LlavaLayout.model_types:
-            settings["image_seq_length"] = mllm.image_seq_length
-        else:
-            vocab = tokenizer.convert_ids_to_tokens
-            settings.update(image_token=vocab(mllm.image_token_id), video_token=vocab(mllm.video_token_id),
-                            vision_start_token=vocab(mllm.vision_start_token_id),
-                            vision_end_token=vocab(mllm.vision_end_token_id))
+        if mllm.model_type not in LAYOUTS:
+            raise ValueError(f"No processor layout for the MLLM model type {mllm.model_type!r}; supported: "
+                             f"{sorted(LAYOUTS)}.")
+        settings = {"layout": mllm.model_type, "task_token_strings": config.task_token_strings,
+                    **LAYOUTS[mllm.model_type].settings_from_config(mllm, tokenizer, image_processor)}
         if getattr(config, "sam2_config", None) is not None and "mask" in config.tasks:
             settings["sam2_image_size"] = int(config.sam2_config.image_size)
         settings.update(kwargs)
@@ -699,7 +911,7 @@ class TPOProcessor(ProcessorMixin):
                 raise ValueError(f"Sample {sample_id!r}: a region sample needs exactly one box, got {len(boxes)}.")
             if media.get("kind") != "image":
                 raise ValueError(f"Sample {sample_id!r}: region samples need an image.")
-            geometry = image_geometry(self.image_processor, media["height"], media["width"])
+            geometry = self.geometry(media["height"], media["width"])
             return {"region_boxes": geometry.normalise(boxes).tolist()}
         if task == "temporal":
             duration = media.get("duration")
@@ -756,7 +968,7 @@ class TPOProcessor(ProcessorMixin):
         """(a_x, b_x, a_y, b_y): an image of (height, width)'s normalised coordinates in the vision tower's
         view (those of `visual_token_xy` and region boxes) -> normalised coordinates of the whole image
         (SAM2's input), x = a_x * x_view + b_x; the identity for a plain resize."""
-        geometry = image_geometry(self.image_processor, int(height), int(width))
+        geometry = self.geometry(int(height), int(width))
         a_x = geometry.view_width / (geometry.scale_x * geometry.width)
         a_y = geometry.view_height / (geometry.scale_y * geometry.height)
         return [a_x, geometry.crop_x / (geometry.scale_x * geometry.width),
@@ -792,7 +1004,7 @@ class TPOProcessor(ProcessorMixin):
         boxes = pred_boxes.detach().float().cpu().numpy().reshape(-1, 4)
         out = []
         for box, (height, width) in zip(boxes, image_sizes):
-            out.append(image_geometry(self.image_processor, height, width).denormalise(box[None])[0].tolist())
+            out.append(self.geometry(height, width).denormalise(box[None])[0].tolist())
         return out
 
     def post_process_spans(self, windows: list[list[tuple[float, float, float]]], durations: list[float]) -> list[list[list[float]]]:

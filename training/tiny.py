@@ -9,6 +9,7 @@ from collections.abc import Iterable
 
 from transformers import (
     LlavaConfig,
+    LlavaOnevisionConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2VLConfig,
@@ -95,6 +96,39 @@ def tiny_llava_config(tokenizer: PreTrainedTokenizerFast, image_size: int = 32, 
         vision_feature_layer=-1,
         vision_feature_select_strategy="full",
         image_seq_length=num_patches,
+        tie_word_embeddings=True,
+    )
+
+
+# Tile resolutions (height, width) of the tiny LLaVA-OneVision: 1 x 1 to 2 x 2 tiles, and 1 x 3 / 3 x 1 strips.
+TINY_ONEVISION_PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64], [32, 96], [96, 32]]
+
+
+def tiny_llava_onevision_config(tokenizer: PreTrainedTokenizerFast, image_size: int = 32, patch_size: int = 8,
+                                hidden_size: int = 64, num_layers: int = 2,
+                                image_grid_pinpoints: list[list[int]] | None = None,
+                                vision_aspect_ratio: str = "anyres_max_9") -> LlavaOnevisionConfig:
+    """A LLaVA-OneVision configuration of a few hundred thousand parameters (SigLIP vision tower, Qwen2 LM):
+    32 px tiles of 4 x 4 tokens, any-resolution tiling over `image_grid_pinpoints` (default
+    `TINY_ONEVISION_PINPOINTS`, multiples of `image_size`). Pair it with
+    `LlavaOnevisionImageProcessor(size={"height": image_size, "width": image_size}, image_grid_pinpoints=...)`."""
+    return LlavaOnevisionConfig(
+        vision_config=SiglipVisionConfig(
+            hidden_size=hidden_size, intermediate_size=hidden_size * 2, num_hidden_layers=num_layers,
+            num_attention_heads=4, image_size=image_size, patch_size=patch_size,
+        ),
+        text_config=Qwen2Config(
+            vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 3,
+            num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=_end_of_turn(tokenizer),
+            bos_token_id=tokenizer.bos_token_id,
+        ),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        image_grid_pinpoints=[list(p) for p in (image_grid_pinpoints or TINY_ONEVISION_PINPOINTS)],
+        vision_aspect_ratio=vision_aspect_ratio,
         tie_word_embeddings=True,
     )
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from transformers import AutoModelForImageTextToText, AutoProcessor, HfArgumentParser, set_seed
+from transformers import AutoModelForImageTextToText, HfArgumentParser, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from tpo import TPOForConditionalGeneration
@@ -163,6 +163,23 @@ def tokenizer_corpus(datasets: list) -> list[str]:
 # ------------------------------------------------------------------------------------------------------
 # Model
 # ------------------------------------------------------------------------------------------------------
+def load_tokenizer_and_image_processor(name_or_path: str):
+    """The checkpoint's tokenizer (with its chat template) and image processor.
+
+    Not `AutoProcessor`: for Qwen2-VL and LLaVA-OneVision it also builds transformers' video processor, which
+    needs torchvision; TPO decodes video with PyAV and resizes frames with the image processor, so the
+    tokenizer and the (PIL) image processor are all it needs.
+    """
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    image_processor = AutoImageProcessor.from_pretrained(name_or_path)
+    if tokenizer.chat_template is None:
+        logger.warning("%s has no chat template; TPOProcessor needs one (pass chat_template or add "
+                       "chat_template.jinja to the checkpoint).", name_or_path)
+    return tokenizer, image_processor
+
+
 def build_model(model_args: ModelArguments, train_data):
     """(model, processor): a pretrained MLLM wrapped with `from_mllm`, or the tiny default."""
     head_config = {
@@ -185,8 +202,7 @@ def build_model(model_args: ModelArguments, train_data):
                                                         "width": model_args.tiny_image_size})
         sam2_config = tiny_sam2_config(model_args.tiny_sam2_image_size)
     else:
-        processor = AutoProcessor.from_pretrained(model_args.model_name_or_path)
-        tokenizer, image_processor = processor.tokenizer, processor.image_processor
+        tokenizer, image_processor = load_tokenizer_and_image_processor(model_args.model_name_or_path)
         dtype = model_args.dtype if model_args.dtype == "auto" else getattr(torch, model_args.dtype)
         mllm = AutoModelForImageTextToText.from_pretrained(model_args.model_name_or_path, dtype=dtype)
         sam2_config = None

@@ -123,3 +123,63 @@ def test_three_stages_end_to_end_with_stage_data(tmp_path, caplog):
     processor = AutoProcessor.from_pretrained(out / "final", trust_remote_code=True)
     assert model.config.tasks == ["temporal", "region", "mask"]
     assert processor.task_token_ids == model.config.task_token_ids
+
+
+def _save_checkpoint(family: str, folder: Path):
+    """A tiny MLLM of `family` saved as a user's checkpoint: weights, tokenizer (chat template) and a PIL image
+    processor, no processor_config (as many checkpoints on disk); returns the MLLM."""
+    from transformers import (LlavaForConditionalGeneration, LlavaOnevisionForConditionalGeneration,
+                              Qwen2VLForConditionalGeneration)
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil,
+    )
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    from tpo.training import tiny
+
+    tokenizer = tiny.build_tiny_tokenizer()
+    if family == "llava":
+        mllm = LlavaForConditionalGeneration(tiny.tiny_llava_config(tokenizer))
+        image_processor = SiglipImageProcessorPil(size={"height": 32, "width": 32})
+    elif family == "qwen2_vl":
+        mllm = Qwen2VLForConditionalGeneration(tiny.tiny_qwen2_vl_config(tokenizer))
+        image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=56 * 56, patch_size=14, merge_size=2)
+    else:
+        mllm = LlavaOnevisionForConditionalGeneration(tiny.tiny_llava_onevision_config(tokenizer))
+        image_processor = LlavaOnevisionImageProcessorPil(size={"height": 32, "width": 32},
+                                                          image_grid_pinpoints=tiny.TINY_ONEVISION_PINPOINTS)
+    mllm.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    image_processor.save_pretrained(folder)
+    return mllm
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "llava_onevision"])
+def test_pretrained_checkpoint_on_disk_is_wrapped_with_its_own_processor(family, tmp_path):
+    import torch
+
+    from tpo.processing.collator_tpo import collate_encoded
+    from tpo.processing.schema import empty_sample
+    from tpo.training.tiny import random_media
+
+    mllm = _save_checkpoint(family, tmp_path)
+    model_args = run_tpo.ModelArguments(model_name_or_path=str(tmp_path), enabled_tasks=["temporal", "region"],
+                                        num_frames=4, dtype="float32",
+                                        temporal_head_config='{"d_model": 32, "num_heads": 2, "dim_feedforward": 64}')
+    model, processor = run_tpo.build_model(model_args, train_data=[])
+    assert processor.layout == family and model.config.mllm_config.model_type == family
+    saved = mllm.state_dict()
+    for name, value in model.mllm.state_dict().items():  # pretrained weights kept, new token rows appended
+        torch.testing.assert_close(value[: saved[name].shape[0]], saved[name], msg=name)
+    samples = [
+        empty_sample(id="r", task="region", media_type="image", media_path="a.png", query="red circle",
+                     image_size=[40, 60], boxes_xyxy_pixels=[[6.0, 8.0, 30.0, 36.0]]),
+        empty_sample(id="t", task="temporal", media_type="video", media_path="v.mp4", query="blue square",
+                     image_size=[56, 56], duration_seconds=8.0, spans_seconds=[[2.0, 5.0]]),
+    ]
+    encoded = [processor.encode(sample) for sample in samples]
+    batch = collate_encoded(processor, encoded, [random_media(e.media) for e in encoded])
+    batch.pop("tpo_meta")
+    out = model(**batch)
+    assert torch.isfinite(out.loss) and {"lm", "assign", "region", "temporal"} <= set(out.loss_dict)

@@ -6,7 +6,8 @@ Remote code: torch only at module level; scipy is imported where the assignment 
 import torch
 from torch import nn
 
-from .box_ops import pairwise_generalized_temporal_iou, span_cw_to_se
+from .box_ops import span_cw_to_se
+from .temporal_loss import generalized_temporal_iou
 
 
 class SpanHungarianMatcher(nn.Module):
@@ -14,6 +15,9 @@ class SpanHungarianMatcher(nn.Module):
     windows, minimising
 
         cost = cost_span * L1(center/width) - cost_giou * gIoU(start/end) - cost_class * p(foreground).
+
+    The temporal criterion matches all decoder layers in one call (batch = layers * queries); the cost
+    matrix is copied to the host once and `linear_sum_assignment` runs per sample.
 
     Args:
         cost_span, cost_giou, cost_class: weights of the three costs.
@@ -51,15 +55,16 @@ class SpanHungarianMatcher(nn.Module):
         targets_cw = torch.stack([(targets_se[:, 0] + targets_se[:, 1]) / 2, targets_se[:, 1] - targets_se[:, 0]], -1)
         cost = (
             self.cost_span * torch.cdist(spans, targets_cw, p=1)
-            - self.cost_giou * pairwise_generalized_temporal_iou(span_cw_to_se(spans), targets_se)
+            - self.cost_giou * generalized_temporal_iou(span_cw_to_se(spans)[:, None], targets_se[None])
             - self.cost_class * foreground[:, None]
         )
-        cost = cost.view(batch, num_queries, -1).cpu()
-        indices = []
-        for i, part in enumerate(cost.split(sizes, dim=-1)):
-            if sizes[i] == 0:
+        cost = cost.view(batch, num_queries, -1).cpu().numpy()  # the one copy to the host
+        indices, first = [], 0
+        for i, size in enumerate(sizes):
+            if size == 0:
                 indices.append((empty, empty))
                 continue
-            rows, cols = linear_sum_assignment(part[i].numpy())
+            rows, cols = linear_sum_assignment(cost[i, :, first : first + size])
             indices.append((torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long)))
+            first += size
         return indices

@@ -192,23 +192,11 @@ class TemporalHead(nn.Module):
         targets: one dict per query: `spans` (m, 2) normalised (start, end), m >= 1, and `saliency`
         (F,) >= 0 per frame or None.
         """
-        for i, target in enumerate(targets):
-            spans = target["spans"]
-            if spans.numel() == 0:
-                raise ValueError(f"Temporal query {i} has no target span; every temporal sample needs one.")
-            bad = (spans[:, 0] >= spans[:, 1]) | (spans < -1e-4).any(-1) | (spans > 1 + 1e-4).any(-1)
-            if bool(bad.any()):
-                raise ValueError(f"Temporal query {i}: span {spans[bad][0].tolist()} must satisfy "
-                                 "0 <= start < end <= 1 (normalised by the video duration).")
-            saliency = target.get("saliency")
-            if saliency is not None:
-                num_frames = outputs["pred_saliency"].shape[1]
-                if saliency.dim() != 1 or saliency.shape[0] > num_frames:
-                    raise ValueError(f"Temporal query {i}: saliency has shape {tuple(saliency.shape)}; expected "
-                                     f"(frames,) with at most {num_frames} frames (one score per head frame).")
-                if not bool(torch.isfinite(saliency).all()) or bool((saliency < 0).any()):
-                    raise ValueError(f"Temporal query {i}: saliency scores must be finite and >= 0 "
-                                     "(0 = not relevant); got negative or non-finite values.")
+        num_frames = outputs["pred_saliency"].shape[1]
+        if not _targets_pass_quick_check(targets, num_frames):
+            message = _first_target_error(targets, num_frames)
+            if message is not None:
+                raise ValueError(message)
         return self.criterion(outputs, targets, num_spans)
 
     @torch.no_grad()
@@ -235,6 +223,47 @@ class TemporalHead(nn.Module):
                 windows = [(float(query_spans[j, 0]), float(query_spans[j, 1]), float(query_scores[j])) for j in order]
             result.append(windows[:top_k])
         return result
+
+
+def _targets_pass_quick_check(targets: list[dict], num_frames: int) -> bool:
+    """Whether every target passes `_first_target_error`'s checks, looked at all at once: shapes on the
+    host, values with a single read from the targets' device. False may be a false alarm (targets of
+    different dtypes, compared after promotion); `_first_target_error` then decides."""
+    saliency = [t["saliency"] for t in targets if t.get("saliency") is not None]
+    if any(t["spans"].numel() == 0 for t in targets) or any(s.dim() != 1 or s.shape[0] > num_frames for s in saliency):
+        return False
+    if not targets:
+        return True
+    device = targets[0]["spans"].device
+    spans = torch.cat([t["spans"].to(device) for t in targets])  # (total spans, 2), none empty
+    # elementwise, not via min / max: a NaN span (which the per-query check lets pass) must not hide another
+    bad = (spans[:, 0] >= spans[:, 1]).any() | ((spans < -1e-4) | (spans > 1 + 1e-4)).any()
+    scores = torch.cat([s.to(device) for s in saliency]) if saliency else spans.new_zeros(0)
+    if scores.numel():
+        lowest, highest = scores.aminmax()
+        bad = bad | ~((lowest >= 0) & (highest < float("inf")))  # NaN fails both
+    return not bool(bad)
+
+
+def _first_target_error(targets: list[dict], num_frames: int) -> str | None:
+    """The error of the first invalid temporal target (which query, what is wrong, how to fix it), or None."""
+    for i, target in enumerate(targets):
+        spans = target["spans"]
+        if spans.numel() == 0:
+            return f"Temporal query {i} has no target span; every temporal sample needs one."
+        bad = (spans[:, 0] >= spans[:, 1]) | (spans < -1e-4).any(-1) | (spans > 1 + 1e-4).any(-1)
+        if bool(bad.any()):
+            return (f"Temporal query {i}: span {spans[bad][0].tolist()} must satisfy "
+                    "0 <= start < end <= 1 (normalised by the video duration).")
+        saliency = target.get("saliency")
+        if saliency is not None:
+            if saliency.dim() != 1 or saliency.shape[0] > num_frames:
+                return (f"Temporal query {i}: saliency has shape {tuple(saliency.shape)}; expected "
+                        f"(frames,) with at most {num_frames} frames (one score per head frame).")
+            if not bool(torch.isfinite(saliency).all()) or bool((saliency < 0).any()):
+                return (f"Temporal query {i}: saliency scores must be finite and >= 0 "
+                        "(0 = not relevant); got negative or non-finite values.")
+    return None
 
 
 def frame_runs(probabilities: torch.Tensor, threshold: float = 0.5) -> list[tuple[int, int]]:

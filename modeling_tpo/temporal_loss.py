@@ -17,15 +17,25 @@ here the query lives inside the LLM's sequence, so a negative pair would cost a 
 Span normaliser: the number of GT spans, averaged over processes when torch.distributed is
 initialised, clamped to >= 1 (`mean_spans_per_process`).
 
+Cost. Every term is computed for all queries (and, for the DETR decoder, all decoder layers) at once:
+per-query saliency rows and target windows are padded into (n, frames) / (n, windows) tensors with
+masks, the decoder layers' predictions are stacked so the Hungarian matcher runs once (one copy of
+the cost matrix to the host). The number of torch ops does not grow with the number of queries or
+saliency levels, and no term reads a value back from the device.
+
 Remote code: torch only.
 """
+
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .box_ops import pairwise_generalized_temporal_iou, span_cw_to_se, span_se_to_cw
-from .matcher import SpanHungarianMatcher
+from .box_ops import span_cw_to_se, span_se_to_cw
+
+if TYPE_CHECKING:  # the matcher imports this module's gIoU
+    from .matcher import SpanHungarianMatcher
 
 CONTRASTIVE_TEMPERATURE = 0.5
 
@@ -40,10 +50,172 @@ def mean_spans_per_process(local_spans: int, device: torch.device) -> torch.Tens
     return count
 
 
+def span_normaliser(num_spans: torch.Tensor | float | None, local_spans: int,
+                    device: torch.device) -> torch.Tensor | float:
+    """The span losses' divisor, clamped to >= 1: `num_spans` when given, else `local_spans` (a Python
+    number, so nothing is copied to the device) or, under torch.distributed, `mean_spans_per_process`."""
+    if num_spans is None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return mean_spans_per_process(local_spans, device).clamp(min=1.0)
+        return max(float(local_spans), 1.0)
+    if torch.is_tensor(num_spans):
+        return num_spans.to(device=device, dtype=torch.float32).clamp(min=1.0)
+    return max(float(num_spans), 1.0)
+
+
+def pad_by_lengths(values: torch.Tensor, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum(lengths), ...) rows, query by query -> (n, max length, ...) padded with zeros and (n, max length)
+    bool, True on real rows. One scatter whose indices are built on the host and copied without waiting."""
+    width = max(lengths, default=0)
+    query = [q for q, length in enumerate(lengths) for _ in range(length)]
+    slot = [j for length in lengths for j in range(length)]
+    index = torch.tensor([query, slot], dtype=torch.long).to(values.device, non_blocking=True).unbind(0)
+    padded = values.new_zeros((len(lengths), width, *values.shape[1:])).index_put_(index, values)
+    true = torch.ones((), dtype=torch.bool, device=values.device)  # on the device: a host scalar would be copied
+    mask = torch.zeros(len(lengths), width, dtype=torch.bool, device=values.device).index_put_(index, true)
+    return padded, mask
+
+
+def pack_spans(targets: list[dict], device: torch.device) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Per query (m_i, 2) float32 (start, end) on `device`, and all of them concatenated, (sum m_i, 2)."""
+    spans = [target["spans"].to(device).float() for target in targets]
+    return spans, (torch.cat(spans) if spans else torch.zeros(0, 2, device=device))
+
+
+def pad_spans(all_spans: torch.Tensor, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum m_i, 2) windows, query by query -> (n, max m_i, 2) zero-padded and (n, max m_i) bool, True on
+    real windows."""
+    if len(set(lengths)) == 1:
+        padded = all_spans.view(len(lengths), lengths[0], 2)
+        return padded, torch.ones(padded.shape[:2], dtype=torch.bool, device=padded.device)
+    return pad_by_lengths(all_spans, lengths)
+
+
+def pack_saliency(targets: list[dict], num_frames: int,
+                  device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Per-frame saliency targets of n queries as (n, L) float32, L <= num_frames (a row longer than
+    the head's frames is cut), 0 where a query has no score; and (n, L) bool, True where it has one
+    (None when every query has L scores). (None, None) when no query has saliency."""
+    rows = [None if t.get("saliency") is None else t["saliency"].to(device).float() for t in targets]
+    rows = [row if row is None or row.shape[0] <= num_frames else row[:num_frames] for row in rows]
+    present = [row for row in rows if row is not None]
+    if not present:
+        return None, None
+    lengths = [0 if row is None else row.shape[0] for row in rows]
+    if len(present) == len(rows) and len(set(lengths)) == 1:
+        return torch.stack(rows), None
+    return pad_by_lengths(torch.cat(present), lengths)
+
+
+def generalized_temporal_iou(spans_a: torch.Tensor, spans_b: torch.Tensor) -> torch.Tensor:
+    """Generalised IoU of `se` spans paired by broadcasting, (..., 2) and (..., 2) -> (...): matched pairs
+    as they are, every pair with `spans_a[:, None]` and `spans_b[None]`. The arithmetic of
+    `box_ops.pairwise_generalized_temporal_iou` in fewer ops (the same values and gradients, ties of
+    min / max included)."""
+    low, high = torch.minimum(spans_a, spans_b), torch.maximum(spans_a, spans_b)  # (..., 2): of starts, of ends
+    inter = (low[..., 1] - high[..., 0]).clamp(min=0)
+    enclosing = (high[..., 1] - low[..., 0]).clamp(min=0)
+    union = (spans_a[..., 1] - spans_a[..., 0]).clamp(min=0) + (spans_b[..., 1] - spans_b[..., 0]).clamp(min=0) - inter
+    tiny = torch.finfo(union.dtype).tiny
+    iou = torch.where(union > 0, inter / union.clamp(min=tiny), torch.zeros_like(union))
+    penalty = torch.where(enclosing > 0, (enclosing - union) / enclosing.clamp(min=tiny), torch.zeros_like(enclosing))
+    return iou - penalty
+
+
+def matched_indices(indices: list[tuple[torch.Tensor, torch.Tensor]], spans_per_query: list[int],
+                    device: torch.device) -> torch.Tensor:
+    """The matcher's pairs for R = layers * n rows (row r is query r % n) as one (3, matches) LongTensor on
+    `device`: the row, the prediction in that row, and the target's index in the concatenated targets.
+    Built on the host (the pairs are there) and copied once."""
+    first_span = [sum(spans_per_query[:i]) for i in range(len(spans_per_query))]
+    rows, predictions, targets = [], [], []
+    for row, (src, tgt) in enumerate(indices):
+        offset = first_span[row % len(spans_per_query)]
+        rows += [row] * src.numel()
+        predictions += src.tolist()
+        targets += [offset + t for t in tgt.tolist()]
+    return torch.tensor([rows, predictions, targets], dtype=torch.long).to(device, non_blocking=True)
+
+
+# ---- saliency, all queries at once ---------------------------------------------------------------------
+def saliency_rows(scores: torch.Tensor, frame_mask: torch.Tensor, saliency: torch.Tensor,
+                  saliency_mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """What each query's saliency loss uses, for (n, F) scores and mask and (n, L) targets, L <= F:
+    `valid` (n, L) where the frame is real, its score finite and a target given; `scores` (n, L) float32,
+    0 elsewhere; `higher` (n, L, L) the valid pairs (i, j) with target_i > target_j; `num_pairs` (n,)
+    their count; `active` (n,) the queries with such a pair, i.e. >= 2 valid frames whose targets are not
+    all equal (the others carry no ranking signal and are left out)."""
+    width = saliency.shape[1]
+    if width < scores.shape[1]:
+        scores, frame_mask = scores[:, :width], frame_mask[:, :width]
+    valid = frame_mask & (scores.abs() < float("inf"))
+    if saliency_mask is not None:
+        valid = valid & saliency_mask
+    higher = (saliency[:, :, None] > saliency[:, None, :]) & valid[:, :, None] & valid[:, None, :]
+    num_pairs = higher.sum((1, 2))
+    return {"valid": valid, "scores": scores.masked_fill(~valid, 0.0), "targets": saliency, "higher": higher,
+            "num_pairs": num_pairs, "active": num_pairs > 0}
+
+
+def ranking_per_query(rows: dict[str, torch.Tensor], margin: float) -> torch.Tensor:
+    """(n,) mean over valid frame pairs (i, j) with target_i > target_j of max(0, margin - (s_i - s_j))."""
+    scores = rows["scores"]
+    hinge = (margin - (scores[:, :, None] - scores[:, None, :])).clamp(min=0)  # (n, L, L)
+    return (hinge * rows["higher"]).sum((1, 2)) / rows["num_pairs"].clamp(min=1)
+
+
+def contrastive_per_query(rows: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(n,) mean over the distinct target levels above a query's lowest of -log(softmax mass, tau = 0.5,
+    of the valid frames at or above that level). Frame j stands for the level of its target if it is
+    the first valid frame with that value."""
+    scores, targets, valid, higher = rows["scores"], rows["targets"], rows["valid"], rows["higher"]
+    # inactive rows keep all (finite) frames so that nothing below turns into inf - inf
+    outside = ~valid & rows["active"][:, None]
+    log_probs = F.log_softmax((scores / CONTRASTIVE_TEMPERATURE).masked_fill(outside, float("-inf")), dim=1)
+    width = targets.shape[1]
+    earlier = torch.ones(width, width, dtype=torch.bool, device=targets.device).tril(-1)  # [j, k]: k < j
+    repeated = ((targets[:, :, None] == targets[:, None, :]) & valid[:, None, :] & earlier).any(-1)
+    level = higher.any(-1) & ~repeated  # (n, L): valid, above the lowest valid target, first of its value
+    # level j's positives: valid k with target_k >= target_j (invalid k are already -inf); a non-level j
+    # sums every frame (finite, dropped)
+    excluded = higher & level[:, :, None]  # (n, level j, frame k)
+    log_mass = log_probs[:, None, :].masked_fill(excluded, float("-inf")).logsumexp(-1)  # (n, L)
+    return -(log_mass * level).sum(1) / level.sum(1).clamp(min=1)
+
+
+def bce_per_query(rows: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(n,) mean over valid frames of BCE(score, target clipped to [0, 1])."""
+    invalid = ~rows["valid"]
+    targets = rows["targets"].masked_fill(invalid, 0.0).clamp(0, 1)
+    bce = F.binary_cross_entropy_with_logits(rows["scores"], targets, reduction="none")
+    return bce.masked_fill(invalid, 0.0).sum(1) / rows["valid"].sum(1).clamp(min=1)
+
+
+# ---- dense decoder's frame targets, all queries at once ----------------------------------------------
+def dense_frame_targets(times: torch.Tensor, valid: torch.Tensor, spans: torch.Tensor,
+                        span_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, F) frame times, (n, F) validity, (n, m, 2) windows with (n, m) mask -> (n, F) positive mask
+    and (n, F, 2) target windows: a valid frame inside windows takes the shortest (the first of equals);
+    a window containing no frame takes the valid frame nearest its centre (the last such window wins a
+    shared frame)."""
+    start, end = spans[..., 0][:, None, :], spans[..., 1][:, None, :]  # (n, 1, m)
+    inside = (times[:, :, None] >= start) & (times[:, :, None] <= end) & valid[:, :, None] & span_mask[:, None, :]
+    choice = torch.where(inside, end - start, float("inf")).argmin(-1)  # (n, F)
+    positive = inside.any(-1)
+    between_frames = span_mask & ~inside.any(1)  # (n, m)
+    distance = (times[:, :, None] - spans.mean(-1)[:, None, :]).abs().masked_fill(~valid[:, :, None], float("inf"))
+    nearest = distance.argmin(1)  # (n, m)
+    window = torch.arange(spans.shape[1], device=spans.device).expand_as(nearest)
+    taken_by = torch.full_like(choice, -1).scatter_reduce(1, nearest, torch.where(between_frames, window, -1), "amax")
+    positive = positive | (taken_by >= 0)
+    choice = torch.where(taken_by >= 0, taken_by, choice)
+    return positive, spans.gather(1, choice[..., None].expand(-1, -1, 2))
+
+
 class TemporalCriterion(nn.Module):
     """Named temporal losses on the final and auxiliary decoder outputs (DETR decoder)."""
 
-    def __init__(self, matcher: SpanHungarianMatcher, span_l1_weight: float = 10.0, span_giou_weight: float = 1.0,
+    def __init__(self, matcher: "SpanHungarianMatcher", span_l1_weight: float = 10.0, span_giou_weight: float = 1.0,
                  label_weight: float = 4.0, saliency_weight: float = 4.0, eos_coef: float = 0.1,
                  saliency_margin: float = 0.2, saliency_loss: str = "ranking"):
         super().__init__()
@@ -56,56 +228,55 @@ class TemporalCriterion(nn.Module):
         self.saliency_margin = saliency_margin
         self.saliency_loss = saliency_loss
 
-    # ---- span and label terms (per decoder layer) --------------------------------------------------
-    def span_terms(self, outputs: dict, targets: list[dict], num_spans: float) -> dict[str, torch.Tensor]:
-        pred_spans, pred_logits = outputs["pred_spans"].float(), outputs["pred_logits"].float()
-        target_spans = [t["spans"].to(pred_spans.device).float() for t in targets]
-        indices = self.matcher(pred_spans, pred_logits, target_spans)
-        batch_index = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)]).to(pred_spans.device)
-        pred_index = torch.cat([src for src, _ in indices]).to(pred_spans.device)
-        matched_pred = pred_spans[batch_index, pred_index]  # (matches, 2) cw
-        matched_target = torch.cat([t[tgt.to(t.device)] for t, (_, tgt) in zip(target_spans, indices)])  # se
-        if matched_pred.numel():
-            l1 = F.l1_loss(matched_pred, span_se_to_cw(matched_target), reduction="none").sum() / num_spans
-            giou = torch.diag(pairwise_generalized_temporal_iou(span_cw_to_se(matched_pred), matched_target))
-            giou_loss = (1 - giou).sum() / num_spans
+    # ---- span and label terms (all decoder layers together) --------------------------------------------
+    def layer_span_terms(self, layers: list[dict], spans: list[torch.Tensor], all_spans: torch.Tensor,
+                         num_spans: torch.Tensor | float) -> dict[str, torch.Tensor]:
+        """`span_l1`, `span_giou` and `label`, each (layers,), of decoder layers whose `pred_spans` and
+        `pred_logits` are (n, num_queries, 2); `spans` n (m_i, 2) targets, `all_spans` their concatenation.
+        The layers are stacked into (layers * n) rows matched in one matcher call."""
+        num_layers = len(layers)
+        pred_spans = torch.stack([layer["pred_spans"] for layer in layers]).float().flatten(0, 1)  # (L*n, Q, 2) cw
+        pred_logits = torch.stack([layer["pred_logits"] for layer in layers]).float().flatten(0, 1)
+        indices = self.matcher(pred_spans, pred_logits, spans * num_layers)
+        row, query, target = matched_indices(indices, [s.shape[0] for s in spans], pred_spans.device)
+        true = torch.ones((), dtype=torch.bool, device=row.device)  # on the device: a host scalar would be copied
+        matched = torch.zeros(pred_logits.shape[:2], dtype=torch.bool, device=row.device).index_put_((row, query), true)
+        # every layer matches min(num_queries, m_i) windows of query i: the matches split evenly by layer
+        if row.numel():
+            matched_pred, matched_target = pred_spans[row, query], all_spans[target]  # (matches, 2) cw, se
+            l1 = (matched_pred - span_se_to_cw(matched_target)).abs().view(num_layers, -1).sum(1) / num_spans
+            giou = generalized_temporal_iou(span_cw_to_se(matched_pred), matched_target)
+            giou_loss = (1 - giou).view(num_layers, -1).sum(1) / num_spans
         else:
-            l1 = giou_loss = pred_spans.sum() * 0.0
-        classes = torch.ones(pred_logits.shape[:2], dtype=torch.long, device=pred_logits.device)  # 1 = no object
-        classes[batch_index, pred_index] = 0
-        class_weight = torch.tensor([1.0, self.eos_coef], device=pred_logits.device)
-        label = F.cross_entropy(pred_logits.transpose(1, 2), classes, weight=class_weight)
+            l1 = giou_loss = pred_spans.reshape(num_layers, -1).sum(1) * 0.0
+        # label CE weighted 1 (matched: foreground, class 0) or eos_coef (no object, class 1), weighted mean per layer
+        nll = F.cross_entropy(pred_logits.transpose(1, 2), (~matched).long(), reduction="none")  # (L*n, Q)
+        weight = torch.where(matched, 1.0, self.eos_coef)
+        label = (nll * weight).view(num_layers, -1).sum(1) / weight.view(num_layers, -1).sum(1)
         return {"span_l1": l1, "span_giou": giou_loss, "label": label}
+
+    def span_terms(self, outputs: dict, targets: list[dict],
+                   num_spans: torch.Tensor | float) -> dict[str, torch.Tensor]:
+        """`span_l1`, `span_giou` and `label` of one decoder layer's outputs (scalars)."""
+        spans, all_spans = pack_spans(targets, outputs["pred_spans"].device)
+        per_layer = self.layer_span_terms([outputs], spans, all_spans, num_spans)
+        return {name: values[0] for name, values in per_layer.items()}
 
     # ---- saliency -----------------------------------------------------------------------------------
     def saliency_term(self, scores: torch.Tensor, frame_mask: torch.Tensor, targets: list[dict]) -> torch.Tensor:
-        """scores (batch, frames) logits; targets[i]["saliency"] (frames,) >= 0 or None."""
+        """scores (batch, frames) logits; targets[i]["saliency"] (frames,) >= 0 or None. The mean over the
+        queries with a ranking signal (see `saliency_rows`), 0 when none has one."""
         scores = scores.float()
-        losses = []
-        for i, target in enumerate(targets):
-            saliency = target.get("saliency")
-            if saliency is None:
-                continue
-            n = min(scores.shape[1], saliency.shape[0])
-            valid = frame_mask[i, :n] & torch.isfinite(scores[i, :n])
-            s, y = scores[i, :n][valid], saliency.to(scores.device).float()[:n][valid]
-            if y.numel() < 2 or bool((y.max() - y.min()) <= 0):
-                continue
-            if self.saliency_loss == "bce":
-                losses.append(F.binary_cross_entropy_with_logits(s, y.clamp(0, 1)))
-                continue
-            higher = y[:, None] > y[None, :]  # (frames, frames): i more salient than j
-            hinge = (self.saliency_margin - (s[:, None] - s[None, :])).clamp(min=0)
-            ranking = hinge[higher].mean()
-            contrastive = []
-            log_probs = F.log_softmax(s / CONTRASTIVE_TEMPERATURE, dim=0)
-            for level in torch.unique(y[y > y.min()]):
-                positives = y >= level
-                contrastive.append(-torch.logsumexp(log_probs[positives], dim=0))
-            losses.append(ranking + torch.stack(contrastive).mean())
-        if not losses:
+        saliency, saliency_mask = pack_saliency(targets, scores.shape[1], scores.device)
+        if saliency is None or saliency.shape[1] < 2:
             return scores.sum() * 0.0
-        return torch.stack(losses).mean()
+        rows = saliency_rows(scores, frame_mask, saliency, saliency_mask)
+        if self.saliency_loss == "bce":
+            per_query = bce_per_query(rows)
+        else:
+            per_query = ranking_per_query(rows, self.saliency_margin) + contrastive_per_query(rows)
+        active = rows["active"]
+        return (per_query * active).sum() / active.sum().clamp(min=1)  # per_query is finite everywhere
 
     # ---- everything ----------------------------------------------------------------------------------
     def forward(self, outputs: dict, targets: list[dict], num_spans: torch.Tensor | float | None = None) -> dict[str, torch.Tensor]:
@@ -117,19 +288,18 @@ class TemporalCriterion(nn.Module):
         computes `num_spans` itself (see `TPOForConditionalGeneration._temporal_outputs`) because
         processes without temporal samples never reach the head. Clamped to >= 1.
         """
-        device = outputs["pred_spans"].device
-        if num_spans is None:
-            num_spans = mean_spans_per_process(sum(t["spans"].shape[0] for t in targets), device)
-        num_spans = torch.as_tensor(num_spans, dtype=torch.float32, device=device).clamp(min=1.0)
-        terms = {f"temporal_{k}": v for k, v in self.span_terms(outputs, targets, num_spans).items()}
-        terms["temporal_saliency"] = self.saliency_term(outputs["pred_saliency"], outputs["frame_mask"], targets)
-        total = sum(self.weights[k.removeprefix("temporal_")] * v for k, v in terms.items())
-        for i, aux in enumerate(outputs.get("aux_outputs") or []):
-            aux_terms = self.span_terms(aux, targets, num_spans)
-            for name, value in aux_terms.items():
-                terms[f"temporal_{name}_{i}"] = value
-                total = total + self.weights[name] * value
-        terms["temporal"] = total
+        spans, all_spans = pack_spans(targets, outputs["pred_spans"].device)
+        num_spans = span_normaliser(num_spans, all_spans.shape[0], all_spans.device)
+        layers = [outputs, *(outputs.get("aux_outputs") or [])]
+        per_layer = self.layer_span_terms(layers, spans, all_spans, num_spans)  # name -> (layers,)
+        saliency = self.saliency_term(outputs["pred_saliency"], outputs["frame_mask"], targets)
+        by_layer = {name: values.unbind(0) for name, values in per_layer.items()}
+        terms = {f"temporal_{name}": values[0] for name, values in by_layer.items()}
+        terms["temporal_saliency"] = saliency
+        for layer in range(1, len(layers)):  # auxiliary layers, suffixed by their index
+            terms.update({f"temporal_{name}_{layer - 1}": values[layer] for name, values in by_layer.items()})
+        terms["temporal"] = sum((self.weights[name] * values.sum() for name, values in per_layer.items()),
+                                self.weights["saliency"] * saliency)
         return terms
 
 
@@ -157,41 +327,27 @@ class DenseTemporalCriterion(TemporalCriterion):
 
     @staticmethod
     def frame_targets(times: torch.Tensor, valid: torch.Tensor, spans: torch.Tensor):
-        """(F,) frame times, (F,) validity, (m, 2) windows -> (F,) positive mask and (F, 2) target windows."""
-        inside = (times[:, None] >= spans[None, :, 0]) & (times[:, None] <= spans[None, :, 1]) & valid[:, None]
-        lengths = (spans[:, 1] - spans[:, 0])[None, :].expand_as(inside)
-        choice = torch.where(inside, lengths, torch.full_like(lengths, float("inf"))).argmin(1)
-        positive = inside.any(1)
-        for j in range(spans.shape[0]):  # a window between frames takes the frame nearest its centre
-            if not bool(inside[:, j].any()):
-                distance = (times - spans[j].mean()).abs().masked_fill(~valid, float("inf"))
-                nearest = int(distance.argmin())
-                positive[nearest] = True
-                choice[nearest] = j
-        return positive, spans[choice]
+        """(F,) frame times, (F,) validity, (m, 2) windows -> (F,) positive mask and (F, 2) target windows
+        (one query of `dense_frame_targets`)."""
+        span_mask = torch.ones(1, spans.shape[0], dtype=torch.bool, device=spans.device)
+        positive, windows = dense_frame_targets(times[None], valid[None], spans[None], span_mask)
+        return positive[0], windows[0]
 
     def forward(self, outputs: dict, targets: list[dict], num_spans=None) -> dict[str, torch.Tensor]:
         logits = outputs["pred_logits"][..., 0].float()
         offsets = outputs["pred_offsets"].float()
         spans_cw = outputs["pred_spans"].float()
         times, frame_mask = outputs["frame_times"].float(), outputs["frame_mask"]
-        positives, target_windows = [], []
-        for i, target in enumerate(targets):
-            positive, windows = self.frame_targets(times[i], frame_mask[i], target["spans"].to(times.device).float())
-            positives.append(positive)
-            target_windows.append(windows)
-        positive = torch.stack(positives)  # (n, F)
-        windows = torch.stack(target_windows)  # (n, F, 2)
+        spans, all_spans = pack_spans(targets, times.device)
+        spans, span_mask = pad_spans(all_spans, [s.shape[0] for s in spans])  # (n, m, 2), (n, m)
+        positive, windows = dense_frame_targets(times, frame_mask, spans, span_mask)  # (n, F), (n, F, 2)
         normaliser = positive.sum().float().clamp(min=1.0)
-        label = F.binary_cross_entropy_with_logits(logits[frame_mask], positive[frame_mask].float())
+        bce = F.binary_cross_entropy_with_logits(logits, positive.float(), reduction="none")
+        label = torch.where(frame_mask, bce, 0.0).sum() / frame_mask.sum()
         target_offsets = torch.stack([times - windows[..., 0], windows[..., 1] - times], -1).clamp(min=0)
         l1 = (F.l1_loss(offsets, target_offsets, reduction="none").sum(-1) * positive).sum() / normaliser
-        pred_se = span_cw_to_se(spans_cw)[positive]
-        if pred_se.numel():
-            giou = torch.diag(pairwise_generalized_temporal_iou(pred_se, windows[positive]))
-            giou_loss = (1 - giou).sum() / normaliser
-        else:
-            giou_loss = spans_cw.sum() * 0.0
+        giou = generalized_temporal_iou(span_cw_to_se(spans_cw), windows)  # (n, F)
+        giou_loss = torch.where(positive, 1 - giou, 0.0).sum() / normaliser
         terms = {"temporal_span_l1": l1, "temporal_span_giou": giou_loss, "temporal_label": label,
                  "temporal_saliency": self.saliency_term(outputs["pred_saliency"], frame_mask, targets)}
         terms["temporal"] = sum(self.weights[k.removeprefix("temporal_")] * v for k, v in terms.items())

@@ -312,3 +312,405 @@ def test_dense_windows_from_runs_hand_computed():
     assert [w[2] for w in windows] == sorted((w[2] for w in windows), reverse=True)
     none_above = _dense_windows(torch.full((4,), 0.2), regressed[:4], times[:4] * 2, nms_iou=0.5)
     assert none_above[0][:2] == pytest.approx([0.0, 0.1])  # no run: the regressed windows alone
+
+
+# ------------------------------------------------------------------------------------------------
+# Frozen reference: the per-query, per-layer implementation the batched criterion replaced. Kept
+# verbatim in behaviour (a Python loop per query, per saliency level, per decoder layer) so that the
+# batched code can be checked against it on randomized cases.
+# ------------------------------------------------------------------------------------------------
+def _reference_cw_to_se(spans):
+    return torch.stack([spans[..., 0] - 0.5 * spans[..., 1], spans[..., 0] + 0.5 * spans[..., 1]], -1)
+
+
+def _reference_se_to_cw(spans):
+    return torch.stack([(spans[..., 0] + spans[..., 1]) / 2, spans[..., 1] - spans[..., 0]], -1)
+
+
+def _reference_pairwise_giou(spans_a, spans_b):
+    """(N, 2), (M, 2) `se` spans -> (N, M) generalised IoU (as box_ops computed it when frozen)."""
+    length_a = (spans_a[:, 1] - spans_a[:, 0]).clamp(min=0)
+    length_b = (spans_b[:, 1] - spans_b[:, 0]).clamp(min=0)
+    inter = (torch.minimum(spans_a[:, None, 1], spans_b[None, :, 1])
+             - torch.maximum(spans_a[:, None, 0], spans_b[None, :, 0])).clamp(min=0)
+    union = length_a[:, None] + length_b[None, :] - inter
+    tiny = torch.finfo(union.dtype).tiny
+    iou = torch.where(union > 0, inter / union.clamp(min=tiny), torch.zeros_like(union))
+    enclosing = (torch.maximum(spans_a[:, None, 1], spans_b[None, :, 1])
+                 - torch.minimum(spans_a[:, None, 0], spans_b[None, :, 0])).clamp(min=0)
+    penalty = torch.where(enclosing > 0, (enclosing - union) / enclosing.clamp(min=tiny), torch.zeros_like(enclosing))
+    return iou - penalty
+
+
+def _reference_match(pred_spans, pred_logits, target_spans, cost_span=10.0, cost_giou=1.0, cost_class=4.0):
+    """Hungarian matching, one sample at a time: `batch` (pred_index, target_index) pairs."""
+    from scipy.optimize import linear_sum_assignment
+
+    indices = []
+    for spans, logits, targets in zip(pred_spans.detach().float(), pred_logits.detach().float(), target_spans):
+        if targets.shape[0] == 0:
+            indices.append((torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)))
+            continue
+        targets_cw = torch.stack([(targets[:, 0] + targets[:, 1]) / 2, targets[:, 1] - targets[:, 0]], -1)
+        cost = (cost_span * torch.cdist(spans, targets_cw, p=1)
+                - cost_giou * _reference_pairwise_giou(_reference_cw_to_se(spans), targets)
+                - cost_class * logits.softmax(-1)[:, 0:1])
+        rows, cols = linear_sum_assignment(cost.numpy())
+        indices.append((torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long)))
+    return indices
+
+
+def _reference_span_terms(layer, target_spans, num_spans, eos_coef):
+    """Matched span L1, gIoU and weighted label CE of one decoder layer, sample by sample."""
+    pred_spans, pred_logits = layer["pred_spans"].float(), layer["pred_logits"].float()
+    indices = _reference_match(pred_spans, pred_logits, target_spans)
+    l1 = giou_loss = pred_spans.sum() * 0.0
+    classes = torch.ones(pred_logits.shape[:2], dtype=torch.long)
+    for i, (src, tgt) in enumerate(indices):
+        if src.numel() == 0:
+            continue
+        matched, target = pred_spans[i, src], target_spans[i][tgt]
+        l1 = l1 + (matched - _reference_se_to_cw(target)).abs().sum() / num_spans
+        giou = torch.diag(_reference_pairwise_giou(_reference_cw_to_se(matched), target))
+        giou_loss = giou_loss + (1 - giou).sum() / num_spans
+        classes[i, src] = 0
+    label = F.cross_entropy(pred_logits.transpose(1, 2), classes, weight=torch.tensor([1.0, eos_coef]))
+    return {"span_l1": l1, "span_giou": giou_loss, "label": label}
+
+
+def _reference_saliency(scores, frame_mask, targets, saliency_loss, margin):
+    """Mean over queries with a non-constant saliency row of ranking + rank-contrastive (or BCE)."""
+    scores = scores.float()
+    losses = []
+    for i, target in enumerate(targets):
+        if target.get("saliency") is None:
+            continue
+        n = min(scores.shape[1], target["saliency"].shape[0])
+        valid = frame_mask[i, :n] & torch.isfinite(scores[i, :n])
+        s, y = scores[i, :n][valid], target["saliency"].float()[:n][valid]
+        if y.numel() < 2 or (y.max() - y.min()).item() <= 0:
+            continue
+        if saliency_loss == "bce":
+            losses.append(F.binary_cross_entropy_with_logits(s, y.clamp(0, 1)))
+            continue
+        higher = y[:, None] > y[None, :]
+        ranking = (margin - (s[:, None] - s[None, :])).clamp(min=0)[higher].mean()
+        log_probs = F.log_softmax(s / 0.5, dim=0)
+        levels = torch.unique(y[y > y.min()])
+        contrastive = torch.stack([-torch.logsumexp(log_probs[y >= level], 0) for level in levels]).mean()
+        losses.append(ranking + contrastive)
+    return torch.stack(losses).mean() if losses else scores.sum() * 0.0
+
+
+def _reference_dense_terms(outputs, targets):
+    """Dense decoder: frame-level foreground BCE and the positives' offset L1 and gIoU."""
+    times, frame_mask = outputs["frame_times"].float(), outputs["frame_mask"]
+    positives, windows = [], []
+    for i, target in enumerate(targets):
+        spans, valid = target["spans"].float(), frame_mask[i]
+        inside = (times[i][:, None] >= spans[None, :, 0]) & (times[i][:, None] <= spans[None, :, 1]) & valid[:, None]
+        lengths = (spans[:, 1] - spans[:, 0])[None, :].expand_as(inside)
+        choice = torch.where(inside, lengths, torch.full_like(lengths, float("inf"))).argmin(1)
+        positive = inside.any(1)
+        for j in range(spans.shape[0]):  # a window between frames takes the valid frame nearest its centre
+            if not inside[:, j].any():
+                nearest = int((times[i] - spans[j].mean()).abs().masked_fill(~valid, float("inf")).argmin())
+                positive[nearest], choice[nearest] = True, j
+        positives.append(positive)
+        windows.append(spans[choice])
+    positive, windows = torch.stack(positives), torch.stack(windows)
+    normaliser = positive.sum().float().clamp(min=1.0)
+    logits = outputs["pred_logits"][..., 0].float()
+    label = F.binary_cross_entropy_with_logits(logits[frame_mask], positive[frame_mask].float())
+    target_offsets = torch.stack([times - windows[..., 0], windows[..., 1] - times], -1).clamp(min=0)
+    l1 = ((outputs["pred_offsets"].float() - target_offsets).abs().sum(-1) * positive).sum() / normaliser
+    pred_se = _reference_cw_to_se(outputs["pred_spans"].float())[positive]
+    giou = torch.diag(_reference_pairwise_giou(pred_se, windows[positive]))
+    return {"span_l1": l1, "span_giou": (1 - giou).sum() / normaliser, "label": label}
+
+
+def _reference_temporal_losses(outputs, targets, num_spans=None, *, decoder="detr", saliency_loss="ranking",
+                               margin=0.2, eos_coef=0.1, weights=(10.0, 1.0, 4.0, 4.0)):
+    """Every named term and `temporal` as the per-query implementation computed them (CPU, no
+    torch.distributed)."""
+    weight = dict(zip(("span_l1", "span_giou", "label", "saliency"), weights))
+    saliency = _reference_saliency(outputs["pred_saliency"], outputs["frame_mask"], targets, saliency_loss, margin)
+    if decoder == "dense":
+        terms = {f"temporal_{k}": v for k, v in _reference_dense_terms(outputs, targets).items()}
+        terms["temporal_saliency"] = saliency
+        terms["temporal"] = sum(weight[k.removeprefix("temporal_")] * v for k, v in terms.items())
+        return terms
+    if num_spans is None:
+        num_spans = float(sum(t["spans"].shape[0] for t in targets))
+    num_spans = torch.as_tensor(num_spans, dtype=torch.float32).clamp(min=1.0)
+    target_spans = [t["spans"].float() for t in targets]
+    terms = {f"temporal_{k}": v for k, v in _reference_span_terms(outputs, target_spans, num_spans, eos_coef).items()}
+    terms["temporal_saliency"] = saliency
+    total = sum(weight[k.removeprefix("temporal_")] * v for k, v in terms.items())
+    for i, aux in enumerate(outputs.get("aux_outputs") or []):
+        for name, value in _reference_span_terms(aux, target_spans, num_spans, eos_coef).items():
+            terms[f"temporal_{name}_{i}"] = value
+            total = total + weight[name] * value
+    terms["temporal"] = total
+    return terms
+
+
+def _reference_target_error(targets, num_frames):
+    """The message `TemporalHead.loss` raised for the first invalid target, or None."""
+    for i, target in enumerate(targets):
+        spans = target["spans"]
+        if spans.numel() == 0:
+            return f"Temporal query {i} has no target span; every temporal sample needs one."
+        bad = (spans[:, 0] >= spans[:, 1]) | (spans < -1e-4).any(-1) | (spans > 1 + 1e-4).any(-1)
+        if bad.any():
+            return (f"Temporal query {i}: span {spans[bad][0].tolist()} must satisfy "
+                    "0 <= start < end <= 1 (normalised by the video duration).")
+        saliency = target.get("saliency")
+        if saliency is not None:
+            if saliency.dim() != 1 or saliency.shape[0] > num_frames:
+                return (f"Temporal query {i}: saliency has shape {tuple(saliency.shape)}; expected "
+                        f"(frames,) with at most {num_frames} frames (one score per head frame).")
+            if not torch.isfinite(saliency).all() or (saliency < 0).any():
+                return (f"Temporal query {i}: saliency scores must be finite and >= 0 "
+                        "(0 = not relevant); got negative or non-finite values.")
+    return None
+
+
+def _random_case(seed: int) -> dict:
+    """Random outputs and targets covering: several decoder layers, padded frames, 1-3 windows per query
+    (some between frames), saliency missing / constant / tied levels / shorter than the frames, and a
+    span normaliser given or not."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randint(low, high):  # inclusive
+        return int(torch.randint(low, high + 1, (1,), generator=g))
+
+    decoder = ("detr", "dense")[seed % 2]
+    n, frames = randint(1, 6), randint(2, 10)
+    num_queries = frames if decoder == "dense" else randint(1, 6)
+    frame_mask = torch.ones(n, frames, dtype=torch.bool)
+    for i in range(n):
+        frame_mask[i, randint(2, frames):] = False
+    frame_times = (torch.arange(frames).float() + torch.rand(frames, generator=g)) / frames
+    frame_times = frame_times[None].expand(n, -1).clone()
+
+    def layer():
+        return {"pred_spans": torch.rand(n, num_queries, 2, generator=g) * 0.9 + 0.05,
+                "pred_logits": torch.randn(n, num_queries, 2, generator=g) * 2}
+
+    outputs = {**layer(), "pred_saliency": torch.randn(n, frames, generator=g).masked_fill(~frame_mask, -1e4),
+               "frame_mask": frame_mask, "frame_times": frame_times}
+    if decoder == "dense":
+        outputs["pred_logits"][..., 1] = 0.0
+        outputs["pred_logits"][..., 0] = outputs["pred_logits"][..., 0].masked_fill(~frame_mask, -1e4)
+        outputs["pred_offsets"] = torch.rand(n, frames, 2, generator=g) * 0.5
+    else:
+        outputs["aux_outputs"] = [layer() for _ in range(randint(0, 2))]
+    targets = []
+    for _ in range(n):
+        m = randint(1, 3)
+        start = torch.rand(m, generator=g) * 0.9
+        width = torch.where(torch.rand(m, generator=g) < 0.3, torch.full((m,), 0.01), torch.rand(m, generator=g) * 0.5)
+        spans = torch.stack([start, (start + width).clamp(max=1.0)], -1)
+        kind = randint(0, 4)
+        length = frames if kind != 4 else randint(0, frames)
+        saliency = [None, torch.randint(0, 5, (length,), generator=g).float(),
+                    torch.full((length,), float(randint(0, 2))),  # constant: no ranking signal
+                    torch.rand(length, generator=g), torch.randint(0, 3, (length,), generator=g).float()][kind]
+        targets.append({"spans": spans, "saliency": saliency})
+    if seed % 7 == 3:  # bf16 outputs: the losses are computed in float32 all the same
+        for values in [outputs, *outputs.get("aux_outputs", [])]:
+            values.update({k: v.bfloat16() for k, v in values.items() if k.startswith("pred_")})
+    num_spans = [None, 0.5, 2.5, torch.tensor(3.0)][randint(0, 3)]
+    settings = dict(decoder=decoder, saliency_loss=("ranking", "bce")[randint(0, 1)],
+                    saliency_margin=0.1 * randint(1, 3), eos_coef=0.1 * randint(1, 5),
+                    span_l1_weight=float(randint(1, 10)), span_giou_weight=1.0, label_weight=float(randint(1, 4)),
+                    saliency_weight=float(randint(1, 4)))
+    return {"outputs": outputs, "targets": targets, "num_spans": num_spans, "settings": settings}
+
+
+def _leaves(outputs: dict) -> dict:
+    """A copy of `outputs` whose float tensors are fresh leaves that require grad."""
+    def leaf(value):
+        if torch.is_tensor(value) and value.is_floating_point():
+            return value.detach().clone().requires_grad_()
+        return value
+
+    copy = {k: leaf(v) for k, v in outputs.items() if k != "aux_outputs"}
+    if "aux_outputs" in outputs:
+        copy["aux_outputs"] = [{k: leaf(v) for k, v in aux.items()} for aux in outputs["aux_outputs"]]
+    return copy
+
+
+def _leaf_grads(outputs: dict) -> dict:
+    grads = {k: v.grad for k, v in outputs.items() if torch.is_tensor(v) and v.requires_grad}
+    for i, aux in enumerate(outputs.get("aux_outputs") or []):
+        grads.update({f"{k}_{i}": v.grad for k, v in aux.items()})
+    return grads
+
+
+def _assert_close_grads(actual: dict, expected: dict):
+    """Equal gradients (float32 rounding; one bf16 rounding step for bf16 leaves), None where the reference has None."""
+    assert actual.keys() == expected.keys()
+    for name, value in expected.items():
+        if value is None:
+            assert actual[name] is None or not actual[name].any(), name
+            continue
+        assert actual[name] is not None, name
+        bf16 = value.dtype == torch.bfloat16
+        scale = max(float(value.abs().max()), 1.0)
+        torch.testing.assert_close(actual[name], value, rtol=1e-2 if bf16 else 1e-6,
+                                   atol=1e-2 * scale if bf16 else 1e-6 * scale, msg=name)
+
+
+@pytest.mark.parametrize("seed", range(120))
+def test_batched_losses_equal_the_per_query_reference(seed):
+    """Every term and every gradient of `TemporalHead.loss` equals the frozen per-query implementation."""
+    case = _random_case(seed)
+    settings = case["settings"]
+    head = TemporalHead(8, d_model=8, num_heads=1, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=8,
+                        frame_pooling="mean", **settings)
+    new_outputs, reference_outputs = _leaves(case["outputs"]), _leaves(case["outputs"])
+    terms = head.loss(new_outputs, case["targets"], case["num_spans"])
+    expected = _reference_temporal_losses(
+        reference_outputs, case["targets"], case["num_spans"], decoder=settings["decoder"],
+        saliency_loss=settings["saliency_loss"], margin=settings["saliency_margin"], eos_coef=settings["eos_coef"],
+        weights=tuple(settings[k] for k in ("span_l1_weight", "span_giou_weight", "label_weight", "saliency_weight")))
+    assert list(terms) == list(expected)
+    for name, value in expected.items():
+        assert terms[name].dtype == torch.float32 and terms[name].shape == ()
+        torch.testing.assert_close(terms[name], value, rtol=1e-6, atol=1e-7, msg=name)
+    terms["temporal"].backward()
+    expected["temporal"].backward()
+    _assert_close_grads(_leaf_grads(new_outputs), _leaf_grads(reference_outputs))
+    # the criterion called directly cuts saliency rows longer than the head's frames
+    longer = [{**t, "saliency": None if t["saliency"] is None else F.pad(t["saliency"], (0, 2), value=4.0)}
+              for t in case["targets"]]
+    scores, frame_mask = case["outputs"]["pred_saliency"], case["outputs"]["frame_mask"]
+    torch.testing.assert_close(head.criterion.saliency_term(scores, frame_mask, longer),
+                               _reference_saliency(scores, frame_mask, longer, settings["saliency_loss"],
+                                                   settings["saliency_margin"]), rtol=1e-6, atol=1e-7)
+
+
+def _outcome(call) -> tuple:
+    try:
+        call()
+    except Exception as error:  # compared, not swallowed
+        return type(error), str(error)
+    return None, None
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_target_errors_equal_the_per_query_reference(seed):
+    """With random defects (empty spans, reversed or out-of-range windows, saliency too long, 2-D, negative
+    or non-finite), `TemporalHead.loss` raises exactly the reference's message for the first bad query."""
+    case = _random_case(seed)
+    g = torch.Generator().manual_seed(1000 + seed)
+    targets = [dict(t) for t in case["targets"]]
+    frames = case["outputs"]["pred_saliency"].shape[1]
+    defects = [
+        lambda t: {**t, "spans": torch.zeros(0, 2)},
+        lambda t: {**t, "spans": t["spans"].flip(-1)},
+        lambda t: {**t, "spans": t["spans"] + 1.0},
+        lambda t: {**t, "spans": t["spans"] - 0.5},
+        lambda t: {**t, "saliency": torch.zeros(frames + 1)},
+        lambda t: {**t, "saliency": torch.zeros(1, frames)},
+        lambda t: {**t, "saliency": -torch.ones(frames)},
+        lambda t: {**t, "saliency": torch.full((frames,), float("nan"))},
+        lambda t: {**t, "spans": torch.full_like(t["spans"], float("nan"))},  # passes, but hides nothing else
+    ]
+    for _ in range(int(torch.randint(0, 3, (1,), generator=g))):
+        query = int(torch.randint(0, len(targets), (1,), generator=g))
+        targets[query] = defects[int(torch.randint(0, len(defects), (1,), generator=g))](targets[query])
+    head = TemporalHead(8, d_model=8, num_heads=1, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=8,
+                        frame_pooling="mean", decoder=case["settings"]["decoder"])
+    expected = _reference_target_error(targets, frames)
+    if expected is None:  # accepted: then the loss behaves as the reference's (NaN spans fail in the matcher)
+        settings = {k: case["settings"][k] for k in ("decoder",)}
+        assert _outcome(lambda: head.loss(_leaves(case["outputs"]), targets)) == _outcome(
+            lambda: _reference_temporal_losses(_leaves(case["outputs"]), targets, **settings))
+    else:
+        with pytest.raises(ValueError) as error:
+            head.loss(_leaves(case["outputs"]), targets)
+        assert str(error.value) == expected
+
+
+def test_generalized_temporal_iou_is_the_pairwise_arithmetic():
+    """Broadcast to all pairs, it equals box_ops' pairwise gIoU bit for bit (so the matcher's costs, and
+    its assignments, are unchanged), with the same gradients, ties and empty spans included."""
+    from tpo.modeling_tpo.box_ops import pairwise_generalized_temporal_iou
+    from tpo.modeling_tpo.temporal_loss import generalized_temporal_iou
+
+    torch.manual_seed(0)
+    a = torch.sort(torch.rand(7, 2), -1).values
+    b = torch.cat([torch.sort(torch.rand(4, 2), -1).values, a[:2], torch.tensor([[0.3, 0.3], [0.0, 1.0]])])
+    a[3] = torch.tensor([0.5, 0.5])  # an empty span
+    a1, a2 = a.clone().requires_grad_(), a.clone().requires_grad_()
+    fast, reference = generalized_temporal_iou(a1[:, None], b[None]), pairwise_generalized_temporal_iou(a2, b)
+    assert torch.equal(fast, reference)
+    weights = torch.rand_like(reference)
+    (fast * weights).sum().backward()
+    (reference * weights).sum().backward()
+    # float32 rounding only: the pairs' gradients are summed in another order
+    torch.testing.assert_close(a1.grad, a2.grad, rtol=1e-6, atol=1e-6 * float(a2.grad.abs().max()))
+    assert torch.equal(generalized_temporal_iou(a, a), torch.diag(pairwise_generalized_temporal_iou(a, a)))
+
+
+class _DispatchedOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the torch ops run inside it, and those that would wait for a GPU: reading a value
+    (`.item()`, `bool()`), ops whose output size depends on values, and boolean-mask indexing."""
+
+    WAITING = ("aten._local_scalar_dense", "aten.nonzero", "aten.unique", "aten._unique", "aten.masked_select",
+               "aten.repeat_interleave")
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.waits = 0, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        if name.startswith("aten.lift_fresh"):  # host index lists wrapped as tensors (one per matcher row)
+            return func(*args, **(kwargs or {}))
+        self.ops += 1
+        bool_index = name.startswith(("aten.index.", "aten.index_put")) and any(
+            torch.is_tensor(i) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else []) if i is not None)
+        if name.startswith(self.WAITING) or bool_index:
+            self.waits.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("decoder", ["detr", "dense"])
+@pytest.mark.parametrize("saliency_loss", ["ranking", "bce"])
+def test_loss_op_count_does_not_grow_with_queries_and_waits_once(decoder, saliency_loss):
+    """`TemporalHead.loss` runs the same number of torch ops for 2 and 8 queries (no loop over queries,
+    saliency levels or decoder layers) and reads one value back (its validity check), forward and backward."""
+    head = small_head(decoder=decoder, saliency_loss=saliency_loss, num_decoder_layers=3)
+
+    def run(n):
+        batch = {k: (v.detach() if torch.is_tensor(v) else v) for k, v in inputs(n=n, frames=8).items()}
+        outputs = {k: (v.detach().requires_grad_() if torch.is_tensor(v) and v.is_floating_point() else v)
+                   for k, v in head(**batch).items() if k != "aux_outputs"}
+        outputs["aux_outputs"] = [{k: v.detach().requires_grad_() for k, v in aux.items()}
+                                  for aux in head(**batch).get("aux_outputs", [])]
+        targets = [{"spans": torch.tensor([[0.1, 0.3], [0.5, 0.52]])[: 1 + i % 2],
+                    "saliency": None if i == 1 else torch.tensor([0, 1, 1, 2, 0, 4, 4, 0.0]) * (i != 2)}
+                   for i in range(n)]
+        with _DispatchedOps() as forward:
+            terms = head.loss(outputs, targets)
+        with _DispatchedOps() as backward:
+            terms["temporal"].backward()
+        return forward, backward
+
+    (forward_2, backward_2), (forward_8, backward_8) = run(2), run(8)
+    assert forward_2.ops == forward_8.ops and backward_2.ops == backward_8.ops
+    assert forward_8.waits == ["aten._local_scalar_dense.default"] and backward_8.waits == []
+
+
+def test_a_nan_span_does_not_hide_another_queries_bad_span():
+    """The per-query check lets a NaN span pass (comparisons with NaN are false); the batched check must
+    not let it mask a later query's out-of-range span."""
+    head = small_head()
+    out = head(**inputs())
+    targets = [{"spans": torch.tensor([[0.1, float("nan")]])}, {"spans": torch.tensor([[0.5, 1.2]])}]
+    with pytest.raises(ValueError, match=r"query 1: span \[0.5, 1.2000"):
+        head.loss(out, targets)

@@ -122,11 +122,14 @@ def mllm_config(size: str, tokenizer) -> LlavaConfig:
 def build_models(size: str, tasks: list[str], num_frames: int = 4, sam2_image_size: int = 128,
                  train_sam2_encoder: bool = False, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, seed: int = 0):
-    """(tpo_model, bare_mllm, processor) for `size`, both models in train mode with identical MLLM weights.
+    """(tpo_model, bare_mllm, processor) for `size`, both models in train mode with the very same MLLM weights.
 
-    The bare model is a separate `LlavaForConditionalGeneration` loaded with the TPO model's MLLM state
-    dict (task-token rows included), so both compute the same MLLM. With "mask" in `tasks` the model
-    carries a tiny SAM2 at `sam2_image_size` px.
+    The bare model is a separate `LlavaForConditionalGeneration` (without TPO's task-token hook on its
+    embeddings) whose parameters and buffers ARE the TPO model's MLLM tensors (`share_tensors`), task-token
+    rows included: both compute the same MLLM from the same memory. Two copies of the weights would make each
+    model evict the other's from the CPU caches at every switch, a cost that measured ~1-2 ms per step on the
+    tiny size and does not fall evenly on both sides. With "mask" in `tasks` the model carries a tiny SAM2 at
+    `sam2_image_size` px.
     """
     tokenizer = build_tiny_tokenizer()
     torch.manual_seed(seed)
@@ -138,8 +141,8 @@ def build_models(size: str, tasks: list[str], num_frames: int = 4, sam2_image_si
         LlavaForConditionalGeneration(mllm_config(size, tokenizer)), tasks=list(tasks), tokenizer=tokenizer,
         sam2_config=sam2_config, **extra,
     )
-    bare = LlavaForConditionalGeneration(model.config.mllm_config)
-    bare.load_state_dict(model.mllm.state_dict())
+    model.to(device=device, dtype=dtype)
+    bare = share_tensors(LlavaForConditionalGeneration(model.config.mllm_config), model.mllm)
     image_size = model.config.mllm_config.vision_config.image_size
     processor = TPOProcessor.from_model_config(
         model.config, SiglipImageProcessorPil(size={"height": image_size, "width": image_size}), tokenizer,
@@ -148,6 +151,25 @@ def build_models(size: str, tasks: list[str], num_frames: int = 4, sam2_image_si
     model.to(device=device, dtype=dtype).train()
     bare.to(device=device, dtype=dtype).train()
     return model, bare, processor
+
+
+def share_tensors(target: torch.nn.Module, source: torch.nn.Module) -> torch.nn.Module:
+    """Make every parameter and buffer of `target` the same tensor object as `source`'s of the same name (tied
+    aliases included); the two modules must have the same structure. Returns `target`."""
+    tensors = {**dict(source.named_parameters(remove_duplicate=False)), **dict(source.named_buffers(remove_duplicate=False))}
+    own = [name for name, _ in target.named_parameters(remove_duplicate=False)]
+    own += [name for name, _ in target.named_buffers(remove_duplicate=False)]
+    missing = sorted(set(own) ^ set(tensors))
+    if missing:
+        raise ValueError(f"The modules differ in their tensors: {missing[:5]}")
+    for name in own:
+        module_name, _, attribute = name.rpartition(".")
+        module = target.get_submodule(module_name)
+        if isinstance(tensors[name], torch.nn.Parameter):
+            setattr(module, attribute, tensors[name])
+        else:
+            module._buffers[attribute] = tensors[name]
+    return target
 
 
 # --------------------------------------------------------------------------------------------------

@@ -20,20 +20,27 @@ def pool_frame_features(
     Returns:
         frame_features (n, F, hidden) or (n, F, 2 * hidden) (zeros for frames without tokens) and
         frame_mask (n, F) bool.
+
+    Scatter reductions over the sequence: O(seq * hidden) time and memory, whatever the number of frames (a
+    (frames, seq) membership product or mask would be O(frames * seq * hidden): gigabytes for a long video in
+    a 7 B MLLM). The max's gradient goes to a frame's maximal token, split evenly between tied tokens.
     """
-    frames = torch.arange(num_frames, device=hidden_states.device)
-    membership = (frame_token_index.to(hidden_states.device)[:, None, :] == frames[None, :, None])  # (n, F, seq)
-    counts = membership.sum(-1)  # (n, F)
-    weights = membership.to(hidden_states.dtype) / counts.clamp(min=1)[..., None].to(hidden_states.dtype)
-    mean = weights @ hidden_states
-    if pooling == "mean":
-        return mean, counts > 0
-    if pooling != "mean_max":
+    if pooling not in ("mean", "mean_max"):
         raise ValueError(f"Unknown frame pooling {pooling!r}; use 'mean' or 'mean_max'.")
-    lowest = torch.finfo(hidden_states.dtype).min
-    masked = torch.where(membership[..., None], hidden_states[:, None], lowest)  # (n, F, seq, hidden)
-    maximum = masked.amax(2).masked_fill(~(counts > 0)[..., None], 0.0)
-    return torch.cat([mean, maximum], dim=-1), counts > 0
+    n, _, hidden = hidden_states.shape
+    index = frame_token_index.to(hidden_states.device).long()
+    index = torch.where((index >= 0) & (index < num_frames), index, num_frames)  # other tokens -> slot F, dropped
+    counts = torch.zeros(n, num_frames + 1, dtype=torch.long, device=index.device)
+    counts = counts.scatter_add(1, index, torch.ones_like(index))[:, :num_frames]  # (n, F)
+    present = counts > 0
+    spread = index[..., None].expand(-1, -1, hidden)  # (n, seq, hidden)
+    sums = hidden_states.new_zeros(n, num_frames + 1, hidden).scatter_add(1, spread, hidden_states)[:, :num_frames]
+    mean = sums / counts.clamp(min=1)[..., None].to(hidden_states.dtype)
+    if pooling == "mean":
+        return mean, present
+    lowest = hidden_states.new_full((n, num_frames + 1, hidden), torch.finfo(hidden_states.dtype).min)
+    maximum = lowest.scatter_reduce(1, spread, hidden_states, reduce="amax", include_self=True)[:, :num_frames]
+    return torch.cat([mean, maximum.masked_fill(~present[..., None], 0.0)], dim=-1), present
 
 
 def gather_token_features(hidden_states: torch.Tensor, token_mask: torch.Tensor, return_order: bool = False):

@@ -312,11 +312,11 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
         input_ids = args[0] if args else None
         if input_ids is None or not self.slot_token_id_list or input_ids.dtype not in (torch.long, torch.int):
             return output
-        task_embeddings = self.task_tokens.stacked(self._tasks).to(device=output.device, dtype=output.dtype)
-        if len(self.slot_token_id_list) == 1:  # one slot token: a broadcast select, no (..., hidden) product
-            return torch.where((input_ids == self.slot_token_id_list[0]).unsqueeze(-1), task_embeddings, output)
         slot_ids = self._id_tensor("slots", self.slot_token_id_list, input_ids)
         match = input_ids.unsqueeze(-1) == slot_ids  # (..., num_slots)
+        task_embeddings = self.task_tokens.stacked(self._tasks).to(device=output.device, dtype=output.dtype)
+        # A product, not a select broadcasting the (num_slots, hidden) rows: the select's backward reduces a
+        # (..., hidden) gradient over the batch dimensions, which measured ~1 ms per step on a 4.6 M LLaVA.
         replacement = match.to(output.dtype) @ task_embeddings  # (..., hidden)
         return torch.where(match.any(-1, keepdim=True), replacement, output)
 

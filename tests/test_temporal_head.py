@@ -203,6 +203,55 @@ def test_frame_pooling_and_token_gathering_hand_computed():
     torch.testing.assert_close(times, torch.tensor([[0.25, 0.75, 0.0]]))
 
 
+def _membership_pooling(hidden_states, frame_token_index, num_frames):
+    """Mean + max per frame through an explicit (n, frames, seq) membership: the definition, to compare with."""
+    membership = frame_token_index[:, None, :] == torch.arange(num_frames)[None, :, None]
+    counts = membership.sum(-1)
+    mean = (membership.to(hidden_states.dtype) / counts.clamp(min=1)[..., None]) @ hidden_states
+    masked = torch.where(membership[..., None], hidden_states[:, None], torch.finfo(hidden_states.dtype).min)
+    return torch.cat([mean, masked.amax(2).masked_fill(~(counts > 0)[..., None], 0.0)], -1), counts > 0
+
+
+def test_frame_pooling_equals_the_membership_definition_with_gradients_and_ties():
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        hidden = torch.randn(3, 40, 8, dtype=torch.float64, generator=generator)
+        if trial % 2:
+            hidden = hidden.round()  # tied maxima: the gradient splits evenly, as amax's does
+        frame_index = torch.randint(-1, 5, (3, 40), generator=generator)  # frame 5 of 6 has no token
+        pooled_input, reference_input = hidden.clone().requires_grad_(), hidden.clone().requires_grad_()
+        pooled, mask = pool_frame_features(pooled_input, frame_index, 6, pooling="mean_max")
+        reference, reference_mask = _membership_pooling(reference_input, frame_index, 6)
+        weights = torch.randn(pooled.shape, dtype=torch.float64, generator=generator)
+        (pooled * weights).sum().backward()
+        (reference * weights).sum().backward()
+        assert torch.equal(mask, reference_mask)
+        torch.testing.assert_close(pooled, reference)
+        torch.testing.assert_close(pooled_input.grad, reference_input.grad)
+
+
+def test_frame_pooling_memory_does_not_grow_with_frames_times_tokens():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LargestIntermediate(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for tensor in out if isinstance(out, (tuple, list)) else [out]:
+                if torch.is_tensor(tensor):
+                    self.largest = max(self.largest, tensor.numel())
+            return out
+
+    seq, hidden, frames = 2048, 16, 64  # a (frames, seq, hidden) intermediate would be 2 M elements
+    states = torch.randn(1, seq, hidden, requires_grad=True)
+    frame_index = (torch.arange(seq) // (seq // frames))[None]
+    with LargestIntermediate() as mode:
+        pooled, _ = pool_frame_features(states, frame_index, frames, pooling="mean_max")
+        pooled.sum().backward()
+    assert mode.largest <= 2 * seq * hidden
+
+
 def test_dense_frame_targets_hand_computed():
     from tpo.modeling_tpo.temporal_loss import DenseTemporalCriterion
 

@@ -56,7 +56,7 @@ CLEAN_SCRIPT = textwrap.dedent(
 
     config = AutoConfig.from_pretrained(checkpoint, trust_remote_code=True)
     assert type(config).__module__.startswith("transformers_modules"), type(config).__module__
-    assert config.tasks == ["temporal", "region"], config.tasks
+    assert config.tasks == TASKS, config.tasks
     for auto_class in (AutoModel, AutoModelForImageTextToText):
         model = auto_class.from_pretrained(checkpoint, trust_remote_code=True).eval()
         assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
@@ -67,7 +67,8 @@ CLEAN_SCRIPT = textwrap.dedent(
         with torch.no_grad():
             out = model(**batch)
         for key, value in expected.items():
-            got = getattr(out, key)
+            field, _, entry = key.partition(".")  # "mask_outputs.pred_mask_logits": a head's output dict
+            got = getattr(out, field)[entry] if entry else getattr(out, field)
             got = got.reshape(-1) if key == "loss" else got
             assert torch.equal(got, value), key
     print("REMOTE-CODE-OK", type(model).__name__)
@@ -85,9 +86,51 @@ def test_reload_where_the_project_is_not_installed(tmp_path, family):
     model.save_pretrained(checkpoint)
     save_file({k: v.clone().contiguous() for k, v in model.state_dict().items()}, data / "state.safetensors")
     save_file({**{f"in.{k}": v.contiguous() for k, v in batch.items()}, **expected}, data / "batch.safetensors")
+    _run_clean(checkpoint, data, ["temporal", "region"], tmp_path)
+
+
+def _run_clean(checkpoint, data, tasks, tmp_path) -> None:
     script = CLEAN_SCRIPT.replace("sys.argv[1], sys.argv[2]", f"{str(checkpoint)!r}, {str(data)!r}")
+    script = script.replace("TASKS", repr(tasks))
     result = run_clean_python(script, tmp_path / "env")
     assert "REMOTE-CODE-OK TPOForConditionalGeneration" in result.stdout
+
+
+HEAD_OUTPUTS = ("temporal_outputs.pred_spans", "temporal_outputs.pred_logits", "temporal_outputs.pred_saliency",
+                "mask_outputs.pred_mask_logits", "mask_outputs.iou_scores")
+
+
+def test_every_head_with_a_tiny_sam2_reloads_where_the_project_is_not_installed(tmp_path):
+    """All three heads (SAM2 inside the mask head), a processor-built batch with a region, a temporal, an image
+    mask, a video mask and a text sample, and every head's outputs and the loss compared after reloading."""
+    from test_generation import MASK_IMAGE, MASK_VIDEO, MEDIA, REGION, TEMPORAL, TEXT, _build
+
+    from tpo.processing.collator_tpo import collate_encoded
+
+    model, processor = _build("llava")
+    samples = [REGION, TEMPORAL, MASK_IMAGE, MASK_VIDEO, TEXT]
+    encoded = [processor.encode(sample, mode="train") for sample in samples]
+    batch = collate_encoded(processor, encoded, [MEDIA[sample["id"]] for sample in samples])
+    batch.pop("tpo_meta")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the clean interpreter runs: SAM2's convolutions round differently per thread count
+    try:
+        expected = _reference(model, batch)
+        with torch.no_grad():
+            out = model(**batch)
+    finally:
+        torch.set_num_threads(threads)
+    for key in HEAD_OUTPUTS:
+        field, _, entry = key.partition(".")
+        expected[f"out.{key}"] = getattr(out, field)[entry].contiguous()
+    assert {"temporal", "region", "mask"} <= set(out.loss_dict)  # every head computed its loss
+    checkpoint, data = tmp_path / "checkpoint", tmp_path / "data"
+    data.mkdir()
+    model.save_pretrained(checkpoint)
+    assert (checkpoint / "mask_head.py").exists() and (checkpoint / "temporal_head.py").exists()
+    save_file({k: v.clone().contiguous() for k, v in model.state_dict().items()}, data / "state.safetensors")
+    save_file({**{f"in.{k}": v.contiguous() for k, v in batch.items()}, **expected}, data / "batch.safetensors")
+    _run_clean(checkpoint, data, ["temporal", "region", "mask"], tmp_path)
 
 
 def test_config_loads_with_auto_config(tmp_path):

@@ -80,32 +80,35 @@ PROMPT_TEMPLATES = {
 # --------------------------------------------------------------------------------------------------
 # Models
 # --------------------------------------------------------------------------------------------------
+def _scaled_llava_config(tokenizer, image_size: int, vision: dict, text: dict) -> LlavaConfig:
+    """`tiny_llava_config`'s layout (8 px patches, pad/bos/end-of-turn ids from `tokenizer`) with SigLIP and Qwen2
+    of the given sizes: `vision` and `text` are their hidden_size, intermediate_size, num_hidden_layers,
+    num_attention_heads (and for the text num_key_value_heads, vocab_size)."""
+    config = tiny_llava_config(tokenizer, image_size=image_size, patch_size=8)
+    config.vision_config = SiglipVisionConfig(image_size=image_size, patch_size=8, **vision)
+    ids = {key: getattr(config.text_config, key) for key in ("pad_token_id", "bos_token_id", "eos_token_id")}
+    config.text_config = Qwen2Config(tie_word_embeddings=True, **ids, **text)
+    return config
+
+
 def llava_tiny_config(tokenizer) -> LlavaConfig:
     """About 4.6 M parameters: the tiny LLaVA of the project's stack notes (SigLIP 128-wide x 4 layers at 32 px,
     16 tokens per image; Qwen2 256-wide x 4 layers, 2,000-token vocabulary)."""
-    config = tiny_llava_config(tokenizer, image_size=32, patch_size=8)
-    config.vision_config = SiglipVisionConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=4,
-                                              num_attention_heads=4, image_size=32, patch_size=8)
-    tiny_text = config.text_config
-    config.text_config = Qwen2Config(vocab_size=2000, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-                                     num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                                     pad_token_id=tiny_text.pad_token_id, bos_token_id=tiny_text.bos_token_id,
-                                     eos_token_id=tiny_text.eos_token_id)
-    return config
+    return _scaled_llava_config(
+        tokenizer, 32, vision=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4),
+        text=dict(vocab_size=2000, hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2),
+    )
 
 
 def llava_100m_config(tokenizer) -> LlavaConfig:
     """About 110 M parameters: SigLIP 512-wide x 6 layers at 64 px (64 tokens per image), Qwen2 768-wide
-    x 12 layers, 32k vocabulary; pad/bos/end-of-turn ids from `tokenizer` (as `tiny_llava_config`)."""
-    config = tiny_llava_config(tokenizer, image_size=64, patch_size=8)
-    config.vision_config = SiglipVisionConfig(hidden_size=512, intermediate_size=2048, num_hidden_layers=6,
-                                              num_attention_heads=8, image_size=64, patch_size=8)
-    tiny_text = config.text_config
-    config.text_config = Qwen2Config(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-                                     num_attention_heads=12, num_key_value_heads=4, tie_word_embeddings=True,
-                                     pad_token_id=tiny_text.pad_token_id, bos_token_id=tiny_text.bos_token_id,
-                                     eos_token_id=tiny_text.eos_token_id)
-    return config
+    x 12 layers, 32k vocabulary."""
+    return _scaled_llava_config(
+        tokenizer, 64, vision=dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=6, num_attention_heads=8),
+        text=dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                  num_attention_heads=12, num_key_value_heads=4),
+    )
 
 
 def mllm_config(size: str, tokenizer) -> LlavaConfig:

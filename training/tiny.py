@@ -77,21 +77,30 @@ def _end_of_turn(tokenizer) -> int:
     return tokenizer.convert_tokens_to_ids("<|end|>")
 
 
-def tiny_llava_config(tokenizer: PreTrainedTokenizerFast, image_size: int = 32, patch_size: int = 8,
-                      hidden_size: int = 64, num_layers: int = 2) -> LlavaConfig:
-    """A LLaVA configuration of a few hundred thousand parameters (SigLIP vision tower, Qwen2 LM)."""
-    num_patches = (image_size // patch_size) ** 2
-    return LlavaConfig(
-        vision_config=SiglipVisionConfig(
+def _tiny_towers(tokenizer: PreTrainedTokenizerFast, image_size: int, patch_size: int, hidden_size: int,
+                 num_layers: int) -> dict:
+    """`vision_config` (SigLIP) and `text_config` (Qwen2, the tokenizer's vocabulary and special ids) of the tiny
+    LLaVA-family configurations."""
+    return {
+        "vision_config": SiglipVisionConfig(
             hidden_size=hidden_size, intermediate_size=hidden_size * 2, num_hidden_layers=num_layers,
             num_attention_heads=4, image_size=image_size, patch_size=patch_size,
         ),
-        text_config=Qwen2Config(
+        "text_config": Qwen2Config(
             vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 3,
             num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
             pad_token_id=tokenizer.pad_token_id, eos_token_id=_end_of_turn(tokenizer),
             bos_token_id=tokenizer.bos_token_id,
         ),
+    }
+
+
+def tiny_llava_config(tokenizer: PreTrainedTokenizerFast, image_size: int = 32, patch_size: int = 8,
+                      hidden_size: int = 64, num_layers: int = 2) -> LlavaConfig:
+    """A LLaVA configuration of a few hundred thousand parameters (SigLIP vision tower, Qwen2 LM)."""
+    num_patches = (image_size // patch_size) ** 2
+    return LlavaConfig(
+        **_tiny_towers(tokenizer, image_size, patch_size, hidden_size, num_layers),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         vision_feature_layer=-1,
         vision_feature_select_strategy="full",
@@ -113,16 +122,7 @@ def tiny_llava_onevision_config(tokenizer: PreTrainedTokenizerFast, image_size: 
     `TINY_ONEVISION_PINPOINTS`, multiples of `image_size`). Pair it with
     `LlavaOnevisionImageProcessor(size={"height": image_size, "width": image_size}, image_grid_pinpoints=...)`."""
     return LlavaOnevisionConfig(
-        vision_config=SiglipVisionConfig(
-            hidden_size=hidden_size, intermediate_size=hidden_size * 2, num_hidden_layers=num_layers,
-            num_attention_heads=4, image_size=image_size, patch_size=patch_size,
-        ),
-        text_config=Qwen2Config(
-            vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 3,
-            num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=_end_of_turn(tokenizer),
-            bos_token_id=tokenizer.bos_token_id,
-        ),
+        **_tiny_towers(tokenizer, image_size, patch_size, hidden_size, num_layers),
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
         vision_feature_layer=-1,

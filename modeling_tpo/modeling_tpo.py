@@ -644,7 +644,7 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
                 f"The batch has {num_queries} temporal slot(s) (samples {samples}) but spans for queries "
                 f"{sorted(set(span_query_index.tolist()))}; every temporal slot needs at least one target span."
             )
-        bad = (spans[:, 0] >= spans[:, 1]) | (spans < -1e-4).any(-1) | (spans > 1 + 1e-4).any(-1)
+        bad = (spans[:, 0] >= spans[:, 1]) | (spans < -1e-4).any(-1) | (spans > 1 + 1e-4).any(-1) | spans.isnan().any(-1)
         if bool(bad.any()):
             j = int(bad.nonzero()[0])
             sample = int(queries.batch_index[span_query_index[j]])

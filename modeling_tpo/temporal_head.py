@@ -236,8 +236,7 @@ def _targets_pass_quick_check(targets: list[dict], num_frames: int) -> bool:
         return True
     device = targets[0]["spans"].device
     spans = torch.cat([t["spans"].to(device) for t in targets])  # (total spans, 2), none empty
-    # elementwise, not via min / max: a NaN span (which the per-query check lets pass) must not hide another
-    bad = (spans[:, 0] >= spans[:, 1]).any() | ((spans < -1e-4) | (spans > 1 + 1e-4)).any()
+    bad = (spans[:, 0] >= spans[:, 1]).any() | ((spans < -1e-4) | (spans > 1 + 1e-4) | spans.isnan()).any()
     scores = torch.cat([s.to(device) for s in saliency]) if saliency else spans.new_zeros(0)
     if scores.numel():
         lowest, highest = scores.aminmax()
@@ -251,7 +250,7 @@ def _first_target_error(targets: list[dict], num_frames: int) -> str | None:
         spans = target["spans"]
         if spans.numel() == 0:
             return f"Temporal query {i} has no target span; every temporal sample needs one."
-        bad = (spans[:, 0] >= spans[:, 1]) | (spans < -1e-4).any(-1) | (spans > 1 + 1e-4).any(-1)
+        bad = (spans[:, 0] >= spans[:, 1]) | (spans < -1e-4).any(-1) | (spans > 1 + 1e-4).any(-1) | spans.isnan().any(-1)
         if bool(bad.any()):
             return (f"Temporal query {i}: span {spans[bad][0].tolist()} must satisfy "
                     "0 <= start < end <= 1 (normalised by the video duration).")

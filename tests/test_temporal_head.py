@@ -505,12 +505,14 @@ def _reference_temporal_losses(outputs, targets, num_spans=None, *, decoder="det
 
 
 def _reference_target_error(targets, num_frames):
-    """The message `TemporalHead.loss` raised for the first invalid target, or None."""
+    """The message `TemporalHead.loss` raises for the first invalid target, or None (the per-query checks as
+    first written, plus NaN spans, which they let through to fail inside scipy's matcher)."""
     for i, target in enumerate(targets):
         spans = target["spans"]
         if spans.numel() == 0:
             return f"Temporal query {i} has no target span; every temporal sample needs one."
         bad = (spans[:, 0] >= spans[:, 1]) | (spans < -1e-4).any(-1) | (spans > 1 + 1e-4).any(-1)
+        bad |= spans.isnan().any(-1)
         if bad.any():
             return (f"Temporal query {i}: span {spans[bad][0].tolist()} must satisfy "
                     "0 <= start < end <= 1 (normalised by the video duration).")
@@ -666,7 +668,7 @@ def test_target_errors_equal_the_per_query_reference(seed):
         lambda t: {**t, "saliency": torch.zeros(1, frames)},
         lambda t: {**t, "saliency": -torch.ones(frames)},
         lambda t: {**t, "saliency": torch.full((frames,), float("nan"))},
-        lambda t: {**t, "spans": torch.full_like(t["spans"], float("nan"))},  # passes, but hides nothing else
+        lambda t: {**t, "spans": torch.full_like(t["spans"], float("nan"))},
     ]
     for _ in range(int(torch.randint(0, 3, (1,), generator=g))):
         query = int(torch.randint(0, len(targets), (1,), generator=g))
@@ -674,7 +676,7 @@ def test_target_errors_equal_the_per_query_reference(seed):
     head = TemporalHead(8, d_model=8, num_heads=1, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=8,
                         frame_pooling="mean", decoder=case["settings"]["decoder"])
     expected = _reference_target_error(targets, frames)
-    if expected is None:  # accepted: then the loss behaves as the reference's (NaN spans fail in the matcher)
+    if expected is None:  # accepted: then the loss behaves as the reference's
         settings = {k: case["settings"][k] for k in ("decoder",)}
         assert _outcome(lambda: head.loss(_leaves(case["outputs"]), targets)) == _outcome(
             lambda: _reference_temporal_losses(_leaves(case["outputs"]), targets, **settings))
@@ -755,11 +757,30 @@ def test_loss_op_count_does_not_grow_with_queries_and_waits_once(decoder, salien
     assert forward_8.waits == ["aten._local_scalar_dense.default"] and backward_8.waits == []
 
 
-def test_a_nan_span_does_not_hide_another_queries_bad_span():
-    """The per-query check lets a NaN span pass (comparisons with NaN are false); the batched check must
-    not let it mask a later query's out-of-range span."""
+def test_a_nan_span_is_refused_and_does_not_hide_another_queries_bad_span():
+    """NaN compares false with every bound, so it needs its own test: refused with the query named (not left to
+    fail inside scipy's matcher), and never masking a later query's out-of-range span."""
     head = small_head()
     out = head(**inputs())
-    targets = [{"spans": torch.tensor([[0.1, float("nan")]])}, {"spans": torch.tensor([[0.5, 1.2]])}]
+    good = {"spans": torch.tensor([[0.1, 0.3]])}
+    with pytest.raises(ValueError, match=r"query 1: span \[0.1000.*, nan\] must satisfy"):
+        head.loss(out, [good, {"spans": torch.tensor([[0.1, float("nan")]])}])
     with pytest.raises(ValueError, match=r"query 1: span \[0.5, 1.2000"):
-        head.loss(out, targets)
+        head.loss(out, [good, {"spans": torch.tensor([[0.5, 1.2]])}])
+
+
+@pytest.mark.parametrize("span", [[0.6, 0.2], [0.2, 1.5], [float("nan"), 0.4]])
+def test_model_refuses_an_invalid_temporal_target_naming_the_sample(span):
+    from test_generation import MEDIA, REGION, TEMPORAL, _build
+
+    from tpo.processing.collator_tpo import collate_encoded
+
+    model, processor = _build("llava", tasks=("temporal", "region"))
+    samples = [REGION, TEMPORAL]
+    encoded = [processor.encode(sample, mode="train") for sample in samples]
+    batch = collate_encoded(processor, encoded, [MEDIA[sample["id"]] for sample in samples])
+    batch.pop("tpo_meta")
+    assert torch.isfinite(model(**batch).loss)  # the batch as the collator made it is fine
+    batch["temporal_spans"] = torch.tensor([span])
+    with pytest.raises(ValueError, match=r"Temporal span \[.*\] of sample 1 is invalid"):
+        model(**batch)

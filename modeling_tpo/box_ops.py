@@ -143,18 +143,22 @@ def pairwise_temporal_iou(spans_a: torch.Tensor, spans_b: torch.Tensor) -> tuple
     return iou, union
 
 
+def generalized_temporal_iou(spans_a: torch.Tensor, spans_b: torch.Tensor) -> torch.Tensor:
+    """Generalised IoU of `se` spans paired by broadcasting, (..., 2) and (..., 2) -> (...): matched pairs
+    as they are, every pair with `spans_a[:, None]` and `spans_b[None]`; in [-1, 1]."""
+    low, high = torch.minimum(spans_a, spans_b), torch.maximum(spans_a, spans_b)  # (..., 2): of starts, of ends
+    inter = (low[..., 1] - high[..., 0]).clamp(min=0)
+    enclosing = (high[..., 1] - low[..., 0]).clamp(min=0)
+    union = (spans_a[..., 1] - spans_a[..., 0]).clamp(min=0) + (spans_b[..., 1] - spans_b[..., 0]).clamp(min=0) - inter
+    tiny = torch.finfo(union.dtype).tiny
+    iou = torch.where(union > 0, inter / union.clamp(min=tiny), torch.zeros_like(union))
+    penalty = torch.where(enclosing > 0, (enclosing - union) / enclosing.clamp(min=tiny), torch.zeros_like(enclosing))
+    return iou - penalty
+
+
 def pairwise_generalized_temporal_iou(spans_a: torch.Tensor, spans_b: torch.Tensor) -> torch.Tensor:
     """Generalised IoU of every pair of (N, 2) and (M, 2) `se` spans, (N, M), in [-1, 1]."""
-    iou, union = pairwise_temporal_iou(spans_a, spans_b)
-    left = torch.minimum(spans_a[:, None, 0], spans_b[None, :, 0])
-    right = torch.maximum(spans_a[:, None, 1], spans_b[None, :, 1])
-    enclosing = (right - left).clamp(min=0)
-    penalty = torch.where(
-        enclosing > 0,
-        (enclosing - union) / enclosing.clamp(min=torch.finfo(enclosing.dtype).tiny),
-        torch.zeros_like(enclosing),
-    )
-    return iou - penalty
+    return generalized_temporal_iou(spans_a[:, None], spans_b[None])
 
 
 def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:

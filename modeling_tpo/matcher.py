@@ -6,8 +6,7 @@ Remote code: torch only at module level; scipy is imported where the assignment 
 import torch
 from torch import nn
 
-from .box_ops import span_cw_to_se
-from .temporal_loss import generalized_temporal_iou
+from .box_ops import generalized_temporal_iou, span_cw_to_se
 
 
 class SpanHungarianMatcher(nn.Module):

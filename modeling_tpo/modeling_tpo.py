@@ -870,7 +870,7 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
             # reorders or names the faulty sample.
             in_order = (target_batch_index.to(queries.batch_index.device) == queries.batch_index).all()
             if task == "region":
-                in_order = in_order & _normalised_boxes_valid(targets).to(in_order.device)
+                in_order = in_order & ~_invalid_box_rows(targets).any().to(in_order.device)
             if bool(in_order):
                 return targets
         slot = self.config.task_token_strings[task]["slots"][0]
@@ -902,10 +902,7 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
         return targets
 
     def _check_boxes(self, boxes: torch.Tensor, queries: TaskQueries | None) -> None:
-        tolerance = BOX_TOLERANCE
-        x0, y0, x1, y1 = boxes.float().unbind(-1)
-        bad = (x1 < x0) | (y1 < y0) | (boxes.float() < -tolerance).any(-1) | (boxes.float() > 1 + tolerance).any(-1)
-        bad |= ~torch.isfinite(boxes.float()).all(-1)
+        bad = _invalid_box_rows(boxes)
         if bool(bad.any()):
             j = int(bad.nonzero()[0])
             sample = int(queries.batch_index[j]) if queries is not None and queries.batch_index.numel() > j else "?"
@@ -1474,11 +1471,12 @@ def _cxcywh_to_clamped_xyxy(boxes: torch.Tensor) -> torch.Tensor:
 BOX_TOLERANCE = 1e-4  # normalised box coordinates may exceed [0, 1] by this much (rounding)
 
 
-def _normalised_boxes_valid(boxes: torch.Tensor) -> torch.Tensor:
-    """0-dim bool: every (x0, y0, x1, y1) row of (n, 4) is finite, ordered and within [0, 1] (+- BOX_TOLERANCE)."""
+def _invalid_box_rows(boxes: torch.Tensor) -> torch.Tensor:
+    """(n,) bool: the rows of (n, 4) (x0, y0, x1, y1) boxes that are not finite, ordered and within [0, 1]
+    (+- BOX_TOLERANCE)."""
     boxes = boxes.float()
     excess = torch.cat([boxes[:, :2] - boxes[:, 2:], (boxes - 0.5).abs() - (0.5 + BOX_TOLERANCE)], dim=-1)
-    return excess.amax() <= 0  # False for NaN too
+    return ~(excess <= 0).all(-1)  # NaN compares false: invalid
 
 
 def _add_task_tokens(mllm: PreTrainedModel, token_strings: dict, tokenizer=None) -> dict:

@@ -26,16 +26,12 @@ saliency levels, and no term reads a value back from the device.
 Remote code: torch only.
 """
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .box_ops import span_cw_to_se, span_se_to_cw
-
-if TYPE_CHECKING:  # the matcher imports this module's gIoU
-    from .matcher import SpanHungarianMatcher
+from .box_ops import generalized_temporal_iou, span_cw_to_se, span_se_to_cw
+from .matcher import SpanHungarianMatcher
 
 CONTRASTIVE_TEMPERATURE = 0.5
 
@@ -105,21 +101,6 @@ def pack_saliency(targets: list[dict], num_frames: int,
     if len(present) == len(rows) and len(set(lengths)) == 1:
         return torch.stack(rows), None
     return pad_by_lengths(torch.cat(present), lengths)
-
-
-def generalized_temporal_iou(spans_a: torch.Tensor, spans_b: torch.Tensor) -> torch.Tensor:
-    """Generalised IoU of `se` spans paired by broadcasting, (..., 2) and (..., 2) -> (...): matched pairs
-    as they are, every pair with `spans_a[:, None]` and `spans_b[None]`. The arithmetic of
-    `box_ops.pairwise_generalized_temporal_iou` in fewer ops (the same values and gradients, ties of
-    min / max included)."""
-    low, high = torch.minimum(spans_a, spans_b), torch.maximum(spans_a, spans_b)  # (..., 2): of starts, of ends
-    inter = (low[..., 1] - high[..., 0]).clamp(min=0)
-    enclosing = (high[..., 1] - low[..., 0]).clamp(min=0)
-    union = (spans_a[..., 1] - spans_a[..., 0]).clamp(min=0) + (spans_b[..., 1] - spans_b[..., 0]).clamp(min=0) - inter
-    tiny = torch.finfo(union.dtype).tiny
-    iou = torch.where(union > 0, inter / union.clamp(min=tiny), torch.zeros_like(union))
-    penalty = torch.where(enclosing > 0, (enclosing - union) / enclosing.clamp(min=tiny), torch.zeros_like(enclosing))
-    return iou - penalty
 
 
 def matched_indices(indices: list[tuple[torch.Tensor, torch.Tensor]], spans_per_query: list[int],
@@ -215,7 +196,7 @@ def dense_frame_targets(times: torch.Tensor, valid: torch.Tensor, spans: torch.T
 class TemporalCriterion(nn.Module):
     """Named temporal losses on the final and auxiliary decoder outputs (DETR decoder)."""
 
-    def __init__(self, matcher: "SpanHungarianMatcher", span_l1_weight: float = 10.0, span_giou_weight: float = 1.0,
+    def __init__(self, matcher: SpanHungarianMatcher, span_l1_weight: float = 10.0, span_giou_weight: float = 1.0,
                  label_weight: float = 4.0, saliency_weight: float = 4.0, eos_coef: float = 0.1,
                  saliency_margin: float = 0.2, saliency_loss: str = "ranking"):
         super().__init__()

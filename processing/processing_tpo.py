@@ -238,23 +238,34 @@ def square_grid_positions(count: int) -> list[tuple[float, float]] | None:
     return grid_positions(side, side) if side * side == count else None
 
 
-class LlavaLayout:
-    """LLaVA-style: a fixed number of tokens per image; a video is a sequence of images (one per
-    frame), so every sampled frame is a head frame."""
+class VisualLayout:
+    """What every layout shares: the processor it serves, no `mm_token_type_ids`, boxes normalised as
+    `image_geometry` says, and every sampled frame a head frame. Subclasses give `model_types`,
+    `settings_from_config`, the token layouts and `pixel_inputs`."""
 
-    model_types = ("llava",)
+    model_types: tuple[str, ...] = ()
     uses_mm_token_type_ids = False
 
     def __init__(self, processor: "TPOProcessor"):
         self.processor = processor
 
+    def geometry(self, image_processor, height: int, width: int) -> ImageGeometry:
+        return image_geometry(image_processor, height, width)
+
+    def head_frame_timestamps(self, timestamps: list[float]) -> list[float]:
+        return list(timestamps)
+
+
+class LlavaLayout(VisualLayout):
+    """LLaVA-style: a fixed number of tokens per image; a video is a sequence of images (one per
+    frame), so every sampled frame is a head frame."""
+
+    model_types = ("llava",)
+
     @classmethod
     def settings_from_config(cls, mllm_config, tokenizer, image_processor) -> dict:
         """The processor settings this layout needs from the MLLM's configuration."""
         return {"image_seq_length": mllm_config.image_seq_length}
-
-    def geometry(self, image_processor, height: int, width: int) -> ImageGeometry:
-        return image_geometry(image_processor, height, width)
 
     def video_as_images(self) -> bool:
         return True
@@ -267,9 +278,6 @@ class LlavaLayout:
         count = self.processor.image_seq_length
         return VisualTokens(self.processor.image_token_id, [frame_index] * count, xy=square_grid_positions(count))
 
-    def head_frame_timestamps(self, timestamps: list[float]) -> list[float]:
-        return list(timestamps)
-
     def pixel_inputs(self, items: list[tuple[str, np.ndarray]]) -> dict:
         frames = [f for kind, array in items for f in ([array] if kind == "image" else list(array))]
         if not frames:
@@ -277,7 +285,7 @@ class LlavaLayout:
         return {"pixel_values": self.processor.image_processor(images=frames, return_tensors="pt")["pixel_values"]}
 
 
-class Qwen2VLLayout:
+class Qwen2VLLayout(VisualLayout):
     """Qwen2-VL / Qwen2.5-VL: tokens per image from the (smart-)resized size and the 2x2 merge; a
     video is one placeholder whose tokens come in temporal groups of `temporal_patch_size` frames."""
 
@@ -285,7 +293,7 @@ class Qwen2VLLayout:
     uses_mm_token_type_ids = True
 
     def __init__(self, processor: "TPOProcessor"):
-        self.processor = processor
+        super().__init__(processor)
         ip = processor.image_processor
         self.patch = ip.patch_size
         self.merge = ip.merge_size
@@ -297,9 +305,6 @@ class Qwen2VLLayout:
         return {"image_token": vocab(mllm_config.image_token_id), "video_token": vocab(mllm_config.video_token_id),
                 "vision_start_token": vocab(mllm_config.vision_start_token_id),
                 "vision_end_token": vocab(mllm_config.vision_end_token_id)}
-
-    def geometry(self, image_processor, height: int, width: int) -> ImageGeometry:
-        return image_geometry(image_processor, height, width)
 
     def video_as_images(self) -> bool:
         return False
@@ -383,7 +388,7 @@ def _resized_into(height: int, width: int, target_height: int, target_width: int
     return target_height, min(math.ceil(width * scale_h), target_width)
 
 
-class LlavaOnevisionLayout:
+class LlavaOnevisionLayout(VisualLayout):
     """LLaVA-OneVision (`LlavaOnevisionForConditionalGeneration`): any-resolution tiling for images, pooled
     base-resolution frames for videos. S is the tile side in pixels (the image processor's `size`, equal to
     the vision tower's `image_size`), P = S / patch size the tokens per tile side (`image_seq_length` = P^2).
@@ -414,10 +419,9 @@ class LlavaOnevisionLayout:
     """
 
     model_types = ("llava_onevision",)
-    uses_mm_token_type_ids = False
 
     def __init__(self, processor: "TPOProcessor"):
-        self.processor = processor
+        super().__init__(processor)
         ip = processor.image_processor
         count = processor.image_seq_length
         side = math.isqrt(count) if count else 0
@@ -510,9 +514,6 @@ class LlavaOnevisionLayout:
         frame_ids = [f for f in range(num_frames) for _ in range(per_frame)] + [-1]
         xy = grid_positions(pooled, pooled) * num_frames + [(-1.0, -1.0)]
         return VisualTokens(self.processor.video_token_id, frame_ids, xy=xy)
-
-    def head_frame_timestamps(self, timestamps: list[float]) -> list[float]:
-        return list(timestamps)
 
     def pixel_inputs(self, items: list[tuple[str, np.ndarray]]) -> dict:
         """pixel_values (images, max tiles + 1, 3, S, S) zero-padded over tiles, image_sizes (images, 2) as

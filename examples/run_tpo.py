@@ -14,9 +14,13 @@ task metrics on the test split.
     python examples/run_tpo.py --output_dir outputs/x --stages task joint --per_device_train_batch_size 8 ...
 """
 
+import contextlib
 import dataclasses
 import json
 import logging
+import os
+import shutil
+import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,17 +28,16 @@ from pathlib import Path
 import torch
 import yaml
 from transformers import AutoModelForImageTextToText, HfArgumentParser, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 from tpo import TPOForConditionalGeneration
 from tpo.processing.pipeline import TPODataCollator, encode_dataset
 from tpo.processing.processing_tpo import DEFAULT_PROMPT_TEMPLATES, TPOProcessor
-from tpo.processing.readers import read_specs
+from tpo.processing.readers import read_spec, read_specs
 from tpo.processing.synthetic import generate_synthetic_benchmark
 from tpo.training.arguments import STAGES, TPOTrainingArguments
 from tpo.training.evaluation import REQUIRED_KEYS, TaskEvaluator, format_table
 from tpo.training.tiny import build_tiny_tokenizer, tiny_llava_config, tiny_sam2_config
-from tpo.training.trainer import TPOTrainer, unwrap_tpo
+from tpo.training.trainer import TPOTrainer, last_complete_checkpoint, unwrap_tpo
 
 logger = logging.getLogger("run_tpo")
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "synthetic_default.yaml"
@@ -63,6 +66,13 @@ class ScriptArguments:
     max_eval_samples: int | None = field(default=None, metadata={"help": "Cap on test samples evaluated."})
     num_proc: int | None = field(default=None, metadata={"help": "Processes of the Dataset.map preprocessing."})
     results_file: str = field(default="eval_results.json", metadata={"help": "Metrics file in --output_dir."})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "Take over --output_dir even while another run holds its lock (`.tpo_run.lock`); without it a "
+                "second run writing the same folder is refused."})
+    task_stage_conversations: float = field(default=0.0, metadata={
+        "help": "Conversation samples mixed into the task stage, as a fraction of its grounding samples (drawn once "
+                "with the run's seed): with task_stage_trains_llm they keep the LM answering in text while it learns "
+                "for the heads. 0: none (the paper's stage 2)."})
     mask_video_mode: str = field(default="propagate", metadata={
         "help": "How evaluation segments video mask samples: 'propagate' (first frame by the mask head, then "
                 "SAM2's video memory) or 'per_frame' (for a SAM2 whose memory is untrained, e.g. a random tiny one)."})
@@ -128,14 +138,17 @@ def parse_arguments(argv: list[str]):
 # ------------------------------------------------------------------------------------------------------
 # Data
 # ------------------------------------------------------------------------------------------------------
-DATA_CONFIG_KEYS = ("train", *(f"train_{stage}" for stage in STAGES), "eval", "test")
+DATA_CONFIG_KEYS = ("train", *(f"train_{stage}" for stage in STAGES), "eval", "test", "controls")
 
 
-def load_data(script: ScriptArguments) -> dict:
-    """{"train", "train_<stage>" (where given), "eval", "test"} datasets of the common schema.
+def load_data(script: ScriptArguments) -> tuple[dict, dict]:
+    """({"train", "train_<stage>" (where given), "eval", "test"} datasets of the common schema,
+    {control name: dataset} evaluated beside the test split).
 
     A data config lists reader specs under `train` (every stage), `train_assign` / `train_task` /
-    `train_joint` (one stage's own data, replacing `train` for it), `eval` and `test`.
+    `train_joint` (one stage's own data, replacing `train` for it), `eval` and `test`, and under `controls`
+    a mapping {name: [specs]} of control sets scored like the test split (`control/<name>_<metric>`, e.g.
+    `region_query_swap`: the test images asked about other objects). The synthetic benchmark brings its own.
     """
     if script.data_config:
         config = yaml.safe_load(Path(script.data_config).read_text(encoding="utf-8")) or {}
@@ -144,11 +157,16 @@ def load_data(script: ScriptArguments) -> dict:
             raise ValueError(f"{script.data_config}: unknown key(s) {unknown}; expected some of {list(DATA_CONFIG_KEYS)}.")
         if not any(key.startswith("train") for key in config):
             raise ValueError(f"{script.data_config}: no training data (`train` or `train_<stage>` lists).")
-        return {key: read_specs(specs or []) for key, specs in config.items()} | {
+        controls = config.pop("controls", None) or {}
+        if not isinstance(controls, dict):
+            raise ValueError(f"{script.data_config}: `controls` must map control names to lists of specs.")
+        data = {key: read_specs(specs or []) for key, specs in config.items()} | {
             split: read_specs(config.get(split) or []) for split in ("train", "eval", "test")}
+        return data, {name: read_specs(specs or []) for name, specs in controls.items()}
     manifest = generate_synthetic_benchmark(script.synthetic_dir, size=script.synthetic_size, seed=script.synthetic_seed)
     specs = {split: list(manifest["splits"][split].values()) for split in ("train", "val", "test")}
-    return {"train": read_specs(specs["train"]), "eval": read_specs(specs["val"]), "test": read_specs(specs["test"])}
+    data = {"train": read_specs(specs["train"]), "eval": read_specs(specs["val"]), "test": read_specs(specs["test"])}
+    return data, {name: read_spec(spec) for name, spec in manifest.get("controls", {}).get("test", {}).items()}
 
 
 def tokenizer_corpus(datasets: list) -> list[str]:
@@ -226,14 +244,48 @@ def build_model(model_args: ModelArguments, train_data):
 
 def stage_resume_point(resume: str | None, stage_dir: str) -> str | None:
     """The checkpoint a stage resumes from. `--resume_from_checkpoint true`: every stage resumes from the
-    last checkpoint in its own folder (`<output_dir>/stage-<stage>/checkpoint-*`), so finished stages
-    restore their final weights and the interrupted one goes on; a checkpoint path: only the stage whose
-    folder holds it resumes from it."""
+    newest complete checkpoint in its own folder (`<output_dir>/stage-<stage>/checkpoint-*`; one cut short by a
+    kill or a full disk is passed over with a warning), so finished stages restore their final weights and the
+    interrupted one goes on; a checkpoint path: only the stage whose folder holds it resumes from it."""
     if not resume or str(resume).lower() == "false":
         return None
     if str(resume).lower() == "true":
-        return get_last_checkpoint(stage_dir) if Path(stage_dir).is_dir() else None
+        return last_complete_checkpoint(stage_dir)
     return str(resume) if Path(resume).resolve().parent == Path(stage_dir).resolve() else None
+
+
+def save_final(model, processor, final_dir: Path) -> Path:
+    """Save model and processor to `final_dir` as a whole or not at all: they are written to
+    `<final_dir>.partial` and renamed when complete, so a full disk or a kill never leaves a `final/` that
+    looks loadable but holds only part of the files (a previous `final/` is replaced only then)."""
+    partial = final_dir.with_name(final_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    processor.save_pretrained(partial)
+    if final_dir.exists():
+        previous = final_dir.with_name(final_dir.name + ".previous")
+        shutil.rmtree(previous, ignore_errors=True)
+        final_dir.rename(previous)
+        partial.rename(final_dir)
+        shutil.rmtree(previous, ignore_errors=True)
+    else:
+        partial.rename(final_dir)
+    return final_dir
+
+
+def task_stage_samples(encoded, conversation_fraction: float, seed: int):
+    """The task stage's samples: every grounding sample, plus `conversation_fraction` times as many
+    conversation samples (task label 0) drawn with `seed` (all of them when there are fewer)."""
+    grounding = encoded.filter(lambda row: row["task_label"] != 0, desc="grounding samples")
+    if conversation_fraction <= 0:
+        return grounding
+    from datasets import concatenate_datasets
+
+    text = encoded.filter(lambda row: row["task_label"] == 0, desc="conversation samples")
+    count = min(len(text), int(round(conversation_fraction * len(grounding))))
+    if not count:
+        return grounding
+    return concatenate_datasets([grounding, text.shuffle(seed=seed).select(range(count))])
 
 
 def lora_config(model_args: ModelArguments, model):
@@ -246,14 +298,80 @@ def lora_config(model_args: ModelArguments, model):
 # ------------------------------------------------------------------------------------------------------
 # Main
 # ------------------------------------------------------------------------------------------------------
+def check_stages(stages: list[str]) -> None:
+    """Refuse unknown or repeated stage names before any work is done."""
+    unknown = [stage for stage in stages if stage not in STAGES]
+    if unknown or not stages or len(set(stages)) != len(stages):
+        raise ValueError(f"--stages {' '.join(stages)}: {'unknown stage(s) ' + str(unknown) if unknown else 'each stage once'};"
+                         f" choose from {list(STAGES)}, in order, each at most once.")
+
+
+@contextlib.contextmanager
+def output_dir_lock(output_dir: Path, take_over: bool, is_main_process: bool = True):
+    """Hold `<output_dir>/.tpo_run.lock` (this process's id and host) while the run writes there. A lock held
+    by a live process is refused unless `take_over`; a lock left by a process that is gone is taken over with a
+    warning. Only the main process of a distributed run locks."""
+    if not is_main_process:
+        yield
+        return
+    output_dir.mkdir(parents=True, exist_ok=True)
+    lock = output_dir / ".tpo_run.lock"
+    mine = json.dumps({"pid": os.getpid(), "host": socket.gethostname()})
+    try:
+        descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            holder = json.loads(lock.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            holder = {}
+        alive = holder.get("host") == socket.gethostname() and _process_alive(int(holder.get("pid", -1)))
+        if alive and not take_over:
+            raise RuntimeError(f"{output_dir} is in use by another run (process {holder.get('pid')}, lock {lock}); "
+                               "choose another --output_dir, wait for that run, or pass --overwrite_output_dir true.")
+        logger.warning("Taking over %s from %s (%s).", lock, holder or "an unreadable lock",
+                       "--overwrite_output_dir" if alive else "that process is gone")
+        lock.write_text(mine, encoding="utf-8")
+    else:
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(mine)
+    try:
+        yield
+    finally:
+        try:
+            if json.loads(lock.read_text(encoding="utf-8")) == json.loads(mine):
+                lock.unlink()
+        except (OSError, ValueError):
+            pass
+
+
+def _process_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     script, model_args, training_args = parse_arguments(sys.argv[1:] if argv is None else argv)
+    check_stages(script.stages)
+    with output_dir_lock(Path(training_args.output_dir), script.overwrite_output_dir,
+                         training_args.process_index == 0):
+        return run(script, model_args, training_args)
+
+
+def run(script: ScriptArguments, model_args: ModelArguments, training_args: TPOTrainingArguments) -> dict[str, float]:
+    """Train the stages, save the final model, evaluate the test split; returns the metrics."""
     set_seed(training_args.seed)
     output_dir = Path(training_args.output_dir)
 
     # Dataset
-    data = load_data(script)
+    data, controls = load_data(script)
     logger.info("Samples: %s", ", ".join(f"{key} {len(value)}" for key, value in data.items()))
 
     # Samples of tasks the model does not enable are left out (conversation samples always stay).
@@ -263,6 +381,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         data[key] = data[key].filter(lambda row: row["task"] in keep, desc=f"enabled tasks ({key})")
         if len(data[key]) < before:
             logger.info("%s: left out %d samples of tasks not enabled", key, before - len(data[key]))
+    controls = {name: rows.filter(lambda row: row["task"] in keep) for name, rows in controls.items()}
 
     # Model
     training_keys = [key for key in data if key.startswith("train") and len(data[key])]
@@ -297,8 +416,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         stage_args = dataclasses.replace(training_args, **overrides)
         stage_key = f"train_{stage}" if len(data.get(f"train_{stage}", [])) else "train"
         stage_train = encoded_split(stage_key)
-        if stage == "task":  # the heads' stage: grounding samples only
-            stage_train = stage_train.filter(lambda row: row["task_label"] != 0, desc="grounding samples")
+        if stage == "task":  # the heads' stage: grounding samples (and a share of conversations, if asked)
+            stage_train = task_stage_samples(stage_train, script.task_stage_conversations, training_args.seed)
         if not len(stage_train):
             raise ValueError(f"Stage {stage!r} has no training samples (data {stage_key!r}); give it data or leave the "
                              "stage out of --stages.")
@@ -310,23 +429,27 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         trained = trainer.model
         peft_config = None  # the adapters exist from the first stage on
 
-    # Evaluation
+    if training_args.process_index != 0:  # one process saves and evaluates; the others are done
+        logger.info("Process %d: training done; the main process saves and evaluates.", training_args.process_index)
+        return {}
+    # The final model first: a problem in evaluation must not lose the training.
     final = trained.merge_and_unload() if hasattr(trained, "merge_and_unload") and model_args.merge_lora else trained
+    final_dir = save_final(final, processor, output_dir / "final")
+
+    # Evaluation
     test = data["test"]
     if script.max_eval_samples is not None and len(test) > script.max_eval_samples:
         test = test.shuffle(seed=training_args.seed).select(range(script.max_eval_samples))
     evaluator = TaskEvaluator(processor, test, batch_size=training_args.per_device_eval_batch_size,
-                              mask_video_mode=script.mask_video_mode,
+                              mask_video_mode=script.mask_video_mode, controls=controls,
                               output_dir=str(output_dir / "predictions"))
     metrics = evaluator(unwrap_tpo(final))
-    final_dir = output_dir / "final"
-    final.save_pretrained(final_dir)
-    processor.save_pretrained(final_dir)
-    (output_dir / script.results_file).write_text(json.dumps(metrics, indent=2, sort_keys=True), encoding="utf-8")
+    results = {**metrics, "mask/j&f_mode": script.mask_video_mode} if "mask/j&f" in metrics else metrics
+    (output_dir / script.results_file).write_text(json.dumps(results, indent=2, sort_keys=True), encoding="utf-8")
     missing = [k for k in REQUIRED_KEYS if k not in metrics]
     if missing:
         logger.warning("Metrics without data in this test set: %s", missing)
-    print(format_table(metrics))
+    print(format_table(metrics, evaluator.notes))
     print(f"\nmetrics: {output_dir / script.results_file}   model and processor: {final_dir}")
     return metrics
 

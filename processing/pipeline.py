@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from datasets import Dataset
 from PIL import Image
 
@@ -192,6 +193,18 @@ def row_to_encoded(row: dict) -> EncodedSample:
     )
 
 
+def sample_mask_frames(targets: dict, count: int, generator: torch.Generator | None = None) -> dict:
+    """`count` of a video mask sample's annotated frames (`mask_frames`, `masks_rle`), drawn at random without
+    replacement and kept in time order; targets with at most `count` frames, or of an image, unchanged.
+    Drawn anew each time a sample is batched, so that every frame is supervised over the epochs."""
+    frames = targets.get("mask_frames") or []
+    if count <= 0 or len(frames) <= count or frames == [-1]:
+        return targets
+    chosen = sorted(torch.randperm(len(frames), generator=generator)[:count].tolist())
+    return {**targets, "mask_frames": [frames[i] for i in chosen],
+            "masks_rle": [targets["masks_rle"][i] for i in chosen]}
+
+
 # --------------------------------------------------------------------------------------------------
 # Batches: the collator
 # --------------------------------------------------------------------------------------------------
@@ -206,7 +219,9 @@ class TPODataCollator:
         ['attention_mask', 'frame_token_index', 'input_ids', 'instruction_end_index']
 
     `batch["tpo_meta"]` carries `sample_ids`, the media plans and `skipped` (samples whose media could
-    not be decoded and were replaced by the last good sample).
+    not be decoded and were replaced by the last good sample). A video mask sample contributes
+    `processor.mask_frames_per_video` of its annotated frames, drawn anew each time (torch's RNG, which the
+    Trainer seeds and DataLoader workers derive per epoch).
     """
 
     processor: TPOProcessor
@@ -219,6 +234,7 @@ class TPODataCollator:
         encoded, media, ids, skipped = [], [], [], 0
         for row in features:
             sample = row_to_encoded(row)
+            sample.targets = sample_mask_frames(sample.targets, self.processor.mask_frames_per_video)
             try:
                 decoded = self.media_loader(sample.media, sample.targets)
             except MediaError as error:

@@ -580,7 +580,8 @@ class TPOProcessor(ProcessorMixin):
             worth of tokens (the model config's `vision_aspect_ratio`).
         image_token, video_token, vision_start_token, vision_end_token (`str`): placeholder tokens.
         sam2_image_size (`int`, *optional*): SAM2's input size (mask samples).
-        mask_frames_per_video (`int`): annotated frames per video mask sample given to SAM2.
+        mask_frames_per_video (`int`): annotated frames of a video mask sample given to SAM2 per training step,
+            drawn anew at random each time the sample is batched (`sample_mask_frames`); evaluation uses all.
         task_token_strings (`dict`, *optional*): `{task: {"begin": str, "slots": [str]}}`.
         prompt_templates (`dict`, *optional*): `{task: [template with {query}, ...]}`.
         saliency_clip_seconds (`float`): clip length of saliency annotations (QVHighlights: 2).
@@ -951,9 +952,9 @@ class TPOProcessor(ProcessorMixin):
                 return {"masks_rle": masks[:1], "mask_frames": [-1]}
             if len(frame_indices) != len(masks):
                 raise ValueError(f"Sample {sample_id!r}: {len(masks)} masks but {len(frame_indices)} mask frame indices.")
-            chosen = np.linspace(0, len(masks) - 1, num=min(self.mask_frames_per_video, len(masks))).round().astype(int)
-            chosen = sorted(set(chosen.tolist()))
-            return {"masks_rle": [masks[i] for i in chosen], "mask_frames": [int(frame_indices[i]) for i in chosen]}
+            # Every annotated frame: evaluation scores them all; training draws `mask_frames_per_video` of them
+            # anew for each step (`sample_mask_frames`, in the collator).
+            return {"masks_rle": masks, "mask_frames": [int(i) for i in frame_indices]}
         return {}
 
     # ---- media -> tensors (collator side) -----------------------------------------------------------

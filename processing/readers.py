@@ -152,9 +152,15 @@ def _qvhighlights_rows(path, video_dir, split, video_extensions, signature):
                 media_path=_video_path(video_dir, record["vid"], video_extensions), query=record["query"],
                 duration_seconds=duration, spans_seconds=spans, saliency_clip_seconds=2.0,
                 saliency_clip_ids=clip_ids, saliency_scores=scores,
-                meta={"qid": record["qid"], "vid": record["vid"]},
+                meta={"qid": record["qid"], "vid": record["vid"],
+                      **{k: v for k, v in record.items() if k not in _QVHIGHLIGHTS_FIELDS}},
             )
     counter.report()
+
+
+# The fields of a QVHighlights record; any other key of a record is kept in the sample's `meta` (e.g. the
+# synthetic benchmark's `alternative_windows`, from which evaluation computes the question-blind floor).
+_QVHIGHLIGHTS_FIELDS = ("qid", "query", "duration", "vid", "relevant_windows", "relevant_clip_ids", "saliency_scores")
 
 
 def read_qvhighlights(jsonl_path: str, video_dir: str, split: str = "train",
@@ -316,13 +322,34 @@ def _load_refs(refs_path: str) -> list[dict]:
     return refs
 
 
-def _refcoco_rows(instances_path, refs_path, image_dir, split, tasks, dataset_name, signature):
+def _image_alternatives(annotations: list[dict], image: dict, with_masks: bool) -> dict:
+    """Every annotated object of an image: boxes (x0, y0, x1, y1) pixels and, with `with_masks`, RLE masks;
+    the answers a question-blind guess chooses from (evaluation's floor)."""
+    height, width = int(image["height"]), int(image["width"])
+    boxes, masks = [], []
+    for annotation in annotations:
+        x, y, w, h = (float(v) for v in annotation["bbox"])
+        boxes.append([max(x, 0.0), max(y, 0.0), min(x + w, width), min(y + h, height)])
+        if with_masks:
+            segmentation = annotation.get("segmentation")
+            if isinstance(segmentation, list) and segmentation:
+                masks.append(rle_from_polygons(segmentation, height, width))
+            elif isinstance(segmentation, dict):
+                masks.append({"size": [height, width], "counts": segmentation["counts"] if isinstance(
+                    segmentation["counts"], str) else _compressed_counts(segmentation, height, width)})
+    return {"boxes_xyxy_pixels": boxes, **({"masks_rle": masks} if with_masks else {})}
+
+
+def _refcoco_rows(instances_path, refs_path, image_dir, split, tasks, dataset_name, signature, alternatives=False):
     counter = SkipCounter(refs_path)
     coco = _read_json(instances_path)
     if not isinstance(coco, dict) or "images" not in coco or "annotations" not in coco:
         raise ValueError(f"{instances_path}: not a COCO instances file (needs 'images' and 'annotations').")
     images = {image["id"]: image for image in coco["images"]}
     annotations = {annotation["id"]: annotation for annotation in coco["annotations"]}
+    by_image: dict = {}
+    for annotation in coco["annotations"] if alternatives else []:
+        by_image.setdefault(annotation["image_id"], []).append(annotation)
     for index, ref in enumerate(_load_refs(refs_path)):
         if split is not None and ref.get("split") != split:
             continue
@@ -361,7 +388,9 @@ def _refcoco_rows(instances_path, refs_path, image_dir, split, tasks, dataset_na
             base = dict(source=dataset_name, split=ref.get("split", ""), media_type="image",
                         media_path=os.path.join(image_dir, image["file_name"]), query=text.strip(),
                         image_size=[height, width], boxes_xyxy_pixels=[box],
-                        meta={"ref_id": ref.get("ref_id"), "ann_id": annotation["id"], "image_id": image["id"]})
+                        meta={"ref_id": ref.get("ref_id"), "ann_id": annotation["id"], "image_id": image["id"],
+                              **({"alternatives": _image_alternatives(by_image[image["id"]], image, "mask" in tasks)}
+                                 if alternatives else {})})
             if "region" in tasks:
                 yield empty_sample(id=f"{dataset_name}-{ref.get('ref_id', index)}-{sentence_index}-box", task="region", **base)
             if "mask" in tasks and mask is not None:
@@ -380,10 +409,13 @@ def _compressed_counts(segmentation: dict, height: int, width: int) -> str:
 
 def read_refcoco(instances_json: str, refs_path: str, image_dir: str, split: str | None = "train",
                  tasks: tuple[str, ...] = ("region",), dataset_name: str = "refcoco",
-                 cache_dir: str | None = None) -> Dataset:
+                 cache_dir: str | None = None, alternatives: bool = False) -> Dataset:
     """RefCOCO / RefCOCO+ / RefCOCOg: COCO instances json (images, annotations with `bbox` xywh and
     polygon or RLE `segmentation`) and refs (ref_id, ann_id, image_id, split, sentences) from JSON or
     parquet. One sample per sentence and task (`tasks` among "region", "mask").
+
+    `alternatives`: each sample's `meta["alternatives"]` lists every annotated object of its image (boxes, and
+    masks for the mask task), from which evaluation computes the question-blind floor.
 
     Never unpickles: a `.p` refs file raises with how to convert it. Boxes outside the image are clamped
     with a warning; boxes degenerate after clamping and refs to unknown annotations are skipped with a
@@ -394,7 +426,7 @@ def read_refcoco(instances_json: str, refs_path: str, image_dir: str, split: str
         raise ValueError(f"Unknown task(s) {sorted(unknown)} for RefCOCO; use 'region' and/or 'mask'.")
     return _from_generator(_refcoco_rows, cache_dir, instances_path=str(instances_json), refs_path=str(refs_path),
                            image_dir=str(image_dir), split=split, tasks=tuple(tasks), dataset_name=dataset_name,
-                           signature=_signature(instances_json, refs_path))
+                           signature=_signature(instances_json, refs_path), alternatives=bool(alternatives))
 
 
 def _frame_size(frame_path: str, video_id: str) -> list[int]:
@@ -462,7 +494,7 @@ def _palette_masks(annotations_dir: str, video_id: str, frames: list[str], ids: 
 
 
 def _mevis_rows(meta_path, mask_path, annotations_dir, frames_dir, split, fps, frame_extension, dataset_name,
-                signature):
+                signature, alternatives=False):
     counter = SkipCounter(meta_path)
     meta = _read_json(meta_path)
     mask_dict = _read_json(mask_path) if mask_path else {}
@@ -476,6 +508,8 @@ def _mevis_rows(meta_path, mask_path, annotations_dir, frames_dir, split, fps, f
         frame_paths = [os.path.join(frames_dir, video_id, name + frame_extension) for name in frames]
         size = _frame_size(frame_paths[0], video_id) if (mask_dict or annotations_dir) else None
         png_cache: dict = {}
+        objects: dict = {}  # the video's objects (one per distinct id set of its expressions), for `alternatives`
+        rows = []
         for expression_id, expression in video.get("expressions", {}).items():
             where = f"video {video_id} expression {expression_id}"
             ids = expression.get("anno_id", expression.get("obj_id", []))
@@ -491,19 +525,26 @@ def _mevis_rows(meta_path, mask_path, annotations_dir, frames_dir, split, fps, f
                 ids = expression.get("obj_id", ids)
                 ids = [ids] if isinstance(ids, (int, str)) else list(ids)
                 masks_rle, indices = _palette_masks(annotations_dir, video_id, frames, ids, size, png_cache)
-            yield empty_sample(
+            objects.setdefault(json.dumps(sorted(map(str, ids))), (masks_rle, indices))
+            rows.append(dict(
                 id=f"{dataset_name}-{video_id}-{expression_id}", source=dataset_name, split=split, task="mask",
                 media_type="frames", media_path=os.path.join(frames_dir, video_id), frame_paths=frame_paths,
                 query=expression.get("exp", "").strip(), fps=fps, duration_seconds=len(frames) / fps,
                 image_size=size or [0, 0], masks_rle=masks_rle, mask_frame_indices=indices,
                 meta={"video": video_id, "expression": expression_id, "ids": ids},
-            )
+            ))
+        for row in rows:
+            if alternatives:  # every object's masks on the frames this sample annotates
+                frames_of_row = row["mask_frame_indices"]
+                row["meta"]["alternatives"] = {"masks_rle": [
+                    [dict(zip(indices, masks)).get(f) for f in frames_of_row] for masks, indices in objects.values()]}
+            yield empty_sample(**row)
     counter.report()
 
 
 def read_mevis(meta_expressions_json: str, mask_dict_json: str | None, frames_dir: str, split: str = "train",
                fps: float = 6.0, frame_extension: str = ".jpg", dataset_name: str = "mevis",
-               annotations_dir: str | None = None, cache_dir: str | None = None) -> Dataset:
+               annotations_dir: str | None = None, cache_dir: str | None = None, alternatives: bool = False) -> Dataset:
     """MeViS and Ref-YouTube-VOS: `meta_expressions.json` {videos: {vid: {frames: [...], expressions:
     {eid: {exp, anno_id | obj_id}}}}}, frames as JPEG folders `frames_dir/vid/frame.jpg` (played at `fps`).
     One sample per expression (task "mask", media_type "frames").
@@ -513,6 +554,10 @@ def read_mevis(meta_expressions_json: str, mask_dict_json: str | None, frames_di
     `annotations_dir` with palette PNGs `annotations_dir/vid/frame.png` (pixel value = obj_id): frames
     without a PNG are left out of `mask_frame_indices`. With neither (test splits), no masks.
 
+    `alternatives`: each sample's `meta["alternatives"]["masks_rle"]` holds every object of its video (one per
+    distinct id set of the video's expressions) on the sample's annotated frames (None where that object has
+    no annotation), for evaluation's question-blind floor.
+
     Malformed: broken JSON raises; an RLE or PNG whose size differs from the frames, or fewer masks than
     frames, raises (the files disagree); expressions naming unknown annotation ids are skipped with a
     warning and counted; videos without frames are skipped the same way.
@@ -521,7 +566,7 @@ def read_mevis(meta_expressions_json: str, mask_dict_json: str | None, frames_di
                            mask_path=str(mask_dict_json) if mask_dict_json else None,
                            annotations_dir=str(annotations_dir) if annotations_dir else None, frames_dir=str(frames_dir),
                            split=split, fps=float(fps), frame_extension=frame_extension, dataset_name=dataset_name,
-                           signature=_signature(meta_expressions_json, mask_dict_json))
+                           signature=_signature(meta_expressions_json, mask_dict_json), alternatives=bool(alternatives))
 
 
 def _reasonseg_rows(folder, split, image_extensions, signature):
@@ -649,10 +694,12 @@ READERS = {
     "activitynet_captions": (read_activitynet_captions, {"json": "json_path", "video_dir": "video_dir",
                                                                  "split": "split"}),
     "refcoco": (read_refcoco, {"instances": "instances_json", "refs": "refs_path", "image_dir": "image_dir",
-                                       "split": "split", "tasks": "tasks", "dataset_name": "dataset_name"}),
+                                       "split": "split", "tasks": "tasks", "dataset_name": "dataset_name",
+                                       "alternatives": "alternatives"}),
     "mevis": (read_mevis, {"meta_expressions": "meta_expressions_json", "mask_dict": "mask_dict_json",
                                    "frames_dir": "frames_dir", "split": "split", "fps": "fps",
-                                   "dataset_name": "dataset_name", "annotations_dir": "annotations_dir"}),
+                                   "dataset_name": "dataset_name", "annotations_dir": "annotations_dir",
+                                   "alternatives": "alternatives"}),
     "reasonseg": (read_reasonseg, {"folder": "folder", "split": "split"}),
     "llava": (read_llava_conversations, {"json": "json_path", "media_dir": "media_dir", "split": "split",
                                                  "fps": "fps"}),

@@ -5,10 +5,18 @@ Written as real files in the real formats, so that the real readers load them:
     refcoco/       COCO instances json (boxes xywh, RLE masks) + RefCOCO refs json + PNG images: where / which pixels
     mevis/         MeViS-style meta_expressions.json + mask_dict.json per split + JPEG frame folders: video masks
     conversation/  LLaVA-style json per split: open and multiple-choice questions on images and videos
-    manifest.json  every file per split and task
+    manifest.json  every file per split and part, paths relative to the manifest's folder
+
+Grounding needs the question: every scene holds 2-4 objects, the distractors share the target's colour or
+its shape (so neither attribute alone names it), objects are painted in a random order and may partly hide
+each other, and the queried object is drawn at random (not the first, largest or top one). Video masks
+include twins (same colour and shape) moving in opposite directions, which only the motion in the
+expression tells apart. Evaluation splits hold one query per image or video, plus a query-swap control
+(`<split>_swap`: the same image or video asked about another of its objects) and, in the records, every
+object's answer, from which the question-blind floors are computed.
 
 Questions about colour, shape, count, motion direction and order of appearance; colour x shape pairs in
-`HELD_OUT_PAIRS` never appear in the training conversations and are the subject of test conversations.
+`HELD_OUT_PAIRS` never appear in the training conversations and are the subject of half of the test ones.
 Everything is drawn from a seeded generator per (seed, split, task, index): the same seed gives
 byte-identical annotation files.
 
@@ -21,7 +29,9 @@ import logging
 import math
 import os
 import shutil
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -37,28 +47,40 @@ COLOURS = {
 }
 SHAPES = ("circle", "square", "triangle", "star")
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
 HELD_OUT_PAIRS = (("yellow", "star"), ("cyan", "triangle"), ("magenta", "square"), ("green", "circle"))
 NUMBER_WORDS = ("zero", "one", "two", "three", "four")
 SPLITS = ("train", "val", "test")
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 
-# Samples per split for each part, by size.
+# Images / videos per split (train, val, test) for each part, by size. Training images and videos are asked
+# about every object they hold; evaluation ones about one object (plus one query-swap control each).
 SIZES = {
-    "small": {"region": (6, 3, 3), "temporal": (6, 3, 3), "mask_video": (4, 2, 2), "conversation": (6, 3, 3)},
-    "default": {"region": (400, 80, 120), "temporal": (360, 60, 80), "mask_video": (200, 50, 50),
-                "conversation": (400, 80, 80)},
+    "small": {"region": (6, 4, 4), "temporal": (5, 3, 3), "mask_video": (4, 2, 2), "conversation": (12, 6, 6)},
+    "default": {"region": (700, 60, 500), "temporal": (320, 40, 500), "mask_video": (260, 40, 200),
+                "conversation": (3000, 100, 500)},
 }
 IMAGE_SIZE = 128
-VIDEO_SECONDS, VIDEO_FPS = 16.0, 4.0
+OBJECT_SIZE_RANGE = (0.24, 0.36)  # side / diameter as a fraction of the image
+MIN_VISIBLE_FRACTION = 0.6        # an object may be hidden by others, never by more than 40 %
+VIDEO_SECONDS, VIDEO_FPS = 16.0, 2.0
+WINDOW_SECONDS_RANGE = (3.0, 8.0)  # how long a shape of a temporal video is visible
 MASK_VIDEO_FRAMES, MASK_VIDEO_FPS = 8, 2.0
+SWAP_MAX_IOU = 0.3                 # a query-swap object's answer overlaps the target's this little at most
 
 
 # --------------------------------------------------------------------------------------------------
 # Drawing
 # --------------------------------------------------------------------------------------------------
+@lru_cache(maxsize=4)
+def _pixel_centres(image_size: int) -> tuple[np.ndarray, np.ndarray]:
+    ys, xs = np.mgrid[0:image_size, 0:image_size].astype(np.float32) + 0.5
+    return ys, xs
+
+
 def shape_mask(shape: str, center_x: float, center_y: float, size: float, image_size: int = IMAGE_SIZE) -> np.ndarray:
     """Bool (image_size, image_size) mask of a shape of the given size (side / diameter) in pixels."""
-    ys, xs = np.mgrid[0:image_size, 0:image_size].astype(np.float32) + 0.5
+    ys, xs = _pixel_centres(image_size)
     dx, dy, r = xs - center_x, ys - center_y, size / 2
     if shape == "circle":
         return dx * dx + dy * dy <= r * r
@@ -73,7 +95,7 @@ def shape_mask(shape: str, center_x: float, center_y: float, size: float, image_
     raise ValueError(f"Unknown shape {shape!r}; shapes are {SHAPES}.")
 
 
-def textured_background(rng: np.random.Generator, image_size: int = IMAGE_SIZE) -> np.ndarray:
+def textured_background(rng, image_size: int = IMAGE_SIZE) -> np.ndarray:
     """Grey stripes and noise (low saturation, so that the palette's colours stand out)."""
     ys, xs = np.mgrid[0:image_size, 0:image_size].astype(np.float32)
     base = rng.uniform(70, 170)
@@ -95,10 +117,15 @@ class Sprite:
     y: float
     direction: str = "right"
     speed: float = 0.0  # pixels per second
+    depth: int = 0      # painting order: a higher depth is painted later (in front)
 
     @property
     def name(self) -> str:
         return f"{self.colour} {self.shape}"
+
+    @property
+    def pair(self) -> tuple[str, str]:
+        return self.colour, self.shape
 
     def position(self, seconds: float) -> tuple[float, float]:
         dx, dy = DIRECTIONS[self.direction]
@@ -107,40 +134,23 @@ class Sprite:
         y = float(np.clip(self.y + dy * self.speed * seconds, limit, IMAGE_SIZE - limit))
         return x, y
 
-
-def paint(image: np.ndarray, sprites: list[tuple[Sprite, float, float]]) -> list[np.ndarray]:
-    """Paint sprites (sprite, x, y) in order (later on top); returns each sprite's visible mask."""
-    masks = []
-    for sprite, x, y in sprites:
-        mask = shape_mask(sprite.shape, x, y, sprite.size)
-        image[mask] = COLOURS[sprite.colour]
-        masks = [m & ~mask for m in masks]
-        masks.append(mask)
-    return masks
+    def mask(self, seconds: float = 0.0) -> np.ndarray:
+        return shape_mask(self.shape, *self.position(seconds), self.size)
 
 
-def _distinct_sprites(rng, count: int, allowed_pairs: list[tuple[str, str]], moving: bool,
-                      first_pair: tuple[str, str] | None = None) -> list[Sprite]:
-    """`count` sprites with different colours and different shapes (so a name is unambiguous); the
-    first one is `first_pair` when given."""
-    sprites, used_colours, used_shapes = [], set(), set()
-    for attempt in range(200):
-        if len(sprites) == count:
-            break
-        if attempt == 0 and first_pair is not None:
-            colour, shape = first_pair
-        else:
-            colour, shape = allowed_pairs[rng.integers(len(allowed_pairs))]
-        if colour in used_colours or shape in used_shapes:
-            continue
-        size = float(rng.uniform(0.28, 0.45) * IMAGE_SIZE)
-        margin = size / 2 + 2
-        x, y = float(rng.uniform(margin, IMAGE_SIZE - margin)), float(rng.uniform(margin, IMAGE_SIZE - margin))
-        direction = _roomy_direction(list(DIRECTIONS)[rng.integers(len(DIRECTIONS))], x, y, size)
-        sprites.append(Sprite(colour, shape, size, x, y, direction, float(rng.uniform(3, 6)) if moving else 0.0))
-        used_colours.add(colour)
-        used_shapes.add(shape)
-    return sprites
+def visible_masks(full_masks: list[np.ndarray], depths: list[int]) -> list[np.ndarray]:
+    """Each object's visible pixels when the objects are painted in the order of `depths` (later in front)."""
+    visible = []
+    for index, mask in enumerate(full_masks):
+        in_front = [full_masks[j] for j in range(len(full_masks)) if depths[j] > depths[index]]
+        visible.append(mask & ~np.logical_or.reduce(in_front) if in_front else mask.copy())
+    return visible
+
+
+def paint(image: np.ndarray, sprites: list[Sprite], masks: list[np.ndarray]) -> None:
+    """Paint each sprite's (full) mask in depth order, later ones in front."""
+    for index in sorted(range(len(sprites)), key=lambda i: sprites[i].depth):
+        image[masks[index]] = COLOURS[sprites[index].colour]
 
 
 def _room_pixels(direction: str, x: float, y: float, size: float) -> float:
@@ -152,15 +162,11 @@ def _room_pixels(direction: str, x: float, y: float, size: float) -> float:
     return (IMAGE_SIZE - limit - y) if dy > 0 else (y - limit)
 
 
-_OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
-
-
 def _roomy_direction(direction: str, x: float, y: float, size: float) -> str:
     """The drawn direction, or its opposite when the border is nearer that way: a sprite that started
-    against the border would not move, and "which direction does it move" would have no answer.
-    Flipping needs no random draw, so the rest of the sample is unchanged."""
-    if _room_pixels(direction, x, y, size) < _room_pixels(_OPPOSITE[direction], x, y, size):
-        return _OPPOSITE[direction]
+    against the border would not move, and "which direction does it move" would have no answer."""
+    if _room_pixels(direction, x, y, size) < _room_pixels(OPPOSITE[direction], x, y, size):
+        return OPPOSITE[direction]
     return direction
 
 
@@ -174,12 +180,106 @@ def _all_pairs() -> list[tuple[str, str]]:
     return [(c, s) for c in COLOURS for s in SHAPES]
 
 
-def _rng(seed: int, split: str, part: str, index: int) -> np.random.Generator:
+def _rng(seed: int, split: str, part: str, index: int):
     return np.random.default_rng([seed, SPLITS.index(split), sum(map(ord, part)), index])
 
 
 # --------------------------------------------------------------------------------------------------
-# Parts
+# Scenes with distractors
+# --------------------------------------------------------------------------------------------------
+def scene_pairs(rng, count: int, allowed: list[tuple[str, str]], first: tuple[str, str] | None = None
+                ) -> list[tuple[str, str]]:
+    """`count` different (colour, shape) pairs. Those after the first share its colour or its shape (one of
+    each when there are three or more, in random order), so that neither attribute alone names the first;
+    the rest are random."""
+    pairs = [first if first is not None else allowed[int(rng.integers(len(allowed)))]]
+    colour, shape = pairs[0]
+    sharing = [[p for p in allowed if p[0] == colour and p[1] != shape],
+               [p for p in allowed if p[1] == shape and p[0] != colour]]
+    if rng.random() < 0.5:
+        sharing.reverse()
+    for pool in sharing[: count - 1]:
+        if pool:
+            pairs.append(pool[int(rng.integers(len(pool)))])
+    rest = [p for p in allowed if p not in pairs]
+    for index in rng.permutation(len(rest))[: count - len(pairs)]:
+        pairs.append(rest[int(index)])
+    return pairs
+
+
+def _object_count(rng) -> int:
+    """2 (a quarter), 3 (half) or 4 (a quarter) objects."""
+    return int(rng.choice([2, 3, 3, 4]))
+
+
+def _random_sprite(rng, pair: tuple[str, str], moving: bool) -> Sprite:
+    size = float(rng.uniform(*OBJECT_SIZE_RANGE) * IMAGE_SIZE)
+    margin = size / 2 + 2
+    x, y = (float(v) for v in rng.uniform(margin, IMAGE_SIZE - margin, 2))
+    direction = _roomy_direction(list(DIRECTIONS)[int(rng.integers(len(DIRECTIONS)))], x, y, size)
+    return Sprite(pair[0], pair[1], size, x, y, direction, float(rng.uniform(3, 6)) if moving else 0.0)
+
+
+def _well_visible(sprites: list[Sprite], times_seconds: list[float]) -> bool:
+    """Every sprite keeps `MIN_VISIBLE_FRACTION` of its area visible at every given time."""
+    depths = [s.depth for s in sprites]
+    for seconds in times_seconds:
+        full = [s.mask(seconds) for s in sprites]
+        for mask, shown in zip(full, visible_masks(full, depths)):
+            if shown.sum() < MIN_VISIBLE_FRACTION * mask.sum():
+                return False
+    return True
+
+
+def place_scene(rng, pairs: list[tuple[str, str]], moving: bool = False, times_seconds: tuple[float, ...] = (0.0,),
+                speed_scale: float = 1.0) -> list[Sprite]:
+    """Sprites for `pairs` at random places and sizes, painted in a random order, each well visible at
+    every time in `times_seconds`. After 60 failed draws the last pair is dropped (never below two)."""
+    pairs = list(pairs)
+    while True:
+        for _ in range(60):
+            sprites = [_random_sprite(rng, pair, moving) for pair in pairs]
+            for depth, sprite in zip(rng.permutation(len(sprites)), sprites):
+                sprite.depth = int(depth)
+                sprite.speed *= speed_scale
+                if moving and max(times_seconds) > 0:
+                    _keep_moving(sprite, max(times_seconds))
+            if _well_visible(sprites, list(times_seconds)):
+                return sprites
+        if len(pairs) <= 2:
+            raise RuntimeError("No placement keeps two objects visible; the object sizes are too large.")
+        pairs.pop()
+
+
+def _box_xywh(mask: np.ndarray) -> list[float]:
+    ys, xs = np.nonzero(mask)
+    return [float(xs.min()), float(ys.min()), float(xs.max() + 1 - xs.min()), float(ys.max() + 1 - ys.min())]
+
+
+def _box_iou_xywh(a: list[float], b: list[float]) -> float:
+    ax0, ay0, ax1, ay1 = a[0], a[1], a[0] + a[2], a[1] + a[3]
+    bx0, by0, bx1, by1 = b[0], b[1], b[0] + b[2], b[1] + b[3]
+    inter = max(0.0, min(ax1, bx1) - max(ax0, bx0)) * max(0.0, min(ay1, by1) - max(ay0, by0))
+    return inter / (a[2] * a[3] + b[2] * b[3] - inter)
+
+
+def _windows_iou(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> float:
+    """IoU of two sets of windows on the time axis (seconds)."""
+    grid = np.arange(0.0, VIDEO_SECONDS, 0.05) + 0.025
+    in_a = np.logical_or.reduce([(grid >= s) & (grid < e) for s, e in a])
+    in_b = np.logical_or.reduce([(grid >= s) & (grid < e) for s, e in b])
+    return float((in_a & in_b).sum() / max((in_a | in_b).sum(), 1))
+
+
+def swap_partner(rng, count: int, overlap) -> int | None:
+    """The query-swap object of a scene whose target is object 0: a random other object whose answer overlaps
+    the target's at most `SWAP_MAX_IOU` (`overlap(0, j)`), or None when none qualifies."""
+    others = [j for j in rng.permutation(count).tolist() if j != 0 and overlap(0, j) <= SWAP_MAX_IOU]
+    return others[0] if others else None
+
+
+# --------------------------------------------------------------------------------------------------
+# Temporal videos
 # --------------------------------------------------------------------------------------------------
 def _write_video(path: Path, frames: list[np.ndarray], fps: float) -> None:
     import av
@@ -197,21 +297,12 @@ def _write_video(path: Path, frames: list[np.ndarray], fps: float) -> None:
     container.close()
 
 
-def _visibility_windows(rng) -> list[tuple[float, float]]:
-    """One window (sometimes two) covering about 20-60 % of the video, on 1/fps boundaries."""
-    frames = int(VIDEO_SECONDS * VIDEO_FPS)
-    two = rng.random() < 0.2
-    total = int(rng.uniform(0.2, 0.6) * frames)
-    if two:
-        first = max(total // 2, 3)
-        second = max(total - first, 3)
-        start1 = int(rng.integers(0, frames // 2 - first))
-        start2 = int(rng.integers(frames // 2 + 1, frames - second))
-        windows = [(start1, start1 + first), (start2, start2 + second)]
-    else:
-        start = int(rng.integers(0, frames - total))
-        windows = [(start, start + total)]
-    return [(s / VIDEO_FPS, e / VIDEO_FPS) for s, e in windows]
+def _visibility_window(rng) -> tuple[float, float]:
+    """One window of 3-8 s on 1/fps boundaries."""
+    steps = int(VIDEO_SECONDS * VIDEO_FPS)
+    length = int(round(rng.uniform(*WINDOW_SECONDS_RANGE) * VIDEO_FPS))
+    start = int(rng.integers(0, steps - length + 1))
+    return start / VIDEO_FPS, (start + length) / VIDEO_FPS
 
 
 def _clip_saliency(windows: list[tuple[float, float]]) -> tuple[list[int], list[list[int]]]:
@@ -228,57 +319,197 @@ def _clip_saliency(windows: list[tuple[float, float]]) -> tuple[list[int], list[
     return clip_ids, scores
 
 
-def make_temporal_video(rng, path: Path) -> dict:
-    """A 16 s video: the target is visible during its window(s) only; 1-2 distractors elsewhere."""
-    sprites = _distinct_sprites(rng, int(rng.integers(2, 4)), _all_pairs(), moving=True)
-    for sprite in sprites:
-        _keep_moving(sprite, VIDEO_SECONDS)
-    target, distractors = sprites[0], sprites[1:]
-    windows = _visibility_windows(rng)
-    distractor_windows = [[(float(a), float(a) + float(rng.uniform(3, 10)))] for a in rng.uniform(0, 10, len(distractors))]
+def _frame_times() -> list[float]:
+    return [index / VIDEO_FPS for index in range(int(VIDEO_SECONDS * VIDEO_FPS))]
+
+
+def make_temporal_video(rng, path: Path, allowed_pairs: list[tuple[str, str]] | None = None) -> dict:
+    """A 16 s video of 2-4 shapes, each visible during its own window of 3-8 s (windows of different
+    shapes may overlap); the shapes move, are painted in a random order and share colours or shapes.
+    Returns {"sprites", "windows" (per sprite), "appearances" (first visible second per name)}."""
+    pairs = scene_pairs(rng, _object_count(rng), allowed_pairs or _all_pairs())
+    windows = [[_visibility_window(rng)] for _ in pairs]
+    times = _frame_times()
+    sprites = place_scene(rng, pairs, moving=True, times_seconds=(0.0, VIDEO_SECONDS / 2, VIDEO_SECONDS))
+    windows = windows[: len(sprites)]
     background = textured_background(rng)
     frames, appearances = [], {}
-    for index in range(int(VIDEO_SECONDS * VIDEO_FPS)):
-        seconds = index / VIDEO_FPS
+    for seconds in times:
         image = background.copy()
-        layers = []
-        for sprite, sprite_windows in zip(distractors + [target], distractor_windows + [windows]):
-            if any(s <= seconds < e for s, e in sprite_windows):
-                layers.append((sprite, *sprite.position(seconds)))
-                appearances.setdefault(sprite.name, seconds)
-        paint(image, layers)
+        present = [i for i, w in enumerate(windows) if any(s <= seconds < e for s, e in w)]
+        paint(image, [sprites[i] for i in present], [sprites[i].mask(seconds) for i in present])
+        for i in present:
+            appearances.setdefault(sprites[i].name, seconds)
         frames.append(image)
     _write_video(path, frames, VIDEO_FPS)
+    return {"sprites": sprites, "windows": windows, "appearances": appearances}
+
+
+def _temporal_job(args: tuple) -> dict:
+    """One video (a separate process may run it): (seed, split, index, path, allowed pairs)."""
+    seed, split, index, path, allowed = args
+    return make_temporal_video(_rng(seed, split, "temporal", index), Path(path), allowed)
+
+
+# --------------------------------------------------------------------------------------------------
+# Records in the real formats
+# --------------------------------------------------------------------------------------------------
+def _dump(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
+
+
+def _round(values, digits: int = 3):
+    return [round(float(v), digits) for v in values]
+
+
+def _qvh_record(qid: str, video_id: str, sprite: Sprite, windows, all_windows) -> dict:
     clip_ids, scores = _clip_saliency(windows)
-    return {"target": target, "sprites": sprites, "windows": windows, "clip_ids": clip_ids, "scores": scores,
-            "appearances": appearances}
+    return {"qid": qid, "query": sprite.name, "duration": VIDEO_SECONDS, "vid": video_id,
+            "relevant_windows": [_round(w) for w in windows], "relevant_clip_ids": clip_ids,
+            "saliency_scores": scores,
+            # every shape's windows (the target's among them): the question-blind floor's alternatives
+            "alternative_windows": [[_round(w) for w in ws] for ws in all_windows]}
 
 
-def make_image(rng, allowed_pairs) -> tuple[np.ndarray, list[Sprite], list[np.ndarray]]:
-    sprites = _distinct_sprites(rng, int(rng.integers(1, 4)), allowed_pairs, moving=False)
-    image = textured_background(rng)
-    masks = paint(image, [(s, s.x, s.y) for s in reversed(sprites)])[::-1]  # sprites[0] painted last (on top)
-    return image, sprites, masks
-
-
-def _without_hidden(sprites: list[Sprite], max_hidden_fraction: float = 0.5) -> list[Sprite]:
-    """Leave out (do not draw) a sprite that the sprites in front of it would mostly cover, so that
-    "how many shapes" and "what colour is the X" have one answer. sprites[0] is in front of all others."""
-    kept, in_front = [], np.zeros((IMAGE_SIZE, IMAGE_SIZE), bool)
-    for sprite in sprites:
-        mask = shape_mask(sprite.shape, sprite.x, sprite.y, sprite.size)
-        if (mask & in_front).sum() > max_hidden_fraction * mask.sum():
+def _generate_temporal(root: Path, split: str, count: int, seed: int, videos: dict, workers: int) -> dict[str, Path]:
+    video_dir = root / "temporal" / "videos"
+    jobs = [(seed, split, index, str(video_dir / f"{split}_{index:05d}.mp4"), None) for index in range(count)]
+    if workers > 1 and count > 8:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            infos = list(pool.map(_temporal_job, jobs, chunksize=8))
+    else:
+        infos = [_temporal_job(job) for job in jobs]
+    lines, swaps = [], []
+    for index, info in enumerate(infos):
+        video_id = f"{split}_{index:05d}"
+        videos[video_id] = info
+        sprites, windows = info["sprites"], info["windows"]
+        if split == "train":  # every shape is asked about
+            lines += [_qvh_record(f"{split}-{index}-{k}", video_id, s, w, windows) for k, (s, w) in
+                      enumerate(zip(sprites, windows))]
             continue
-        kept.append(sprite)
-        in_front |= mask
-    return kept
+        # The target is object 0, whose colour and shape the others share (its depth, size, place and window are
+        # random, so nothing but the question singles it out).
+        swap = swap_partner(_rng(seed, split, "temporal-query", index), len(sprites),
+                            lambda i, j: _windows_iou(windows[i], windows[j]))
+        lines.append(_qvh_record(f"{split}-{index}", video_id, sprites[0], windows[0], windows))
+        if swap is not None:
+            swaps.append(_qvh_record(f"{split}_swap-{index}", video_id, sprites[swap], windows[swap], windows))
+    paths = {}
+    for name, records in ((split, lines), (f"{split}_swap", swaps)):
+        if records:
+            paths[name] = root / "temporal" / f"{name}.jsonl"
+            paths[name].write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records), encoding="utf-8")
+    return paths
 
 
-def _box_xywh(mask: np.ndarray) -> list[float]:
-    ys, xs = np.nonzero(mask)
-    return [float(xs.min()), float(ys.min()), float(xs.max() + 1 - xs.min()), float(ys.max() + 1 - ys.min())]
+def make_region_image(rng, allowed_pairs: list[tuple[str, str]]) -> tuple[np.ndarray, list[Sprite], list[np.ndarray]]:
+    """An image of 2-4 objects with shared attributes and random depth; each object's visible mask."""
+    sprites = place_scene(rng, scene_pairs(rng, _object_count(rng), allowed_pairs))
+    image = textured_background(rng)
+    full = [s.mask() for s in sprites]
+    paint(image, sprites, full)
+    return image, sprites, visible_masks(full, [s.depth for s in sprites])
 
 
+def _generate_refcoco(root: Path, count: dict, seed: int) -> dict:
+    images, annotations, refs = [], [], []
+    for split in SPLITS:
+        for index in range(count[split]):
+            rng = _rng(seed, split, "region", index)
+            image, sprites, masks = make_region_image(rng, _all_pairs())
+            image_id = len(images) + 1
+            file_name = f"{split}_{index:05d}.png"
+            (root / "refcoco" / "images").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(root / "refcoco" / "images" / file_name, optimize=False)
+            images.append({"id": image_id, "file_name": file_name, "height": IMAGE_SIZE, "width": IMAGE_SIZE})
+            annotation_ids = []
+            for sprite, mask in zip(sprites, masks):
+                annotation_ids.append(len(annotations) + 1)
+                annotations.append({
+                    "id": annotation_ids[-1], "image_id": image_id, "category_id": SHAPES.index(sprite.shape) + 1,
+                    "bbox": _box_xywh(mask), "area": int(mask.sum()), "iscrowd": 0, "segmentation": rle_from_mask(mask),
+                })
+            if split == "train":  # every object is asked about
+                asked = [(i, split) for i in range(len(sprites))]
+            else:  # the target (object 0, see _generate_temporal), and a query-swap control on the same image
+                boxes = [annotations[a - 1]["bbox"] for a in annotation_ids]
+                swap = swap_partner(_rng(seed, split, "region-query", index), len(sprites),
+                                    lambda i, j: _box_iou_xywh(boxes[i], boxes[j]))
+                asked = [(0, split)] + ([(swap, f"{split}_swap")] if swap is not None else [])
+            for object_index, ref_split in asked:
+                sprite = sprites[object_index]
+                refs.append({"ref_id": len(refs) + 1, "ann_id": annotation_ids[object_index], "image_id": image_id,
+                             "split": ref_split, "category_id": SHAPES.index(sprite.shape) + 1,
+                             "sentences": [{"sent": sprite.name, "raw": sprite.name}]})
+    instances = {"images": images, "annotations": annotations,
+                 "categories": [{"id": i + 1, "name": s} for i, s in enumerate(SHAPES)]}
+    _dump(root / "refcoco" / "instances.json", instances)
+    _dump(root / "refcoco" / "refs.json", refs)
+    return {"instances": "refcoco/instances.json", "refs": "refcoco/refs.json", "image_dir": "refcoco/images"}
+
+
+def _mask_video_sprites(rng) -> list[Sprite]:
+    """Half of the videos: twins (same colour and shape) moving in opposite directions, told apart only by
+    the motion, plus up to one distractor; the others: 2-3 objects that share attributes."""
+    seconds = (MASK_VIDEO_FRAMES - 1) / MASK_VIDEO_FPS
+    times = tuple(i / MASK_VIDEO_FPS for i in range(MASK_VIDEO_FRAMES))
+    if rng.random() < 0.5:
+        pairs = scene_pairs(rng, int(rng.integers(2, 4)), _all_pairs())
+        return place_scene(rng, pairs, moving=True, times_seconds=times, speed_scale=4.0)
+    twin = _all_pairs()[int(rng.integers(len(_all_pairs())))]
+    extra = scene_pairs(rng, 2, _all_pairs(), first=twin)[1:] if rng.random() < 0.5 else []
+    axis = ("left", "right") if rng.random() < 0.5 else ("up", "down")
+    for _ in range(200):
+        sprites = place_scene(rng, [twin, twin] + extra, moving=True, times_seconds=(0.0,), speed_scale=4.0)
+        if len(sprites) < 2:
+            continue
+        for sprite, direction in zip(sprites[:2], axis):
+            sprite.direction = direction
+            sprite.speed = float(rng.uniform(12, 24))
+            _keep_moving(sprite, seconds)
+        moved = all(s.speed * seconds >= 10 for s in sprites[:2])
+        if moved and _well_visible(sprites, list(times)):
+            return sprites
+    raise RuntimeError("No placement of moving twins keeps them visible.")
+
+
+def _generate_mevis(root: Path, split: str, count: int, seed: int) -> dict:
+    meta, mask_dict = {"videos": {}}, {}
+    for index in range(count):
+        rng = _rng(seed, split, "mask_video", index)
+        sprites = _mask_video_sprites(rng)
+        background = textured_background(rng)
+        video_id = f"{split}_{index:05d}"
+        frame_dir = root / "mevis" / "JPEGImages" / video_id
+        frame_dir.mkdir(parents=True, exist_ok=True)
+        frames, per_object = [], [[] for _ in sprites]
+        for frame_index in range(MASK_VIDEO_FRAMES):
+            seconds = frame_index / MASK_VIDEO_FPS
+            image = background.copy()
+            full = [s.mask(seconds) for s in sprites]
+            paint(image, sprites, full)
+            for masks, mask in zip(per_object, visible_masks(full, [s.depth for s in sprites])):
+                masks.append(mask)
+            Image.fromarray(image).save(frame_dir / f"{frame_index:05d}.jpg", quality=95)
+            frames.append(f"{frame_index:05d}")
+        expressions = {}
+        for sprite, masks in zip(sprites, per_object):  # every object is annotated and asked about
+            annotation_id = str(len(mask_dict))
+            mask_dict[annotation_id] = [rle_from_mask(m) for m in masks]
+            expressions[str(len(expressions))] = {"exp": f"{sprite.name} moving {sprite.direction}",
+                                                  "anno_id": [annotation_id], "obj_id": [len(expressions)]}
+        meta["videos"][video_id] = {"frames": frames, "expressions": expressions}
+    _dump(root / "mevis" / split / "meta_expressions.json", meta)
+    _dump(root / "mevis" / split / "mask_dict.json", mask_dict)
+    return {"meta_expressions": f"mevis/{split}/meta_expressions.json", "mask_dict": f"mevis/{split}/mask_dict.json",
+            "frames_dir": "mevis/JPEGImages", "fps": MASK_VIDEO_FPS}
+
+
+# --------------------------------------------------------------------------------------------------
+# Conversations
+# --------------------------------------------------------------------------------------------------
 def _options(rng, correct: str, pool: list[str]) -> tuple[list[str], str]:
     others = [p for p in pool if p != correct]
     chosen = [correct] + [others[i] for i in rng.permutation(len(others))[:3]]
@@ -292,107 +523,25 @@ def _mcq_text(question: str, options: list[str]) -> str:
     return "\n".join(lines + ["Answer with the option's letter."])
 
 
-# --------------------------------------------------------------------------------------------------
-# The benchmark
-# --------------------------------------------------------------------------------------------------
-def _dump(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
-
-
-def _round(values, digits: int = 3):
-    return [round(float(v), digits) for v in values]
-
-
-def _generate_temporal(root: Path, split: str, count: int, seed: int, videos: dict) -> Path:
-    lines = []
-    for index in range(count):
-        rng = _rng(seed, split, "temporal", index)
-        video_id = f"{split}_{index:05d}"
-        info = make_temporal_video(rng, root / "temporal" / "videos" / f"{video_id}.mp4")
-        videos[video_id] = info
-        lines.append(json.dumps({
-            "qid": f"{split}-{index}", "query": info["target"].name, "duration": VIDEO_SECONDS, "vid": video_id,
-            "relevant_windows": [_round(w) for w in info["windows"]], "relevant_clip_ids": info["clip_ids"],
-            "saliency_scores": info["scores"],
-        }, sort_keys=True))
-    path = root / "temporal" / f"{split}.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
-
-
-def _generate_refcoco(root: Path, count: int, seed: int) -> dict:
-    images, annotations, refs = [], [], []
-    for split in SPLITS:
-        for index in range(count[split]):
-            rng = _rng(seed, split, "region", index)
-            image, sprites, masks = make_image(rng, _all_pairs())
-            image_id = len(images) + 1
-            file_name = f"{split}_{index:05d}.png"
-            (root / "refcoco" / "images").mkdir(parents=True, exist_ok=True)
-            Image.fromarray(image).save(root / "refcoco" / "images" / file_name, optimize=False)
-            images.append({"id": image_id, "file_name": file_name, "height": IMAGE_SIZE, "width": IMAGE_SIZE})
-            for object_index, (sprite, mask) in enumerate(zip(sprites, masks)):
-                if not mask.any():  # a distractor hidden behind the target
-                    continue
-                annotation_id = len(annotations) + 1
-                annotations.append({
-                    "id": annotation_id, "image_id": image_id, "category_id": SHAPES.index(sprite.shape) + 1,
-                    "bbox": _box_xywh(mask), "area": int(mask.sum()), "iscrowd": 0, "segmentation": rle_from_mask(mask),
-                })
-                if object_index == 0:  # the target: a unique colour and shape in its image
-                    refs.append({"ref_id": len(refs) + 1, "ann_id": annotation_id, "image_id": image_id,
-                                 "split": split, "category_id": SHAPES.index(sprite.shape) + 1,
-                                 "sentences": [{"sent": sprite.name, "raw": sprite.name}]})
-    instances = {"images": images, "annotations": annotations,
-                 "categories": [{"id": i + 1, "name": s} for i, s in enumerate(SHAPES)]}
-    _dump(root / "refcoco" / "instances.json", instances)
-    _dump(root / "refcoco" / "refs.json", refs)
-    return {"instances": str(root / "refcoco" / "instances.json"), "refs": str(root / "refcoco" / "refs.json"),
-            "image_dir": str(root / "refcoco" / "images")}
-
-
-def _generate_mevis(root: Path, split: str, count: int, seed: int) -> dict:
-    meta, mask_dict = {"videos": {}}, {}
-    for index in range(count):
-        rng = _rng(seed, split, "mask_video", index)
-        sprites = _distinct_sprites(rng, int(rng.integers(1, 3)), _all_pairs(), moving=True)
-        for sprite in sprites:
-            sprite.speed *= 4  # move visibly within the 4-second clip
-            _keep_moving(sprite, (MASK_VIDEO_FRAMES - 1) / MASK_VIDEO_FPS)
-        background = textured_background(rng)
-        video_id = f"{split}_{index:05d}"
-        frame_dir = root / "mevis" / "JPEGImages" / video_id
-        frame_dir.mkdir(parents=True, exist_ok=True)
-        frames, per_frame = [], []
-        for frame_index in range(MASK_VIDEO_FRAMES):
-            seconds = frame_index / MASK_VIDEO_FPS
-            image = background.copy()
-            masks = paint(image, [(s, *s.position(seconds)) for s in reversed(sprites)])[::-1]
-            Image.fromarray(image).save(frame_dir / f"{frame_index:05d}.jpg", quality=95)
-            frames.append(f"{frame_index:05d}")
-            per_frame.append(masks[0])
-        annotation_id = str(len(mask_dict))
-        mask_dict[annotation_id] = [rle_from_mask(m) for m in per_frame]
-        target = sprites[0]
-        expression = f"{target.name} moving {target.direction}"
-        meta["videos"][video_id] = {"frames": frames, "expressions": {"0": {"exp": expression, "anno_id": [annotation_id],
-                                                                             "obj_id": [0]}}}
-    _dump(root / "mevis" / split / "meta_expressions.json", meta)
-    _dump(root / "mevis" / split / "mask_dict.json", mask_dict)
-    return {"meta_expressions": str(root / "mevis" / split / "meta_expressions.json"),
-            "mask_dict": str(root / "mevis" / split / "mask_dict.json"), "frames_dir": str(root / "mevis" / "JPEGImages"),
-            "fps": MASK_VIDEO_FPS}
+def _distinct_pairs(rng, count: int, allowed: list[tuple[str, str]], first: tuple[str, str] | None = None):
+    """`count` pairs with different colours and different shapes (so that a colour or a shape names one)."""
+    pairs = [first] if first is not None else []
+    for index in rng.permutation(len(allowed)).tolist():
+        colour, shape = allowed[index]
+        if len(pairs) == count:
+            break
+        if all(colour != c and shape != s for c, s in pairs):
+            pairs.append((colour, shape))
+    return pairs
 
 
 def _conversation_on_image(rng, split: str, index: int, root: Path) -> dict:
     """Training conversations never show a held-out colour x shape pair; half of the test ones ask about one."""
     allowed = [p for p in _all_pairs() if p not in HELD_OUT_PAIRS] if split == "train" else _all_pairs()
     first = HELD_OUT_PAIRS[int(rng.integers(len(HELD_OUT_PAIRS)))] if split == "test" and index % 2 == 0 else None
-    sprites = _without_hidden(_distinct_sprites(rng, int(rng.integers(1, 4)), allowed, moving=False, first_pair=first))
+    sprites = place_scene(rng, _distinct_pairs(rng, int(rng.integers(1, 4)), allowed, first))
     image = textured_background(rng)
-    paint(image, [(s, s.x, s.y) for s in reversed(sprites)])
+    paint(image, sprites, [s.mask() for s in sprites])
     file_name = f"{split}_{index:05d}.png"
     (root / "conversation" / "images").mkdir(parents=True, exist_ok=True)
     Image.fromarray(image).save(root / "conversation" / "images" / file_name)
@@ -409,19 +558,20 @@ def _conversation_on_image(rng, split: str, index: int, root: Path) -> dict:
 
 
 def _conversation_on_video(rng, split: str, index: int, video_id: str, info: dict) -> dict:
-    target = info["target"]
+    sprites = info["sprites"]
+    subject = sprites[int(rng.integers(len(sprites)))]
     appearances = sorted(info["appearances"].items(), key=lambda item: item[1])
     unique_first = len(appearances) >= 2 and appearances[1][1] - appearances[0][1] >= 1.0
     if rng.random() < 0.5 or not unique_first:
-        question = f"In which direction does the {target.name} move?"
-        answer, pool, kind = target.direction, list(DIRECTIONS), "direction"
+        question = f"In which direction does the {subject.name} move?"
+        answer, pool, kind = subject.direction, list(DIRECTIONS), "direction"
     else:
         question = "Which shape appears first in the video?"
-        answer = appearances[0][0].split()[1]
-        pool, kind = [s.shape for s in info["sprites"]] + [s for s in SHAPES], "order"
-        pool = list(dict.fromkeys(pool))
+        first = next(s for s in sprites if s.name == appearances[0][0])
+        subject, answer, kind = first, first.shape, "order"
+        pool = list(dict.fromkeys([s.shape for s in sprites] + list(SHAPES)))
     return _conversation_record(rng, f"vid-{split}-{index}", {"video": f"../temporal/videos/{video_id}.mp4"}, question,
-                                answer, pool, kind, target.name)
+                                answer, pool, kind, subject.name)
 
 
 def _conversation_record(rng, record_id: str, media: dict, question: str, answer: str, pool: list[str], kind: str,
@@ -439,11 +589,11 @@ def _conversation_record(rng, record_id: str, media: dict, question: str, answer
                                         {"from": "gpt", "value": answer}]}
 
 
-def _generate_conversations(root: Path, split: str, count: int, seed: int, videos: dict) -> Path:
+def _generate_conversations(root: Path, split: str, count: int, seed: int, videos: dict) -> str:
     records = []
     video_ids = sorted(v for v in videos if v.startswith(split))
     if split == "train":  # training conversations never show a held-out pair, in images or in videos
-        video_ids = [v for v in video_ids if not any((s.colour, s.shape) in HELD_OUT_PAIRS for s in videos[v]["sprites"])]
+        video_ids = [v for v in video_ids if not any(s.pair in HELD_OUT_PAIRS for s in videos[v]["sprites"])]
     for index in range(count):
         rng = _rng(seed, split, "conversation", index)
         if video_ids and index % 3 == 2:
@@ -451,39 +601,67 @@ def _generate_conversations(root: Path, split: str, count: int, seed: int, video
             records.append(_conversation_on_video(rng, split, index, video_id, videos[video_id]))
         else:
             records.append(_conversation_on_image(rng, split, index, root))
-    path = root / "conversation" / f"{split}.json"
-    _dump(path, records)
-    return path
+    _dump(root / "conversation" / f"{split}.json", records)
+    return f"conversation/{split}.json"
 
 
+# --------------------------------------------------------------------------------------------------
+# The benchmark
+# --------------------------------------------------------------------------------------------------
 PART_FOLDERS = ("temporal", "refcoco", "mevis", "conversation")
+_PATH_KEYS = ("jsonl", "json", "video_dir", "instances", "refs", "image_dir", "meta_expressions", "mask_dict",
+              "frames_dir", "media_dir")
+_FILE_KEYS = ("jsonl", "json", "instances", "refs", "meta_expressions", "mask_dict")
 
 
-def _is_complete(manifest: dict, root: Path, size: str, seed: int) -> bool:
-    """Same size, seed, format version and folder, and every annotation file still there."""
+def resolve_manifest(manifest: dict, folder: str | os.PathLike) -> dict:
+    """The manifest with every path in its specs joined to `folder` (the manifest's own folder), so that it
+    reads from any working directory. Absolute paths stay as they are."""
+    resolved = json.loads(json.dumps(manifest))
+    for group in ("splits", "controls"):
+        for parts in resolved.get(group, {}).values():
+            for spec in parts.values():
+                for key in _PATH_KEYS:
+                    if key in spec:
+                        spec[key] = str(Path(folder) / spec[key])
+    resolved["root"] = str(Path(folder))
+    return resolved
+
+
+def load_manifest(path: str | os.PathLike) -> dict:
+    """A benchmark's manifest (the file, or its folder) with paths resolved against its folder."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "manifest.json"
+    return resolve_manifest(json.loads(path.read_text(encoding="utf-8")), path.parent)
+
+
+def _is_complete(manifest: dict, size: str, seed: int) -> bool:
+    """Same size, seed and format version, and every annotation file still there (paths resolved)."""
     if (manifest.get("size"), manifest.get("seed"), manifest.get("version")) != (size, seed, FORMAT_VERSION):
         return False
-    if Path(manifest.get("root", "")).resolve() != root.resolve():
-        return False  # moved: the manifest's paths point elsewhere
-    files = [value for parts in manifest["splits"].values() for spec in parts.values()
-             for key, value in spec.items() if key in ("jsonl", "json", "instances", "refs", "meta_expressions", "mask_dict")]
+    files = [value for group in ("splits", "controls") for parts in manifest.get(group, {}).values()
+             for spec in parts.values() for key, value in spec.items() if key in _FILE_KEYS]
     return all(Path(f).exists() for f in files)
 
 
-def generate_synthetic_benchmark(out_dir: str | os.PathLike, size: str = "default", seed: int = 0) -> dict:
-    """Write the benchmark under `out_dir` and return its manifest (also `out_dir/manifest.json`).
+def generate_synthetic_benchmark(out_dir: str | os.PathLike, size: str = "default", seed: int = 0,
+                                 workers: int | None = None) -> dict:
+    """Write the benchmark under `out_dir` and return its manifest, paths resolved (`out_dir/manifest.json`
+    holds them relative to `out_dir`, so the folder can move).
 
     A folder that already holds a complete benchmark of the same size, seed and format version is reused
-    as it is (its manifest is returned). Otherwise the generator's own folders (temporal/, refcoco/, mevis/,
-    conversation/) are replaced; other files in `out_dir` are left alone.
+    as it is. Otherwise the generator's own folders (temporal/, refcoco/, mevis/, conversation/) are
+    replaced; other files in `out_dir` are left alone. `workers`: processes for the videos (default: the
+    CPU count); the files do not depend on it.
     """
     if size not in SIZES:
         raise ValueError(f"Unknown size {size!r}; choose one of {list(SIZES)}.")
     root = Path(out_dir)
     manifest_path = root / "manifest.json"
     if manifest_path.exists():
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        if _is_complete(manifest, root, size, seed):
+        manifest = load_manifest(manifest_path)
+        if _is_complete(manifest, size, seed):
             logger.info("Reusing the synthetic benchmark in %s", root)
             return manifest
     # The manifest goes first and comes back last: a run cut short never looks complete. Only the
@@ -493,31 +671,42 @@ def generate_synthetic_benchmark(out_dir: str | os.PathLike, size: str = "defaul
         shutil.rmtree(root / part, ignore_errors=True)
     counts = {part: dict(zip(SPLITS, numbers)) for part, numbers in SIZES[size].items()}
     root.mkdir(parents=True, exist_ok=True)
+    workers = workers or min(os.cpu_count() or 1, 4)
     logger.info("Generating the synthetic benchmark (%s, seed %d) in %s", size, seed, root)
     videos: dict = {}
     splits = {split: {} for split in SPLITS}
+    controls = {split: {} for split in SPLITS if split != "train"}
+    video_dir = "temporal/videos"
     for split in SPLITS:
+        paths = _generate_temporal(root, split, counts["temporal"][split], seed, videos, workers)
         splits[split]["temporal"] = {"format": "qvhighlights", "split": split,
-                                     "jsonl": str(_generate_temporal(root, split, counts["temporal"][split], seed, videos)),
-                                     "video_dir": str(root / "temporal" / "videos")}
+                                     "jsonl": str(paths[split].relative_to(root)), "video_dir": video_dir}
+        if f"{split}_swap" in paths:
+            controls[split]["temporal_query_swap"] = {"format": "qvhighlights", "split": split,
+                                                      "jsonl": str(paths[f"{split}_swap"].relative_to(root)),
+                                                      "video_dir": video_dir}
     refcoco = _generate_refcoco(root, counts["region"], seed)
     for split in SPLITS:
-        # Every ref gives a box sample; half of them also give a mask sample (image masks are cheap to learn).
+        evaluation = {"alternatives": True} if split != "train" else {}
         splits[split]["region"] = {"format": "refcoco", **refcoco, "split": split, "tasks": ["region"],
-                                   "dataset_name": "synthetic_refcoco"}
+                                   "dataset_name": "synthetic_refcoco", **evaluation}
+        # Image masks: the first half of the split's region queries (image masks are cheap to learn).
         splits[split]["mask_image"] = {"format": "refcoco", **refcoco, "split": split, "tasks": ["mask"],
-                                       "dataset_name": "synthetic_refcoco",
+                                       "dataset_name": "synthetic_refcoco", **evaluation,
                                        "max_samples": max(1, counts["region"][split] // 2)}
         splits[split]["mask_video"] = {"format": "mevis", "split": split, "dataset_name": "synthetic_mevis",
-                                       **_generate_mevis(root, split, counts["mask_video"][split], seed)}
-        splits[split]["conversation"] = {"format": "llava", "media_dir": str(root / "conversation"), "split": split,
+                                       **_generate_mevis(root, split, counts["mask_video"][split], seed), **evaluation}
+        splits[split]["conversation"] = {"format": "llava", "media_dir": "conversation", "split": split,
                                          "fps": VIDEO_FPS,
-                                         "json": str(_generate_conversations(root, split, counts["conversation"][split],
-                                                                             seed, videos))}
-    manifest = {"version": FORMAT_VERSION, "size": size, "seed": seed, "root": str(root), "splits": splits,
+                                         "json": _generate_conversations(root, split, counts["conversation"][split],
+                                                                         seed, videos)}
+        if split != "train":
+            controls[split]["region_query_swap"] = {"format": "refcoco", **refcoco, "split": f"{split}_swap",
+                                                    "tasks": ["region"], "dataset_name": "synthetic_refcoco"}
+    manifest = {"version": FORMAT_VERSION, "size": size, "seed": seed, "splits": splits, "controls": controls,
                 "held_out_pairs": [list(p) for p in HELD_OUT_PAIRS]}
     _dump(manifest_path, manifest)
-    return manifest
+    return resolve_manifest(manifest, root)
 
 
 def load_split(manifest: dict, split: str,
@@ -528,14 +717,22 @@ def load_split(manifest: dict, split: str,
     return {part: read_spec(manifest["splits"][split][part]) for part in parts}
 
 
+def load_controls(manifest: dict, split: str) -> dict:
+    """The query-swap control datasets of an evaluation split ({} for train), read with the real readers."""
+    from .readers import read_spec
+
+    return {name: read_spec(spec) for name, spec in manifest.get("controls", {}).get(split, {}).items()}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--size", default="default", choices=list(SIZES))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=None, help="processes for the videos (default: CPU count)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    manifest = generate_synthetic_benchmark(args.out, size=args.size, seed=args.seed)
+    manifest = generate_synthetic_benchmark(args.out, size=args.size, seed=args.seed, workers=args.workers)
     logger.info("Wrote %s", Path(args.out) / "manifest.json")
     for split, parts in manifest["splits"].items():
         logger.info("%s: %s", split, ", ".join(parts))

@@ -4,6 +4,7 @@ points, and a short end-to-end run (three stages, evaluation, metrics file, relo
 import importlib.util
 import json
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -69,13 +70,34 @@ def test_real_data_template_specs_are_valid():
             assert callable(reader) and kwargs
 
 
-def test_stage_resume_point(tmp_path):
+def _fake_checkpoint(folder: Path, step: int) -> Path:
+    """A complete checkpoint as far as resuming can tell: weights with a valid safetensors header, state last."""
+    from safetensors.torch import save_file
+    import torch
+
+    folder.mkdir(parents=True)
+    save_file({"w": torch.zeros(2)}, folder / "model.safetensors")
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": step, "max_steps": 100}), encoding="utf-8")
+    return folder
+
+
+def test_stage_resume_point(tmp_path, caplog):
     stage_dir = tmp_path / "stage-task"
     assert run_tpo.stage_resume_point(None, str(stage_dir)) is None
     assert run_tpo.stage_resume_point("true", str(stage_dir)) is None  # nothing saved yet: a fresh start
     for step in (5, 20, 10):
-        (stage_dir / f"checkpoint-{step}").mkdir(parents=True)
+        _fake_checkpoint(stage_dir / f"checkpoint-{step}", step)
     assert Path(run_tpo.stage_resume_point("true", str(stage_dir))).name == "checkpoint-20"
+    # killed while saving: no state file, a state file cut short, a truncated weights file
+    (stage_dir / "checkpoint-30").mkdir()
+    (stage_dir / "checkpoint-40").mkdir()
+    (stage_dir / "checkpoint-40" / "trainer_state.json").write_text('{"global_step": 4', encoding="utf-8")
+    truncated = _fake_checkpoint(stage_dir / "checkpoint-50", 50) / "model.safetensors"
+    truncated.write_bytes(truncated.read_bytes()[:12])
+    with caplog.at_level(logging.WARNING):
+        assert Path(run_tpo.stage_resume_point("true", str(stage_dir))).name == "checkpoint-20"
+    assert {"checkpoint-30", "checkpoint-40", "checkpoint-50"} <= {
+        Path(r.args[0]).name for r in caplog.records if "incomplete" in r.getMessage()}
     given = str(stage_dir / "checkpoint-10")
     assert run_tpo.stage_resume_point(given, str(stage_dir)) == given
     assert run_tpo.stage_resume_point(given, str(tmp_path / "stage-joint")) is None  # another stage's checkpoint
@@ -99,6 +121,7 @@ def test_three_stages_end_to_end_with_stage_data(tmp_path, caplog):
         "train": list(splits["train"].values()),
         "train_joint": [splits["train"]["region"], splits["train"]["conversation"]],
         "test": list(splits["test"].values()),
+        "controls": {name: [spec] for name, spec in manifest["controls"]["test"].items()},
     }
     (tmp_path / "data.yaml").write_text(yaml.safe_dump(data_config), encoding="utf-8")
     out = tmp_path / "run"
@@ -113,9 +136,14 @@ def test_three_stages_end_to_end_with_stage_data(tmp_path, caplog):
     assert [line.split(":")[0] for line in stage_lines] == ["Stage assign", "Stage task", "Stage joint"]
     assert "'train_joint'" in stage_lines[2] and "'train'" in stage_lines[0]
     saved = json.loads((out / "eval_results.json").read_text(encoding="utf-8"))
+    assert saved.pop("mask/j&f_mode") == "per_frame"  # the default config's mode, written next to the metric
     assert saved == pytest.approx(metrics)
     assert set(REQUIRED_KEYS) <= set(saved)
-    assert all(0.0 <= value <= 1.0 for key, value in saved.items() if "/" in key)
+    assert saved["eval/skipped_samples"] == 0
+    assert all(0.0 <= value <= 1.0 for key, value in saved.items() if "/" in key and not key.startswith("eval/"))
+    # the controls and floors of the synthetic benchmark are reported
+    assert {"control/region_query_swap_acc@0.5", "floor/region_query_blind_acc@0.5",
+            "floor/temporal_query_blind_r1@0.5", "floor/mask_query_blind_miou"} <= set(saved)
 
     from transformers import AutoModel, AutoProcessor
 
@@ -183,3 +211,52 @@ def test_pretrained_checkpoint_on_disk_is_wrapped_with_its_own_processor(family,
     batch.pop("tpo_meta")
     out = model(**batch)
     assert torch.isfinite(out.loss) and {"lm", "assign", "region", "temporal"} <= set(out.loss_dict)
+
+
+def test_stage_names_are_checked_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setattr(run_tpo, "load_data", lambda *a: pytest.fail("data loaded before the stages were checked"))
+    for stages in (["assign", "foo"], ["task", "task"]):
+        with pytest.raises(ValueError, match="--stages"):
+            run_tpo.main(["--output_dir", str(tmp_path / "x"), "--stages", *stages])
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_second_run_on_the_same_output_dir_is_refused(tmp_path, caplog):
+    out = tmp_path / "run"
+    with run_tpo.output_dir_lock(out, take_over=False):
+        lock = json.loads((out / ".tpo_run.lock").read_text())
+        assert lock["pid"] == os.getpid()
+        with pytest.raises(RuntimeError, match="in use by another run"):
+            with run_tpo.output_dir_lock(out, take_over=False):
+                pass
+        with caplog.at_level(logging.WARNING):
+            with run_tpo.output_dir_lock(out, take_over=True):  # --overwrite_output_dir
+                pass
+        assert any("Taking over" in r.getMessage() for r in caplog.records)
+    assert not (out / ".tpo_run.lock").exists()  # released
+    (out / ".tpo_run.lock").write_text(json.dumps({"pid": 2 ** 22 + 12345, "host": __import__("socket").gethostname()}))
+    with run_tpo.output_dir_lock(out, take_over=False):  # a lock left by a process that is gone is taken over
+        pass
+    with run_tpo.output_dir_lock(out, take_over=False, is_main_process=False):  # other ranks do not lock
+        assert not (out / ".tpo_run.lock").exists()
+
+
+def test_final_model_is_saved_whole_or_not_at_all(tmp_path):
+    class Saves:
+        def __init__(self, fail: bool):
+            self.fail = fail
+
+        def save_pretrained(self, folder):
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            (Path(folder) / "config.json").write_text("{}")
+            if self.fail:
+                raise OSError(28, "No space left on device")
+            (Path(folder) / "model.safetensors").write_text("weights")
+
+    final = tmp_path / "final"
+    run_tpo.save_final(Saves(False), Saves(False), final)
+    assert (final / "model.safetensors").exists()
+    with pytest.raises(OSError, match="No space"):
+        run_tpo.save_final(Saves(True), Saves(False), final)
+    assert (final / "model.safetensors").exists()  # the complete earlier one is kept, nothing half-written in its place
+    assert not (tmp_path / "final.partial" / "model.safetensors").exists()

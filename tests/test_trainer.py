@@ -167,6 +167,28 @@ def test_resume_reproduces_the_uninterrupted_run(setup):
     np.testing.assert_allclose(_losses(resumed_logs), _losses(full_logs)[3:], rtol=1e-5)
 
 
+def test_resuming_a_finished_run_takes_no_extra_step(setup):
+    """max_steps 5 with 3 steps per epoch (24 samples, batch 8): Trainer's own resume from the final checkpoint
+    steps once more; TPOTrainer restores the checkpoint's weights and state and stops."""
+    model, processor, dataset, tmp_path = setup
+    collator = TPODataCollator(processor, media_loader=fake_media)
+    common = dict(max_steps=5, save_strategy="steps", save_steps=5, llm_training="full", per_device_train_batch_size=8)
+    TPOTrainer(model=model, args=make_args(tmp_path, "joint", **common), train_dataset=dataset,
+               data_collator=collator).train()
+    checkpoint = tmp_path / "out-joint" / "checkpoint-5"
+    saved = TPOForConditionalGeneration.from_pretrained(checkpoint).state_dict()
+    for value in model.state_dict().values():  # scramble: only the restore can bring the weights back
+        if value.is_floating_point():
+            value.normal_()
+    logs = LogCollector()
+    resumed = TPOTrainer(model=model, args=make_args(tmp_path, "joint", **common), train_dataset=dataset,
+                         data_collator=collator, callbacks=[logs])
+    output = resumed.train(resume_from_checkpoint=True)
+    assert output.global_step == resumed.state.global_step == 5 and not _losses(logs)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, saved[name]), name
+
+
 def test_non_finite_loss_names_step_term_and_samples(setup):
     model, processor, dataset, tmp_path = setup
     with torch.no_grad():

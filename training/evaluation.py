@@ -1,13 +1,19 @@
 """Task evaluation of a TPO model on samples of the common schema, with the official metrics.
 
 Grounding samples (temporal, region, mask) run once in "force_task" mode: the prompt ends with the
-task's begin and slot tokens, so one forward pass gives the router's choice and the head's prediction.
-Video mask samples are measured with tracking: the mask head segments the first of their SAM2 frames and
-SAM2's video memory propagates that mask through the others (`TPOForConditionalGeneration.track_masks`),
-so J&F measures the model as it is used on videos; image masks are the head's output as is.
-Conversation samples are answered with `generate` (greedy); multiple-choice answers are scored by
-their option letter. Predictions can be written in the benchmarks' formats (QVHighlights submission
-jsonl, boxes, RLE masks, answers) for `examples/evaluate_tpo.py`.
+task's begin and slot tokens, so one forward pass gives the auxiliary router's choice, the head's
+prediction, and the LM's own choice of task: the logits at the last prompt token, which under causal
+attention are exactly the first step of greedy generation from the bare prompt (`router/end_to_end_accuracy`:
+the task whose begin token the LM emits first, or text).
+Video mask samples are scored on every annotated frame: "propagate" segments the first frame with the mask
+head and tracks it through SAM2's video memory (`TPOForConditionalGeneration.track_masks`); "per_frame"
+prompts every frame with the head. Conversation samples are answered with `generate` (greedy); multiple-
+choice answers are scored by their option letter; a text prompt routes right when its answer is text and
+not empty.
+Each grounding metric comes with its question-blind floor (`tpo.training.metrics.floors`) when the samples
+list their media's objects, and query-swap controls (the same media asked about another object) are scored
+like the test set. Predictions can be written in the benchmarks' formats (QVHighlights submission jsonl,
+boxes, RLE masks, answers) for `examples/evaluate_tpo.py`.
 """
 
 import json
@@ -24,6 +30,7 @@ from ..processing.collator_tpo import collate_encoded
 from ..processing.pipeline import MediaError, load_media, probe_media
 from ..processing.processing_tpo import TASK_LABELS, decode_rle
 from .metrics import (
+    as_mask,
     best_gt_iou,
     j_and_f,
     mask_iou_metrics,
@@ -32,17 +39,36 @@ from .metrics import (
     refcoco_accuracy,
     to_submission,
 )
+from .metrics.floors import (
+    mask_query_blind_j_and_f,
+    mask_query_blind_miou,
+    region_query_blind_accuracy,
+    temporal_query_blind_recall,
+)
 
 logger = logging.getLogger(__name__)
-REQUIRED_KEYS = ("temporal/r1@0.5", "temporal/miou", "highlight/hit@1", "region/acc@0.5", "mask/miou",
-                 "router/accuracy", "mcqa/accuracy")
+REQUIRED_KEYS = ("temporal/r1@0.5", "temporal/miou", "highlight/hit@1", "region/acc@0.5", "mask/miou", "mask/j&f",
+                 "router/end_to_end_accuracy", "router/accuracy", "mcqa/accuracy")
+# A metric and the question-blind floor printed beside it.
+FLOORS = {"region/acc@0.5": "floor/region_query_blind_acc@0.5", "temporal/r1@0.5": "floor/temporal_query_blind_r1@0.5",
+          "mask/miou": "floor/mask_query_blind_miou", "mask/j&f": "floor/mask_query_blind_j&f"}
+# What each metric means where the name alone does not say it (printed with the table).
+NOTES = {
+    "router/accuracy": "the auxiliary router classifier (L_assign), not what the LM emits",
+    "router/end_to_end_accuracy": "the LM's first emitted token: the asked task's begin token, or non-empty text",
+    "mask/j&f": "every annotated frame of each video",
+    "mask/j&f_first_frame": "the first annotated frame of each video",
+    "control/region_query_swap_acc@0.5": "the same image asked about another of its objects",
+    "control/temporal_query_swap_r1@0.5": "the same video asked about another of its shapes",
+}
 
 
 @dataclass
 class Predictions:
     """Everything predicted for one evaluation set, per task, in the benchmarks' units."""
 
-    router: list[tuple[int, int]] = field(default_factory=list)  # (predicted, expected)
+    router: list[tuple[int, int]] = field(default_factory=list)  # auxiliary classifier: (predicted, expected)
+    routing: list[dict] = field(default_factory=list)  # the LM's first token: {"id", "expected", "emitted", "text"}
     temporal: list[dict] = field(default_factory=list)
     region: list[dict] = field(default_factory=list)
     mask: list[dict] = field(default_factory=list)
@@ -67,37 +93,70 @@ class TaskEvaluator:
         mask_video_mode: "propagate" (default): video mask samples are segmented on their first frame and
             tracked through SAM2's video memory; "per_frame": every frame is prompted by the task embedding
             alone (for a SAM2 whose memory was never trained, e.g. the randomly initialised tiny SAM2 of
-            the embedded default, whose training reaches the image path only).
+            the embedded default).
+        controls: {name: samples} evaluated like `samples`, their metrics reported as
+            `control/<name>_<metric>` for the task the name starts with (e.g. "region_query_swap" gives
+            `control/region_query_swap_acc@0.5`).
+
+    A sample whose media cannot be read (here or when decoded) is skipped with a warning and counted:
+    `eval/skipped_samples` in the metrics.
     """
 
     def __init__(self, processor, samples, batch_size: int = 16, max_new_tokens: int = 8, media_loader=load_media,
-                 output_dir: str | None = None, mask_video_mode: str = "propagate"):
+                 output_dir: str | None = None, mask_video_mode: str = "propagate", controls: dict | None = None):
         if mask_video_mode not in ("propagate", "per_frame"):
             raise ValueError(f"Unknown mask_video_mode {mask_video_mode!r}; use 'propagate' or 'per_frame'.")
         self.mask_video_mode = mask_video_mode
         self.processor = processor
-        self.samples = [probe_media(dict(s)) for s in samples]
+        self.probe_skipped = 0  # samples left out when probed here
+        self.skipped = 0  # samples left out while decoding, in the last call
+        self.samples = self._probed(samples)
+        self.controls = {name: self._probed(rows) for name, rows in (controls or {}).items()}
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
         self.media_loader = media_loader
         self.output_dir = output_dir
-        self.skipped = 0
+
+    def _probed(self, samples) -> list[dict]:
+        """Samples with sizes and durations filled in; unreadable media skipped and counted."""
+        probed = []
+        for sample in samples:
+            try:
+                probed.append(probe_media(dict(sample)))
+            except (MediaError, OSError, ValueError) as error:
+                self.probe_skipped += 1
+                logger.warning("Evaluation skips sample %r: %s", sample.get("id"), error)
+        return probed
+
+    @property
+    def notes(self) -> dict[str, str]:
+        """What the metrics mean, with the mask mode of this evaluator (for `format_table`)."""
+        notes = dict(NOTES)
+        for key in ("mask/j&f", "mask/j&f_first_frame"):
+            notes[key] += f", {self.mask_video_mode} mode"
+        return notes
 
     def __call__(self, model) -> dict[str, float]:
+        self.skipped = 0
         predictions = self.predict(model)
         metrics = compute_task_metrics(predictions)
+        for name, samples in self.controls.items():
+            metrics.update(control_metrics(name, compute_task_metrics(self.predict(model, samples))))
+        metrics["eval/skipped_samples"] = float(self.probe_skipped + self.skipped)
         if self.output_dir:
             write_predictions(predictions, self.output_dir)
         return metrics
 
     @torch.no_grad()
-    def predict(self, model) -> Predictions:
+    def predict(self, model, samples: list[dict] | None = None) -> Predictions:
+        """Predictions for `samples` (default: the evaluator's)."""
+        samples = self.samples if samples is None else samples
         was_training = model.training
         model.eval()
         predictions = Predictions()
         try:
-            grounding = [s for s in self.samples if s["task"] != "text"]
-            text = [s for s in self.samples if s["task"] == "text"]
+            grounding = [s for s in samples if s["task"] != "text"]
+            text = [s for s in samples if s["task"] == "text"]
             for batch in _batches(grounding, self.batch_size):
                 self._grounding_batch(model, batch, predictions)
             for batch in _batches(text, self.batch_size):
@@ -148,17 +207,24 @@ class TaskEvaluator:
                     "temporal_saliency", "mask_targets", "task_labels"):
             batch.pop(key, None)
         tracked = self._video_mask_frames(batch, encoded) if self.mask_video_mode == "propagate" else {}
+        prompt_end = batch["instruction_end_index"]
         outputs = model(**self._to_device(batch, model))
         router = outputs.router_logits.argmax(-1).tolist()
-        for sample, choice in zip(kept, router):
+        rows = torch.arange(len(kept), device=outputs.logits.device)
+        first_tokens = outputs.logits[rows, prompt_end.to(outputs.logits.device)].argmax(-1).tolist()
+        begin_tasks = task_of_begin_token(model)
+        for sample, choice, token in zip(kept, router, first_tokens):
             predictions.router.append((choice, TASK_LABELS[sample["task"]]))
+            predictions.routing.append({"id": sample["id"], "expected": sample["task"],
+                                        "emitted": begin_tasks.get(token, "text"), "text": None})
         if outputs.pred_boxes is not None:
             sizes = [tuple(kept[b]["image_size"]) for b in outputs.pred_boxes_batch_index.tolist()]
             boxes = self.processor.post_process_boxes(outputs.pred_boxes, sizes)
             for b, box in zip(outputs.pred_boxes_batch_index.tolist(), boxes):
                 sample = kept[b]
+                objects = json.loads(sample.get("meta") or "{}").get("alternatives", {})
                 predictions.region.append({"id": sample["id"], "pred_box": box, "gt_box": sample["boxes_xyxy_pixels"][0],
-                                           "meta": sample["meta"]})
+                                           "meta": sample.get("meta", "{}"), "alternatives": objects.get("boxes_xyxy_pixels")})
         if outputs.temporal_outputs:
             self._collect_temporal(model, outputs.temporal_outputs, kept, meta, predictions)
         if outputs.mask_outputs:
@@ -175,8 +241,10 @@ class TaskEvaluator:
             seconds = self.processor.post_process_spans([windows[q]], [duration])[0]
             saliency = temporal["pred_saliency"][q][frame_mask][None]
             clip_scores = self.processor.post_process_saliency(saliency, [times], [duration])[0]
+            sample_meta = json.loads(sample.get("meta") or "{}")
             predictions.temporal.append({
-                "id": sample["id"], "qid": json.loads(sample["meta"]).get("qid", sample["id"]), "windows": seconds,
+                "id": sample["id"], "qid": sample_meta.get("qid", sample["id"]), "windows": seconds,
+                "alternatives": sample_meta.get("alternative_windows"),
                 "clip_scores": clip_scores, "gt_windows": [list(w) for w in sample["spans_seconds"]],
                 "duration": duration, "relevant_clip_ids": list(sample["saliency_clip_ids"]),
                 "saliency_scores": [list(s) for s in sample["saliency_scores"]],
@@ -225,7 +293,8 @@ class TaskEvaluator:
             gt = [decode_rle(r) for r in plan_targets.get("masks_rle", [])]
             entry = {"id": sample["id"], "video": sample["media_type"] != "image", "tracked": q in tracked,
                      "pred": [m["mask"] for m in binary], "pred_rle": [m["rle"] for m in binary],
-                     "gt": gt, "frames": plan_targets.get("mask_frames", [])}
+                     "gt": gt, "frames": plan_targets.get("mask_frames", []),
+                     "alternatives": _mask_alternatives(sample, plan_targets.get("mask_frames", []))}
             if boxes is not None:
                 entry["pred_boxes"] = boxes
             predictions.mask.append(entry)
@@ -241,38 +310,67 @@ class TaskEvaluator:
         router = model(**inputs).router_logits.argmax(-1).tolist()
         generated = model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
                                    return_dict_in_generate=False)
-        answers = self.processor.tokenizer.batch_decode(generated[:, inputs["input_ids"].shape[1]:],
-                                                        skip_special_tokens=True)
-        for sample, choice, answer in zip(kept, router, answers):
+        new_tokens = generated[:, inputs["input_ids"].shape[1]:]
+        answers = self.processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        begin_tasks = task_of_begin_token(model)
+        for sample, choice, answer, tokens in zip(kept, router, answers, new_tokens.tolist()):
             predictions.router.append((choice, TASK_LABELS["text"]))
+            emitted = begin_tasks.get(tokens[0], "text") if tokens else "text"
+            predictions.routing.append({"id": sample["id"], "expected": "text", "emitted": emitted,
+                                        "text": answer.strip()})
             reference = next((t["content"] for t in reversed(sample["conversations"]) if t["role"] == "assistant"), "")
             predictions.text.append({"id": sample["id"], "prediction": answer.strip(), "reference": reference,
                                      "options": list(sample["options"]), "answer": sample["answer"]})
 
 
+def task_of_begin_token(model) -> dict[int, str]:
+    """{begin token id: task} of the model's enabled tasks."""
+    token_ids = getattr(model.config, "task_token_ids", None) or {}
+    return {int(entry["begin"]): task for task, entry in token_ids.items()}
+
+
+def _mask_alternatives(sample: dict, frames: list[int]) -> list[list] | None:
+    """Every object of the sample's media on its evaluated frames (`meta["alternatives"]["masks_rle"]`: per
+    object one RLE for an image, or per annotated frame an RLE or None for a video), or None."""
+    objects = json.loads(sample.get("meta") or "{}").get("alternatives", {}).get("masks_rle")
+    if objects is None:
+        return None
+    if sample["media_type"] == "image":
+        return [[rle] for rle in objects]
+    position = {int(f): i for i, f in enumerate(sample["mask_frame_indices"])}
+    return [[masks[position[f]] if f in position else None for f in frames] for masks in objects]
+
+
+def control_metrics(name: str, metrics: dict[str, float]) -> dict[str, float]:
+    """A control set's metrics of the task its name starts with, as `control/<name>_<metric>`."""
+    task = name.split("_")[0]
+    return {f"control/{name}_{key.split('/', 1)[1]}": value for key, value in metrics.items()
+            if key.startswith(f"{task}/")}
+
+
 def compute_task_metrics(predictions: Predictions) -> dict[str, float]:
-    """The metrics of every task present (keys `task/metric`, percentages as fractions in [0, 1])."""
+    """The metrics of every task present (keys `task/metric`, percentages as fractions in [0, 1]), with the
+    question-blind floors (`floor/...`) where every sample of a task lists its media's objects."""
     metrics: dict[str, float] = {}
     if predictions.router:
         chosen, expected = np.array(predictions.router).T
         metrics["router/accuracy"] = float(np.mean(chosen == expected))
+    if predictions.routing:
+        metrics.update(_routing_metrics(predictions.routing))
     if predictions.region:
         region = refcoco_accuracy([p["pred_box"] for p in predictions.region], [p["gt_box"] for p in predictions.region])
         metrics["region/acc@0.5"] = region["Acc@0.5"] / 100
         metrics["region/miou"] = region["mIoU"] / 100
+        if all(p.get("alternatives") for p in predictions.region):
+            metrics[FLOORS["region/acc@0.5"]] = region_query_blind_accuracy(
+                [p["gt_box"] for p in predictions.region], [p["alternatives"] for p in predictions.region])
     if predictions.temporal:
         metrics.update(_temporal_metrics(predictions.temporal))
+        if all(p.get("alternatives") for p in predictions.temporal):
+            metrics[FLOORS["temporal/r1@0.5"]] = temporal_query_blind_recall(
+                [p["gt_windows"] for p in predictions.temporal], [p["alternatives"] for p in predictions.temporal])
     if predictions.mask:
-        images = [p for p in predictions.mask if p["gt"]]
-        flat_pred = [m for p in images for m in p["pred"][: len(p["gt"])]]
-        flat_gt = [m for p in images for m in p["gt"]]
-        if flat_gt:
-            masks = mask_iou_metrics(flat_pred, flat_gt)
-            metrics["mask/miou"] = masks["gIoU"] / 100
-            metrics["mask/ciou"] = masks["cIoU"] / 100
-        videos = [p for p in images if p["video"]]
-        if videos:
-            metrics["mask/j&f"] = j_and_f([p["pred"] for p in videos], [p["gt"] for p in videos])["J&F"] / 100
+        metrics.update(_mask_metrics(predictions.mask))
     if predictions.text:
         mcq = [p for p in predictions.text if p["options"]]
         if mcq:
@@ -283,6 +381,45 @@ def compute_task_metrics(predictions: Predictions) -> dict[str, float]:
             metrics["text/exact_match"] = float(np.mean([
                 p["prediction"].lower().strip(" .") == p["reference"].lower().strip(" .") for p in open_ended]))
     return metrics
+
+
+def _routing_metrics(routing: list[dict]) -> dict[str, float]:
+    """End-to-end routing: right when the LM's first token opens the asked task; for a text prompt, when it
+    answers in text and the answer is not empty."""
+    right = [r["emitted"] == r["expected"] and (r["expected"] != "text" or bool(r["text"])) for r in routing]
+    out = {"router/end_to_end_accuracy": float(np.mean(right))}
+    text = [r for r in routing if r["expected"] == "text"]
+    if text:
+        out["router/empty_text_answers"] = float(np.mean([r["emitted"] == "text" and not r["text"] for r in text]))
+    return out
+
+
+def _mask_metrics(masks: list[dict]) -> dict[str, float]:
+    """gIoU / cIoU over every scored frame (images and video frames alike), J&F over the videos (all annotated
+    frames, and the first frame alone), and the floors where every sample lists its media's objects."""
+    scored = [p for p in masks if p["gt"]]
+    out: dict[str, float] = {}
+    if not scored:
+        return out
+    ious = mask_iou_metrics([m for p in scored for m in p["pred"][: len(p["gt"])]], [m for p in scored for m in p["gt"]])
+    out["mask/miou"], out["mask/ciou"] = ious["gIoU"] / 100, ious["cIoU"] / 100
+    with_objects = all(p.get("alternatives") for p in scored)
+    if with_objects:
+        out[FLOORS["mask/miou"]] = mask_query_blind_miou(
+            [p["gt"] for p in scored], [[[_decoded(m) for m in obj] for obj in p["alternatives"]] for p in scored])
+    videos = [p for p in scored if p["video"]]
+    if videos:
+        out["mask/j&f"] = j_and_f([p["pred"][: len(p["gt"])] for p in videos], [p["gt"] for p in videos])["J&F"] / 100
+        out["mask/j&f_first_frame"] = j_and_f([p["pred"][:1] for p in videos], [p["gt"][:1] for p in videos])["J&F"] / 100
+        if with_objects:
+            out[FLOORS["mask/j&f"]] = mask_query_blind_j_and_f(
+                [p["gt"] for p in videos], [[[_decoded(m) for m in obj] for obj in p["alternatives"]] for p in videos])
+    return out
+
+
+def _decoded(mask):
+    """A bool mask from an RLE, None kept (an empty mask for the metrics)."""
+    return None if mask is None else as_mask(mask)
 
 
 def _temporal_metrics(temporal: list[dict]) -> dict[str, float]:
@@ -330,12 +467,22 @@ def write_predictions(predictions: Predictions, output_dir: str) -> dict[str, st
     return paths
 
 
-def format_table(metrics: dict[str, float]) -> str:
-    """A two-column table of the metrics, required keys first."""
-    keys = [k for k in REQUIRED_KEYS if k in metrics] + sorted(k for k in metrics if k not in REQUIRED_KEYS)
-    width = max(len(k) for k in keys) if keys else 10
-    lines = [f"{'metric':<{width}}  value", f"{'-' * width}  ------"]
-    lines += [f"{k:<{width}}  {metrics[k]:.4f}" for k in keys]
+def format_table(metrics: dict[str, float], notes: dict[str, str] | None = None) -> str:
+    """A table of the metrics, required keys first, each grounding metric with its question-blind floor
+    beside it (and the margin above it), then the controls and the rest; `notes` explain metrics."""
+    notes = NOTES if notes is None else notes
+    floors = set(FLOORS.values())
+    main = [k for k in REQUIRED_KEYS if k in metrics]
+    controls = sorted(k for k in metrics if k.startswith("control/"))
+    rest = sorted(k for k in metrics if k not in main and k not in controls and k not in floors)
+    width = max([len(k) for k in main + controls + rest] + [10])
+    lines = [f"{'metric':<{width}}  value   floor   above   ", f"{'-' * width}  ------  ------  ------"]
+    for key in main + controls + rest:
+        floor = metrics.get(FLOORS.get(key, ""))
+        beside = f"{floor:.4f}  {metrics[key] - floor:+.3f}" if floor is not None else " " * 14
+        note = f"  {notes[key]}" if key in notes else ""
+        lines.append(f"{key:<{width}}  {metrics[key]:.4f}  {beside}{note}".rstrip())
+    lines.append("floor: a question-blind oracle (a random object of the same image or video, answered exactly).")
     return "\n".join(lines)
 
 

@@ -9,12 +9,16 @@ model's pad/bos/eos ids). Overriding `compute_loss`, `log`, `create_optimizer` a
 `Trainer` is the smaller, clearer surface.
 """
 
+import json
 import logging
 import math
+import re
 from collections import defaultdict
+from pathlib import Path
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerState
+from transformers.trainer_utils import TrainOutput
 
 from .arguments import TPOTrainingArguments
 from .stages import apply_stage, lr_multipliers, parameter_group, stage_loss_weights
@@ -33,6 +37,47 @@ def unwrap_tpo(model):
     if not hasattr(inner, "task_tokens"):
         raise TypeError(f"{type(model).__name__} does not wrap a TPOForConditionalGeneration.")
     return inner
+
+
+def checkpoint_state(checkpoint: str | Path) -> dict | None:
+    """The trainer state of a complete checkpoint folder, or None when it is incomplete.
+
+    Complete: Trainer writes `trainer_state.json` last, so a folder whose state file is missing or cut short
+    (a kill or a full disk while saving) is incomplete; so is one whose weights are missing or whose
+    safetensors header does not parse."""
+    folder = Path(checkpoint)
+    try:
+        state = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(state, dict) or "global_step" not in state:
+        return None
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        return None
+    for path in weights:
+        try:
+            with path.open("rb") as handle:
+                header_size = int.from_bytes(handle.read(8), "little")
+                json.loads(handle.read(header_size))
+        except (OSError, ValueError):
+            return None
+    return state
+
+
+def last_complete_checkpoint(folder: str | Path) -> str | None:
+    """The newest complete `checkpoint-<step>` in `folder` (see `checkpoint_state`); newer incomplete ones are
+    named in a warning and passed over."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    steps = sorted(((int(m.group(1)), path) for path in folder.iterdir()
+                    if path.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", path.name))), reverse=True)
+    for step, path in steps:
+        if checkpoint_state(path) is not None:
+            return str(path)
+        logger.warning("Checkpoint %s is incomplete (interrupted while saving?): resuming from an older one.", path)
+    return None
 
 
 class NonFiniteLossError(RuntimeError):
@@ -82,6 +127,28 @@ class TPOTrainer(Trainer):
         self._term_counts: dict[str, dict[str, int]] = {"train": defaultdict(int), "eval": defaultdict(int)}
         self.skipped_samples = 0
         super().__init__(model=model, args=args, **kwargs)
+
+    # ----------------------------------------------------------------------------------------------
+    # Resume
+    # ----------------------------------------------------------------------------------------------
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        """`Trainer.train`, with two differences when resuming. `resume_from_checkpoint=True` takes the newest
+        *complete* checkpoint of `output_dir` (`last_complete_checkpoint`). A checkpoint of a finished run (its
+        `global_step` at its `max_steps`) is restored without training: Trainer would take one more optimiser
+        step when `max_steps` does not end an epoch."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No complete checkpoint in {self.args.output_dir} to resume from; start without "
+                                 "`resume_from_checkpoint`.")
+        state = checkpoint_state(resume_from_checkpoint) if resume_from_checkpoint else None
+        if state is not None and state.get("max_steps", 0) > 0 and state["global_step"] >= state["max_steps"]:
+            logger.info("%s ends a finished run (step %d of %d): restoring it without training.",
+                        resume_from_checkpoint, state["global_step"], state["max_steps"])
+            self._load_from_checkpoint(resume_from_checkpoint)
+            self.state = TrainerState.load_from_json(str(Path(resume_from_checkpoint) / "trainer_state.json"))
+            return TrainOutput(self.state.global_step, float("nan"), {"finished_before": 1.0})
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     # ----------------------------------------------------------------------------------------------
     # Loss

@@ -71,7 +71,7 @@ predict
     activitynet_captions, refcoco, mevis, reasonseg, llava), as a list of specs, or a mapping from split
     names to lists of specs (`examples/run_tpo.py --data_config`, pick with `--split`, default test), or the
     synthetic benchmark's `manifest.json`. Paths in the specs are used as written (relative to the working
-    directory). `--max-samples N` reads at most N samples per spec. Samples of tasks the model lacks are
+    directory), except a manifest's, which are relative to the manifest's folder. `--max-samples N` reads at most N samples per spec. Samples of tasks the model lacks are
     left out; samples without annotations (test splits) are predicted and left out of `--evaluate`.
     Files, named `<source>_<split>_<kind>` (source: the spec's dataset name or format):
       QVHighlights     `*_submission.jsonl`  the official submission (qid, pred_relevant_windows sorted by
@@ -603,7 +603,9 @@ def read_data_specs(path: str, split: str = "test") -> list[dict]:
     except yaml.YAMLError as error:
         raise ValueError(f"{path}: not valid YAML or JSON ({error}).") from error
     if isinstance(data, dict) and isinstance(data.get("splits"), dict):  # the synthetic manifest
-        data = data["splits"]
+        from tpo.processing.synthetic import resolve_manifest
+
+        data = resolve_manifest(data, source.parent)["splits"]  # its paths are relative to its own folder
     if isinstance(data, dict) and "format" not in data:
         if split not in data:
             raise ValueError(f"{path}: no split {split!r}; the file has {sorted(data)} (choose one with --split).")
@@ -889,11 +891,13 @@ def _annotated_only(predictions, entries: dict):
     def keep(items):
         return [p for p in items if entries[p["id"]]["annotated"]]
 
-    return Predictions(router=list(predictions.router), temporal=keep(predictions.temporal), region=keep(predictions.region),
+    return Predictions(router=list(predictions.router), routing=keep(predictions.routing),
+                       temporal=keep(predictions.temporal), region=keep(predictions.region),
                        mask=keep(predictions.mask), text=keep(predictions.text))
 
 
 def predict(args) -> dict:
+    from tpo.processing.pipeline import evenly_spaced_mask_frames
     from tpo.training.evaluation import TaskEvaluator, compute_task_metrics, format_table
 
     if args.batch_size < 1 or (args.max_samples is not None and args.max_samples < 1):
@@ -909,8 +913,8 @@ def predict(args) -> dict:
         entry["format"] = specs[entry["spec"]]["format"]
     if args.mask_frames_per_video < 0:
         raise ValueError("--mask-frames-per-video must be 0 (every annotated frame) or more.")
-    counts = [len(e["sample"]["masks_rle"]) for e in entries if e["sample"]["task"] == "mask"]
-    processor.mask_frames_per_video = args.mask_frames_per_video or max(counts + [1])  # frames given to SAM2
+    for entry in entries:  # evaluation scores every annotated frame unless asked for fewer
+        entry["sample"] = evenly_spaced_mask_frames(entry["sample"], args.mask_frames_per_video)
     by_id = {entry["sample"]["id"]: entry for entry in entries}
     evaluator = TaskEvaluator(processor, [e["sample"] for e in entries], batch_size=args.batch_size,
                               max_new_tokens=args.max_new_tokens, mask_video_mode=args.mask_video_mode)

@@ -205,6 +205,16 @@ def sample_mask_frames(targets: dict, count: int, generator: torch.Generator | N
             "masks_rle": [targets["masks_rle"][i] for i in chosen]}
 
 
+def evenly_spaced_mask_frames(sample: dict, count: int) -> dict:
+    """A video mask sample (schema row) with `count` of its annotated frames, evenly spaced (the first and the
+    last kept); unchanged with fewer frames, `count` 0, or an image. For evaluating on part of the frames."""
+    masks, frames = list(sample.get("masks_rle") or []), list(sample.get("mask_frame_indices") or [])
+    if count <= 0 or len(masks) <= count or sample.get("media_type") == "image" or len(frames) != len(masks):
+        return sample
+    chosen = sorted(set(np.linspace(0, len(masks) - 1, num=count).round().astype(int).tolist()))
+    return {**sample, "masks_rle": [masks[i] for i in chosen], "mask_frame_indices": [frames[i] for i in chosen]}
+
+
 # --------------------------------------------------------------------------------------------------
 # Batches: the collator
 # --------------------------------------------------------------------------------------------------

@@ -55,6 +55,9 @@ class ScriptArguments:
     synthetic_dir: str = field(default=".cache/tpo/synthetic", metadata={"help": "Where the synthetic benchmark is cached."})
     synthetic_size: str = field(default="default", metadata={"help": "Synthetic benchmark size: small or default."})
     synthetic_seed: int = field(default=0, metadata={"help": "Seed of the synthetic benchmark."})
+    synthetic_share: list[str] = field(default_factory=lambda: ["shape"], metadata={
+        "help": "What the synthetic distractors share with the target: shape (the colour word decides), or colour "
+                "shape (both words needed; the tiny from-scratch model does not learn shapes in minutes)."})
     stages: list[str] = field(default_factory=lambda: list(STAGES), metadata={"help": "Stages to run, in order."})
     assign_epochs: float = field(default=1.0, metadata={"help": "Epochs of the assign stage."})
     task_epochs: float = field(default=1.0, metadata={"help": "Epochs of the task stage."})
@@ -163,7 +166,8 @@ def load_data(script: ScriptArguments) -> tuple[dict, dict]:
         data = {key: read_specs(specs or []) for key, specs in config.items()} | {
             split: read_specs(config.get(split) or []) for split in ("train", "eval", "test")}
         return data, {name: read_specs(specs or []) for name, specs in controls.items()}
-    manifest = generate_synthetic_benchmark(script.synthetic_dir, size=script.synthetic_size, seed=script.synthetic_seed)
+    manifest = generate_synthetic_benchmark(script.synthetic_dir, size=script.synthetic_size, seed=script.synthetic_seed,
+                                            share=script.synthetic_share)
     specs = {split: list(manifest["splits"][split].values()) for split in ("train", "val", "test")}
     data = {"train": read_specs(specs["train"]), "eval": read_specs(specs["val"]), "test": read_specs(specs["test"])}
     return data, {name: read_spec(spec) for name, spec in manifest.get("controls", {}).get("test", {}).items()}

@@ -187,18 +187,26 @@ def _rng(seed: int, split: str, part: str, index: int):
 # --------------------------------------------------------------------------------------------------
 # Scenes with distractors
 # --------------------------------------------------------------------------------------------------
-def scene_pairs(rng, count: int, allowed: list[tuple[str, str]], first: tuple[str, str] | None = None
-                ) -> list[tuple[str, str]]:
-    """`count` different (colour, shape) pairs. Those after the first share its colour or its shape (one of
-    each when there are three or more, in random order), so that neither attribute alone names the first;
-    the rest are random."""
+SHARED_ATTRIBUTES = ("colour", "shape")
+
+
+def scene_pairs(rng, count: int, allowed: list[tuple[str, str]], first: tuple[str, str] | None = None,
+                share: tuple[str, ...] = ("shape",)) -> list[tuple[str, str]]:
+    """`count` different (colour, shape) pairs whose distractors (those after the first) share the first's
+    attributes in `share`. One attribute: every distractor shares it, so the other one names the first (with
+    "shape", the colour word decides). Both: one distractor shares the colour and one the shape (in random
+    order), so only the two words together name it; any further distractors are random."""
+    unknown = set(share) - set(SHARED_ATTRIBUTES)
+    if unknown or not share:
+        raise ValueError(f"Unknown shared attribute(s) {sorted(unknown) or share}; use some of {SHARED_ATTRIBUTES}.")
     pairs = [first if first is not None else allowed[int(rng.integers(len(allowed)))]]
     colour, shape = pairs[0]
-    sharing = [[p for p in allowed if p[0] == colour and p[1] != shape],
-               [p for p in allowed if p[1] == shape and p[0] != colour]]
-    if rng.random() < 0.5:
-        sharing.reverse()
-    for pool in sharing[: count - 1]:
+    pools = {"colour": [p for p in allowed if p[0] == colour and p[1] != shape],
+             "shape": [p for p in allowed if p[1] == shape and p[0] != colour]}
+    order = [share[int(i)] for i in rng.permutation(len(share))]
+    sharing = order if len(order) > 1 else order * (count - 1)
+    for attribute in sharing[: count - 1]:
+        pool = [p for p in pools[attribute] if p not in pairs]
         if pool:
             pairs.append(pool[int(rng.integers(len(pool)))])
     rest = [p for p in allowed if p not in pairs]
@@ -323,11 +331,12 @@ def _frame_times() -> list[float]:
     return [index / VIDEO_FPS for index in range(int(VIDEO_SECONDS * VIDEO_FPS))]
 
 
-def make_temporal_video(rng, path: Path, allowed_pairs: list[tuple[str, str]] | None = None) -> dict:
+def make_temporal_video(rng, path: Path, allowed_pairs: list[tuple[str, str]] | None = None,
+                        share: tuple[str, ...] = ("shape",)) -> dict:
     """A 16 s video of 2-4 shapes, each visible during its own window of 3-8 s (windows of different
     shapes may overlap); the shapes move, are painted in a random order and share colours or shapes.
     Returns {"sprites", "windows" (per sprite), "appearances" (first visible second per name)}."""
-    pairs = scene_pairs(rng, _object_count(rng), allowed_pairs or _all_pairs())
+    pairs = scene_pairs(rng, _object_count(rng), allowed_pairs or _all_pairs(), share=share)
     windows = [[_visibility_window(rng)] for _ in pairs]
     times = _frame_times()
     sprites = place_scene(rng, pairs, moving=True, times_seconds=(0.0, VIDEO_SECONDS / 2, VIDEO_SECONDS))
@@ -346,9 +355,9 @@ def make_temporal_video(rng, path: Path, allowed_pairs: list[tuple[str, str]] | 
 
 
 def _temporal_job(args: tuple) -> dict:
-    """One video (a separate process may run it): (seed, split, index, path, allowed pairs)."""
-    seed, split, index, path, allowed = args
-    return make_temporal_video(_rng(seed, split, "temporal", index), Path(path), allowed)
+    """One video (a separate process may run it): (seed, split, index, path, allowed pairs, shared attributes)."""
+    seed, split, index, path, allowed, share = args
+    return make_temporal_video(_rng(seed, split, "temporal", index), Path(path), allowed, share)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -372,9 +381,10 @@ def _qvh_record(qid: str, video_id: str, sprite: Sprite, windows, all_windows) -
             "alternative_windows": [[_round(w) for w in ws] for ws in all_windows]}
 
 
-def _generate_temporal(root: Path, split: str, count: int, seed: int, videos: dict, workers: int) -> dict[str, Path]:
+def _generate_temporal(root: Path, split: str, count: int, seed: int, videos: dict, workers: int,
+                       share: tuple[str, ...]) -> dict[str, Path]:
     video_dir = root / "temporal" / "videos"
-    jobs = [(seed, split, index, str(video_dir / f"{split}_{index:05d}.mp4"), None) for index in range(count)]
+    jobs = [(seed, split, index, str(video_dir / f"{split}_{index:05d}.mp4"), None, share) for index in range(count)]
     if workers > 1 and count > 8:
         with ProcessPoolExecutor(max_workers=workers) as pool:
             infos = list(pool.map(_temporal_job, jobs, chunksize=8))
@@ -404,21 +414,23 @@ def _generate_temporal(root: Path, split: str, count: int, seed: int, videos: di
     return paths
 
 
-def make_region_image(rng, allowed_pairs: list[tuple[str, str]]) -> tuple[np.ndarray, list[Sprite], list[np.ndarray]]:
-    """An image of 2-4 objects with shared attributes and random depth; each object's visible mask."""
-    sprites = place_scene(rng, scene_pairs(rng, _object_count(rng), allowed_pairs))
+def make_region_image(rng, allowed_pairs: list[tuple[str, str]], share: tuple[str, ...] = ("shape",)
+                      ) -> tuple[np.ndarray, list[Sprite], list[np.ndarray]]:
+    """An image of 2-4 objects sharing the first's attributes in `share`, in random depth; each object's
+    visible mask."""
+    sprites = place_scene(rng, scene_pairs(rng, _object_count(rng), allowed_pairs, share=share))
     image = textured_background(rng)
     full = [s.mask() for s in sprites]
     paint(image, sprites, full)
     return image, sprites, visible_masks(full, [s.depth for s in sprites])
 
 
-def _generate_refcoco(root: Path, count: dict, seed: int) -> dict:
+def _generate_refcoco(root: Path, count: dict, seed: int, share: tuple[str, ...]) -> dict:
     images, annotations, refs = [], [], []
     for split in SPLITS:
         for index in range(count[split]):
             rng = _rng(seed, split, "region", index)
-            image, sprites, masks = make_region_image(rng, _all_pairs())
+            image, sprites, masks = make_region_image(rng, _all_pairs(), share)
             image_id = len(images) + 1
             file_name = f"{split}_{index:05d}.png"
             (root / "refcoco" / "images").mkdir(parents=True, exist_ok=True)
@@ -450,16 +462,16 @@ def _generate_refcoco(root: Path, count: dict, seed: int) -> dict:
     return {"instances": "refcoco/instances.json", "refs": "refcoco/refs.json", "image_dir": "refcoco/images"}
 
 
-def _mask_video_sprites(rng) -> list[Sprite]:
+def _mask_video_sprites(rng, share: tuple[str, ...]) -> list[Sprite]:
     """Half of the videos: twins (same colour and shape) moving in opposite directions, told apart only by
-    the motion, plus up to one distractor; the others: 2-3 objects that share attributes."""
+    the motion, plus up to one distractor; the others: 2-3 objects that share the attributes in `share`."""
     seconds = (MASK_VIDEO_FRAMES - 1) / MASK_VIDEO_FPS
     times = tuple(i / MASK_VIDEO_FPS for i in range(MASK_VIDEO_FRAMES))
     if rng.random() < 0.5:
-        pairs = scene_pairs(rng, int(rng.integers(2, 4)), _all_pairs())
+        pairs = scene_pairs(rng, int(rng.integers(2, 4)), _all_pairs(), share=share)
         return place_scene(rng, pairs, moving=True, times_seconds=times, speed_scale=4.0)
     twin = _all_pairs()[int(rng.integers(len(_all_pairs())))]
-    extra = scene_pairs(rng, 2, _all_pairs(), first=twin)[1:] if rng.random() < 0.5 else []
+    extra = scene_pairs(rng, 2, _all_pairs(), first=twin, share=share)[1:] if rng.random() < 0.5 else []
     axis = ("left", "right") if rng.random() < 0.5 else ("up", "down")
     for _ in range(200):
         sprites = place_scene(rng, [twin, twin] + extra, moving=True, times_seconds=(0.0,), speed_scale=4.0)
@@ -475,11 +487,11 @@ def _mask_video_sprites(rng) -> list[Sprite]:
     raise RuntimeError("No placement of moving twins keeps them visible.")
 
 
-def _generate_mevis(root: Path, split: str, count: int, seed: int) -> dict:
+def _generate_mevis(root: Path, split: str, count: int, seed: int, share: tuple[str, ...]) -> dict:
     meta, mask_dict = {"videos": {}}, {}
     for index in range(count):
         rng = _rng(seed, split, "mask_video", index)
-        sprites = _mask_video_sprites(rng)
+        sprites = _mask_video_sprites(rng, share)
         background = textured_background(rng)
         video_id = f"{split}_{index:05d}"
         frame_dir = root / "mevis" / "JPEGImages" / video_id
@@ -636,9 +648,11 @@ def load_manifest(path: str | os.PathLike) -> dict:
     return resolve_manifest(json.loads(path.read_text(encoding="utf-8")), path.parent)
 
 
-def _is_complete(manifest: dict, size: str, seed: int) -> bool:
-    """Same size, seed and format version, and every annotation file still there (paths resolved)."""
+def _is_complete(manifest: dict, size: str, seed: int, share: tuple[str, ...]) -> bool:
+    """Same size, seed, shared attributes and format version, and every annotation file still there."""
     if (manifest.get("size"), manifest.get("seed"), manifest.get("version")) != (size, seed, FORMAT_VERSION):
+        return False
+    if tuple(manifest.get("share", ())) != tuple(share):
         return False
     files = [value for group in ("splits", "controls") for parts in manifest.get(group, {}).values()
              for spec in parts.values() for key, value in spec.items() if key in _FILE_KEYS]
@@ -646,22 +660,27 @@ def _is_complete(manifest: dict, size: str, seed: int) -> bool:
 
 
 def generate_synthetic_benchmark(out_dir: str | os.PathLike, size: str = "default", seed: int = 0,
-                                 workers: int | None = None) -> dict:
+                                 workers: int | None = None, share: tuple[str, ...] | list[str] = ("shape",)) -> dict:
     """Write the benchmark under `out_dir` and return its manifest, paths resolved (`out_dir/manifest.json`
     holds them relative to `out_dir`, so the folder can move).
 
     A folder that already holds a complete benchmark of the same size, seed and format version is reused
     as it is. Otherwise the generator's own folders (temporal/, refcoco/, mevis/, conversation/) are
     replaced; other files in `out_dir` are left alone. `workers`: processes for the videos (default: the
-    CPU count); the files do not depend on it.
+    CPU count); the files do not depend on it. `share`: what the distractors share with the target (see
+    `scene_pairs`): ("shape",), the default, makes the colour word decide; ("colour", "shape") needs both
+    words, so also the shape, which the tiny from-scratch default model does not learn to see in minutes
+    (see the README).
     """
+    share = tuple(share)
+    scene_pairs(np.random.default_rng(0), 2, _all_pairs(), share=share)  # refuse an unknown attribute early
     if size not in SIZES:
         raise ValueError(f"Unknown size {size!r}; choose one of {list(SIZES)}.")
     root = Path(out_dir)
     manifest_path = root / "manifest.json"
     if manifest_path.exists():
         manifest = load_manifest(manifest_path)
-        if _is_complete(manifest, size, seed):
+        if _is_complete(manifest, size, seed, share):
             logger.info("Reusing the synthetic benchmark in %s", root)
             return manifest
     # The manifest goes first and comes back last: a run cut short never looks complete. Only the
@@ -678,14 +697,14 @@ def generate_synthetic_benchmark(out_dir: str | os.PathLike, size: str = "defaul
     controls = {split: {} for split in SPLITS if split != "train"}
     video_dir = "temporal/videos"
     for split in SPLITS:
-        paths = _generate_temporal(root, split, counts["temporal"][split], seed, videos, workers)
+        paths = _generate_temporal(root, split, counts["temporal"][split], seed, videos, workers, share)
         splits[split]["temporal"] = {"format": "qvhighlights", "split": split,
                                      "jsonl": str(paths[split].relative_to(root)), "video_dir": video_dir}
         if f"{split}_swap" in paths:
             controls[split]["temporal_query_swap"] = {"format": "qvhighlights", "split": split,
                                                       "jsonl": str(paths[f"{split}_swap"].relative_to(root)),
                                                       "video_dir": video_dir}
-    refcoco = _generate_refcoco(root, counts["region"], seed)
+    refcoco = _generate_refcoco(root, counts["region"], seed, share)
     for split in SPLITS:
         evaluation = {"alternatives": True} if split != "train" else {}
         splits[split]["region"] = {"format": "refcoco", **refcoco, "split": split, "tasks": ["region"],
@@ -695,7 +714,8 @@ def generate_synthetic_benchmark(out_dir: str | os.PathLike, size: str = "defaul
                                        "dataset_name": "synthetic_refcoco", **evaluation,
                                        "max_samples": max(1, counts["region"][split] // 2)}
         splits[split]["mask_video"] = {"format": "mevis", "split": split, "dataset_name": "synthetic_mevis",
-                                       **_generate_mevis(root, split, counts["mask_video"][split], seed), **evaluation}
+                                       **_generate_mevis(root, split, counts["mask_video"][split], seed, share),
+                                       **evaluation}
         splits[split]["conversation"] = {"format": "llava", "media_dir": "conversation", "split": split,
                                          "fps": VIDEO_FPS,
                                          "json": _generate_conversations(root, split, counts["conversation"][split],
@@ -703,7 +723,8 @@ def generate_synthetic_benchmark(out_dir: str | os.PathLike, size: str = "defaul
         if split != "train":
             controls[split]["region_query_swap"] = {"format": "refcoco", **refcoco, "split": f"{split}_swap",
                                                     "tasks": ["region"], "dataset_name": "synthetic_refcoco"}
-    manifest = {"version": FORMAT_VERSION, "size": size, "seed": seed, "splits": splits, "controls": controls,
+    manifest = {"version": FORMAT_VERSION, "size": size, "seed": seed, "share": list(share), "splits": splits,
+                "controls": controls,
                 "held_out_pairs": [list(p) for p in HELD_OUT_PAIRS]}
     _dump(manifest_path, manifest)
     return resolve_manifest(manifest, root)
@@ -730,9 +751,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", default="default", choices=list(SIZES))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=None, help="processes for the videos (default: CPU count)")
+    parser.add_argument("--share", nargs="+", default=["shape"], choices=SHARED_ATTRIBUTES,
+                        help="what distractors share with the target (default: shape, so the colour word decides)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    manifest = generate_synthetic_benchmark(args.out, size=args.size, seed=args.seed, workers=args.workers)
+    manifest = generate_synthetic_benchmark(args.out, size=args.size, seed=args.seed, workers=args.workers,
+                                            share=args.share)
     logger.info("Wrote %s", Path(args.out) / "manifest.json")
     for split, parts in manifest["splits"].items():
         logger.info("%s: %s", split, ", ".join(parts))

@@ -27,12 +27,14 @@ from transformers import AutoModelForImageTextToText, HfArgumentParser, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from tpo import TPOForConditionalGeneration
+from tpo.modeling_tpo.configuration_tpo import ROUTER_CLASSES
 from tpo.processing.pipeline import TPODataCollator, encode_dataset
 from tpo.processing.processing_tpo import DEFAULT_PROMPT_TEMPLATES, TPOProcessor
 from tpo.processing.readers import read_specs
 from tpo.processing.synthetic import generate_synthetic_benchmark
 from tpo.training.arguments import STAGES, TPOTrainingArguments
 from tpo.training.evaluation import REQUIRED_KEYS, TaskEvaluator, format_table
+from tpo.training.stages import stage_runs
 from tpo.training.tiny import build_tiny_tokenizer, tiny_llava_config, tiny_sam2_config
 from tpo.training.trainer import TPOTrainer, unwrap_tpo
 
@@ -180,9 +182,11 @@ def load_tokenizer_and_image_processor(name_or_path: str):
     return tokenizer, image_processor
 
 
-def build_model(model_args: ModelArguments, train_data):
-    """(model, processor): a pretrained MLLM wrapped with `from_mllm`, or the tiny default."""
+def build_model(model_args: ModelArguments, train_data, preset: str | None = None):
+    """(model, processor): a pretrained MLLM wrapped with `from_mllm`, or the tiny default; `preset` names a
+    `TPOConfig` preset (its head settings, under those given in `model_args`)."""
     head_config = {
+        "preset": preset,
         "temporal_head_config": json.loads(model_args.temporal_head_config or "{}"),
         "region_head_config": json.loads(model_args.region_head_config or "{}"),
         "mask_head_config": {"freeze_image_encoder": model_args.freeze_sam2_image_encoder,
@@ -266,7 +270,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     # Model
     training_keys = [key for key in data if key.startswith("train") and len(data[key])]
-    model, processor = build_model(model_args, [data[key] for key in training_keys])
+    model, processor = build_model(model_args, [data[key] for key in training_keys], training_args.preset)
     logger.info("TPO model: %.2fM parameters, tasks %s", sum(p.numel() for p in model.parameters()) / 1e6,
                 model.config.tasks)
     encoded = {}
@@ -289,16 +293,18 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # Training
     peft_config = lora_config(model_args, model) if training_args.llm_training == "lora" else None
     trained = model
-    for stage in script.stages:
-        overrides = {"stage": stage, "output_dir": str(output_dir / f"stage-{stage}"),
-                     "num_train_epochs": getattr(script, f"{stage}_epochs")}
+    for stage, task in stage_runs(script.stages, training_args, model.config.tasks):
+        name = f"{stage}-{task}" if task else stage  # the paper's stage 2: one run per task, that task's head + token
+        overrides = {"stage": stage, "output_dir": str(output_dir / f"stage-{name}"),
+                     "num_train_epochs": getattr(script, f"{stage}_epochs"), **({"tasks": [task]} if task else {})}
         if getattr(script, f"{stage}_learning_rate") is not None:
             overrides["learning_rate"] = getattr(script, f"{stage}_learning_rate")
         stage_args = dataclasses.replace(training_args, **overrides)
         stage_key = f"train_{stage}" if len(data.get(f"train_{stage}", [])) else "train"
         stage_train = encoded_split(stage_key)
-        if stage == "task":  # the heads' stage: grounding samples only
-            stage_train = stage_train.filter(lambda row: row["task_label"] != 0, desc="grounding samples")
+        if stage == "task":  # the heads' stage: grounding samples only (of its task, per task)
+            labels = {ROUTER_CLASSES.index(task)} if task else set(range(1, len(ROUTER_CLASSES)))
+            stage_train = stage_train.filter(lambda row: row["task_label"] in labels, desc=f"{name} samples")
         if not len(stage_train):
             raise ValueError(f"Stage {stage!r} has no training samples (data {stage_key!r}); give it data or leave the "
                              "stage out of --stages.")

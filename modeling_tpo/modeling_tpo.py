@@ -1424,6 +1424,8 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
             names.append("mask_head.prompt_mlp")
             if self.mask_head.localiser is not None:
                 names.append("mask_head.localiser")
+            if self.mask_head.box_regressor is not None:
+                names.append("mask_head.box_regressor")
             for flag, module in (("freeze_mask_decoder", "mask_decoder"), ("freeze_prompt_encoder", "prompt_encoder"),
                                  ("freeze_image_encoder", "vision_encoder")):
                 if not settings.get(flag, True):

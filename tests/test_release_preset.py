@@ -225,3 +225,47 @@ def test_a_per_task_stage_trains_only_its_head_and_token_and_no_router_without_a
     assert not any(name.startswith(("temporal_head.", "router.")) for name in trainable)
     assert "task_tokens.embeddings.temporal" not in trainable
     assert any(name.startswith("mllm.") for name in trainable)  # stage 2 trains the LLM too (full here, LoRA real)
+
+
+def test_release_model_with_dense_clips_reloads_as_remote_code(tmp_path):
+    """save_pretrained copies every module the release preset uses (the CG-DETR layers among them); the reloaded
+    model has the same weights and, on a dense-clip batch, the same outputs (eval mode: no dropout, no negative
+    pairs)."""
+    from datasets import Dataset
+    from transformers import AutoModel
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    from tpo.processing.pipeline import TPODataCollator, encode_dataset
+    from tpo.processing.processing_tpo import TPOProcessor
+    from tpo.training.tiny import random_media
+
+    torch.manual_seed(0)
+    tokenizer = build_tiny_tokenizer()
+    model = TPOForConditionalGeneration.from_mllm(
+        LlavaForConditionalGeneration(tiny_llava_config(tokenizer)), tasks=["temporal", "region"], tokenizer=tokenizer,
+        preset="release", temporal_head_config={"d_model": 32, "num_heads": 4, "dim_feedforward": 64, "num_dummies": 5})
+    processor = TPOProcessor.from_model_config(model.config, SiglipImageProcessorPil(size={"height": 32, "width": 32}),
+                                               tokenizer, num_frames=4)
+    rows = [dict(id=f"v{i}", source="test", split="val", media_path=f"v{i}.mp4", query="red square",
+                 image_size=[32, 32], conversations=[], boxes_xyxy_pixels=[], spans_seconds=[[2.0, 6.0]],
+                 duration_seconds=12.0, media_type="video", task="temporal", saliency_clip_ids=[], saliency_scores=[])
+            for i in range(2)]
+    batch = TPODataCollator(processor, media_loader=lambda plan, targets: random_media(plan))(
+        list(encode_dataset(Dataset.from_list(rows), processor, load_from_cache_file=False)))
+    batch.pop("tpo_meta")
+    model.eval()
+    with torch.no_grad():
+        expected = model(**batch)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "temporal_layers.py").exists()
+    loaded = AutoModel.from_pretrained(tmp_path, trust_remote_code=True).eval()
+    assert loaded.config.preset == "release" and loaded.temporal_head.query_aware is not None
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    with torch.no_grad():
+        got = loaded(**batch)
+    # float32 rounding of a few ulps: a reloaded tensor's memory alignment can change the GEMM path (see
+    # tests/test_remote_code.py)
+    for name in ("pred_spans", "pred_saliency", "pred_t2v_relevance"):
+        torch.testing.assert_close(got.temporal_outputs[name], expected.temporal_outputs[name], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.loss, expected.loss, rtol=1e-5, atol=1e-6)

@@ -15,6 +15,7 @@ from transformers.models.siglip.image_processing_pil_siglip import SiglipImagePr
 from tpo import TPOForConditionalGeneration
 from tpo.modeling_tpo import features
 from tpo.modeling_tpo.features import nearest_frame_index, vision_clip_features
+from tpo.processing.collator_tpo import collate_encoded
 from tpo.processing.pipeline import TPODataCollator, encode_dataset, load_media
 from tpo.processing.processing_tpo import TPOProcessor, dense_clip_timestamps
 from tpo.training.metrics.temporal import temporal_iou
@@ -157,12 +158,34 @@ def test_collated_dense_batch_gives_per_clip_outputs_and_trains(tokenizer):
         model(**{k: v for k, v in batch.items() if not k.startswith("dense_")})
 
 
+def test_qwen2_vl_clips_go_through_its_image_path_with_their_grids(tokenizer):
+    from transformers import Qwen2VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from tpo.training.tiny import tiny_qwen2_vl_config
+
+    torch.manual_seed(0)
+    model = TPOForConditionalGeneration.from_mllm(
+        Qwen2VLForConditionalGeneration(tiny_qwen2_vl_config(tokenizer)), tasks=["temporal"], tokenizer=tokenizer,
+        temporal_head_config={**HEAD, "dense_clip_seconds": 2.0})
+    processor = TPOProcessor.from_model_config(model.config, Qwen2VLImageProcessorPil(
+        min_pixels=56 * 56, max_pixels=56 * 56, patch_size=14, merge_size=2), tokenizer, num_frames=4)
+    rows = [{**temporal_row(i, f"q{i}.mp4", 6.0 + 2 * i, [[1.0, 3.0]]), "image_size": [56, 56]} for i in range(2)]
+    encoded = [processor.encode(row) for row in rows]
+    batch = collate_encoded(processor, encoded, [random_media(e.media) for e in encoded])
+    batch.pop("tpo_meta")
+    assert batch["dense_image_grid_thw"].tolist() == [[1, 4, 4]] * 7  # 3 + 4 clips, each one 56 px image
+    clips = vision_clip_features(model.mllm, {k: v for k, v in batch.items() if k.startswith("dense_pixel")
+                                               or k == "dense_image_grid_thw"}, "mean_max")
+    assert clips.shape == (7, 2 * model.config.get_text_config().hidden_size)
+    out = model(**batch)
+    assert out.temporal_outputs["frame_mask"].sum(-1).tolist() == [3, 4] and torch.isfinite(out.loss)
+
+
 def test_generate_runs_the_dense_head_on_forced_temporal_queries(tokenizer):
     model, processor = build(tokenizer, 2.0)
     encoded = [processor.encode(temporal_row(i, f"g{i}.mp4", 8.0, [[2.0, 4.0]]), mode="force_task") for i in range(2)]
     media = [random_media(e.media) for e in encoded]
-    from tpo.processing.collator_tpo import collate_encoded
-
     batch = collate_encoded(processor, encoded, media, padding_side="left")
     batch.pop("tpo_meta")
     generated = model.eval().generate(**batch, max_new_tokens=2, do_sample=False)

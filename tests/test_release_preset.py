@@ -269,3 +269,37 @@ def test_release_model_with_dense_clips_reloads_as_remote_code(tmp_path):
     for name in ("pred_spans", "pred_saliency", "pred_t2v_relevance"):
         torch.testing.assert_close(got.temporal_outputs[name], expected.temporal_outputs[name], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got.loss, expected.loss, rtol=1e-5, atol=1e-6)
+
+
+def test_run_tpo_with_preset_release_runs_the_papers_schedule_end_to_end(tmp_path):
+    """`--preset release` is the one switch of examples/run_tpo.py: the release heads (dense 2-second clips decoded
+    from the synthetic benchmark's mp4s), the task stage once per task, evaluation and a reloadable final model."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    import yaml
+
+    from tpo.processing.synthetic import generate_synthetic_benchmark
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("run_tpo", root / "examples" / "run_tpo.py")
+    run_tpo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_tpo)
+    splits = generate_synthetic_benchmark(tmp_path / "synthetic", size="small", seed=0)["splits"]
+    data = {"train": list(splits["train"].values()), "test": list(splits["test"].values())}
+    (tmp_path / "data.yaml").write_text(yaml.safe_dump(data), encoding="utf-8")
+    out = tmp_path / "run"
+    head = {"d_model": 32, "num_heads": 4, "dim_feedforward": 64, "num_dummies": 5}
+    metrics = run_tpo.main([
+        str(root / "examples" / "configs" / "synthetic_default.yaml"), "--preset", "release",
+        "--data_config", str(tmp_path / "data.yaml"), "--output_dir", str(out), "--max_steps", "1",
+        "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8", "--dataloader_num_workers", "0",
+        "--disable_tqdm", "true", "--tiny_num_layers", "1", "--num_frames", "4",
+        "--temporal_head_config", json.dumps(head), "--region_head_config", "{}", "--mask_head_config", "{}"])
+    assert {p.name for p in out.iterdir() if p.name.startswith("stage-")} == {
+        "stage-assign", "stage-task-temporal", "stage-task-region", "stage-task-mask", "stage-joint"}
+    assert "temporal/r1@0.5" in metrics and "highlight/hit@1" in metrics
+    config = json.loads((out / "final" / "config.json").read_text(encoding="utf-8"))
+    assert config["preset"] == "release" and config["temporal_head_config"]["dense_clip_seconds"] == 2.0
+    assert config["region_head_config"]["box_format"] == "xyxy_raw" and config["loss_weights"]["assign"] == 0.0

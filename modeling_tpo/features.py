@@ -117,7 +117,7 @@ def vision_clip_features(mllm, dense_inputs: dict, pooling: str = "mean") -> tor
             chunk["image_grid_thw"] = grid[first:last]
         try:
             output = get_features(**chunk)
-        except (TypeError, ValueError, RuntimeError) as error:
+        except (TypeError, ValueError, AttributeError) as error:  # the call does not fit this tower
             raise ValueError(f"{DENSE_SETTING} > 0: {type(base).__name__}.get_image_features cannot give per-frame "
                              f"features of the dense clips ({error}); set it to 0 for this MLLM.") from error
         features = getattr(output, "pooler_output", output)

@@ -153,7 +153,8 @@ class AnchorDecoder(nn.Module):
         nn.init.uniform_(self.anchors.weight[:, 0], -2.0, 2.0)  # centres spread over the video
         nn.init.constant_(self.anchors.weight[:, 1], -1.0)  # widths about a quarter of it
         self.position_head = MLP(d_model, d_model, d_model, 2)
-        self.query_scale = MLP(d_model, d_model, d_model, 2)
+        # scales the positional query from the second layer on (with one layer it would never get a gradient)
+        self.query_scale = MLP(d_model, d_model, d_model, 2) if num_layers > 1 else None
         self.layers = nn.ModuleList(
             nn.TransformerDecoderLayer(d_model, num_heads, dim_feedforward, dropout, batch_first=True, norm_first=True)
             for _ in range(num_layers)

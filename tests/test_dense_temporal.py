@@ -2,7 +2,10 @@
 while the LLM sees its N frames; the processor and collator plan and decode the clips (PyAV seek sampling),
 saliency comes per clip on the official clip grid; the head finds a target the LLM's frames never show."""
 
+import importlib.util
+import sys
 from fractions import Fraction
+from pathlib import Path
 
 import av
 import numpy as np
@@ -288,3 +291,18 @@ def test_dense_clips_find_a_target_the_llm_frames_never_show(tokenizer, between_
     without = train_and_score(tokenizer, 0.0, train_rows, test_rows)
     assert with_clips >= 0.5, with_clips
     assert without < 0.5, without
+
+
+def test_dense_benchmark_runs():
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(folder))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_dense_temporal", folder / "bench_dense_temporal.py")
+        bench = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench)
+    finally:
+        sys.path.remove(str(folder))
+    plain = bench.measure_step("micro", 0.0, batch_size=1, steps=1, warmup=0)
+    dense = bench.measure_step("micro", 2.0, batch_size=1, steps=1, warmup=0)
+    assert dense["clips"] == 75 and plain["clips"] == 0
+    assert dense["saved_bytes_per_sample"] > plain["saved_bytes_per_sample"] > 0 and dense["seconds_per_sample"] > 0

@@ -4,10 +4,8 @@ saliency comes per clip on the official clip grid; the head finds a target the L
 
 import importlib.util
 import sys
-from fractions import Fraction
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 import torch
@@ -21,6 +19,8 @@ from tpo.modeling_tpo.features import nearest_frame_index, vision_clip_features
 from tpo.processing.collator_tpo import collate_encoded
 from tpo.processing.pipeline import TPODataCollator, encode_dataset, load_media
 from tpo.processing.processing_tpo import TPOProcessor, dense_clip_timestamps
+from tpo.processing.synthetic import IMAGE_SIZE as VIDEO_SIZE
+from tpo.processing.synthetic import _write_video as write_synthetic_video
 from tpo.training.metrics.temporal import temporal_iou
 from tpo.training.tiny import build_tiny_tokenizer, random_media, tiny_llava_config, tiny_llava_onevision_config
 
@@ -85,7 +85,7 @@ def test_a_rate_asking_for_more_clips_than_frames_is_refused_naming_the_setting(
                                          r"only 6 frames"):
         processor.encode(row)
     path = tmp_path / "short.mp4"
-    write_video(path, [np.zeros((SIZE, SIZE, 3), np.uint8)] * 8, fps=2)  # 4 s, 8 frames; 0.25 s clips: 16
+    write_synthetic_video(path, [np.zeros((VIDEO_SIZE, VIDEO_SIZE, 3), np.uint8)] * 8, 2)  # 4 s, 8 frames; 16 clips
     plan = {"kind": "video", "source": "video", "path": str(path), "timestamps": [1.0, 3.0], "duration": 4.0,
             "dense_timestamps": dense_clip_timestamps(4.0, 0.25, 256), "dense_clip_seconds": 0.25}
     with pytest.raises(ValueError, match=r"`dense_clip_seconds`=0.25 asks for 16 clips .* only 8 frames"):
@@ -202,34 +202,20 @@ def test_generate_runs_the_dense_head_on_forced_temporal_queries(tokenizer):
 DURATION, FPS = 16.0, 4  # the LLM's 4 frames are at 2, 6, 10 and 14 s
 
 
-def write_video(path, frames, fps: int = FPS) -> None:
-    container = av.open(str(path), "w")
-    stream = container.add_stream("libx264", rate=fps)
-    stream.width, stream.height, stream.pix_fmt = frames[0].shape[1], frames[0].shape[0], "yuv420p"
-    stream.options = {"preset": "ultrafast", "crf": "10", "g": str(fps * 2), "threads": "1"}
-    stream.codec_context.time_base = Fraction(1, fps)
-    for frame in frames:
-        for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-            container.mux(packet)
-    for packet in stream.encode():
-        container.mux(packet)
-    container.close()
-
-
 def between_frames_video(path, rng, gap: int) -> list[float]:
-    """A 16 s video with a red square during ~2.5 s between two LLM frames (gap 0, 1 or 2: around 4, 8 or 12 s),
-    never at an LLM frame's time. Returns the window in seconds."""
+    """A 16 s video (the synthetic benchmark's 128 px frames) with a red square during ~2.5 s between two LLM frames
+    (gap 0, 1 or 2: around 4, 8 or 12 s), never at an LLM frame's time. Returns the window in seconds."""
     centre = 4.0 * (gap + 1) + rng.uniform(-0.25, 0.25)
     start, end = centre - 1.25, centre + 1.25
-    background = rng.integers(0, 120, (SIZE, SIZE, 3), dtype=np.uint8)
-    y, x = rng.integers(2, SIZE - 14, 2)
+    background = rng.integers(0, 120, (VIDEO_SIZE, VIDEO_SIZE, 3), dtype=np.uint8)
+    y, x = rng.integers(8, VIDEO_SIZE - 56, 2)
     frames = []
     for index in range(int(DURATION * FPS)):
         frame = background.copy()
         if start <= (index + 0.5) / FPS <= end:
-            frame[y:y + 12, x:x + 12] = (230, 20, 20)
+            frame[y:y + 48, x:x + 48] = (230, 20, 20)
         frames.append(frame)
-    write_video(path, frames)
+    write_synthetic_video(path, frames, FPS)
     return [start, end]
 
 
@@ -240,7 +226,8 @@ def between_frames_data(tmp_path_factory):
     rows = []
     for index in range(36):  # 24 to train, 12 to test (4 per gap)
         path = folder / f"v{index}.mp4"
-        rows.append(temporal_row(index, str(path), DURATION, [between_frames_video(path, rng, index % 3)]))
+        window = between_frames_video(path, rng, index % 3)
+        rows.append({**temporal_row(index, str(path), DURATION, [window]), "image_size": [VIDEO_SIZE, VIDEO_SIZE]})
     return rows[:24], rows[24:]
 
 
@@ -281,7 +268,7 @@ def train_and_score(tokenizer, clip_seconds: float, train_rows, test_rows, steps
             out = model(**inputs, logits_to_keep=1)
             windows = model.temporal_head.predict_windows(out.temporal_outputs, top_k=1)
             spans = batch["temporal_spans"].tolist()
-            hits += [float(temporal_iou(w[0][:2], span)) >= 0.5 for w, span in zip(windows, spans)]
+            hits += (temporal_iou([w[0][:2] for w in windows], spans) >= 0.5).tolist()
     return sum(hits) / len(hits)
 
 

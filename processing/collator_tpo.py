@@ -85,7 +85,8 @@ def collate_encoded(processor, encoded: list, media: list[dict], padding_side: s
                 dense_frames += list(clips)
         else:
             head_times.append([])
-        temporal_times.append(list(e.media["dense_timestamps"]) if e.media.get("dense_timestamps") else head_times[-1])
+        temporal_times.append(processor.temporal_frame_timestamps(e.media, m.get("timestamps", e.media["timestamps"]))
+                              if kind == "video" else [])
         durations.append(float(e.media.get("duration", 0.0)))
     batch.update(processor.pixel_inputs(items))
     num_frames = max((len(t) for t in head_times), default=0)

@@ -258,11 +258,6 @@ class VisualLayout:
     uses_mm_token_type_ids = False
     dense_clips_as_images = True  # dense temporal features: each clip frame through the image path
 
-    def dense_pixel_inputs(self, frames: list[np.ndarray]) -> dict:
-        """The vision tower's inputs for dense clip frames ((h, w, 3) uint8 each), every frame an image, keys
-        prefixed `dense_` (`dense_pixel_values`, `dense_image_grid_thw`, ...)."""
-        return {f"dense_{key}": value for key, value in self.pixel_inputs([("image", f) for f in frames]).items()}
-
     def __init__(self, processor: "TPOProcessor"):
         self.processor = processor
 
@@ -271,6 +266,11 @@ class VisualLayout:
 
     def head_frame_timestamps(self, timestamps: list[float]) -> list[float]:
         return list(timestamps)
+
+    def dense_pixel_inputs(self, frames: list[np.ndarray]) -> dict:
+        """The vision tower's inputs for dense clip frames ((h, w, 3) uint8 each), every frame an image, keys
+        prefixed `dense_` (`dense_pixel_values`, `dense_image_grid_thw`, ...)."""
+        return {f"dense_{key}": value for key, value in self.pixel_inputs([("image", f) for f in frames]).items()}
 
 
 class LlavaLayout(VisualLayout):

@@ -148,7 +148,7 @@ def test_cgdetr_head_overfits_two_queries():
     goal = [{"spans": torch.tensor([[0.25, 0.625]]), "saliency": targets(1)[0]["saliency"]},
             {"spans": torch.tensor([[0.5, 1.0]]), "saliency": torch.tensor([0, 0, 0, 0, 0.5, 1.0, 1.0, 0.75])}]
     optimiser = torch.optim.Adam(head.parameters(), lr=2e-3)
-    for _ in range(150):
+    for _ in range(80):
         optimiser.zero_grad()
         head.loss(head.train()(**batch), goal)["temporal"].backward()
         optimiser.step()

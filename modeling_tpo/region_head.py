@@ -97,10 +97,10 @@ class RegionHead(nn.Module):
     def loss(self, pred_boxes_cxcywh: torch.Tensor, target_boxes_xyxy: torch.Tensor,
              token_scores: torch.Tensor | None = None, visual_xy: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """L1 (on (cx, cy, w, h), or on (x0, y0, x1, y1) for "xyxy_raw"; reduced by `l1_reduction`) and GIoU loss on
-        (x0, y0, x1, y1) averaged over queries, computed in float32; for "heatmap" with `token_scores` (q, V) and `visual_xy` (q, V, 2) also
-        `region_heatmap`: the KL divergence from a Gaussian at the GT centre (standard deviations a quarter
-        of the GT width and height) over the tokens to the tokens' softmax, which supervises *where* to
-        look directly instead of only through the box (0 when the two agree).
+        (x0, y0, x1, y1) averaged over queries, computed in float32; for "heatmap" with `token_scores` (q, V) and
+        `visual_xy` (q, V, 2) also `region_heatmap`: the KL divergence from a Gaussian at the GT centre (standard
+        deviations a quarter of the GT width and height) over the tokens to the tokens' softmax, which supervises
+        *where* to look directly instead of only through the box (0 when the two agree).
 
         Returns `{"region": weighted total, "region_l1": ..., "region_giou": ..., ["region_heatmap": ...]}`.
         """

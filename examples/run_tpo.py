@@ -30,12 +30,14 @@ import yaml
 from transformers import AutoModelForImageTextToText, HfArgumentParser, set_seed
 
 from tpo import TPOForConditionalGeneration
+from tpo.modeling_tpo.configuration_tpo import ROUTER_CLASSES
 from tpo.processing.pipeline import TPODataCollator, encode_dataset
 from tpo.processing.processing_tpo import DEFAULT_PROMPT_TEMPLATES, TPOProcessor
 from tpo.processing.readers import read_spec, read_specs
 from tpo.processing.synthetic import generate_synthetic_benchmark
 from tpo.training.arguments import STAGES, TPOTrainingArguments
 from tpo.training.evaluation import REQUIRED_KEYS, TaskEvaluator, format_table
+from tpo.training.stages import stage_runs
 from tpo.training.tiny import build_tiny_tokenizer, tiny_llava_config, tiny_sam2_config
 from tpo.training.trainer import TPOTrainer, last_complete_checkpoint, unwrap_tpo
 
@@ -202,9 +204,11 @@ def load_tokenizer_and_image_processor(name_or_path: str):
     return tokenizer, image_processor
 
 
-def build_model(model_args: ModelArguments, train_data):
-    """(model, processor): a pretrained MLLM wrapped with `from_mllm`, or the tiny default."""
+def build_model(model_args: ModelArguments, train_data, preset: str | None = None):
+    """(model, processor): a pretrained MLLM wrapped with `from_mllm`, or the tiny default; `preset` names a
+    `TPOConfig` preset (its head settings, under those given in `model_args`)."""
     head_config = {
+        "preset": preset,
         "temporal_head_config": json.loads(model_args.temporal_head_config or "{}"),
         "region_head_config": json.loads(model_args.region_head_config or "{}"),
         "mask_head_config": {"freeze_image_encoder": model_args.freeze_sam2_image_encoder,
@@ -277,10 +281,12 @@ def save_final(model, processor, final_dir: Path) -> Path:
     return final_dir
 
 
-def task_stage_samples(encoded, conversation_fraction: float, seed: int):
-    """The task stage's samples: every grounding sample, plus `conversation_fraction` times as many
-    conversation samples (task label 0) drawn with `seed` (all of them when there are fewer)."""
-    grounding = encoded.filter(lambda row: row["task_label"] != 0, desc="grounding samples")
+def task_stage_samples(encoded, conversation_fraction: float, seed: int, task: str | None = None):
+    """The task stage's samples: every grounding sample (of `task` only, for the paper's per-task stage 2),
+    plus `conversation_fraction` times as many conversation samples (task label 0) drawn with `seed` (all of
+    them when there are fewer)."""
+    labels = {ROUTER_CLASSES.index(task)} if task else set(range(1, len(ROUTER_CLASSES)))
+    grounding = encoded.filter(lambda row: row["task_label"] in labels, desc=f"{task or 'grounding'} samples")
     if conversation_fraction <= 0:
         return grounding
     from datasets import concatenate_datasets
@@ -389,7 +395,7 @@ def run(script: ScriptArguments, model_args: ModelArguments, training_args: TPOT
 
     # Model
     training_keys = [key for key in data if key.startswith("train") and len(data[key])]
-    model, processor = build_model(model_args, [data[key] for key in training_keys])
+    model, processor = build_model(model_args, [data[key] for key in training_keys], training_args.preset)
     logger.info("TPO model: %.2fM parameters, tasks %s", sum(p.numel() for p in model.parameters()) / 1e6,
                 model.config.tasks)
     encoded = {}
@@ -412,16 +418,17 @@ def run(script: ScriptArguments, model_args: ModelArguments, training_args: TPOT
     # Training
     peft_config = lora_config(model_args, model) if training_args.llm_training == "lora" else None
     trained = model
-    for stage in script.stages:
-        overrides = {"stage": stage, "output_dir": str(output_dir / f"stage-{stage}"),
-                     "num_train_epochs": getattr(script, f"{stage}_epochs")}
+    for stage, task in stage_runs(script.stages, training_args, model.config.tasks):
+        name = f"{stage}-{task}" if task else stage  # the paper's stage 2: one run per task, that task's head + token
+        overrides = {"stage": stage, "output_dir": str(output_dir / f"stage-{name}"),
+                     "num_train_epochs": getattr(script, f"{stage}_epochs"), **({"tasks": [task]} if task else {})}
         if getattr(script, f"{stage}_learning_rate") is not None:
             overrides["learning_rate"] = getattr(script, f"{stage}_learning_rate")
         stage_args = dataclasses.replace(training_args, **overrides)
         stage_key = f"train_{stage}" if len(data.get(f"train_{stage}", [])) else "train"
         stage_train = encoded_split(stage_key)
-        if stage == "task":  # the heads' stage: grounding samples (and a share of conversations, if asked)
-            stage_train = task_stage_samples(stage_train, script.task_stage_conversations, training_args.seed)
+        if stage == "task":  # the heads' stage: grounding samples (of its task, per task), conversations if asked
+            stage_train = task_stage_samples(stage_train, script.task_stage_conversations, training_args.seed, task)
         if not len(stage_train):
             raise ValueError(f"Stage {stage!r} has no training samples (data {stage_key!r}); give it data or leave the "
                              "stage out of --stages.")

@@ -21,19 +21,27 @@ IGNORE_INDEX = -100
 DEFAULT_BEGIN_TOKENS = {"temporal": "<time_begin>", "region": "<box_begin>", "mask": "<mask_begin>"}
 DEFAULT_SLOT_TOKENS = {"temporal": "<temp>", "region": "<boxes>", "mask": "<masks>"}
 
-# Head defaults, documented against REFERENCE.md section 2 (the public release):
-# - region: 2-layer MLP hidden -> hidden/2 -> 4, loss 2 * L1 + GIoU / 5 ("mlp"; "heatmap" is our
-#   soft-argmax variant over the visual tokens, for MLLMs trained from scratch, with a heatmap KL term
-#   `heatmap_weight` that supervises the token scores directly).
-# - temporal: CG-DETR-like localiser, 10 moment queries, matching costs span L1 10, gIoU 1,
-#   class 4; loss weights span L1 10, gIoU 1, CE 4 (no-object weight 0.1), saliency 4, the
-#   whole temporal sum scaled by 0.05 (`loss_weights["temporal"]`). `decoder="dense"` is our
-#   frame-anchored alternative (each frame predicts its moment's ends), fast to train from scratch.
-# - mask: task embedding -> MLP hidden -> hidden -> K x prompt_dim sparse SAM2 prompts (K=3).
-#   The release trains only an L1 on SAM2 prompt embeddings; we add BCE + Dice on the masks
-#   (weights as LISA: BCE 2.0, Dice 0.5) and keep the prompt L1 as an option (weight 0).
+# Head defaults: the project's own choices. Where they differ from the public release (REFERENCE.md section 2),
+# `PRESETS["release"]` below switches to the release and README.md ("Differences from the paper and the release")
+# lists every difference with the option that switches it.
+# - region: 2-layer MLP hidden -> hidden/2 -> 4 ("mlp"; "heatmap" is our soft-argmax variant over the visual
+#   tokens, for MLLMs trained from scratch, with a heatmap KL term `heatmap_weight`); loss 2 * L1 + GIoU / 5. Ours
+#   regresses sigmoid (cx, cy, w, h) with the L1 summed over the 4 coordinates ("cxcywh_sigmoid", "coordinate_sum");
+#   the release regresses raw (x0, y0, x1, y1) with the L1 averaged over N x 4 ("xyxy_raw", "mean").
+# - temporal: DETR moment localiser, 10 moment queries, matching costs span L1 10, gIoU 1, class 4; loss weights
+#   span L1 10, gIoU 1, CE 4 (no-object weight 0.1), saliency 4, the whole temporal sum scaled by 0.05
+#   (`loss_weights["temporal"]`). Ours: span L1 summed over (centre, width) ("coordinate_sum"), the CE a weighted
+#   mean divided by the sum of the class weights ("weight_normalised"), ranking + contrastive saliency ("ranking"),
+#   2 + 2 plain layers. CG-DETR's query-aware parts (dummy tokens, text-to-video layers, reference points, input
+#   dropout) are off by default and on in the release preset. `decoder="dense"` is our frame-anchored alternative,
+#   fast to train from scratch. `dense_clip_seconds` > 0 reads per-clip features from the MLLM's vision tower
+#   (frozen) at that rate instead of only the LLM's frames (see `TemporalHead` and README "Dense temporal features").
+# - mask: task embedding -> MLP hidden -> hidden -> K x prompt_dim sparse SAM2 prompts (K=3). Ours trains BCE + Dice
+#   on the masks (weights as LISA: BCE 2.0, Dice 0.5) and SAM2's mask decoder; the release freezes all of SAM2 and
+#   trains only an L1 to SAM2's prompt embedding of the GT box plus an L1 on a box (`prompt_l1_weight`,
+#   `box_l1_weight`, 0 here).
 DEFAULT_REGION_HEAD = {"mode": "mlp", "hidden_ratio": 0.5, "l1_weight": 2.0, "giou_weight": 0.2, "heatmap_dim": 256,
-                       "heatmap_weight": 1.0}
+                       "heatmap_weight": 1.0, "box_format": "cxcywh_sigmoid", "l1_reduction": "coordinate_sum"}
 DEFAULT_TEMPORAL_HEAD = {
     "d_model": 256,
     "num_heads": 8,
@@ -58,12 +66,24 @@ DEFAULT_TEMPORAL_HEAD = {
     "frame_pooling": "mean_max",
     "decoder": "detr",
     "nms_iou": 0.7,
+    "span_l1_reduction": "coordinate_sum",
+    "label_reduction": "weight_normalised",
+    "num_dummies": 0,
+    "dummy_layers": 2,
+    "t2v_layers": 0,
+    "t2v_saliency_weight": 1.0,
+    "negative_pairs": False,
+    "reference_points": False,
+    "input_dropout": 0.0,
+    "dense_clip_seconds": 0.0,
+    "dense_max_clips": 256,
 }
 DEFAULT_MASK_HEAD = {
     "num_prompt_tokens": 3,
     "bce_weight": 2.0,
     "dice_weight": 0.5,
     "prompt_l1_weight": 0.0,
+    "box_l1_weight": 0.0,
     "freeze_image_encoder": True,
     "freeze_prompt_encoder": True,
     "freeze_mask_decoder": False,
@@ -74,14 +94,38 @@ DEFAULT_MASK_HEAD = {
 }
 DEFAULT_LOSS_WEIGHTS = {"lm": 1.0, "assign": 1.0, "temporal": 0.05, "region": 1.0, "mask": 1.0}
 
+# Named sets of settings, applied over the defaults and under what the caller gives (`TPOConfig(preset=...)`).
+# "release": the public VideoChat-TPO release (REFERENCE.md section 2): heads, loss reductions and weights, CG-DETR's
+# query-aware temporal parts at its depth (3 + 3), SAM2 frozen with only the prompt-embedding and box L1s, and no
+# auxiliary router loss (the release routes by the begin token the LM emits; so does our generation).
+PRESETS = {
+    "release": {
+        "region_head_config": {"mode": "mlp", "box_format": "xyxy_raw", "l1_reduction": "mean", "l1_weight": 2.0,
+                               "giou_weight": 0.2},
+        "temporal_head_config": {
+            "decoder": "detr", "d_model": 256, "num_heads": 8, "num_encoder_layers": 3, "num_decoder_layers": 3,
+            "dim_feedforward": 1024, "dropout": 0.1, "num_queries": 10, "aux_loss": True, "frame_pooling": "mean",
+            "span_l1_weight": 10.0, "span_giou_weight": 1.0, "label_weight": 4.0, "saliency_weight": 4.0,
+            "eos_coef": 0.1, "saliency_margin": 0.2, "saliency_loss": "release", "match_cost_span": 10.0,
+            "match_cost_giou": 1.0, "match_cost_class": 4.0, "span_l1_reduction": "mean", "label_reduction": "mean",
+            "num_dummies": 45, "dummy_layers": 2, "t2v_layers": 2, "t2v_saliency_weight": 1.0, "negative_pairs": True,
+            "reference_points": True, "input_dropout": 0.5, "dense_clip_seconds": 2.0,
+        },
+        "mask_head_config": {"freeze_image_encoder": True, "freeze_prompt_encoder": True, "freeze_mask_decoder": True,
+                             "bce_weight": 0.0, "dice_weight": 0.0, "prompt_l1_weight": 1.0, "box_l1_weight": 1.0,
+                             "box_prompt": False},
+        "loss_weights": {"lm": 1.0, "assign": 0.0, "temporal": 0.05, "region": 1.0, "mask": 1.0},
+    },
+}
 
-def _merge_defaults(name: str, defaults: dict, given: dict | None) -> dict:
-    """Fill `given` with `defaults`, refusing keys the defaults do not know (likely typos)."""
+
+def _merge_defaults(name: str, defaults: dict, given: dict | None, preset: dict | None = None) -> dict:
+    """Fill `given` with `preset`, then `defaults`, refusing keys the defaults do not know (likely typos)."""
     given = dict(given or {})
     unknown = sorted(set(given) - set(defaults))
     if unknown:
         raise ValueError(f"Unknown key(s) {unknown} in `{name}`; valid keys are {sorted(defaults)}.")
-    return {**copy.deepcopy(defaults), **given}
+    return {**copy.deepcopy(defaults), **copy.deepcopy(preset or {}), **given}
 
 
 def _attention_implementations(config) -> dict | None:
@@ -147,6 +191,9 @@ class TPOConfig(PreTrainedConfig):
             Weights of `lm`, `assign`, `temporal`, `region` and `mask` in the total loss.
         initializer_range (`float`, defaults to 0.02):
             Standard deviation of the heads' weight initialisation.
+        preset (`str`, *optional*):
+            A named set of head settings and loss weights from `PRESETS` (`"release"`: the public VideoChat-TPO
+            release), applied over the defaults; the head configs and loss weights given here override it key by key.
     """
 
     model_type = "tpo"
@@ -167,6 +214,7 @@ class TPOConfig(PreTrainedConfig):
     mask_head_config: dict | None = None
     loss_weights: dict | None = None
     initializer_range: float = 0.02
+    preset: str | None = None
 
     def __post_init__(self, **kwargs):
         self.tasks = list(TASK_NAMES if self.tasks is None else self.tasks)
@@ -204,12 +252,13 @@ class TPOConfig(PreTrainedConfig):
                 for task, ids in self.task_token_ids.items()
             }
             self._check_token_table("task_token_ids", self.task_token_ids, int)
-        self.region_head_config = _merge_defaults("region_head_config", DEFAULT_REGION_HEAD, self.region_head_config)
-        self.temporal_head_config = _merge_defaults(
-            "temporal_head_config", DEFAULT_TEMPORAL_HEAD, self.temporal_head_config
-        )
-        self.mask_head_config = _merge_defaults("mask_head_config", DEFAULT_MASK_HEAD, self.mask_head_config)
-        self.loss_weights = _merge_defaults("loss_weights", DEFAULT_LOSS_WEIGHTS, self.loss_weights)
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ValueError(f"Unknown `preset` {self.preset!r}; valid presets are {sorted(PRESETS)} (or None for the "
+                             "project's defaults).")
+        preset = PRESETS.get(self.preset, {})
+        for name, defaults in (("region_head_config", DEFAULT_REGION_HEAD), ("temporal_head_config", DEFAULT_TEMPORAL_HEAD),
+                               ("mask_head_config", DEFAULT_MASK_HEAD), ("loss_weights", DEFAULT_LOSS_WEIGHTS)):
+            setattr(self, name, _merge_defaults(name, defaults, getattr(self, name), preset.get(name)))
 
     def _check_token_table(self, name: str, table: dict, value_type: type) -> None:
         missing = [task for task in TASK_NAMES if task not in table]

@@ -7,7 +7,10 @@ SAM2's video memory, which propagates through the remaining frames (tracking).
 
 Losses: sigmoid BCE + Dice on the masks (the release defines but never calls a mask loss; it trains
 only an L1 between the predicted prompt embedding and SAM2's prompt embedding of the GT box, kept
-here as `prompt_l1_weight`, 0 by default).
+here as `prompt_l1_weight`, and an L1 on a box regressed from the task embedding, `box_l1_weight`: an MLP
+hidden -> hidden -> 4 giving raw (x0, y0, x1, y1) normalised to SAM2's input, as the release's region head
+regresses boxes; both 0 by default, both on in the release preset). The GT box of each image is the box of
+its GT mask; images whose mask is empty take no part in these two L1s.
 
 Box prompt (`box_prompt=True`, off by default; not in the release): a localiser (the region head's
 "heatmap" mode) reads the MLLM's visual tokens of the frame with the task embedding and predicts the
@@ -48,7 +51,8 @@ class MaskHead(nn.Module):
         hidden_size: the LLM's hidden size.
         sam2_config: a `Sam2VideoConfig`.
         num_prompt_tokens: K prompt tokens per task token.
-        bce_weight, dice_weight, prompt_l1_weight: loss weights.
+        bce_weight, dice_weight, prompt_l1_weight, box_l1_weight: loss weights (a box regressor exists only with
+            box_l1_weight > 0).
         freeze_image_encoder, freeze_prompt_encoder, freeze_mask_decoder: frozen SAM2 parts
             (`requires_grad=False`; a frozen image encoder runs without building a graph).
         multimask_output: let SAM2 predict 3 masks and keep the one of highest predicted IoU.
@@ -60,7 +64,8 @@ class MaskHead(nn.Module):
     def __init__(self, hidden_size: int, sam2_config, num_prompt_tokens: int = 3, bce_weight: float = 2.0,
                  dice_weight: float = 0.5, prompt_l1_weight: float = 0.0, freeze_image_encoder: bool = True,
                  freeze_prompt_encoder: bool = True, freeze_mask_decoder: bool = False, multimask_output: bool = False,
-                 box_prompt: bool = False, box_prompt_config: dict | None = None, box_loss_weight: float = 1.0):
+                 box_prompt: bool = False, box_prompt_config: dict | None = None, box_loss_weight: float = 1.0,
+                 box_l1_weight: float = 0.0):
         super().__init__()
         self.sam2 = Sam2VideoModel(sam2_config)
         self.prompt_dim = sam2_config.prompt_encoder_config.hidden_size
@@ -68,7 +73,8 @@ class MaskHead(nn.Module):
         self.prompt_mlp = nn.Sequential(
             nn.Linear(hidden_size, hidden_size), nn.GELU(), nn.Linear(hidden_size, num_prompt_tokens * self.prompt_dim)
         )
-        self.weights = {"bce": bce_weight, "dice": dice_weight, "prompt_l1": prompt_l1_weight, "box": box_loss_weight}
+        self.weights = {"bce": bce_weight, "dice": dice_weight, "prompt_l1": prompt_l1_weight, "box": box_loss_weight,
+                        "box_l1": box_l1_weight}
         self.localiser = None
         if box_prompt:
             unknown = sorted(set(box_prompt_config or {}) - set(DEFAULT_BOX_PROMPT))
@@ -88,6 +94,9 @@ class MaskHead(nn.Module):
                 module.requires_grad_(False)
         for name, parameter in self.sam2.named_parameters(recurse=False):
             parameter.requires_grad_(name == "no_memory_embedding" and not freeze_image_encoder)
+        self.box_regressor = None
+        if box_l1_weight:
+            self.box_regressor = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.ReLU(), nn.Linear(hidden_size, 4))
 
     def load_sam2(self, sam2_model_or_path) -> None:
         """Replace SAM2's weights by a pretrained `Sam2VideoModel` (instance or folder / hub id)."""
@@ -140,7 +149,8 @@ class MaskHead(nn.Module):
             input_masks: (m, S, S) optional mask prompts (dense), e.g. a previous frame's mask.
         Returns:
             pred_mask_logits (m, h, w) low-resolution logits (h = S / 4), iou_scores (m,),
-            object_score_logits (m,), prompt_embeddings (m, k * K, prompt_dim).
+            object_score_logits (m,), prompt_embeddings (m, k * K, prompt_dim); with the box regressor
+            pred_boxes_xyxy (m, 4), raw (x0, y0, x1, y1) normalised to SAM2's input.
         """
         if image_embeddings is None:
             if sam2_pixel_values is None:
@@ -180,8 +190,12 @@ class MaskHead(nn.Module):
             logits, iou = low_res[rows, best], iou_scores[rows, best]
         else:
             logits, iou = low_res[:, 0], iou_scores[:, 0]
-        return {"pred_mask_logits": logits, "iou_scores": iou, "object_score_logits": object_scores.reshape(m),
-                "prompt_embeddings": prompts}
+        outputs = {"pred_mask_logits": logits, "iou_scores": iou, "object_score_logits": object_scores.reshape(m),
+                   "prompt_embeddings": prompts}
+        if self.box_regressor is not None:
+            query = task_embeddings.mean(1).to(next(self.box_regressor.parameters()).dtype)
+            outputs["pred_boxes_xyxy"] = self.box_regressor(query)[query_index.to(task_embeddings.device)]
+        return outputs
 
     # ---- loss -------------------------------------------------------------------------------------
     def loss(self, outputs: dict, target_masks: torch.Tensor, target_boxes: torch.Tensor | None = None,
@@ -190,7 +204,8 @@ class MaskHead(nn.Module):
         `mask_box_l1`, `mask_box_giou`, `mask_box_heatmap`), and `mask` (weighted sum), float32.
 
         target_masks: (m, H, W) in {0, 1} at any size (logits are upsampled bilinearly to it);
-        target_boxes: (m, 4) GT boxes in SAM2 input pixels, for the prompt L1;
+        target_boxes: (m, 4) GT boxes in SAM2 input pixels, for the prompt and box L1s (default: the boxes of
+            `target_masks`, scaled to SAM2's input);
         localisation: from `localise` with `target_boxes_xyxy` (m, 4), the GT boxes normalised to the
             localiser's frame, and `has_object` (m,) bool (frames without the object give no box loss).
         """
@@ -203,13 +218,11 @@ class MaskHead(nn.Module):
             "mask_dice": dice_loss(logits, targets),
         }
         total = self.weights["bce"] * terms["mask_bce"] + self.weights["dice"] * terms["mask_dice"]
-        if self.weights["prompt_l1"] and target_boxes is not None:
-            with torch.no_grad():
-                reference = self.sam2.prompt_encoder._embed_boxes(target_boxes.to(logits.device)[:, None])[:, 0]
-            predicted = outputs["prompt_embeddings"].float()
-            tokens = min(predicted.shape[1], reference.shape[1])
-            terms["mask_prompt_l1"] = F.l1_loss(predicted[:, :tokens], reference[:, :tokens].float())
-            total = total + self.weights["prompt_l1"] * terms["mask_prompt_l1"]
+        if self.weights["prompt_l1"] or self.weights["box_l1"]:
+            box_terms = self._box_l1_terms(outputs, targets, target_boxes)
+            terms.update(box_terms)
+            for name, value in box_terms.items():
+                total = total + self.weights[name.removeprefix("mask_")] * value
         if localisation is not None and self.localiser is not None:
             rows = localisation["has_object"].to(logits.device)
             if bool(rows.any()):
@@ -222,6 +235,30 @@ class MaskHead(nn.Module):
                 terms["mask_box" if name == "region" else name.replace("region", "mask_box")] = value
             total = total + self.weights["box"] * terms["mask_box"]
         terms["mask"] = total
+        return terms
+
+    def _box_l1_terms(self, outputs: dict, target_masks: torch.Tensor, target_boxes: torch.Tensor | None) -> dict:
+        """The release's L1s over the images whose GT mask is not empty: `mask_prompt_l1` (mean over tokens x
+        channels of |predicted prompt - SAM2's prompt embedding of the GT box|) and, with the box regressor,
+        `mask_box_l1` (mean over images x 4 of |predicted - GT box|, normalised to SAM2's input)."""
+        size = float(self.image_size)
+        if target_boxes is None:
+            height, width = target_masks.shape[-2:]
+            scale = torch.tensor([size / width, size / height] * 2, device=target_masks.device)
+            target_boxes = masks_to_boxes(target_masks > 0.5) * scale
+        target_boxes = target_boxes.to(target_masks.device).float()
+        rows = (target_boxes[:, 2] > target_boxes[:, 0]) & (target_boxes[:, 3] > target_boxes[:, 1])
+        predicted = outputs["prompt_embeddings"].float()
+        terms = {}
+        if self.weights["prompt_l1"]:
+            with torch.no_grad():
+                reference = self.sam2.prompt_encoder._embed_boxes(target_boxes[:, None].to(predicted.dtype))[:, 0]
+            tokens = min(predicted.shape[1], reference.shape[1])
+            difference = (predicted[:, :tokens] - reference[:, :tokens].float()).abs().mean((1, 2))
+            terms["mask_prompt_l1"] = (difference * rows).sum() / rows.sum().clamp(min=1)
+        if self.weights["box_l1"] and "pred_boxes_xyxy" in outputs:
+            difference = (outputs["pred_boxes_xyxy"].float() - target_boxes / size).abs().mean(1)
+            terms["mask_box_l1"] = (difference * rows).sum() / rows.sum().clamp(min=1)
         return terms
 
     def localise(self, task_embeddings: torch.Tensor, visual_features: torch.Tensor, visual_xy: torch.Tensor,

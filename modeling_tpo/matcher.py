@@ -8,6 +8,8 @@ from torch import nn
 
 from .box_ops import generalized_temporal_iou, span_cw_to_se
 
+UNMATCHABLE_COST = 1e6  # stands for a non-finite cost, far above any finite one (span L1 <= 2, gIoU and p in [-1, 1])
+
 
 class SpanHungarianMatcher(nn.Module):
     """One-to-one assignment between the `num_queries` predicted moments of each sample and its GT
@@ -57,6 +59,10 @@ class SpanHungarianMatcher(nn.Module):
             - self.cost_giou * generalized_temporal_iou(span_cw_to_se(spans)[:, None], targets_se[None])
             - self.cost_class * foreground[:, None]
         )
+        # Non-finite predictions (NaN activations, NaN frame times) would stop scipy with "matrix contains invalid
+        # numeric entries"; any assignment will do for them, since their loss is non-finite too and the trainer
+        # then stops with the step, the term and the sample ids (NonFiniteLossError).
+        cost = torch.nan_to_num(cost, nan=UNMATCHABLE_COST, posinf=UNMATCHABLE_COST, neginf=-UNMATCHABLE_COST)
         cost = cost.view(batch, num_queries, -1).cpu().numpy()  # the one copy to the host
         indices, first = [], 0
         for i, size in enumerate(sizes):

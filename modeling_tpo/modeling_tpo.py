@@ -23,7 +23,7 @@ from transformers.generation import LogitsProcessorList
 from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
 from transformers.modeling_utils import slice_logits_to_keep
 
-from .features import gather_token_features, normalised_frame_times, pool_frame_features
+from .features import dense_clip_frames, gather_token_features, normalised_frame_times, pool_frame_features
 from .configuration_tpo import IGNORE_INDEX, ROUTER_CLASSES, TASK_NAMES, TPOConfig
 from .box_ops import masks_to_boxes
 from .generation_tpo import (
@@ -56,6 +56,7 @@ _NOT_PER_TOKEN = ("sam2_pixel_values", "mask_query_index", "sam2_batch_index", "
                   "region_batch_index", "temporal_spans", "temporal_span_query_index", *_MASK_IMAGE_KEYS)
 _PER_TOKEN_FILL = {"frame_token_index": -1, "query_token_mask": False, "mm_token_type_ids": 0, "visual_token_xy": -1.0}
 MASK_VIDEO_MODES = ("propagate", "per_frame")
+DENSE_PREFIX = "dense_"  # inputs of the temporal head's dense clips: head-only, per clip (never per token)
 _ONE_SEQUENCE_PER_PROMPT = (
     "Task heads run on one sequence per prompt; with num_return_sequences > 1 pass run_task_heads=False."
 )
@@ -119,6 +120,7 @@ class _HeadContext:
     video_durations: torch.Tensor | None
     computing_loss: bool = False
     visual_token_xy: torch.Tensor | None = None
+    dense_inputs: dict | None = None  # `dense_*` inputs: the temporal head's dense clips
 
 
 @dataclass
@@ -442,6 +444,9 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
             mask_view_to_sam2 (`(m, 4)`): (a_x, b_x, a_y, b_y) mapping the visual tokens' normalised
                 coordinates to SAM2's (x_sam2 = a_x * x + b_x): padding and cropping of the MLLM's image
                 processor (default: the identity, a plain resize).
+            dense_clip_timestamps (`(batch, clips)`), dense_pixel_values, dense_image_grid_thw: the dense temporal
+                clips (temporal head with `dense_clip_seconds` > 0): their times in seconds (-1 where padded) and the
+                vision tower's inputs of each clip frame, sample by sample (the collator gives them).
             tpo_meta: per-sample metadata from the collator, ignored here.
             backbone_hidden_states (`(batch, seq, hidden)`): the MLLM's last hidden states for these inputs,
                 computed elsewhere (`generate` reuses those of decoding): the backbone is not run, the
@@ -449,6 +454,7 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
             num_items_in_batch: passed by the Trainer; the LM loss normalises by it.
         """
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        dense_inputs = {key: kwargs.pop(key) for key in list(kwargs) if key.startswith(DENSE_PREFIX)}
         self._attach_task_token_hook()
         if input_ids is not None:
             self._check_task_tokens(input_ids)
@@ -492,7 +498,7 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
         context = _HeadContext(
             hidden_states=hidden_states, queries=queries, query_token_mask=query_token_mask,
             frame_token_index=frame_token_index, frame_timestamps=frame_timestamps, video_durations=video_durations,
-            computing_loss=computing_loss, visual_token_xy=visual_token_xy,
+            computing_loss=computing_loss, visual_token_xy=visual_token_xy, dense_inputs=dense_inputs or None,
         )
         targets = {
             "region": (region_boxes, region_batch_index),
@@ -616,13 +622,19 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
         timestamps = context.frame_timestamps[sample] if context.frame_timestamps is not None else None
         durations = context.video_durations[sample] if context.video_durations is not None else None
         frame_times = normalised_frame_times(frame_mask, timestamps, durations)
+        clip_features = None
+        if self.temporal_head.uses_dense_clips:  # the head's frames: dense clips, each with its nearest LLM frame
+            frame_features, clip_features, frame_mask, frame_times = dense_clip_frames(
+                self.mllm, context.dense_inputs, sample, context.video_durations, frame_features, frame_mask,
+                frame_times, self.temporal_head.frame_pooling)
+            num_frames = frame_mask.shape[1]
         # Without a query mask the query tokens are all masked out (the head's weights stay in the graph).
         token_mask = context.query_token_mask
         token_mask = token_mask[sample] if token_mask is not None else torch.zeros(hidden.shape[:2], dtype=torch.bool,
                                                                                    device=hidden.device)
         query_features, query_mask = gather_token_features(hidden, token_mask)
         outputs = self.temporal_head(queries.gather(context.hidden_states), frame_features, frame_mask, frame_times,
-                                     query_features, query_mask)
+                                     query_features, query_mask, clip_features=clip_features, query_groups=sample)
         predictions = {**outputs, "batch_index": sample, "frame_mask": frame_mask, "frame_times": frame_times}
         if spans is None:
             return predictions, {}
@@ -997,7 +1009,7 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
         self._attach_task_token_hook()
         if mask_video_mode not in MASK_VIDEO_MODES:
             raise ValueError(f"Unknown mask_video_mode {mask_video_mode!r}; use one of {MASK_VIDEO_MODES}.")
-        head_inputs = {k: kwargs.pop(k) for k in list(kwargs) if k in _HEAD_ONLY_INPUTS}
+        head_inputs = {k: kwargs.pop(k) for k in list(kwargs) if k in _HEAD_ONLY_INPUTS or k.startswith(DENSE_PREFIX)}
         task_labels = kwargs.get("task_labels")  # the collator's: which samples carry SAM2 frames
         for key in _TRAINING_TARGETS:
             kwargs.pop(key, None)
@@ -1087,7 +1099,8 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
             return input_ids, attention_mask
         for tensors in (model_kwargs, head_inputs):
             for key, value in list(tensors.items()):
-                if torch.is_tensor(value) and value.dim() >= 2 and tuple(value.shape[:2]) == (batch, prompt_len):
+                if (torch.is_tensor(value) and value.dim() >= 2 and tuple(value.shape[:2]) == (batch, prompt_len)
+                        and not key.startswith(DENSE_PREFIX)):
                     fill = _PER_TOKEN_FILL.get(key, 0)
                     tails = [torch.full((n, *value.shape[2:]), fill, dtype=value.dtype) for n in lengths]
                     tensors[key] = append_to_left_padded(value, tails, fill)
@@ -1216,7 +1229,8 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
         inputs = {"input_ids": right_align(sequences, shift, pad), "attention_mask": right_align(full_mask, shift, 0)}
         per_token = {**{k: v for k, v in generate_kwargs.items() if isinstance(v, torch.Tensor)}, **head_inputs}
         for key, value in per_token.items():
-            if (key not in _NOT_PER_TOKEN and isinstance(value, torch.Tensor) and value.dim() >= 2
+            if (key not in _NOT_PER_TOKEN and not key.startswith(DENSE_PREFIX) and isinstance(value, torch.Tensor)
+                    and value.dim() >= 2
                     and tuple(value.shape[:2]) == (batch, prompt_len)):
                 fill = _PER_TOKEN_FILL.get(key, 0)
                 extension = torch.full((batch, new_tokens.shape[1], *value.shape[2:]), fill, dtype=value.dtype,
@@ -1424,6 +1438,8 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
             names.append("mask_head.prompt_mlp")
             if self.mask_head.localiser is not None:
                 names.append("mask_head.localiser")
+            if self.mask_head.box_regressor is not None:
+                names.append("mask_head.box_regressor")
             for flag, module in (("freeze_mask_decoder", "mask_decoder"), ("freeze_prompt_encoder", "prompt_encoder"),
                                  ("freeze_image_encoder", "vision_encoder")):
                 if not settings.get(flag, True):

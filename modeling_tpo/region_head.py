@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from .box_ops import box_xyxy_to_cxcywh, l1_and_giou_losses
+from .box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, generalized_box_iou, l1_and_giou_losses
 
 
 class RegionHead(nn.Module):
@@ -17,19 +17,36 @@ class RegionHead(nn.Module):
         scores' spread. A localisation prior that trains quickly when the MLLM learns from scratch
         (the embedded default); it needs `visual_token_xy` from the processor.
 
+    What the "mlp" mode regresses (`box_format`): "cxcywh_sigmoid" (ours: a sigmoid on (cx, cy, w, h), always a
+    valid box inside the image) or "xyxy_raw" (the release: (x0, y0, x1, y1) straight from the last linear layer).
+    The L1 term (`l1_reduction`): "coordinate_sum" (ours: summed over the 4 coordinates, averaged over boxes) or
+    "mean" (the release: averaged over the N x 4 coordinates); it is taken in the regressed format.
+
     Input: task embeddings (num_queries, num_task_tokens, hidden_size), averaged over the task tokens;
     for "heatmap" also visual features (q, V, hidden), their centres (q, V, 2) and mask (q, V).
-    Output: boxes (num_queries, 4) as normalised (cx, cy, w, h) in (0, 1).
+    Output: boxes (num_queries, 4) as normalised (cx, cy, w, h) (in (0, 1) but for "xyxy_raw").
     """
 
     MODES = ("mlp", "heatmap")
+    BOX_FORMATS = ("cxcywh_sigmoid", "xyxy_raw")
+    L1_REDUCTIONS = ("coordinate_sum", "mean")
 
     def __init__(self, hidden_size: int, mode: str = "mlp", hidden_ratio: float = 0.5, l1_weight: float = 2.0,
-                 giou_weight: float = 0.2, heatmap_dim: int = 256, heatmap_weight: float = 1.0):
+                 giou_weight: float = 0.2, heatmap_dim: int = 256, heatmap_weight: float = 1.0,
+                 box_format: str = "cxcywh_sigmoid", l1_reduction: str = "coordinate_sum"):
         super().__init__()
         if mode not in self.MODES:
             raise ValueError(f"Unknown region head mode {mode!r}; use one of {self.MODES}.")
+        if box_format not in self.BOX_FORMATS:
+            raise ValueError(f"Unknown region head box_format {box_format!r}; use one of {self.BOX_FORMATS}.")
+        if mode == "heatmap" and box_format != "cxcywh_sigmoid":
+            raise ValueError("region head box_format 'xyxy_raw' is the released MLP's: use it with mode 'mlp' (the "
+                             "'heatmap' mode predicts bounded (cx, cy, w, h)).")
+        if l1_reduction not in self.L1_REDUCTIONS:
+            raise ValueError(f"Unknown region head l1_reduction {l1_reduction!r}; use one of {self.L1_REDUCTIONS}.")
         self.mode = mode
+        self.box_format = box_format
+        self.l1_reduction = l1_reduction
         if mode == "mlp":
             inner = max(1, int(round(hidden_size * hidden_ratio)))
             self.fc1 = nn.Linear(hidden_size, inner)
@@ -61,7 +78,8 @@ class RegionHead(nn.Module):
         (masked tokens at the dtype's minimum; None for "mlp")."""
         query = task_embeddings.mean(dim=1)
         if self.mode == "mlp":
-            return self.fc2(self.act(self.fc1(query))).sigmoid(), None
+            raw = self.fc2(self.act(self.fc1(query)))
+            return (raw.sigmoid() if self.box_format == "cxcywh_sigmoid" else box_xyxy_to_cxcywh(raw)), None
         if visual_features is None or visual_xy is None:
             raise ValueError("The 'heatmap' region head needs the visual tokens' features and centres.")
         dtype = next(self.key.parameters()).dtype
@@ -78,16 +96,23 @@ class RegionHead(nn.Module):
 
     def loss(self, pred_boxes_cxcywh: torch.Tensor, target_boxes_xyxy: torch.Tensor,
              token_scores: torch.Tensor | None = None, visual_xy: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """L1 on (cx, cy, w, h) summed over coordinates and GIoU loss on (x0, y0, x1, y1), both averaged over
-        queries, computed in float32; for "heatmap" with `token_scores` (q, V) and `visual_xy` (q, V, 2) also
-        `region_heatmap`: the KL divergence from a Gaussian at the GT centre (standard deviations a quarter
-        of the GT width and height) over the tokens to the tokens' softmax, which supervises *where* to
-        look directly instead of only through the box (0 when the two agree).
+        """L1 (on (cx, cy, w, h), or on (x0, y0, x1, y1) for "xyxy_raw"; reduced by `l1_reduction`) and GIoU loss on
+        (x0, y0, x1, y1) averaged over queries, computed in float32; for "heatmap" with `token_scores` (q, V) and
+        `visual_xy` (q, V, 2) also `region_heatmap`: the KL divergence from a Gaussian at the GT centre (standard
+        deviations a quarter of the GT width and height) over the tokens to the tokens' softmax, which supervises
+        *where* to look directly instead of only through the box (0 when the two agree).
 
         Returns `{"region": weighted total, "region_l1": ..., "region_giou": ..., ["region_heatmap": ...]}`.
         """
         target = target_boxes_xyxy.float()
-        l1, giou = l1_and_giou_losses(pred_boxes_cxcywh.float(), target)
+        if self.box_format == "xyxy_raw":
+            pred_xyxy = box_cxcywh_to_xyxy(pred_boxes_cxcywh.float())
+            l1 = (pred_xyxy - target).abs().sum(-1).mean()
+            giou = (1.0 - generalized_box_iou(pred_xyxy, target)).mean()
+        else:
+            l1, giou = l1_and_giou_losses(pred_boxes_cxcywh.float(), target)
+        if self.l1_reduction == "mean":
+            l1 = l1 / 4  # the sum over 4 coordinates, averaged over boxes -> the mean over N x 4
         terms = {"region_l1": l1, "region_giou": giou}
         total = self.l1_weight * l1 + self.giou_weight * giou
         if token_scores is not None and visual_xy is not None and self.heatmap_weight:

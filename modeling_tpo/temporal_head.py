@@ -1,11 +1,21 @@
 """Temporal head: a DETR-style moment localiser over the MLLM's own per-frame features.
 
 Inputs are what the MLLM already computed: the task embedding(s) (the last hidden states at the task
-slot tokens), per-frame features (the last hidden states of each frame's visual tokens, averaged),
+slot tokens), per-frame features (the last hidden states of each frame's visual tokens, pooled),
 and the instruction's text-token features. A transformer encoder mixes frames with the query tokens
 and the task embedding (which enters as extra text tokens, as in the release); learned moment
 queries decode (center, width) spans and foreground logits; per-frame saliency is the similarity of
 each encoded frame with the encoded task embedding.
+
+Optional parts, each a setting (`DEFAULT_TEMPORAL_HEAD`):
+- CG-DETR's query-aware parts (see `temporal_layers.py`): dummy tokens and text-to-video layers before the
+  encoder (the text then reaches the frames through them: the encoder mixes the query-aware frames with the task
+  embedding), reference-point refinement in the decoder, dropout on the inputs; with dummy tokens the head also
+  returns each frame's text-to-video relevance and, in training with `negative_pairs`, the saliency and
+  relevance of each video paired with another sample's query (rolled within the batch).
+- dense clip features (`dense_clip_seconds` > 0): the head's frames are clips of the video sampled at that
+  rate, each the MLLM's vision-tower features of its frame (`clip_features`, computed without gradient by the
+  model) plus the LLM's hidden states of the LLM frame nearest in time, so saliency and spans come per clip.
 
 Remote code: torch only.
 """
@@ -17,32 +27,10 @@ from torch import nn
 
 from .box_ops import span_cw_to_se
 from .matcher import SpanHungarianMatcher
+from .temporal_layers import MLP, AnchorDecoder, QueryAwareFrames, input_dropout, time_encoding
 from .temporal_loss import DenseTemporalCriterion, TemporalCriterion
 
 NO_SALIENCY = -1e4  # saliency given to padded frames
-
-
-def time_encoding(times: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sinusoidal encoding of normalised times: (..., ) in [0, 1] -> (..., dim)."""
-    half = dim // 2
-    frequencies = torch.exp(torch.arange(half, device=times.device, dtype=torch.float32) * (-math.log(1e4) / half))
-    angles = times.float()[..., None] * 2 * math.pi * 100.0 * frequencies  # 100 cycles at the lowest wavelength
-    encoding = torch.cat([angles.sin(), angles.cos()], dim=-1)
-    return nn.functional.pad(encoding, (0, dim - 2 * half))
-
-
-class _MLP(nn.Module):
-    def __init__(self, in_dim: int, hidden: int, out_dim: int, layers: int):
-        super().__init__()
-        dims = [in_dim] + [hidden] * (layers - 1) + [out_dim]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
-
-    def forward(self, x):
-        for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if i < len(self.layers) - 1:
-                x = torch.relu(x)
-        return x
 
 
 class TemporalHead(nn.Module):
@@ -59,12 +47,29 @@ class TemporalHead(nn.Module):
                  saliency_weight: float = 4.0, eos_coef: float = 0.1, saliency_margin: float = 0.2,
                  saliency_loss: str = "ranking", match_cost_span: float = 10.0, match_cost_giou: float = 1.0,
                  match_cost_class: float = 4.0, frame_pooling: str = "mean_max", decoder: str = "detr",
-                 nms_iou: float = 0.7):
+                 nms_iou: float = 0.7, span_l1_reduction: str = "coordinate_sum",
+                 label_reduction: str = "weight_normalised", num_dummies: int = 0, dummy_layers: int = 2,
+                 t2v_layers: int = 0, t2v_saliency_weight: float = 1.0, negative_pairs: bool = False,
+                 reference_points: bool = False, input_dropout: float = 0.0, dense_clip_seconds: float = 0.0,
+                 dense_max_clips: int = 256):
         super().__init__()
         if frame_pooling not in ("mean", "mean_max"):
             raise ValueError(f"frame_pooling must be 'mean' or 'mean_max', got {frame_pooling!r}.")
         if decoder not in ("detr", "dense"):
             raise ValueError(f"decoder must be 'detr' or 'dense', got {decoder!r}.")
+        if num_dummies < 0 or t2v_layers < 0 or (num_dummies and not t2v_layers):
+            raise ValueError(f"temporal head num_dummies={num_dummies}, t2v_layers={t2v_layers}: dummy tokens are keys "
+                             "of the text-to-video layers; set t2v_layers >= 1 with num_dummies > 0.")
+        if negative_pairs and not t2v_layers:
+            raise ValueError("temporal head negative_pairs needs the text-to-video layers (t2v_layers >= 1): a video "
+                             "meets another sample's query there.")
+        if reference_points and decoder != "detr":
+            raise ValueError("temporal head reference_points refine the DETR decoder's anchors; use decoder='detr'.")
+        if not 0.0 <= input_dropout < 1.0:
+            raise ValueError(f"temporal head input_dropout must be in [0, 1), got {input_dropout}.")
+        if dense_clip_seconds < 0 or dense_max_clips < 2:
+            raise ValueError(f"temporal head dense_clip_seconds must be >= 0 (0: off) and dense_max_clips >= 2, got "
+                             f"{dense_clip_seconds} and {dense_max_clips}.")
         self.frame_pooling = frame_pooling
         self.decoder_type = decoder
         self.nms_iou = nms_iou
@@ -72,6 +77,9 @@ class TemporalHead(nn.Module):
         self.max_frames = max_frames
         self.use_query_tokens = use_query_tokens
         self.aux_loss = aux_loss
+        self.input_dropout = input_dropout
+        self.negative_pairs = negative_pairs
+        self.dense_clip_seconds = dense_clip_seconds
         frame_size = hidden_size * (2 if frame_pooling == "mean_max" else 1)
         self.frame_proj = nn.Sequential(nn.LayerNorm(frame_size), nn.Linear(frame_size, d_model))
         self.text_proj = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, d_model))
@@ -83,31 +91,51 @@ class TemporalHead(nn.Module):
         )
         self.encoder_norm = nn.LayerNorm(d_model)
         if decoder == "detr":
-            self.query_embedding = nn.Embedding(num_queries, d_model)
-            self.decoder = nn.ModuleList(
-                nn.TransformerDecoderLayer(d_model, num_heads, dim_feedforward, dropout, batch_first=True,
-                                           norm_first=True)
-                for _ in range(num_decoder_layers)
-            )
-            self.decoder_norm = nn.LayerNorm(d_model)
-            self.span_head = _MLP(d_model, d_model, 2, 3)
+            if not reference_points:  # (with reference points, the anchor decoder below)
+                self.query_embedding = nn.Embedding(num_queries, d_model)
+                self.decoder = nn.ModuleList(
+                    nn.TransformerDecoderLayer(d_model, num_heads, dim_feedforward, dropout, batch_first=True,
+                                               norm_first=True)
+                    for _ in range(num_decoder_layers)
+                )
+                self.decoder_norm = nn.LayerNorm(d_model)
+            self.span_head = MLP(d_model, d_model, 2, 3)
             self.class_head = nn.Linear(d_model, 2)
         else:  # dense: every frame predicts whether it lies in a moment and the distances to its ends
             self.frame_class = nn.Linear(d_model, 1)
-            self.frame_offsets = _MLP(d_model, d_model, 2, 2)
+            self.frame_offsets = MLP(d_model, d_model, 2, 2)
         self.saliency_frame = nn.Linear(d_model, d_model)
         self.saliency_task = nn.Linear(d_model, d_model)
+        # optional parts, created after the others so that the default head initialises as before
+        self.query_aware = None
+        if t2v_layers:
+            self.query_aware = QueryAwareFrames(d_model, num_heads, dim_feedforward, dropout, num_dummies, dummy_layers,
+                                                t2v_layers)
+        self.anchor_decoder = None
+        if reference_points:
+            self.anchor_decoder = AnchorDecoder(d_model, num_heads, dim_feedforward, dropout, num_queries,
+                                                num_decoder_layers)
+        self.clip_proj = None
+        if dense_clip_seconds:
+            self.clip_proj = nn.Sequential(nn.LayerNorm(frame_size), nn.Linear(frame_size, d_model))
         weights = dict(span_l1_weight=span_l1_weight, span_giou_weight=span_giou_weight, label_weight=label_weight,
-                       saliency_weight=saliency_weight, saliency_margin=saliency_margin, saliency_loss=saliency_loss)
+                       saliency_weight=saliency_weight, saliency_margin=saliency_margin, saliency_loss=saliency_loss,
+                       t2v_saliency_weight=t2v_saliency_weight)
         if decoder == "detr":
             self.criterion = TemporalCriterion(SpanHungarianMatcher(match_cost_span, match_cost_giou, match_cost_class),
-                                               eos_coef=eos_coef, **weights)
+                                               eos_coef=eos_coef, span_l1_reduction=span_l1_reduction,
+                                               label_reduction=label_reduction, **weights)
         else:
             self.criterion = DenseTemporalCriterion(**weights)
 
+    @property
+    def uses_dense_clips(self) -> bool:
+        return self.clip_proj is not None
+
     def forward(self, task_embeddings: torch.Tensor, frame_features: torch.Tensor, frame_mask: torch.Tensor,
                 frame_times: torch.Tensor, query_features: torch.Tensor | None = None,
-                query_mask: torch.Tensor | None = None) -> dict:
+                query_mask: torch.Tensor | None = None, clip_features: torch.Tensor | None = None,
+                query_groups: torch.Tensor | None = None) -> dict:
         """
         Args:
             task_embeddings: (n, k, hidden), hidden states at the k task slot tokens.
@@ -115,12 +143,20 @@ class TemporalHead(nn.Module):
                 `frame_pooling="mean_max"`, see `pool_frame_features`); frame_mask (n, F) bool.
             frame_times: (n, F), frame times normalised to [0, 1] by the video duration.
             query_features: (n, Q, hidden), instruction text-token hidden states; query_mask (n, Q) bool.
+            clip_features: (n, F, hidden or 2 * hidden) the vision tower's pooled features of each frame (dense clips;
+                the head must have `dense_clip_seconds` > 0); `frame_features` are then the LLM's features of the
+                LLM frame nearest each clip.
+            query_groups: (n,) which video each query belongs to (the sample index): negative pairs are formed only
+                between queries of different groups (default: all different).
         Returns:
             pred_spans (n, num_queries, 2) normalised (center, width); pred_logits (n, num_queries, 2)
             (0 foreground, 1 no object); pred_saliency (n, F) (padded frames -1e4); frame_mask (n, F);
             frame_times (n, F); aux_outputs: a list of {pred_spans, pred_logits} per decoder layer but
             the last (when aux_loss). With `decoder="dense"`, num_queries = F (one moment per frame),
-            plus pred_offsets (n, F, 2) and no aux_outputs.
+            plus pred_offsets (n, F, 2) and no aux_outputs. With dummy tokens: pred_t2v_relevance (n, F) in
+            [0, 1]; in training with negative pairs: pred_saliency_neg and pred_t2v_relevance_neg (n, F) and
+            negative_mask (n,) bool (the queries that got a partner). With reference points: reference_points
+            (n, num_queries, 2) per layer output.
         """
         n, num_frames = frame_mask.shape
         valid_frames = frame_mask.sum(-1)
@@ -132,40 +168,85 @@ class TemporalHead(nn.Module):
             )
         if num_frames > self.max_frames:
             raise ValueError(f"{num_frames} frames exceed the temporal head's max_frames={self.max_frames}.")
+        if (clip_features is not None) != self.uses_dense_clips:
+            raise ValueError("The temporal head's dense_clip_seconds and `clip_features` go together: give clip "
+                             "features exactly when dense_clip_seconds > 0.")
         dtype = next(self.frame_proj.parameters()).dtype
-        frames = self.frame_proj(frame_features.to(dtype)) + self.type_embedding.weight[0]
+        frames = self._project(self.frame_proj, frame_features.to(dtype)) + self.type_embedding.weight[0]
+        if clip_features is not None:
+            frames = frames + self._project(self.clip_proj, clip_features.to(dtype))
         frames = frames + time_encoding(frame_times, self.d_model).to(dtype)
-        task = self.task_proj(task_embeddings.to(dtype)) + self.type_embedding.weight[2]  # (n, k, d)
-        parts, masks = [frames, task], [frame_mask, torch.ones(task.shape[:2], dtype=torch.bool, device=task.device)]
+        task = self._project(self.task_proj, task_embeddings.to(dtype)) + self.type_embedding.weight[2]
+        task_mask = torch.ones(task.shape[:2], dtype=torch.bool, device=task.device)
+        text = text_mask = None
         if self.use_query_tokens and query_features is not None:
-            parts.insert(1, self.text_proj(query_features.to(dtype)) + self.type_embedding.weight[1])
-            masks.insert(1, query_mask.bool() if query_mask is not None else torch.ones(query_features.shape[:2],
-                                                                                         dtype=torch.bool, device=task.device))
-        tokens = torch.cat(parts, dim=1)
-        valid = torch.cat(masks, dim=1)
-        for layer in self.encoder:
-            tokens = layer(tokens, src_key_padding_mask=~valid)
-        tokens = self.encoder_norm(tokens)
-        encoded_frames = tokens[:, :num_frames]
-        encoded_task = tokens[:, -task.shape[1]:].mean(1)  # (n, d)
-
-        saliency = (self.saliency_frame(encoded_frames) * self.saliency_task(encoded_task)[:, None]).sum(-1)
-        saliency = saliency / math.sqrt(self.d_model)
-        saliency = saliency.masked_fill(~frame_mask, NO_SALIENCY)
-        common = {"pred_saliency": saliency, "frame_mask": frame_mask, "frame_times": frame_times}
+            text = self._project(self.text_proj, query_features.to(dtype)) + self.type_embedding.weight[1]
+            text_mask = query_mask.bool() if query_mask is not None else torch.ones(text.shape[:2], dtype=torch.bool,
+                                                                                    device=task.device)
+        tokens, valid, encoded_task, relevance = self._encode(frames, frame_mask, text, text_mask, task, task_mask)
+        common = {"pred_saliency": self._saliency(tokens[:, :num_frames], encoded_task, frame_mask),
+                  "frame_mask": frame_mask, "frame_times": frame_times}
+        if relevance is not None:
+            common["pred_t2v_relevance"] = relevance
+        if self.negative_pairs and self.training and n >= 2:
+            common.update(self._negative_pairs(frames, frame_mask, text, text_mask, task, task_mask, query_groups))
         if self.decoder_type == "dense":
-            return {**self._predict_dense(encoded_frames, frame_times, frame_mask), **common}
-        queries = self.query_embedding.weight[None].expand(n, -1, -1)
-        hidden = queries
-        per_layer = []
-        for layer in self.decoder:
-            hidden = layer(hidden + queries, tokens, memory_key_padding_mask=~valid)
-            per_layer.append(self.decoder_norm(hidden))
-        outputs = [self._predict(h) for h in per_layer]
+            return {**self._predict_dense(tokens[:, :num_frames], frame_times, frame_mask), **common}
+        if self.anchor_decoder is not None:
+            outputs = self.anchor_decoder(tokens, valid, self.span_head, self.class_head)
+        else:
+            queries = self.query_embedding.weight[None].expand(n, -1, -1)
+            hidden = queries
+            outputs = []
+            for layer in self.decoder:
+                hidden = layer(hidden + queries, tokens, memory_key_padding_mask=~valid)
+                outputs.append(self._predict(self.decoder_norm(hidden)))
         result = {**outputs[-1], **common}
         if self.aux_loss:
             result["aux_outputs"] = outputs[:-1]
         return result
+
+    def _project(self, projection: nn.Sequential, features: torch.Tensor) -> torch.Tensor:
+        """LayerNorm, input dropout (CG-DETR's, `input_dropout`), linear: one input projection."""
+        norm, linear = projection
+        return linear(input_dropout(norm(features), self.input_dropout, self.training))
+
+    def _encode(self, frames, frame_mask, text, text_mask, task, task_mask):
+        """The encoder over [frames, text, task] (or, with the text-to-video layers, [query-aware frames, task]):
+        encoded tokens (n, M, d), their mask (n, M), the encoded task embedding (n, d) and the frames' text-to-video
+        relevance (n, F) or None."""
+        relevance = None
+        parts, masks = [frames], [frame_mask]
+        if self.query_aware is not None:
+            keys = task if text is None else torch.cat([text, task], 1)
+            key_mask = task_mask if text is None else torch.cat([text_mask, task_mask], 1)
+            frames, relevance = self.query_aware(frames, keys, key_mask)
+            parts = [frames]
+        elif text is not None:
+            parts, masks = [frames, text], [frame_mask, text_mask]
+        tokens = torch.cat([*parts, task], dim=1)
+        valid = torch.cat([*masks, task_mask], dim=1)
+        for layer in self.encoder:
+            tokens = layer(tokens, src_key_padding_mask=~valid)
+        tokens = self.encoder_norm(tokens)
+        return tokens, valid, tokens[:, -task.shape[1]:].mean(1), relevance
+
+    def _saliency(self, encoded_frames: torch.Tensor, encoded_task: torch.Tensor, frame_mask: torch.Tensor):
+        """(n, F) similarity of each encoded frame with the encoded task embedding (padded frames -1e4)."""
+        saliency = (self.saliency_frame(encoded_frames) * self.saliency_task(encoded_task)[:, None]).sum(-1)
+        return (saliency / math.sqrt(self.d_model)).masked_fill(~frame_mask, NO_SALIENCY)
+
+    def _negative_pairs(self, frames, frame_mask, text, text_mask, task, task_mask, query_groups) -> dict:
+        """Each video with the next query's text and task embedding (rolled by one within the batch): saliency
+        and relevance of the mismatched pairs, which the saliency loss pushes down (CG-DETR's negative pairs).
+        Pairs of one group (the same video) are left out (`negative_mask`)."""
+        n = frames.shape[0]
+        groups = query_groups if query_groups is not None else torch.arange(n, device=frames.device)
+        negative_mask = groups.to(frames.device) != groups.to(frames.device).roll(1)
+        rolled = [None if x is None else x.roll(1, 0) for x in (text, text_mask, task, task_mask)]
+        tokens, _, encoded_task, relevance = self._encode(frames, frame_mask, *rolled)
+        return {"pred_saliency_neg": self._saliency(tokens[:, : frames.shape[1]], encoded_task, frame_mask),
+                "pred_t2v_relevance_neg": relevance, "negative_mask": negative_mask}
 
     def _predict_dense(self, encoded_frames: torch.Tensor, frame_times: torch.Tensor, frame_mask: torch.Tensor) -> dict:
         """Per frame: a moment [t - d_start, t + d_end] (distances in units of the video duration) and a

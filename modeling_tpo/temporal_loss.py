@@ -11,8 +11,26 @@ Ranking only needs the ORDER of saliency targets, which is what annotators agree
 0-4 scores); the scores' absolute values stay free for the evaluator's rankings. `saliency_loss="bce"`
 gives a plain per-frame BCE against targets clipped to [0, 1] (useful when targets are probabilities).
 A sample whose targets are all equal (all zero) carries no ranking signal and contributes 0.
-The release's negative-pair BCE is left out: it scores a video against another sample's query, and
-here the query lives inside the LLM's sequence, so a negative pair would cost a second LLM forward.
+
+`saliency_loss="release"`: the release's (CG-DETR's) terms, as `release_*` below compute them, averaged over the
+queries with saliency targets:
+  - margin ranking (margin 0.2) on clip pairs: with graded targets, the hard pair (the highest- against the
+    lowest-scored relevant clip) plus a relevant against an irrelevant clip, with binary targets (windows only)
+    twice a clip inside against one outside. The release draws the random pairs in its data loader; here their
+    expectation is taken (the mean over all such pairs), so the numbers are the release's in expectation;
+  - rank-contrastive (tau = 0.5) over the levels 1..11 of the summed three-annotator scores (0-12; our targets
+    are that / 12): at level r the clips >= r are positives, -mean of their log-softmax over the video's clips
+    (and the negative pair's, which are never positives), each row's terms summed over levels / 12;
+  - negative-pair BCE: every clip of a video paired with another sample's query is pushed to 0,
+    sum over clips of -log(1 - sigmoid(score)).
+The release averages the rank-contrastive term separately over the queries with and without a negative partner
+and adds the two means; here every query counts once in one mean (the same when all or none have a partner).
+Negative pairs (`negative_pairs`) roll the query text within the batch at the head (the LLM runs once).
+
+With CG-DETR's dummy tokens the head also returns each frame's text-to-video relevance (the attention mass on
+the real text against the dummies, in [0, 1]); `temporal_t2v_saliency` supervises it with the same family of terms
+("release": margin ranking, rank-contrastive, negative-pair -log(1 - relevance), and a BCE of the relevance
+against the binarised targets), weighted by `t2v_saliency_weight` inside the saliency weight, as CG-DETR does.
 
 Span normaliser: the number of GT spans, averaged over processes when torch.distributed is
 initialised, clamped to >= 1 (`mean_spans_per_process`).
@@ -34,6 +52,12 @@ from .box_ops import generalized_temporal_iou, span_cw_to_se, span_se_to_cw
 from .matcher import SpanHungarianMatcher
 
 CONTRASTIVE_TEMPERATURE = 0.5
+SALIENCY_LOSSES = ("ranking", "bce", "release")
+SPAN_L1_REDUCTIONS = ("coordinate_sum", "mean")
+LABEL_REDUCTIONS = ("weight_normalised", "mean")
+# The release's saliency labels are the sums of three annotators' 0-4 scores (QVHighlights): 0..12. Our targets are
+# the mean score / 4, i.e. that sum / 12; its rank-contrastive levels are 1..11.
+RELEASE_SALIENCY_SCALE = 12
 
 
 def mean_spans_per_process(local_spans: int, device: torch.device) -> torch.Tensor:
@@ -172,6 +196,64 @@ def bce_per_query(rows: dict[str, torch.Tensor]) -> torch.Tensor:
     return bce.masked_fill(invalid, 0.0).sum(1) / rows["valid"].sum(1).clamp(min=1)
 
 
+def release_ranking_per_query(rows: dict[str, torch.Tensor], margin: float) -> torch.Tensor:
+    """(n,) the release's margin ranking in expectation over its random pairs (see the module docstring):
+    graded targets: hinge(hard pair) + mean hinge(relevant, irrelevant); binary targets: 2 x mean hinge(inside,
+    outside); hinge(pos, neg) = max(0, margin + s_neg - s_pos). Without an irrelevant clip the release pairs a clip
+    with itself (hinge = margin). 0 for a query without a relevant clip."""
+    scores, targets, valid = rows["scores"], rows["targets"], rows["valid"]
+    relevant, other = valid & (targets > 0), valid & (targets <= 0)
+    hinge = (margin + scores[:, None, :] - scores[:, :, None]).clamp(min=0)  # [i, j]: pos i, neg j
+    pairs = relevant[:, :, None] & other[:, None, :]
+    has_pairs = pairs.any((1, 2))
+    easy = (hinge * pairs).sum((1, 2)) / pairs.sum((1, 2)).clamp(min=1)
+    highest = targets.masked_fill(~relevant, float("-inf")).argmax(1, keepdim=True)  # the first of equals
+    lowest = targets.masked_fill(~relevant, float("inf")).argmin(1, keepdim=True)
+    hard = (margin + scores.gather(1, lowest) - scores.gather(1, highest)).clamp(min=0)[:, 0]
+    binary = ((targets == 0) | (targets == 1) | ~valid).all(1)
+    graded = hard + torch.where(has_pairs, easy, hard)
+    windows_only = 2 * torch.where(has_pairs, easy, torch.full_like(easy, margin))
+    return torch.where(relevant.any(1), torch.where(binary, windows_only, graded), torch.zeros_like(easy))
+
+
+def release_contrastive_per_query(rows: dict[str, torch.Tensor], negative_scores: torch.Tensor | None = None,
+                                  negative_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(n,) the release's rank-contrastive term: sum over levels r = 1..11 of -mean over the clips with label >= r
+    (label = target x 12, rounded) of their log-softmax (tau = 0.5) over the video's clips, and over the negative
+    pair's clips where `negative_mask` (n,) says the query has one; / 12. 0 at levels without a positive."""
+    scores, valid = rows["scores"], rows["valid"]
+    labels = (rows["targets"] * RELEASE_SALIENCY_SCALE).round()
+    logits = (scores / CONTRASTIVE_TEMPERATURE).masked_fill(~valid, float("-inf"))
+    everything = logits
+    if negative_scores is not None and negative_mask is not None:
+        extra = (negative_scores / CONTRASTIVE_TEMPERATURE).masked_fill(~(valid & negative_mask[:, None]), float("-inf"))
+        everything = torch.cat([logits, extra], 1)
+    log_prob = logits - everything.logsumexp(1, keepdim=True)  # (n, L), -inf where invalid
+    levels = torch.arange(1, RELEASE_SALIENCY_SCALE, device=scores.device, dtype=labels.dtype)
+    positive = (labels[:, None, :] >= levels[None, :, None]) & valid[:, None, :]  # (n, 11, L)
+    total = log_prob[:, None, :].masked_fill(~positive, 0.0).sum(-1)
+    per_level = -total / positive.sum(-1).clamp(min=1)
+    return per_level.sum(1) / RELEASE_SALIENCY_SCALE
+
+
+def negative_pair_per_query(negative_scores: torch.Tensor, valid: torch.Tensor, probabilities: bool) -> torch.Tensor:
+    """(n,) sum over a video's clips of -log(1 - p) for its pairing with another query: p = sigmoid(score), or the
+    score itself for `probabilities` (text-to-video relevance in [0, 1])."""
+    if probabilities:
+        terms = -torch.log1p(-negative_scores.clamp(max=1 - 1e-6))
+    else:
+        terms = F.softplus(negative_scores)  # -log(1 - sigmoid(s))
+    return terms.masked_fill(~valid, 0.0).sum(1)
+
+
+def binary_relevance_bce_per_query(rows: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(n,) mean over valid clips of BCE(relevance, target > 0) (relevance a probability)."""
+    invalid = ~rows["valid"]
+    probabilities = rows["scores"].clamp(1e-6, 1 - 1e-6)
+    bce = F.binary_cross_entropy(probabilities, (rows["targets"] > 0).float(), reduction="none")
+    return bce.masked_fill(invalid, 0.0).sum(1) / rows["valid"].sum(1).clamp(min=1)
+
+
 # ---- dense decoder's frame targets, all queries at once ----------------------------------------------
 def dense_frame_targets(times: torch.Tensor, valid: torch.Tensor, spans: torch.Tensor,
                         span_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,16 +280,29 @@ class TemporalCriterion(nn.Module):
 
     def __init__(self, matcher: SpanHungarianMatcher, span_l1_weight: float = 10.0, span_giou_weight: float = 1.0,
                  label_weight: float = 4.0, saliency_weight: float = 4.0, eos_coef: float = 0.1,
-                 saliency_margin: float = 0.2, saliency_loss: str = "ranking"):
+                 saliency_margin: float = 0.2, saliency_loss: str = "ranking", span_l1_reduction: str = "coordinate_sum",
+                 label_reduction: str = "weight_normalised", t2v_saliency_weight: float = 1.0):
         super().__init__()
-        if saliency_loss not in ("ranking", "bce"):
-            raise ValueError(f"saliency_loss must be 'ranking' or 'bce', got {saliency_loss!r}.")
+        self._set_saliency(span_l1_weight, span_giou_weight, label_weight, saliency_weight, saliency_margin,
+                           saliency_loss, t2v_saliency_weight)
+        if span_l1_reduction not in SPAN_L1_REDUCTIONS:
+            raise ValueError(f"span_l1_reduction must be one of {SPAN_L1_REDUCTIONS}, got {span_l1_reduction!r}.")
+        if label_reduction not in LABEL_REDUCTIONS:
+            raise ValueError(f"label_reduction must be one of {LABEL_REDUCTIONS}, got {label_reduction!r}.")
         self.matcher = matcher
+        self.eos_coef = eos_coef
+        self.span_l1_reduction = span_l1_reduction
+        self.label_reduction = label_reduction
+
+    def _set_saliency(self, span_l1_weight, span_giou_weight, label_weight, saliency_weight, saliency_margin,
+                      saliency_loss, t2v_saliency_weight) -> None:
+        if saliency_loss not in SALIENCY_LOSSES:
+            raise ValueError(f"saliency_loss must be one of {SALIENCY_LOSSES}, got {saliency_loss!r}.")
         self.weights = {"span_l1": span_l1_weight, "span_giou": span_giou_weight, "label": label_weight,
                         "saliency": saliency_weight}
-        self.eos_coef = eos_coef
         self.saliency_margin = saliency_margin
         self.saliency_loss = saliency_loss
+        self.t2v_saliency_weight = t2v_saliency_weight
 
     # ---- span and label terms (all decoder layers together) --------------------------------------------
     def layer_span_terms(self, layers: list[dict], spans: list[torch.Tensor], all_spans: torch.Tensor,
@@ -226,14 +321,21 @@ class TemporalCriterion(nn.Module):
         if row.numel():
             matched_pred, matched_target = pred_spans[row, query], all_spans[target]  # (matches, 2) cw, se
             l1 = (matched_pred - span_se_to_cw(matched_target)).abs().view(num_layers, -1).sum(1) / num_spans
+            if self.span_l1_reduction == "mean":  # the release: the mean over matched spans x 2 coordinates
+                l1 = l1 / 2
             giou = generalized_temporal_iou(span_cw_to_se(matched_pred), matched_target)
             giou_loss = (1 - giou).view(num_layers, -1).sum(1) / num_spans
         else:
             l1 = giou_loss = pred_spans.reshape(num_layers, -1).sum(1) * 0.0
-        # label CE weighted 1 (matched: foreground, class 0) or eos_coef (no object, class 1), weighted mean per layer
+        # label CE weighted 1 (matched: foreground, class 0) or eos_coef (no object, class 1), per layer either
+        # divided by the sum of the weights (ours) or a plain mean over n x Q (the release)
         nll = F.cross_entropy(pred_logits.transpose(1, 2), (~matched).long(), reduction="none")  # (L*n, Q)
         weight = torch.where(matched, 1.0, self.eos_coef)
-        label = (nll * weight).view(num_layers, -1).sum(1) / weight.view(num_layers, -1).sum(1)
+        label = (nll * weight).view(num_layers, -1).sum(1)
+        if self.label_reduction == "mean":
+            label = label / nll[0].numel() / (nll.shape[0] // num_layers)
+        else:
+            label = label / weight.view(num_layers, -1).sum(1)
         return {"span_l1": l1, "span_giou": giou_loss, "label": label}
 
     def span_terms(self, outputs: dict, targets: list[dict],
@@ -244,20 +346,60 @@ class TemporalCriterion(nn.Module):
         return {name: values[0] for name, values in per_layer.items()}
 
     # ---- saliency -----------------------------------------------------------------------------------
-    def saliency_term(self, scores: torch.Tensor, frame_mask: torch.Tensor, targets: list[dict]) -> torch.Tensor:
-        """scores (batch, frames) logits; targets[i]["saliency"] (frames,) >= 0 or None. The mean over the
-        queries with a ranking signal (see `saliency_rows`), 0 when none has one."""
+    def saliency_term(self, scores: torch.Tensor, frame_mask: torch.Tensor, targets: list[dict],
+                      negative_scores: torch.Tensor | None = None, negative_mask: torch.Tensor | None = None,
+                      probabilities: bool = False) -> torch.Tensor:
+        """scores (batch, frames) logits (or, with `probabilities`, text-to-video relevance in [0, 1]); targets[i]
+        ["saliency"] (frames,) >= 0 or None; negative_scores (batch, frames) of each video with another query and
+        negative_mask (batch,) which queries have one (negative pairs). Ours ("ranking", "bce"): the mean over the
+        queries with a ranking signal (see `saliency_rows`), plus the negative-pair term; "release": the release's
+        terms averaged over the queries with saliency targets. 0 when no query has a signal."""
         scores = scores.float()
         saliency, saliency_mask = pack_saliency(targets, scores.shape[1], scores.device)
         if saliency is None or saliency.shape[1] < 2:
             return scores.sum() * 0.0
         rows = saliency_rows(scores, frame_mask, saliency, saliency_mask)
-        if self.saliency_loss == "bce":
-            per_query = bce_per_query(rows)
+        width = saliency.shape[1]
+        negatives = None
+        if negative_scores is not None and negative_mask is not None and bool(negative_mask.any()):
+            negatives = negative_scores.float()[:, :width].masked_fill(~rows["valid"], 0.0)
+        if self.saliency_loss == "release":
+            per_query = release_ranking_per_query(rows, self.saliency_margin)
+            per_query = per_query + release_contrastive_per_query(rows, negatives, negative_mask)
+            if probabilities:
+                per_query = per_query + binary_relevance_bce_per_query(rows)
+            counted = rows["valid"].any(1)
         else:
-            per_query = ranking_per_query(rows, self.saliency_margin) + contrastive_per_query(rows)
-        active = rows["active"]
-        return (per_query * active).sum() / active.sum().clamp(min=1)  # per_query is finite everywhere
+            if self.saliency_loss == "bce":
+                logit_rows = {**rows, "scores": torch.logit(rows["scores"].clamp(1e-6, 1 - 1e-6))} if probabilities else rows
+                per_query = bce_per_query(logit_rows)
+            else:
+                per_query = ranking_per_query(rows, self.saliency_margin) + contrastive_per_query(rows)
+            counted = rows["active"]
+        total = (per_query * counted).sum() / counted.sum().clamp(min=1)  # per_query is finite everywhere
+        if negatives is not None:
+            paired = negative_mask.to(scores.device) & rows["valid"].any(1)
+            negative = negative_pair_per_query(negatives, rows["valid"], probabilities)
+            total = total + (negative * paired).sum() / paired.sum().clamp(min=1)
+        return total
+
+    def saliency_terms(self, outputs: dict, targets: list[dict]) -> dict[str, torch.Tensor]:
+        """`temporal_saliency` and, with dummy tokens, `temporal_t2v_saliency` (see the module docstring)."""
+        negative_mask = outputs.get("negative_mask")
+        terms = {"temporal_saliency": self.saliency_term(outputs["pred_saliency"], outputs["frame_mask"], targets,
+                                                         outputs.get("pred_saliency_neg"), negative_mask)}
+        if outputs.get("pred_t2v_relevance") is not None:
+            terms["temporal_t2v_saliency"] = self.saliency_term(
+                outputs["pred_t2v_relevance"], outputs["frame_mask"], targets, outputs.get("pred_t2v_relevance_neg"),
+                negative_mask, probabilities=True)
+        return terms
+
+    def weighted_saliency(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        """saliency weight x (saliency + t2v_saliency_weight x t2v saliency)."""
+        total = terms["temporal_saliency"]
+        if "temporal_t2v_saliency" in terms:
+            total = total + self.t2v_saliency_weight * terms["temporal_t2v_saliency"]
+        return self.weights["saliency"] * total
 
     # ---- everything ----------------------------------------------------------------------------------
     def forward(self, outputs: dict, targets: list[dict], num_spans: torch.Tensor | float | None = None) -> dict[str, torch.Tensor]:
@@ -273,14 +415,14 @@ class TemporalCriterion(nn.Module):
         num_spans = span_normaliser(num_spans, all_spans.shape[0], all_spans.device)
         layers = [outputs, *(outputs.get("aux_outputs") or [])]
         per_layer = self.layer_span_terms(layers, spans, all_spans, num_spans)  # name -> (layers,)
-        saliency = self.saliency_term(outputs["pred_saliency"], outputs["frame_mask"], targets)
+        saliency = self.saliency_terms(outputs, targets)
         by_layer = {name: values.unbind(0) for name, values in per_layer.items()}
         terms = {f"temporal_{name}": values[0] for name, values in by_layer.items()}
-        terms["temporal_saliency"] = saliency
+        terms.update(saliency)
         for layer in range(1, len(layers)):  # auxiliary layers, suffixed by their index
             terms.update({f"temporal_{name}_{layer - 1}": values[layer] for name, values in by_layer.items()})
         terms["temporal"] = sum((self.weights[name] * values.sum() for name, values in per_layer.items()),
-                                self.weights["saliency"] * saliency)
+                                self.weighted_saliency(saliency))
         return terms
 
 
@@ -297,14 +439,11 @@ class DenseTemporalCriterion(TemporalCriterion):
     """
 
     def __init__(self, span_l1_weight: float = 10.0, span_giou_weight: float = 1.0, label_weight: float = 4.0,
-                 saliency_weight: float = 4.0, saliency_margin: float = 0.2, saliency_loss: str = "ranking"):
+                 saliency_weight: float = 4.0, saliency_margin: float = 0.2, saliency_loss: str = "ranking",
+                 t2v_saliency_weight: float = 1.0):
         nn.Module.__init__(self)
-        if saliency_loss not in ("ranking", "bce"):
-            raise ValueError(f"saliency_loss must be 'ranking' or 'bce', got {saliency_loss!r}.")
-        self.weights = {"span_l1": span_l1_weight, "span_giou": span_giou_weight, "label": label_weight,
-                        "saliency": saliency_weight}
-        self.saliency_margin = saliency_margin
-        self.saliency_loss = saliency_loss
+        self._set_saliency(span_l1_weight, span_giou_weight, label_weight, saliency_weight, saliency_margin,
+                           saliency_loss, t2v_saliency_weight)
 
     @staticmethod
     def frame_targets(times: torch.Tensor, valid: torch.Tensor, spans: torch.Tensor):
@@ -329,7 +468,9 @@ class DenseTemporalCriterion(TemporalCriterion):
         l1 = (F.l1_loss(offsets, target_offsets, reduction="none").sum(-1) * positive).sum() / normaliser
         giou = generalized_temporal_iou(span_cw_to_se(spans_cw), windows)  # (n, F)
         giou_loss = torch.where(positive, 1 - giou, 0.0).sum() / normaliser
-        terms = {"temporal_span_l1": l1, "temporal_span_giou": giou_loss, "temporal_label": label,
-                 "temporal_saliency": self.saliency_term(outputs["pred_saliency"], frame_mask, targets)}
-        terms["temporal"] = sum(self.weights[k.removeprefix("temporal_")] * v for k, v in terms.items())
+        terms = {"temporal_span_l1": l1, "temporal_span_giou": giou_loss, "temporal_label": label}
+        total = sum(self.weights[k.removeprefix("temporal_")] * v for k, v in terms.items())
+        saliency = self.saliency_terms(outputs, targets)
+        terms.update(saliency)
+        terms["temporal"] = total + self.weighted_saliency(saliency)
         return terms

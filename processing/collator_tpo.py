@@ -24,7 +24,8 @@ def collate_encoded(processor, encoded: list, media: list[dict], padding_side: s
     """Pad and stack `EncodedSample`s with their decoded media.
 
     media[i]: {} (text only), {"image": (h, w, 3) uint8}, or {"frames": (T, h, w, 3) uint8,
-    "timestamps": [T seconds]}, plus {"sam2_frames": (m, h, w, 3)} for video mask samples.
+    "timestamps": [T seconds]}, plus {"sam2_frames": (m, h, w, 3)} for video mask samples and
+    {"dense_frames": (K, h, w, 3)} for temporal samples whose plan has dense clips (`dense_timestamps`).
 
     Returns the model's keyword arguments (see `TPOForConditionalGeneration.forward`), with
     `tpo_meta` holding per-sample metadata for evaluation (ignored by the model):
@@ -35,7 +36,11 @@ def collate_encoded(processor, encoded: list, media: list[dict], padding_side: s
         region_boxes (n, 4) + region_batch_index (n,);
         temporal_spans (s, 2) normalised + temporal_span_query_index (s,), temporal_saliency (q, frames);
         sam2_pixel_values (m, 3, S, S), mask_targets (m, S, S), mask_query_index (m,);
-        pixel tensors of the MLLM (pixel_values, image_grid_thw, pixel_values_videos, ...).
+        pixel tensors of the MLLM (pixel_values, image_grid_thw, pixel_values_videos, ...);
+        with dense clips: dense_clip_timestamps (batch, clips) seconds, -1 where padded (and for samples without
+        clips), and the vision inputs of all clips, sample by sample (dense_pixel_values, dense_image_grid_thw, ...).
+    `tpo_meta["head_frame_timestamps"]` holds the temporal head's frame times per sample: the dense clips' centres
+    for samples with clips, else the MLLM's head frames.
     """
     if len(encoded) != len(media):
         raise ValueError(f"{len(encoded)} encoded samples but {len(media)} media entries.")
@@ -59,7 +64,7 @@ def collate_encoded(processor, encoded: list, media: list[dict], padding_side: s
     if processor.uses_mm_token_type_ids:
         batch["mm_token_type_ids"] = _pad([e.mm_token_type_ids for e in encoded], 0, padding_side)[0]
 
-    items, head_times, durations = [], [], []
+    items, head_times, temporal_times, durations, dense_frames = [], [], [], [], []
     for e, m in zip(encoded, media):
         kind = e.media.get("kind")
         if kind == "image":
@@ -72,21 +77,38 @@ def collate_encoded(processor, encoded: list, media: list[dict], padding_side: s
                                  f"{len(e.media['timestamps'])} planned.")
             items.append(("video", frames))
             head_times.append(processor.head_frame_timestamps(list(m.get("timestamps", e.media["timestamps"]))))
+            if e.media.get("dense_timestamps"):
+                clips = _require(m, "dense_frames", e)
+                if len(clips) != len(e.media["dense_timestamps"]):
+                    raise ValueError(f"Sample {e.media.get('path')!r}: {len(clips)} decoded dense clip frames, "
+                                     f"{len(e.media['dense_timestamps'])} planned.")
+                dense_frames += list(clips)
         else:
             head_times.append([])
+        temporal_times.append(processor.temporal_frame_timestamps(e.media, m.get("timestamps", e.media["timestamps"]))
+                              if kind == "video" else [])
         durations.append(float(e.media.get("duration", 0.0)))
     batch.update(processor.pixel_inputs(items))
     num_frames = max((len(t) for t in head_times), default=0)
     if num_frames:
-        batch["frame_timestamps"] = torch.tensor([t + [-1.0] * (num_frames - len(t)) for t in head_times])
+        batch["frame_timestamps"] = _padded_times(head_times)
         batch["video_durations"] = torch.tensor(durations)
+    if dense_frames:
+        batch["dense_clip_timestamps"] = _padded_times([e.media.get("dense_timestamps") or [] for e in encoded])
+        batch.update(processor.dense_pixel_inputs(dense_frames))
 
-    _collate_targets(processor, encoded, media, batch, num_frames)
+    _collate_targets(processor, encoded, media, batch, max((len(t) for t in temporal_times), default=0))
     batch["tpo_meta"] = {
         "media": [e.media for e in encoded],
-        "head_frame_timestamps": head_times,
+        "head_frame_timestamps": temporal_times,
     }
     return batch
+
+
+def _padded_times(rows: list[list[float]]) -> torch.Tensor:
+    """(batch, max length) seconds, -1 where a row is shorter."""
+    width = max(len(row) for row in rows)
+    return torch.tensor([list(row) + [-1.0] * (width - len(row)) for row in rows], dtype=torch.float32)
 
 
 def _require(media: dict, key: str, encoded):

@@ -79,7 +79,9 @@ def load_media(plan: dict, targets: dict | None = None) -> dict:
 
     Returns {} (no media), {"image": (h, w, 3)}, or {"frames": (T, h, w, 3), "timestamps": [T]} plus
     {"sam2_frames": (m, h, w, 3), "sam2_timestamps": [m seconds]} when a video mask sample names its
-    annotated frames.
+    annotated frames, and {"dense_frames": (K, h, w, 3), "dense_frame_timestamps": [K seconds]} when the plan
+    has dense clips (`dense_timestamps`, decoded in the same pass as the MLLM's frames). Raises ValueError (not
+    a skip: the setting is wrong for this video) when the video has fewer frames than dense clips.
     """
     kind = plan.get("kind")
     if kind == "image":
@@ -87,12 +89,16 @@ def load_media(plan: dict, targets: dict | None = None) -> dict:
     if kind != "video":
         return {}
     targets = targets or {}
+    dense = list(plan.get("dense_timestamps") or [])
+    times = list(plan["timestamps"]) + dense
     if plan.get("source") == "frames":
         paths, fps = plan["frame_paths"], plan["fps"] or 1.0
-        indices = [min(int(round(t * fps - 0.5)), len(paths) - 1) for t in plan["timestamps"]]
+        _check_dense_clips(plan, len(dense), len(paths))
+        indices = [min(int(round(t * fps - 0.5)), len(paths) - 1) for t in times]
         indices = [max(i, 0) for i in indices]
-        frames = np.stack([_read_image(paths[i]) for i in indices])
-        media = {"frames": frames, "timestamps": [(i + 0.5) / fps for i in indices]}
+        decoded = {i: _read_image(paths[i]) for i in set(indices)}
+        frames = np.stack([decoded[i] for i in indices])
+        media = _split_dense({"frames": frames, "timestamps": [(i + 0.5) / fps for i in indices]}, len(dense))
         if targets.get("mask_frames"):
             media["sam2_frames"] = np.stack([_read_image(paths[i]) for i in targets["mask_frames"]])
             media["sam2_timestamps"] = [(i + 0.5) / fps for i in targets["mask_frames"]]
@@ -100,8 +106,11 @@ def load_media(plan: dict, targets: dict | None = None) -> dict:
     from .video import VideoLoadError, load_video
 
     try:
-        video = load_video(plan["path"], timestamps_seconds=plan["timestamps"])
-        media = {"frames": video.frames, "timestamps": list(video.metadata.timestamps_seconds)}
+        video = load_video(plan["path"], timestamps_seconds=times)
+        if dense:
+            metadata = video.metadata
+            _check_dense_clips(plan, len(dense), metadata.num_frames or round(metadata.fps * metadata.duration_seconds))
+        media = _split_dense({"frames": video.frames, "timestamps": list(video.metadata.timestamps_seconds)}, len(dense))
         if targets.get("mask_frames"):
             fps = video.metadata.fps
             extra = load_video(plan["path"], timestamps_seconds=[i / fps for i in targets["mask_frames"]])
@@ -110,6 +119,22 @@ def load_media(plan: dict, targets: dict | None = None) -> dict:
     except VideoLoadError as error:
         raise MediaError(str(error)) from error
     return media
+
+
+def _split_dense(media: dict, count: int) -> dict:
+    """Move the last `count` decoded frames (the dense clips) to `dense_frames` / `dense_frame_timestamps`."""
+    if not count:
+        return media
+    frames, times = media["frames"], media["timestamps"]
+    return {"frames": frames[:-count], "timestamps": times[:-count], "dense_frames": frames[-count:],
+            "dense_frame_timestamps": times[-count:]}
+
+
+def _check_dense_clips(plan: dict, clips: int, frames: int) -> None:
+    if clips and frames and clips > frames:
+        from .processing_tpo import dense_clips_error
+
+        raise ValueError(dense_clips_error(plan.get("path"), clips, frames, plan["dense_clip_seconds"], plan["duration"]))
 
 
 # --------------------------------------------------------------------------------------------------

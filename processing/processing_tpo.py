@@ -72,6 +72,17 @@ def uniform_timestamps(duration_seconds: float, num_frames: int) -> list[float]:
     return [(i + 0.5) * duration_seconds / num_frames for i in range(num_frames)]
 
 
+def dense_clip_timestamps(duration_seconds: float, clip_seconds: float, max_clips: int) -> list[float]:
+    """Centres of the clips that dense temporal features sample: (i + 0.5) * clip_seconds for the
+    ceil(duration / clip_seconds) clips of the video (QVHighlights: 2-second clips, 75 for 150 s, exactly the clip
+    grid its saliency is scored on), at most `max_clips` (longer videos get longer, equal clips); the last centre
+    is clamped to the duration."""
+    count = max(1, math.ceil(duration_seconds / clip_seconds - 1e-9))
+    if count > max_clips:
+        count, clip_seconds = max_clips, duration_seconds / max_clips
+    return [min((i + 0.5) * clip_seconds, duration_seconds) for i in range(count)]
+
+
 def frame_saliency(
     frame_timestamps: list[float], clip_seconds: float, clip_ids: list[int], clip_scores: list[list[int]]
 ) -> list[float]:
@@ -245,6 +256,7 @@ class VisualLayout:
 
     model_types: tuple[str, ...] = ()
     uses_mm_token_type_ids = False
+    dense_clips_as_images = True  # dense temporal features: each clip frame through the image path
 
     def __init__(self, processor: "TPOProcessor"):
         self.processor = processor
@@ -254,6 +266,11 @@ class VisualLayout:
 
     def head_frame_timestamps(self, timestamps: list[float]) -> list[float]:
         return list(timestamps)
+
+    def dense_pixel_inputs(self, frames: list[np.ndarray]) -> dict:
+        """The vision tower's inputs for dense clip frames ((h, w, 3) uint8 each), every frame an image, keys
+        prefixed `dense_` (`dense_pixel_values`, `dense_image_grid_thw`, ...)."""
+        return {f"dense_{key}": value for key, value in self.pixel_inputs([("image", f) for f in frames]).items()}
 
 
 class LlavaLayout(VisualLayout):
@@ -419,6 +436,7 @@ class LlavaOnevisionLayout(VisualLayout):
     """
 
     model_types = ("llava_onevision",)
+    dense_clips_as_images = False  # its image path tiles every frame (any resolution); not wired for dense clips
 
     def __init__(self, processor: "TPOProcessor"):
         super().__init__(processor)
@@ -585,6 +603,10 @@ class TPOProcessor(ProcessorMixin):
         task_token_strings (`dict`, *optional*): `{task: {"begin": str, "slots": [str]}}`.
         prompt_templates (`dict`, *optional*): `{task: [template with {query}, ...]}`.
         saliency_clip_seconds (`float`): clip length of saliency annotations (QVHighlights: 2).
+        dense_clip_seconds (`float`): > 0 plans dense temporal features for temporal samples: besides the
+            `num_frames` frames of the MLLM, one frame per clip of this length (the temporal head's
+            `dense_clip_seconds`; `from_model_config` copies it), whose saliency targets come per clip.
+        dense_max_clips (`int`): at most this many clips per video (longer videos get longer clips).
         question_before_media (`bool`): put a grounding question before the image/video in the user turn
             (default: after, as pretrained MLLMs are trained). Before, the LLM's causal attention lets every
             visual token read the question, so its hidden states are question-aware: an MLLM trained from
@@ -610,6 +632,8 @@ class TPOProcessor(ProcessorMixin):
         saliency_clip_seconds: float = 2.0,
         question_before_media: bool = False,
         vision_aspect_ratio: str = "anyres_max_9",
+        dense_clip_seconds: float = 0.0,
+        dense_max_clips: int = 256,
         **kwargs,
     ):
         if layout not in LAYOUTS:
@@ -628,9 +652,17 @@ class TPOProcessor(ProcessorMixin):
         self.saliency_clip_seconds = float(saliency_clip_seconds)
         self.question_before_media = bool(question_before_media)
         self.vision_aspect_ratio = vision_aspect_ratio
+        self.dense_clip_seconds = float(dense_clip_seconds)
+        self.dense_max_clips = int(dense_max_clips)
+        if self.dense_clip_seconds < 0 or self.dense_max_clips < 2:
+            raise ValueError(f"`dense_clip_seconds` must be >= 0 (0: off) and `dense_max_clips` >= 2, got "
+                             f"{dense_clip_seconds} and {dense_max_clips}.")
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
         self._add_task_tokens()
         self._layout = LAYOUTS[layout](self)
+        if self.dense_clip_seconds and not self._layout.dense_clips_as_images:
+            raise ValueError(f"`dense_clip_seconds`={self.dense_clip_seconds}: dense temporal features are not "
+                             f"available for the {layout!r} layout (its image path tiles every frame); use 0 for it.")
 
     # ---- tokens -------------------------------------------------------------------------------
     def _add_task_tokens(self) -> None:
@@ -698,6 +730,9 @@ class TPOProcessor(ProcessorMixin):
                     **LAYOUTS[mllm.model_type].settings_from_config(mllm, tokenizer, image_processor)}
         if getattr(config, "sam2_config", None) is not None and "mask" in config.tasks:
             settings["sam2_image_size"] = int(config.sam2_config.image_size)
+        if "temporal" in config.tasks:
+            settings["dense_clip_seconds"] = float(config.temporal_head_config.get("dense_clip_seconds", 0.0))
+            settings["dense_max_clips"] = int(config.temporal_head_config.get("dense_max_clips", 256))
         settings.update(kwargs)
         processor = cls(image_processor=image_processor, tokenizer=tokenizer, **settings)
         processor.check_model_config(config)
@@ -840,8 +875,32 @@ class TPOProcessor(ProcessorMixin):
             plan = {"kind": "video", "source": kind, "path": sample.get("media_path", ""),
                     "frame_paths": list(sample.get("frame_paths") or []), "fps": float(sample.get("fps") or 0.0),
                     "timestamps": timestamps, "duration": duration, "height": int(height), "width": int(width)}
+            if self.dense_clip_seconds and sample.get("task") == "temporal":
+                plan["dense_timestamps"] = self._dense_plan(sample, plan)
+                plan["dense_clip_seconds"] = self.dense_clip_seconds
             return plan
         return {"kind": "none"}
+
+    def _dense_plan(self, sample: dict, plan: dict) -> list[float]:
+        """The dense clips' times of a temporal sample; refuses more clips than the video has frames (when the
+        sample says how many it has)."""
+        times = dense_clip_timestamps(plan["duration"], self.dense_clip_seconds, self.dense_max_clips)
+        available = len(plan["frame_paths"]) if plan["source"] == "frames" else round(plan["fps"] * plan["duration"])
+        if available and len(times) > available:
+            raise ValueError(dense_clips_error(sample.get("id"), len(times), available, self.dense_clip_seconds,
+                                               plan["duration"]))
+        return times
+
+    def dense_pixel_inputs(self, frames: list[np.ndarray]) -> dict:
+        """The MLLM's vision inputs for dense clip frames, keys prefixed `dense_` (see the layouts)."""
+        return self._layout.dense_pixel_inputs(frames)
+
+    def temporal_frame_timestamps(self, media_plan: dict, decoded_timestamps: list[float]) -> list[float]:
+        """The temporal head's frame times of a video sample: its dense clips' centres when it has them, else the
+        head frames of the MLLM's frames (`head_frame_timestamps`)."""
+        if media_plan.get("dense_timestamps"):
+            return list(media_plan["dense_timestamps"])
+        return self.head_frame_timestamps(list(decoded_timestamps))
 
     def _expand_visual_tokens(self, ids, labels, query, media, sample):
         """Replace each image/video placeholder by its expansion; returns ids, labels, query mask,
@@ -928,7 +987,7 @@ class TPOProcessor(ProcessorMixin):
                     f"Sample {sample_id!r}: span {spans[bad][0].tolist()} s is invalid for a video of {duration:.3f} s "
                     "(needs 0 <= start < end <= duration)."
                 )
-            head_times = self._layout.head_frame_timestamps(media["timestamps"])
+            head_times = self.temporal_frame_timestamps(media, media["timestamps"])
             saliency = frame_saliency(head_times, float(sample.get("saliency_clip_seconds") or self.saliency_clip_seconds),
                                       list(sample.get("saliency_clip_ids") or []), list(sample.get("saliency_scores") or []))
             if not any(saliency):  # no clip annotation: saliency from the spans themselves
@@ -1052,6 +1111,11 @@ class TPOProcessor(ProcessorMixin):
         rows = boxes.detach().float().cpu().numpy().reshape(-1, 4)
         return [(row * np.array([width, height, width, height], dtype=np.float64)).tolist()
                 for row, (height, width) in zip(rows, original_sizes)]
+
+
+def dense_clips_error(sample_id, clips: int, frames: int, clip_seconds: float, duration: float) -> str:
+    return (f"Sample {sample_id!r}: `dense_clip_seconds`={clip_seconds} asks for {clips} clips of its {duration:.2f} s "
+            f"video, which has only {frames} frames; use longer clips (a larger dense_clip_seconds) or drop the video.")
 
 
 def _split_placeholders(text: str, image_token: str, video_token: str) -> list[dict]:

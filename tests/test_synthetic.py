@@ -137,8 +137,9 @@ def test_readers_load_every_part_with_the_planned_counts(bench, splits):
 
 
 def test_every_scene_has_distractors_that_share_the_targets_colour_or_shape(bench, splits):
-    """At least two objects everywhere, three or more in most scenes; the evaluation target always shares its
-    colour or its shape with a distractor (neither attribute alone names it)."""
+    """At least two objects everywhere, three or more in most scenes, every name unique in its scene; the
+    distractors share the target's shape by default (the colour word decides), or one its colour and one its
+    shape with share=("colour", "shape") (only both words together name it)."""
     by_image, objects = _refs_by_image(bench)
     train_images = [names for (image, split), names in by_image.items() if split == "train"]
     counts = [len(names) for names in train_images] + [len(json.loads(r["meta"])["alternative_windows"])
@@ -148,12 +149,17 @@ def test_every_scene_has_distractors_that_share_the_targets_colour_or_shape(benc
         pairs = [tuple(name.split()) for name, _ in names]
         assert len(set(pairs)) == len(pairs)  # a name is unique in its image
     assert all(len(json.loads(r["meta"])["alternatives"]["boxes_xyxy_pixels"]) >= 2 for r in splits["test"]["region"])
-    for seed in range(40):  # the generator's scenes: the target (object 0) shares an attribute with a distractor
-        image, sprites, masks = make_region_image(np.random.default_rng(seed), _all_pairs())
+    for seed in range(40):  # the generator's scenes: the target is object 0
+        _, sprites, _ = make_region_image(np.random.default_rng(seed), _all_pairs())
         target = sprites[0]
-        assert any(s.colour == target.colour or s.shape == target.shape for s in sprites[1:])
+        assert all(s.shape == target.shape and s.colour != target.colour for s in sprites[1:])
+        _, sprites, _ = make_region_image(np.random.default_rng(seed), _all_pairs(), share=("colour", "shape"))
+        target, others = sprites[0], sprites[1:]
+        assert any(s.colour == target.colour for s in others) or any(s.shape == target.shape for s in others)
         if len(sprites) >= 3:
-            assert any(s.colour == target.colour for s in sprites[1:]) and any(s.shape == target.shape for s in sprites[1:])
+            assert any(s.colour == target.colour for s in others) and any(s.shape == target.shape for s in others)
+    with pytest.raises(ValueError, match="size"):
+        generate_synthetic_benchmark(Path(bench["root"]) / "x", size="small", share=("size",))
 
 
 def test_targets_are_drawn_in_random_order_and_partly_hidden():

@@ -5,12 +5,21 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from ..modeling_tpo.configuration_tpo import PRESETS
+
 STAGES = ("assign", "task", "joint")
 TASKS = ("temporal", "region", "mask")
 # Published learning rates (REFERENCE.md section 3): stage 1 LoRA 2e-5; stage 2 heads 1e-4 and task
 # tokens 1e-4..2e-4; stage 3 2e-5. With learning_rate 2e-5 the multipliers below give them.
 DEFAULT_HEAD_LR_MULTIPLIER = 5.0
 DEFAULT_TASK_TOKEN_LR_MULTIPLIER = 5.0
+# The stage schedule of each preset, for the arguments left unset (None); without a preset, the project's.
+SCHEDULES = {
+    None: {"task_stage_per_task": False, "joint_lr_multipliers": True, "task_stage_trains_llm": False},
+    # the paper's appendix: stage 2 trains each task's head and token separately, with the LLM's LoRA; stage 3
+    # runs everything at the base rate (2e-5)
+    "release": {"task_stage_per_task": True, "joint_lr_multipliers": False, "task_stage_trains_llm": True},
+}
 
 
 @dataclass
@@ -59,9 +68,26 @@ class TPOTrainingArguments(TrainingArguments):
     train_sam2_image_encoder: bool = field(
         default=False, metadata={"help": "Train SAM2's image encoder (frozen by default, as in the release)."}
     )
-    task_stage_trains_llm: bool = field(
-        default=False, metadata={"help": "Also train the LLM (LoRA or full) in the `task` stage; the LM and assign "
-                                         "losses then count and the router trains too, so that they follow the LLM."}
+    task_stage_trains_llm: bool | None = field(
+        default=None, metadata={"help": "Also train the LLM (LoRA or full) in the `task` stage; the LM and assign "
+                                        "losses then count and the router trains too, so that they follow the LLM "
+                                        "(default: False; True under preset 'release')."}
+    )
+    preset: str | None = field(
+        default=None, metadata={"help": f"A named set of settings, one of {sorted(PRESETS)}: 'release' builds the "
+                                        "model with TPOConfig(preset='release') (examples/run_tpo.py) and trains with "
+                                        "the paper's stage schedule (task_stage_per_task, no lr multipliers in the "
+                                        "joint stage, LoRA in the task stage) unless those are given."}
+    )
+    task_stage_per_task: bool | None = field(
+        default=None, metadata={"help": "Run the `task` stage once per task, each training only that task's head and "
+                                        "task token on its samples, as the paper's stage 2 (examples/run_tpo.py; "
+                                        "default: False; True under preset 'release')."}
+    )
+    joint_lr_multipliers: bool | None = field(
+        default=None, metadata={"help": "Apply the head, task-token and LoRA learning-rate multipliers in the `joint` "
+                                        "stage too (default: True; False under preset 'release', whose stage 3 runs "
+                                        "everything at 2e-5)."}
     )
     prediction_loss_only: bool = field(
         default=True, metadata={"help": "Evaluation computes losses and task metrics, not stacked logits."}
@@ -72,6 +98,11 @@ class TPOTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.preset not in SCHEDULES:
+            raise ValueError(f"Unknown `preset` {self.preset!r}; valid presets are {sorted(PRESETS)} (or None).")
+        for name, value in SCHEDULES[self.preset].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         if self.stage not in STAGES:
             raise ValueError(f"Unknown stage {self.stage!r}; choose one of {list(STAGES)}.")
         if self.tasks is not None:

@@ -88,13 +88,34 @@ def trainable_groups(stage: str, args, mask_head_config: dict | None = None) -> 
     return groups
 
 
-def apply_stage(model: nn.Module, stage: str, args, mask_head_config: dict | None = None) -> Counter:
-    """Set `requires_grad` for `stage`; returns the number of trainable parameters per group."""
+_TASK_PATTERN = re.compile(
+    r"(?:^|\.)(?:(region|temporal|mask)_head|task_tokens\.(?:[\w.]*\.)?embeddings\.(region|temporal|mask))(?:\.|$)"
+)
+
+
+def parameter_task(name: str) -> str | None:
+    """The task whose head or task token a parameter belongs to (None for the others, the router included)."""
+    match = _TASK_PATTERN.search(name)
+    return (match.group(1) or match.group(2)) if match else None
+
+
+def apply_stage(model: nn.Module, stage: str, args, mask_head_config: dict | None = None,
+                loss_weights: dict[str, float] | None = None) -> Counter:
+    """Set `requires_grad` for `stage`; returns the number of trainable parameters per group.
+
+    With `args.tasks` given, the heads and task tokens of the other tasks stay frozen (a per-task `task` stage
+    trains one task's head and token); with `loss_weights` (the stage's) whose `assign` weight is 0, the router
+    stays frozen (nothing would train it, and data-parallel training needs a gradient for every trainable
+    parameter)."""
     groups = trainable_groups(stage, args, mask_head_config)
+    if loss_weights is not None and not loss_weights.get("assign", 0.0):
+        groups.discard("router")
+    tasks = getattr(args, "tasks", None)
     counts: Counter = Counter()
     for name, parameter in model.named_parameters():
         group = parameter_group(name)
-        train = group in groups
+        task = parameter_task(name)
+        train = group in groups and (tasks is None or task is None or task in tasks)
         parameter.requires_grad_(train)
         if train:
             counts[group] += parameter.numel()
@@ -127,7 +148,11 @@ def stage_loss_weights(stage: str, base_weights: dict[str, float], overrides: di
 
 
 def lr_multipliers(args) -> dict[str, float]:
-    """Learning-rate multiplier of every parameter group."""
+    """Learning-rate multiplier of every parameter group; all 1 in the `joint` stage without
+    `joint_lr_multipliers` (the paper's stage 3 runs everything at one rate)."""
+    if getattr(args, "stage", None) == "joint" and getattr(args, "joint_lr_multipliers", True) is False:
+        return {group: 1.0 for group in ("task_tokens", "router", "task_heads", "sam2_mask_decoder",
+                                         "sam2_prompt_encoder", "lora")}
     return {
         "task_tokens": args.task_token_lr_multiplier,
         "router": args.head_lr_multiplier,
@@ -136,3 +161,16 @@ def lr_multipliers(args) -> dict[str, float]:
         "sam2_prompt_encoder": args.head_lr_multiplier,
         "lora": args.lora_lr_multiplier,
     }
+
+
+def stage_runs(stages: list[str], args, tasks: list[str]) -> list[tuple[str, str | None]]:
+    """The training runs of a multi-stage run, in order: (stage, None), or, for the `task` stage with
+    `args.task_stage_per_task`, one ("task", task) per task of `tasks` (each trains that task's head and token on
+    its samples)."""
+    runs = []
+    for stage in stages:
+        if stage == "task" and getattr(args, "task_stage_per_task", False):
+            runs += [(stage, task) for task in tasks]
+        else:
+            runs.append((stage, None))
+    return runs

@@ -200,7 +200,8 @@ def tiny_sam2_config(image_size: int = 128, hidden_size: int = 128):
 
 def random_media(plan: dict) -> dict:
     """Deterministic random uint8 pixels for a media plan (seeded by its path), in the shapes
-    `load_media` returns: {"image": (h, w, 3)} or {"frames": (T, h, w, 3), "timestamps": [T]}; {} otherwise.
+    `load_media` returns: {"image": (h, w, 3)} or {"frames": (T, h, w, 3), "timestamps": [T]} (+ "dense_frames"
+    for dense clips); {} otherwise.
     Stands in for decoding in tests and benchmarks."""
     import hashlib
 
@@ -211,7 +212,11 @@ def random_media(plan: dict) -> dict:
     if plan["kind"] == "image":
         return {"image": rng.integers(0, 255, (plan["height"], plan["width"], 3), dtype=np.uint8)}
     if plan["kind"] == "video":
-        count = len(plan["timestamps"])
-        return {"frames": rng.integers(0, 255, (count, plan["height"], plan["width"], 3), dtype=np.uint8),
-                "timestamps": list(plan["timestamps"])}
+        count, dense = len(plan["timestamps"]), list(plan.get("dense_timestamps") or [])
+        media = {"frames": rng.integers(0, 255, (count, plan["height"], plan["width"], 3), dtype=np.uint8),
+                 "timestamps": list(plan["timestamps"])}
+        if dense:  # dense temporal clips, as `load_media` gives them
+            media["dense_frames"] = rng.integers(0, 255, (len(dense), plan["height"], plan["width"], 3), dtype=np.uint8)
+            media["dense_frame_timestamps"] = dense
+        return media
     return {}

@@ -121,7 +121,8 @@ class TPOTrainer(Trainer):
         self.stage_loss_weights = stage_loss_weights(
             args.stage, tpo.config.loss_weights, args.loss_weight_overrides(), self.tpo_tasks, args
         )
-        self.trainable_per_group = apply_stage(model, args.stage, args, tpo.config.mask_head_config)
+        self.trainable_per_group = apply_stage(model, args.stage, args, tpo.config.mask_head_config,
+                                               self.stage_loss_weights)
         self.task_evaluator = task_evaluator
         self._term_sums: dict[str, dict[str, float]] = {"train": defaultdict(float), "eval": defaultdict(float)}
         self._term_counts: dict[str, dict[str, int]] = {"train": defaultdict(int), "eval": defaultdict(int)}

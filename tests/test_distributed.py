@@ -38,3 +38,26 @@ def test_trainer_two_processes_mixed_batches(tmp_path):
     assert ranks[0]["world"] == 2
     assert ranks[0]["checksum"] == ranks[1]["checksum"]
     assert {"loss/lm", "loss/assign"} <= set(ranks[0]["logged_terms"])
+
+
+def test_run_tpo_two_processes_evaluate_and_write_once(tmp_path):
+    """The README's 2-process launch of run_tpo.py: both ranks train, the main process alone saves the final
+    model, evaluates the test split and writes eval_results.json and the predictions (one table, one file)."""
+    from tpo.processing.synthetic import generate_synthetic_benchmark
+
+    generate_synthetic_benchmark(tmp_path / "synthetic", size="small", seed=0, workers=1)
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(repo / "examples" / "accelerate" / "cpu_2proc.yaml"), "--main_process_port", str(_free_port()),
+               str(repo / "examples" / "run_tpo.py"), "--use_cpu", "true", "--synthetic_dir", str(tmp_path / "synthetic"),
+               "--synthetic_size", "small", "--output_dir", str(tmp_path / "run"), "--max_steps", "1",
+               "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "8", "--dataloader_num_workers", "0",
+               "--tiny_num_layers", "1", "--num_frames", "4", "--disable_tqdm", "true"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert result.returncode == 0, f"launch failed:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
+    assert result.stdout.count("metrics: ") == 1 and result.stdout.count("region/acc@0.5") == 1
+    assert "Process 1: training done; the main process saves and evaluates." in result.stderr
+    saved = json.loads((tmp_path / "run" / "eval_results.json").read_text())
+    assert "region/acc@0.5" in saved and (tmp_path / "run" / "final" / "config.json").exists()
+    assert not (tmp_path / "run" / ".tpo_run.lock").exists()

@@ -208,36 +208,35 @@ def answer_choices(model, processor, samples: list[dict], batch_size: int = 8, m
 
 
 def _answer_batch(model, processor, samples, max_new_tokens, media_loader) -> list[ChoiceAnswer]:
-    prepared, answers = [], {}
+    answers, prepared = [], []
     for sample in samples:
         meta, prompt = _protocol(sample)
-        answers[sample["id"]] = ChoiceAnswer(
-            id=sample["id"], response="", letter=None, answer=sample["answer"], options=list(sample["options"]),
-            question_id=str(meta.get("question_id", sample["id"])), drops_empty=prompt.drops_empty_answers,
-            groups={name: meta.get(name) for name in BREAKDOWNS})
+        answer = ChoiceAnswer(id=sample["id"], response="", letter=None, answer=sample["answer"],
+                              options=list(sample["options"]), question_id=str(meta.get("question_id", sample["id"])),
+                              drops_empty=prompt.drops_empty_answers, groups={name: meta.get(name) for name in BREAKDOWNS})
+        answers.append(answer)
         try:
             probed = probe_media(dict(sample))
             encoded = processor.encode(probed, mode="generate")
             media = media_loader(encoded.media, encoded.targets)
         except (MediaError, OSError, ValueError, IndexError) as error:
-            answers[sample["id"]].error = str(error)
+            answer.error = str(error)
             logger.warning("Question %r: its media cannot be read (%s); counted as unanswered.", sample["id"], error)
             continue
         if prompt.answer_prefix:
             prefix = processor.tokenizer(prompt.answer_prefix, add_special_tokens=False).input_ids
             encoded = _with_answer_prefix(encoded, prefix)
-        prepared.append((sample, prompt, encoded, media))
+        prepared.append((answer, prompt, encoded, media))
     if prepared:
         batch = collate_encoded(processor, [p[2] for p in prepared], [p[3] for p in prepared], padding_side="left")
         inputs = _model_inputs(batch, model)
         sequences = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                    return_dict_in_generate=False)
         texts = processor.tokenizer.batch_decode(sequences[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-        for (sample, prompt, _, _), text in zip(prepared, texts):
-            entry = answers[sample["id"]]
-            entry.response = text
-            entry.letter = EXTRACTORS[prompt.extraction](text, entry.options)
-    return [answers[s["id"]] for s in samples]
+        for (answer, prompt, _, _), text in zip(prepared, texts):
+            answer.response = text
+            answer.letter = EXTRACTORS[prompt.extraction](text, answer.options)
+    return answers
 
 
 def write_choice_results(answers: list[ChoiceAnswer], output_dir: str, name: str) -> dict:

@@ -24,7 +24,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
 from transformers.modeling_utils import slice_logits_to_keep
 
 from .features import gather_token_features, normalised_frame_times, pool_frame_features
-from .configuration_tpo import IGNORE_INDEX, ROUTER_CLASSES, TASK_NAMES, TPOConfig
+from .configuration_tpo import CUSTOM_PIPELINES, IGNORE_INDEX, ROUTER_CLASSES, TASK_NAMES, TPOConfig
 from .box_ops import masks_to_boxes
 from .generation_tpo import (
     TaskTokenLogitsProcessor,
@@ -287,6 +287,7 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
         renamed language-model weights would silently not be restored. TPO checkpoints have no older
         layout to stay compatible with, so they keep the names the modules have.
         """
+        self.config.custom_pipelines = copy.deepcopy(CUSTOM_PIPELINES)  # for transformers' `pipeline(model=folder)`
         return super().save_pretrained(save_directory, *args, save_original_format=save_original_format, **kwargs)
 
     def resize_token_embeddings(self, *args, **kwargs) -> nn.Embedding:

@@ -1001,6 +1001,14 @@ class TPOProcessor(ProcessorMixin):
         return out
 
     # ---- inference convenience ------------------------------------------------------------------------
+    def pipeline(self, model, **kwargs):
+        """A `TPOPipeline` of `model` with this processor: `pipe(media, question)` (see `pipeline_tpo`). Saving the
+        processor saves the pipeline's code with it, so that `transformers.pipeline(model=folder,
+        trust_remote_code=True)` builds the same pipeline from a checkpoint folder."""
+        from .pipeline_tpo import PIPELINE_TASK, TPOPipeline
+
+        return TPOPipeline(model=model, processor=self, task=PIPELINE_TASK, **kwargs)
+
     def __call__(self, samples: list[dict] | dict, media: list[dict] | dict | None = None, mode: str = "generate",
                  return_tensors: str = "pt", **kwargs):
         """Encode samples of the common schema with their decoded media for inference and return a

@@ -247,19 +247,32 @@ def _mvbench_frames(folder: Path, bound, where: str) -> list[str]:
     return [str(folder / f"{index:05d}.jpg") for index in range(first, last + 1)]
 
 
+def _candidate_questions(path: Path):
+    """(index, record, where, options, answer letter) of a question file whose options are `candidates` and whose
+    answer is a candidate's text (MVBench, MLVU)."""
+    records = _read_json(path)
+    if not isinstance(records, list):
+        raise ValueError(f"{path}: expected a list of questions.")
+    for index, record in enumerate(records):
+        where = f"{path} record {index}"
+        _require(record, ("video", "question", "candidates", "answer"), where)
+        options = _options(record["candidates"], where)
+        yield index, record, where, options, _letter_of_text(record["answer"], options, where)
+
+
+def _question_files(paths: list[Path], benchmark: str, layout: str) -> list[Path]:
+    missing = [str(f) for f in paths if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{benchmark} question file(s) not found: {missing}; `root` must hold {layout} (or "
+                                "choose the tasks you have with `tasks`).")
+    return paths
+
+
 def _mvbench_rows(root, tasks, split, convention, use_bounds, signature):
     root = Path(root)
     for key in json.loads(tasks):
         task = MVBENCH_TASKS[key]
-        path = root / "json" / task.json_file
-        records = _read_json(path)
-        if not isinstance(records, list):
-            raise ValueError(f"{path}: expected a list of questions.")
-        for index, record in enumerate(records):
-            where = f"{path} record {index}"
-            _require(record, ("video", "question", "candidates", "answer"), where)
-            options = _options(record["candidates"], where)
-            letter = _letter_of_text(record["answer"], options, where)
+        for index, record, where, options, letter in _candidate_questions(root / "json" / task.json_file):
             bound = None
             if task.bounded and use_bounds:
                 _require(record, ("start", "end"), where)
@@ -294,11 +307,8 @@ def read_mvbench(root: str, tasks: list[str] | tuple[str, ...] | None = None, sp
     unknown = [t for t in tasks if t not in MVBENCH_TASKS]
     if unknown:
         raise ValueError(f"Unknown MVBench task(s) {unknown}; the tasks are {sorted(MVBENCH_TASKS)}.")
-    files = [Path(root) / "json" / MVBENCH_TASKS[t].json_file for t in tasks]
-    missing = [str(f) for f in files if not f.is_file()]
-    if missing:
-        raise FileNotFoundError(f"MVBench question file(s) not found: {missing}; `root` must hold json/<task>.json "
-                                "(or choose the tasks you have with `tasks`).")
+    files = _question_files([Path(root) / "json" / MVBENCH_TASKS[t].json_file for t in tasks], "MVBench",
+                            "json/<task>.json")
     return _from_generator(_mvbench_rows, cache_dir, root=str(root), tasks=json.dumps(tasks), split=split,
                            convention=convention, use_bounds=bool(use_bounds), signature=_signature(*files))
 
@@ -392,15 +402,7 @@ def _mlvu_rows(root, tasks, split, convention, signature):
     root = Path(root)
     for key in json.loads(tasks):
         stem = MLVU_TASKS[key]
-        path = root / "json" / f"{stem}.json"
-        records = _read_json(path)
-        if not isinstance(records, list):
-            raise ValueError(f"{path}: expected a list of questions.")
-        for index, record in enumerate(records):
-            where = f"{path} record {index}"
-            _require(record, ("video", "question", "candidates", "answer"), where)
-            options = _options(record["candidates"], where)
-            letter = _letter_of_text(record["answer"], options, where)
+        for index, record, where, options, letter in _candidate_questions(root / "json" / f"{stem}.json"):
             duration = record.get("duration")
             try:
                 duration = float(duration) if duration is not None else 0.0
@@ -431,11 +433,8 @@ def read_mlvu(root: str, tasks: list[str] | tuple[str, ...] | None = None, split
     unknown = [t for t in tasks if t not in MLVU_TASKS]
     if unknown:
         raise ValueError(f"Unknown MLVU task(s) {unknown}; the multiple-choice tasks are {list(MLVU_TASKS)}.")
-    files = [Path(root) / "json" / f"{MLVU_TASKS[t]}.json" for t in tasks]
-    missing = [str(f) for f in files if not f.is_file()]
-    if missing:
-        raise FileNotFoundError(f"MLVU question file(s) not found: {missing}; `root` must hold json/<N>_<task>.json "
-                                "(or choose the tasks you have with `tasks`).")
+    files = _question_files([Path(root) / "json" / f"{MLVU_TASKS[t]}.json" for t in tasks], "MLVU",
+                            "json/<N>_<task>.json")
     return _from_generator(_mlvu_rows, cache_dir, root=str(root), tasks=json.dumps(tasks), split=split,
                            convention=convention, signature=_signature(*files))
 

@@ -3,7 +3,6 @@ benchmarks (LaSOT, GOT-10k val and test layouts) with a saved tiny checkpoint wh
 the files written, the accuracies they give, the same numbers from the scoring subcommands; and the answer
 prefix and answer reading with a scripted `generate`."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_predict_cli import cli  # noqa: F401  (the evaluate_tpo.py script as a module)
 from test_readers import write_tiny_video
 from test_tracking import write_got10k, write_lasot
 from transformers import LlavaForConditionalGeneration
@@ -22,24 +22,9 @@ from tpo.processing.readers import read_spec
 from tpo.training.multiple_choice import answer_choices
 from tpo.training.tiny import build_tiny_tokenizer, tiny_llava_config, tiny_sam2_config
 
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "evaluate_tpo.py"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """SAM2's video path is thousands of small ops: two threads on two shared, busy cores ran it ~20x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def cli():
-    spec = importlib.util.spec_from_file_location("evaluate_tpo", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -25,14 +25,7 @@ from tpo.training.tiny import build_tiny_tokenizer, tiny_llava_config, tiny_sam2
 VIDEO_SECONDS = 3.0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """SAM2's video path is thousands of small ops: two threads on two shared, busy cores ran it ~20x slower; the
-    clean interpreter runs with one thread too, so both sides compute alike."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # the clean interpreter runs one thread too
 
 
 @pytest.fixture(scope="module")

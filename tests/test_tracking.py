@@ -22,13 +22,7 @@ SAM2_SIZE = 64
 HEIGHT, WIDTH = 48, 64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """SAM2's video path is thousands of small ops: two threads on two shared, busy cores ran it ~20x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -248,3 +242,20 @@ def test_lost_target_boxes_and_result_files(tmp_path):
         write_tracking_results(result, str(tmp_path), "otb")
     with pytest.raises(ValueError, match="lost_target 'last'"):
         TrackingConfig(lost_target="last")
+
+
+def test_tracking_benchmark_runs(tmp_path):
+    """benchmarks/bench_tracking.py's measurement on a 4-frame sequence gives positive, finite figures."""
+    import importlib.util
+    import math
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_tracking.py"
+    spec = importlib.util.spec_from_file_location("bench_tracking", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    model = bench.build_checkpoint(tmp_path / "checkpoint")
+    bench.write_sequence(tmp_path / "lasot", "square-1", 4)
+    result = bench.measure_predict(model, str(tmp_path / "lasot"), str(tmp_path / "out"))
+    assert result["frames"] == 4
+    assert all(math.isfinite(result[k]) and result[k] > 0 for k in ("tracking_fps", "wall_fps", "peak_rss_mib"))

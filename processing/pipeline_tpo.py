@@ -29,6 +29,7 @@ model config's `custom_pipelines`, so `pipeline(model=folder, trust_remote_code=
 transformers, numpy and PIL; PyAV when a video file is read.
 """
 
+import logging
 import os
 
 import numpy as np
@@ -36,6 +37,8 @@ import torch
 from PIL import Image
 from transformers import AutoModel, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
+
+logger = logging.getLogger(__name__)
 
 PIPELINE_TASK = "tpo"  # the key of `custom_pipelines` in a TPO checkpoint's config.json
 TASKS_IN_OUTPUT_ORDER = ("temporal", "region", "mask")
@@ -193,7 +196,9 @@ class TPOPipeline(Pipeline):
             items.append({"index": entry["index"], "force_task": entry["force_task"], "size": (height, width),
                           "kind": item.media.get("kind"), "duration": float(item.media.get("duration", 0.0)),
                           "timestamps": decoded.get("timestamps", [])})
-            if has_masks and entry["force_task"] in (None, "mask") and item.media.get("kind") in ("image", "video"):
+            # every input with media gets its SAM2 images (cheap: a resize), whatever it is asked: the answer may ask
+            # for a mask after a forced task; SAM2's encoder runs only for the mask queries
+            if has_masks and item.media.get("kind") in ("image", "video"):
                 images = [decoded["image"]] if "image" in decoded else list(decoded["frames"])
                 sam2_images += images
                 sam2_sample += [b] * len(images)
@@ -233,6 +238,11 @@ class TPOPipeline(Pipeline):
             for name in TASKS_IN_OUTPUT_ORDER:
                 if name in outputs:
                     result.update(getattr(self, f"_{name}_output")(outputs[name], item, mask_threshold))
+            extra = {n: len(outputs[n][k]) - 1 for n, k in (("temporal", "windows"), ("mask", "mask_logits"))
+                     if n in outputs and len(outputs[n][k]) > 1}
+            if extra:
+                logger.warning("Input %d: the answer holds more than one query of %s; the first one's output is "
+                               "given, %s more left out.", item["index"], sorted(extra), extra)
             results.append(result)
         return results
 

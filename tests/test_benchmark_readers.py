@@ -19,6 +19,7 @@ from tpo.processing.benchmark_readers import (
     read_videomme,
 )
 from tpo.processing.readers import read_spec
+from tpo.processing.schema import empty_sample, validate_sample
 from tpo.training.multiple_choice import EXTRACTORS, ChoiceAnswer, score_choices
 
 MVBENCH_SYSTEM = ("Carefully watch the video and pay attention to the cause and sequence of events, the detail and "
@@ -276,3 +277,30 @@ def test_lmms_eval_convention_drops_empty_answers():
     assert scores["dropped_empty"] == 1 and scores["questions"] == 2 and scores["unanswered"] == 1
     assert scores["accuracy"] == pytest.approx(50.0)
     assert score_choices([_answer(0, "A", "A", "t"), _answer(1, None, "B", "t", response="")])["accuracy"] == 50.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Clips: frames sampled inside a question's bound
+# ---------------------------------------------------------------------------------------------------
+def test_clip_seconds_samples_frames_inside_the_bound(tiny_tokenizer):
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    from tpo.processing.processing_tpo import TPOProcessor
+
+    processor = TPOProcessor(SiglipImageProcessorPil(size={"height": 32, "width": 32}), tiny_tokenizer,
+                             image_seq_length=16, num_frames=4)
+    sample = {"id": "q", "task": "text", "media_type": "video", "media_path": "v.mp4", "image_size": [32, 32],
+              "duration_seconds": 10.0, "clip_seconds": [2.0, 6.0],
+              "conversations": [{"role": "user", "content": "What happens?"}]}
+    # the middle of 4 equal segments of [2, 6] s
+    assert processor.encode(sample, mode="generate").media["timestamps"] == pytest.approx([2.5, 3.5, 4.5, 5.5])
+    # an end past the video is cut at its end: [8, 10] s
+    clipped = processor.encode({**sample, "clip_seconds": [8.0, 30.0]}, mode="generate").media["timestamps"]
+    assert clipped == pytest.approx([8.25, 8.75, 9.25, 9.75])
+    with pytest.raises(ValueError, match=r"clip_seconds \[12.0, 14.0\] holds no part of the 10.000 s video"):
+        processor.encode({**sample, "clip_seconds": [12.0, 14.0]}, mode="generate")
+    with pytest.raises(ValueError, match=r"clip_seconds \[3.0, 1.0\] must be \[start, end\]"):
+        validate_sample(empty_sample(id="q", clip_seconds=[3.0, 1.0]))
+    grounding = {**sample, "task": "temporal", "query": "a dog", "spans_seconds": [[2.0, 3.0]]}
+    with pytest.raises(ValueError, match="`clip_seconds` is supported for text samples only"):
+        processor.encode(grounding, mode="train")

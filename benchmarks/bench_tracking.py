@@ -104,7 +104,7 @@ def measure_offline(model: str, root: str, threads: int = 1) -> dict:
     from transformers import AutoModel, AutoProcessor
 
     from tpo.processing.tracking_readers import read_lasot
-    from tpo.training.tracking import _box_sam2, read_frame
+    from tpo.training.tracking import read_frame, sam2_box_from_xywh
 
     torch.set_num_threads(threads)
     tpo = AutoModel.from_pretrained(model, trust_remote_code=True).eval()
@@ -112,7 +112,7 @@ def measure_offline(model: str, root: str, threads: int = 1) -> dict:
     (sequence,) = read_lasot(root)
     start = time.perf_counter()
     frames = processor.sam2_inputs([read_frame(p) for p in sequence.frame_paths])["sam2_pixel_values"]
-    box = _box_sam2(sequence.first_box_xywh, sequence.image_size, tpo.mask_head.image_size)
+    box = sam2_box_from_xywh(sequence.first_box_xywh, sequence.image_size, tpo.mask_head.image_size)
     with torch.no_grad():
         tpo.mask_head.track(None, frames, initial_box=box)
     seconds = time.perf_counter() - start

@@ -82,7 +82,7 @@ def sam2_frames(paths, image_size: int, device, dtype):
         yield sam2_pixel_values([read_frame(path)], image_size)[0].to(device=device, dtype=dtype)
 
 
-def _box_sam2(box_xywh: np.ndarray, size: tuple[int, int], sam2_size: int) -> torch.Tensor:
+def sam2_box_from_xywh(box_xywh: np.ndarray, size: tuple[int, int], sam2_size: int) -> torch.Tensor:
     """(x, y, w, h) pixels of a (height, width) frame -> (x0, y0, x1, y1) SAM2 input pixels (the whole frame is
     resized to S x S), clipped to the frame."""
     height, width = size
@@ -115,7 +115,7 @@ def first_frame_mask_logits(model, processor, sequence: TrackingSequence, frame:
               for k, v in batch.items()
               if torch.is_tensor(v) and k not in ("labels", "task_labels", "mask_targets")}
     embeddings = model(**inputs, logits_to_keep=1).mask_outputs["task_embeddings"]  # (1, k, hidden)
-    box = _box_sam2(sequence.first_box_xywh, size, model.mask_head.image_size).to(device)
+    box = sam2_box_from_xywh(sequence.first_box_xywh, size, model.mask_head.image_size).to(device)
     return model.mask_head(embeddings, sam2_pixel_values=inputs["sam2_pixel_values"],
                            input_boxes=box[None])["pred_mask_logits"][0]
 
@@ -136,7 +136,7 @@ def track_sequence(model, processor, sequence: TrackingSequence, config: Trackin
     boxes, found, seconds = np.zeros((count, 4)), np.zeros(count, dtype=bool), np.zeros(count)
     started = time.perf_counter()
     try:
-        prompt = {"initial_box": _box_sam2(sequence.first_box_xywh, (height, width), sam2_size).to(device)}
+        prompt = {"initial_box": sam2_box_from_xywh(sequence.first_box_xywh, (height, width), sam2_size).to(device)}
         if config.first_frame == "mask_head":
             frame = read_frame(sequence.frame_paths[0])
             prompt = {"initial_mask_logits": first_frame_mask_logits(model, processor, sequence, frame)}

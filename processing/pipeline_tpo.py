@@ -26,7 +26,7 @@ An answer with several queries of one task gives the first query's spans / masks
 
 Remote code: copied next to checkpoints with the processor (`TPOProcessor.pipeline` imports it) and named by the
 model config's `custom_pipelines`, so `pipeline(model=folder, trust_remote_code=True)` needs only torch,
-transformers, numpy and PIL; PyAV when a video file is read.
+transformers, numpy and PIL; PyAV when a video file is read, pycocotools when masks are encoded as RLE.
 """
 
 import logging

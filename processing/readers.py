@@ -666,6 +666,7 @@ def registered_readers() -> dict:
 
     return {**READERS, **BENCHMARK_READERS}
 
+
 # Arguments a spec may leave out (test splits of MeViS / Ref-YouTube-VOS ship no mask_dict.json).
 SPEC_DEFAULTS = {"mevis": {"mask_dict_json": None}}
 

@@ -73,6 +73,11 @@ predict
     synthetic benchmark's `manifest.json`. Paths in the specs are used as written (relative to the working
     directory), except a manifest's, which are relative to the manifest's folder. `--max-samples N` reads at most N samples per spec. Samples of tasks the model lacks are
     left out; samples without annotations (test splits) are predicted and left out of `--evaluate`.
+    Benchmarks with their own protocol (`tpo.training.benchmark_predict`): multiple choice, formats mvbench,
+    videomme, mlvu, multiple_choice (`*_answers.json` with the letter read from each answer as the benchmark
+    reads it, `*_accuracy.json` overall / per task type, category, duration class; scored again by mcqa), and
+    tracking, formats lasot and got10k (`<source>_<split>_tracking/` in the toolkit's layout, from each first box,
+    `--tracking-first-frame`; scored by tracking).
     Files, named `<source>_<split>_<kind>` (source: the spec's dataset name or format):
       QVHighlights     `*_submission.jsonl`  the official submission (qid, pred_relevant_windows sorted by
                        score, pred_saliency_scores per 2-second clip) -> qvhighlights
@@ -896,6 +901,25 @@ def _annotated_only(predictions, entries: dict):
                        mask=keep(predictions.mask), text=keep(predictions.text))
 
 
+def _predict_benchmarks(args, model, processor, specs: list[dict]) -> tuple[list[dict], list[dict]]:
+    """Multiple-choice and tracking specs (issue 17), run by `tpo.training.benchmark_predict`: (the other specs,
+    their file descriptions with the command that scores each)."""
+    from tpo.training.benchmark_predict import predict_benchmark_specs
+    from tpo.training.tracking import TrackingConfig
+
+    tracking = TrackingConfig(first_frame=args.tracking_first_frame, lost_target=args.tracking_lost_target)
+    specs, files = predict_benchmark_specs(model, processor, specs, args.output_dir, batch_size=args.batch_size,
+                                           max_samples=args.max_samples, max_new_tokens=args.max_new_tokens,
+                                           tracking=tracking)
+    for entry in files:
+        arguments = entry["evaluate"]
+        entry["command"] = shlex.join([Path(sys.executable).name, str(Path(__file__)), *arguments]) if arguments else None
+        if args.evaluate and arguments:  # the subcommand's own numbers, as fractions like the task metrics
+            scoring = build_parser().parse_args(arguments)
+            entry["metrics"] = {k: v / 100 for k, v in scoring.handler(scoring).items() if isinstance(v, float)}
+    return specs, files
+
+
 def predict(args) -> dict:
     from tpo.processing.pipeline import evenly_spaced_mask_frames
     from tpo.training.evaluation import TaskEvaluator, compute_task_metrics, format_table
@@ -906,8 +930,9 @@ def predict(args) -> dict:
     model, processor = load_tpo_checkpoint(args.model, args.processor, args.device, args.dtype)
     logger.info("Model %s: tasks %s, on %s (%s)", args.model, list(model.config.tasks), next(model.parameters()).device,
                 next(model.parameters()).dtype)
-    entries = read_prediction_samples(specs, model.config.tasks, args.max_samples)
-    if not entries:
+    specs, benchmark_files = _predict_benchmarks(args, model, processor, specs)
+    entries = read_prediction_samples(specs, model.config.tasks, args.max_samples) if specs else []
+    if not entries and not benchmark_files:
         raise ValueError(f"{args.data}: no sample to predict (see the warnings above).")
     for entry in entries:
         entry["format"] = specs[entry["spec"]]["format"]
@@ -926,11 +951,12 @@ def predict(args) -> dict:
     output_dir = Path(args.output_dir)
     summary = {"model": args.model, "data": args.data, "split": args.split, "samples": len(entries),
                "predicted": len(predicted), "annotated": sum(e["annotated"] for e in entries),
-               "files": write_benchmark_predictions(predictions, by_id, specs, str(output_dir))}
+               "files": write_benchmark_predictions(predictions, by_id, specs, str(output_dir)) + benchmark_files}
     if args.visualize:
         summary["visualizations"] = write_visualizations(predictions, by_id, str(output_dir), args.visualize)
     if args.evaluate:
         metrics = compute_task_metrics(_annotated_only(predictions, by_id))
+        metrics.update({f"{f['source']}/{k}": v for f in benchmark_files for k, v in f.get("metrics", {}).items()})
         if not metrics:
             logger.warning("No annotated sample was predicted: no metrics.")
         summary["metrics"] = metrics
@@ -1002,6 +1028,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--mask-video-mode", choices=("propagate", "per_frame"), default="propagate",
                      help="video masks: first frame by the mask head, then SAM2's video memory (propagate, default), "
                           "or every frame prompted alone (per_frame: for a SAM2 whose memory is untrained)")
+    run.add_argument("--tracking-first-frame", choices=("mask_head", "sam2_box"), default="mask_head",
+                     help="tracking specs: frame 0 segmented by the mask head (MLLM task embedding + the first box as "
+                          "its box prompt, default) or by SAM2's box prompt alone")
+    run.add_argument("--tracking-lost-target", choices=("previous", "zeros"), default="previous",
+                     help="tracking specs: box written for a frame whose mask is empty (default: the previous box)")
     run.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     run.add_argument("--dtype", choices=DTYPES, default="float32", help="weights dtype (default: float32)")
     run.add_argument("--evaluate", action="store_true", help="also compute the task metrics on the annotated samples")

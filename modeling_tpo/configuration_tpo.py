@@ -92,6 +92,9 @@ DEFAULT_MASK_HEAD = {
     "box_prompt_config": None,
     "box_loss_weight": 1.0,
 }
+# `pipeline(model=checkpoint, trust_remote_code=True)`: the config names the pipeline class, whose file
+# (pipeline_tpo.py) the processor saves with its own code
+CUSTOM_PIPELINES = {"tpo": {"impl": "pipeline_tpo.TPOPipeline", "pt": ["AutoModel"], "type": "multimodal"}}
 DEFAULT_LOSS_WEIGHTS = {"lm": 1.0, "assign": 1.0, "temporal": 0.05, "region": 1.0, "mask": 1.0}
 
 # Named sets of settings, applied over the defaults and under what the caller gives (`TPOConfig(preset=...)`).

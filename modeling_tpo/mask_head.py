@@ -291,39 +291,100 @@ class MaskHead(nn.Module):
         Returns:
             mask_logits (T, S, S), boxes_xyxy (T, 4) in SAM2 input pixels, visible (T,) bool.
         """
+        if initial_box is None and initial_mask_logits is None:
+            if task_embedding is None:
+                raise ValueError("Tracking needs a frame-0 prompt: a task embedding, initial mask logits or a box.")
+            first = self.forward(task_embedding[None], sam2_pixel_values=frames[:1])
+            initial_mask_logits = first["pred_mask_logits"][0]
+        steps = list(self.track_stream(iter(frames), initial_box=initial_box, initial_mask_logits=initial_mask_logits,
+                                       threshold=threshold, num_frames=frames.shape[0]))
+        return {key: torch.stack([step[key] for step in steps]) for key in ("mask_logits", "boxes_xyxy", "visible")}
+
+    @torch.no_grad()
+    def track_stream(self, frames, initial_box: torch.Tensor | None = None,
+                     initial_mask_logits: torch.Tensor | None = None, threshold: float = 0.0,
+                     num_frames: int | None = None):
+        """Track through frames that arrive one at a time, holding only SAM2's memory window: the frames and
+        per-frame states older than the memory (`num_maskmem`) and object-pointer
+        (`max_object_pointers_in_encoder`) windows are dropped, so memory does not grow with the video's length.
+
+        Args:
+            frames: an iterable of (3, S, S) SAM2 inputs in time order (e.g. a generator reading files).
+            initial_box: (4,) box on frame 0, (x0, y0, x1, y1) in SAM2 input pixels (SAM2's box prompt), or
+            initial_mask_logits: (h, w) frame-0 mask logits at any size (e.g. the mask head's first-frame mask).
+            num_frames: the video's length when known: SAM2 then uses it as its offline propagation does (object
+                pointers of at most min(num_frames, max_object_pointers_in_encoder) frames, the same masks as
+                `track`); None: streaming (as `Sam2VideoModel(frame=...)`).
+        Yields:
+            per frame: mask_logits (S, S), boxes_xyxy (4,) SAM2 input pixels of the thresholded mask (zeros when
+            empty), visible () bool.
+        """
+        if (initial_box is None) == (initial_mask_logits is None):
+            raise ValueError("track_stream needs exactly one frame-0 prompt: `initial_box` or `initial_mask_logits`.")
         size = self.image_size
         dtype = next(self.sam2.parameters()).dtype
-        frames = frames.to(dtype)
-        session = Sam2VideoInferenceSession(video=frames, video_height=size, video_width=size,
-                                            inference_device=frames.device, inference_state_device=frames.device,
-                                            video_storage_device=frames.device, dtype=dtype)
-        obj_idx = session.obj_id_to_idx(1)
+        session, obj_idx = None, 0
+        keep = max(self.sam2.num_maskmem - 1, self.sam2.config.max_object_pointers_in_encoder - 1)
+        was_training = self.sam2.training
+        self.sam2.eval()  # SAM2's video path keeps object scores only in eval mode
+        try:
+            for index, frame in enumerate(frames):
+                if session is None:
+                    device = frame.device
+                    session = _KnownLengthSession(num_frames, video_height=size, video_width=size, dtype=dtype,
+                                                  inference_device=device, inference_state_device=device,
+                                                  video_storage_device=device)
+                    obj_idx = session.obj_id_to_idx(1)
+                    session.add_new_frame(frame.to(dtype), 0)
+                    self._prompt_first_frame(session, obj_idx, frame.device, dtype, initial_box, initial_mask_logits,
+                                             threshold)
+                else:
+                    session.add_new_frame(frame.to(dtype), index)
+                output = self.sam2(session, frame_idx=index)
+                logits = output.pred_masks.reshape(-1, *output.pred_masks.shape[-2:])[0].float()
+                if logits.shape[-1] != size:
+                    logits = F.interpolate(logits[None, None], size=(size, size), mode="bilinear",
+                                           align_corners=False)[0, 0]
+                session.forget_before(index + 1 - keep, obj_idx)
+                binary = logits > threshold
+                yield {"mask_logits": logits, "boxes_xyxy": masks_to_boxes(binary[None])[0], "visible": binary.any()}
+        finally:
+            self.sam2.train(was_training)
+
+    @staticmethod
+    def _prompt_first_frame(session, obj_idx: int, device, dtype, initial_box, initial_mask_logits, threshold: float):
+        size = session.video_height
         if initial_box is not None:
-            corners = initial_box.reshape(1, 1, 2, 2).to(device=frames.device, dtype=torch.float32)
-            labels = torch.tensor([[[2, 3]]], dtype=torch.int32, device=frames.device)
+            corners = initial_box.reshape(1, 1, 2, 2).to(device=device, dtype=torch.float32)
+            labels = torch.tensor([[[2, 3]]], dtype=torch.int32, device=device)
             session.add_point_inputs(obj_idx, 0, {"point_coords": corners, "point_labels": labels})
         else:
-            if initial_mask_logits is None:
-                if task_embedding is None:
-                    raise ValueError("Tracking needs a frame-0 prompt: a task embedding, initial mask logits or a box.")
-                first = self.forward(task_embedding[None], sam2_pixel_values=frames[:1])
-                initial_mask_logits = first["pred_mask_logits"][0]
             mask = F.interpolate(initial_mask_logits[None, None].float(), size=(size, size), mode="bilinear",
                                  align_corners=False)
             session.add_mask_inputs(obj_idx, 0, (mask > threshold).to(dtype))
         session.obj_with_new_inputs = [1]
-        logits = []
-        was_training = self.sam2.training
-        self.sam2.eval()  # SAM2's video path keeps object scores only in eval mode
-        try:
-            for output in self.sam2.propagate_in_video_iterator(session, start_frame_idx=0):
-                frame_logits = output.pred_masks.reshape(-1, *output.pred_masks.shape[-2:])[0].float()
-                if frame_logits.shape[-1] != size:
-                    frame_logits = F.interpolate(frame_logits[None, None], size=(size, size), mode="bilinear",
-                                                 align_corners=False)[0, 0]
-                logits.append(frame_logits)
-        finally:
-            self.sam2.train(was_training)
-        mask_logits = torch.stack(logits)
-        binary = mask_logits > threshold
-        return {"mask_logits": mask_logits, "boxes_xyxy": masks_to_boxes(binary), "visible": binary.flatten(1).any(1)}
+
+
+class _KnownLengthSession(Sam2VideoInferenceSession):
+    """A SAM2 inference session that receives its frames one at a time and forgets them (and the per-frame states
+    past the memory window), while answering `num_frames` with the video's length (or a huge number, which makes
+    SAM2 behave as in streaming)."""
+
+    def __init__(self, total_frames: int | None, **kwargs):
+        super().__init__(**kwargs)
+        self.total_frames = total_frames if total_frames is not None else 2**62
+
+    @property
+    def num_frames(self) -> int:
+        return self.total_frames
+
+    def forget_before(self, frame_idx: int, obj_idx: int) -> None:
+        """Drop the pixels of every processed frame and the tracked states of frames before `frame_idx` (the
+        conditioning frame's state, the prompt, stays)."""
+        self.processed_frames = {}
+        outputs = self.output_dict_per_obj[obj_idx]["non_cond_frame_outputs"]
+        tracked = self.frames_tracked_per_obj[obj_idx]
+        for old in [i for i in outputs if i < frame_idx]:
+            del outputs[old]
+        for old in [i for i in tracked if i < frame_idx]:
+            del tracked[old]

@@ -24,7 +24,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
 from transformers.modeling_utils import slice_logits_to_keep
 
 from .features import dense_clip_frames, gather_token_features, normalised_frame_times, pool_frame_features
-from .configuration_tpo import IGNORE_INDEX, ROUTER_CLASSES, TASK_NAMES, TPOConfig
+from .configuration_tpo import CUSTOM_PIPELINES, IGNORE_INDEX, ROUTER_CLASSES, TASK_NAMES, TPOConfig
 from .box_ops import masks_to_boxes
 from .generation_tpo import (
     TaskTokenLogitsProcessor,
@@ -52,6 +52,8 @@ _TRAINING_TARGETS = (
 )
 # per SAM2 image (m, ...), never per token, whatever their shapes
 _MASK_IMAGE_KEYS = ("mask_frame_index", "mask_view_to_sam2")
+# every input with one row per SAM2 image (m, ...): slice them together when SAM2 images are dropped
+SAM2_IMAGE_INPUTS = ("sam2_pixel_values", "mask_query_index", "sam2_batch_index", "mask_targets", *_MASK_IMAGE_KEYS)
 _NOT_PER_TOKEN = ("sam2_pixel_values", "mask_query_index", "sam2_batch_index", "mask_targets", "region_boxes",
                   "region_batch_index", "temporal_spans", "temporal_span_query_index", *_MASK_IMAGE_KEYS)
 _PER_TOKEN_FILL = {"frame_token_index": -1, "query_token_mask": False, "mm_token_type_ids": 0, "visual_token_xy": -1.0}
@@ -287,6 +289,7 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
         renamed language-model weights would silently not be restored. TPO checkpoints have no older
         layout to stay compatible with, so they keep the names the modules have.
         """
+        self.config.custom_pipelines = copy.deepcopy(CUSTOM_PIPELINES)  # for transformers' `pipeline(model=folder)`
         return super().save_pretrained(save_directory, *args, save_original_format=save_original_format, **kwargs)
 
     def resize_token_embeddings(self, *args, **kwargs) -> nn.Embedding:
@@ -728,6 +731,10 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
                              "centre); TPOProcessor and its collator provide it.")
         device = context.hidden_states.device
         m = mask_query_index.shape[0]
+        for name, rows in (("mask_frame_index", mask_frame_index), ("mask_view_to_sam2", mask_view_to_sam2)):
+            if rows is not None and rows.shape[0] != m:
+                raise ValueError(f"`{name}` has {rows.shape[0]} rows for {m} SAM2 images; it needs one per image: "
+                                 f"keep the rows of the SAM2 images passed (SAM2_IMAGE_INPUTS are sliced together).")
         samples = batch_index.to(device)[mask_query_index.to(device)]  # (m,)
         xy = context.visual_token_xy.to(device)[samples]  # (m, seq, 2)
         visual = xy[..., 0] >= 0

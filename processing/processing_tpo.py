@@ -871,7 +871,8 @@ class TPOProcessor(ProcessorMixin):
                 raise ValueError(f"Sample {sample.get('id')!r}: `duration_seconds` must be > 0 for a video.")
             if not (height and width):
                 raise ValueError(f"Sample {sample.get('id')!r}: `image_size` (frame height, width) is needed for a video.")
-            timestamps = uniform_timestamps(duration, self.num_frames)
+            timestamps = (self._clip_timestamps(sample, duration) if sample.get("clip_seconds")
+                          else uniform_timestamps(duration, self.num_frames))
             plan = {"kind": "video", "source": kind, "path": sample.get("media_path", ""),
                     "frame_paths": list(sample.get("frame_paths") or []), "fps": float(sample.get("fps") or 0.0),
                     "timestamps": timestamps, "duration": duration, "height": int(height), "width": int(width)}
@@ -901,6 +902,20 @@ class TPOProcessor(ProcessorMixin):
         if media_plan.get("dense_timestamps"):
             return list(media_plan["dense_timestamps"])
         return self.head_frame_timestamps(list(decoded_timestamps))
+
+    def _clip_timestamps(self, sample: dict, duration: float) -> list[float]:
+        """Frame times inside the sample's `clip_seconds` [start, end] (MVBench's bounds): the middle of
+        `num_frames` equal segments of [start, min(end, duration)]. Text samples only (the targets of grounding
+        samples are relative to the whole video)."""
+        start, end = (float(v) for v in sample["clip_seconds"])
+        if sample["task"] != "text":
+            raise ValueError(f"Sample {sample.get('id')!r}: `clip_seconds` is supported for text samples only, "
+                             f"not {sample['task']!r} (their spans are relative to the whole video).")
+        end = min(end, duration)
+        if not 0 <= start < end:
+            raise ValueError(f"Sample {sample.get('id')!r}: clip_seconds {list(sample['clip_seconds'])} holds no part "
+                             f"of the {duration:.3f} s video; it needs 0 <= start < end <= duration.")
+        return [start + t for t in uniform_timestamps(end - start, self.num_frames)]
 
     def _expand_visual_tokens(self, ids, labels, query, media, sample):
         """Replace each image/video placeholder by its expansion; returns ids, labels, query mask,
@@ -1046,6 +1061,14 @@ class TPOProcessor(ProcessorMixin):
         return out
 
     # ---- inference convenience ------------------------------------------------------------------------
+    def pipeline(self, model, **kwargs):
+        """A `TPOPipeline` of `model` with this processor: `pipe(media, question)` (see `pipeline_tpo`). Saving the
+        processor saves the pipeline's code with it, so that `transformers.pipeline(model=folder,
+        trust_remote_code=True)` builds the same pipeline from a checkpoint folder."""
+        from .pipeline_tpo import PIPELINE_TASK, TPOPipeline
+
+        return TPOPipeline(model=model, processor=self, task=PIPELINE_TASK, **kwargs)
+
     def __call__(self, samples: list[dict] | dict, media: list[dict] | dict | None = None, mode: str = "generate",
                  return_tensors: str = "pt", **kwargs):
         """Encode samples of the common schema with their decoded media for inference and return a

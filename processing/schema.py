@@ -27,6 +27,7 @@ SAMPLE_FEATURES = Features({
     "answer": Value("string"),
     "duration_seconds": Value("float32"),
     "fps": Value("float32"),
+    "clip_seconds": List(Value("float32")),  # [start, end] of the video the sample is about; [] for all of it
     "spans_seconds": List(List(Value("float32"), length=2)),
     "saliency_clip_seconds": Value("float32"),
     "saliency_clip_ids": List(Value("int32")),
@@ -41,6 +42,7 @@ SAMPLE_FEATURES = Features({
 _EMPTY = {
     "id": "", "source": "", "split": "", "task": "text", "media_type": "none", "media_path": "", "frame_paths": [],
     "query": "", "conversations": [], "options": [], "answer": "", "duration_seconds": 0.0, "fps": 0.0,
+    "clip_seconds": [],
     "spans_seconds": [], "saliency_clip_seconds": 0.0, "saliency_clip_ids": [], "saliency_scores": [],
     "image_size": [0, 0], "boxes_xyxy_pixels": [], "masks_rle": [], "mask_frame_indices": [], "meta": "{}",
 }
@@ -99,6 +101,9 @@ def validate_sample(sample: dict) -> None:
             raise ValueError(f"Sample {sample_id!r}: span ({start}, {end}) s needs start < end.")
         if sample["duration_seconds"] and (start < 0 or end > sample["duration_seconds"] + 1e-3):
             raise ValueError(f"Sample {sample_id!r}: span ({start}, {end}) s lies outside [0, {sample['duration_seconds']}] s.")
+    clip = list(sample.get("clip_seconds") or [])
+    if clip and not (len(clip) == 2 and 0 <= clip[0] < clip[1]):
+        raise ValueError(f"Sample {sample_id!r}: clip_seconds {clip} must be [start, end] with 0 <= start < end.")
     height, width = sample["image_size"]
     for box in sample["boxes_xyxy_pixels"]:
         x0, y0, x1, y1 = box

@@ -579,6 +579,29 @@ def test_generate_with_box_prompts_tracks_videos_and_equals_a_plain_forward_on_i
     torch.testing.assert_close(video["mask_logits"][0], tracked[0]["mask_logits"])
 
 
+def test_evaluator_tracks_box_prompted_video_masks(box_prompted):
+    """Issue 15 §9: with the box prompt, the evaluator's first-frame pass keeps the box prompt's per-image
+    inputs of the first frame only (it crashed with 3 frame indices for 1 SAM2 image), then propagates."""
+    model, processor = box_prompted
+    media = {"video": BOX_MEDIA[0], "image": BOX_MEDIA[1]}
+    evaluator = TaskEvaluator(processor, [MASK_VIDEO, MASK_IMAGE], batch_size=2, mask_video_mode="propagate",
+                              media_loader=lambda plan, targets: media[plan["kind"]])
+    video, image = evaluator.predict(model).mask
+    assert video["tracked"] and len(video["pred"]) == 3 and not image["tracked"]
+    batch = _box_batch(processor, ["force_task", "force_task"], BOX_MEDIA, "right")
+    first_only = {k: batch[k][[0, 3]] for k in ("sam2_pixel_values", "mask_query_index", "mask_frame_index",
+                                                "mask_view_to_sam2")}
+    plain = {k: v for k, v in batch.items() if k not in (*first_only, "mask_targets", "labels", "task_labels")}
+    with torch.no_grad():
+        first = model(**plain, **first_only).mask_outputs
+    assert first["prompt_boxes_xyxy_sam2"].shape == (2, 4)  # the box prompt ran on the first frame's tokens
+    tracked = model.track_masks(batch["sam2_pixel_values"][:3], first_frame_mask_logits=first["pred_mask_logits"][:1])
+    expected = processor.post_process_masks(tracked[0]["mask_logits"], [(FRAME_H, FRAME_W)] * 3)
+    assert all(np.array_equal(got, want["mask"]) for got, want in zip(video["pred"], expected))
+    with pytest.raises(ValueError, match="`mask_frame_index` has 4 rows for 2 SAM2 images"):
+        model(**plain, **{**first_only, "mask_frame_index": batch["mask_frame_index"]})
+
+
 def test_heads_reuse_decoding_hidden_states_and_fall_back_to_a_forward(mixed):
     """With a KV cache the heads read the hidden states decoding computed (no extra backbone call); without
     one (each step re-encodes) they run one forward pass; both give the same head outputs."""

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..modeling_tpo.modeling_tpo import SAM2_IMAGE_INPUTS
 from ..processing.collator_tpo import collate_encoded
 from ..processing.pipeline import MediaError, load_media, probe_media
 from ..processing.processing_tpo import TASK_LABELS, decode_rle
@@ -268,7 +269,9 @@ class TaskEvaluator:
                 rows = rows[:1]
             keep.append(rows)
         keep = torch.cat(keep)
-        batch["sam2_pixel_values"], batch["mask_query_index"] = pixels[keep], query_index[keep]
+        for key in SAM2_IMAGE_INPUTS:  # the box prompt's frame index and view map too, one row per SAM2 image
+            if batch.get(key) is not None:
+                batch[key] = batch[key][keep]
         return tracked
 
     def _collect_masks(self, model, masks: dict, tracked: dict[int, torch.Tensor], kept: list[dict], encoded: list,

@@ -8,7 +8,6 @@ Masks are bool numpy arrays `(H, W)` or COCO RLE dicts `{"size": [H, W], "counts
 import math
 
 import numpy as np
-from scipy import ndimage
 
 DAVIS_BOUNDARY_THRESHOLD = 0.008
 
@@ -117,6 +116,8 @@ def boundary_f_measure(pred_mask: np.ndarray, gt_mask: np.ndarray, bound_th: flo
         return 1.0
     if n_pred == 0 or n_gt == 0:
         return 0.0  # (P, R) is (1, 0) or (0, 1)
+    from scipy import ndimage  # here, not at module level: the scoring CLI's other metrics start without scipy
+
     structure = disk(boundary_tolerance_pixels(*gt_mask.shape, bound_th))
     pred_dilated = ndimage.binary_dilation(pred_boundary, structure=structure)
     gt_dilated = ndimage.binary_dilation(gt_boundary, structure=structure)

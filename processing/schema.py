@@ -6,9 +6,11 @@ pixels of the original image as (x0, y0, x1, y1), masks as COCO RLE with string 
 
 import copy
 import json
+import math
 
-import numpy as np
 from datasets import Features, List, Value
+
+from .rle import check_rle, mask_from_rle, rle_from_mask, rle_from_polygons  # noqa: F401 (the schema's mask helpers)
 
 TASKS = ("text", "temporal", "region", "mask")
 MEDIA_TYPES = ("image", "video", "frames", "none")
@@ -58,35 +60,6 @@ def empty_sample(**fields) -> dict:
     return sample
 
 
-def rle_from_mask(mask: np.ndarray) -> dict:
-    """bool (h, w) -> COCO RLE {"size": [h, w], "counts": str}."""
-    from pycocotools import mask as mask_utils
-
-    encoded = mask_utils.encode(np.asfortranarray(np.asarray(mask, dtype=np.uint8)))
-    return {"size": [int(v) for v in encoded["size"]], "counts": encoded["counts"].decode("ascii")}
-
-
-def mask_from_rle(rle: dict) -> np.ndarray:
-    """COCO RLE (string or bytes counts, or uncompressed list counts) -> bool (h, w)."""
-    from pycocotools import mask as mask_utils
-
-    height, width = (int(v) for v in rle["size"])
-    counts = rle["counts"]
-    if isinstance(counts, list):
-        counts = mask_utils.frPyObjects({"size": [height, width], "counts": counts}, height, width)["counts"]
-    encoded = {"size": [height, width], "counts": counts.encode() if isinstance(counts, str) else counts}
-    return mask_utils.decode(encoded).astype(bool)
-
-
-def rle_from_polygons(polygons: list[list[float]], height: int, width: int) -> dict:
-    """COCO polygons ([[x0, y0, x1, y1, ...], ...]) -> one merged RLE with string counts."""
-    from pycocotools import mask as mask_utils
-
-    rles = mask_utils.frPyObjects(polygons, height, width)
-    merged = mask_utils.merge(rles) if isinstance(rles, list) else rles
-    return {"size": [int(v) for v in merged["size"]], "counts": merged["counts"].decode("ascii")}
-
-
 def validate_sample(sample: dict) -> None:
     """Raise ValueError naming the sample when a row breaks the schema's rules."""
     sample_id = sample.get("id", "?")
@@ -94,7 +67,12 @@ def validate_sample(sample: dict) -> None:
         raise ValueError(f"Sample {sample_id!r}: unknown task {sample['task']!r}; valid tasks are {list(TASKS)}.")
     if sample["media_type"] not in MEDIA_TYPES:
         raise ValueError(f"Sample {sample_id!r}: unknown media_type {sample['media_type']!r}; valid: {list(MEDIA_TYPES)}.")
+    duration = sample["duration_seconds"]
+    if duration is not None and not math.isfinite(duration):
+        raise ValueError(f"Sample {sample_id!r}: duration {duration} s is not a finite number of seconds.")
     for start, end in sample["spans_seconds"]:
+        if not (math.isfinite(start) and math.isfinite(end)):
+            raise ValueError(f"Sample {sample_id!r}: span ({start}, {end}) s is not finite; give times in seconds.")
         if not start < end:
             raise ValueError(f"Sample {sample_id!r}: span ({start}, {end}) s needs start < end.")
         if sample["duration_seconds"] and (start < 0 or end > sample["duration_seconds"] + 1e-3):
@@ -102,11 +80,14 @@ def validate_sample(sample: dict) -> None:
     height, width = sample["image_size"]
     for box in sample["boxes_xyxy_pixels"]:
         x0, y0, x1, y1 = box
+        if not all(math.isfinite(v) for v in box):
+            raise ValueError(f"Sample {sample_id!r}: box {box} is not finite; give (x0, y0, x1, y1) pixels.")
         if not (x0 < x1 and y0 < y1):
             raise ValueError(f"Sample {sample_id!r}: box {box} needs x0 < x1 and y0 < y1.")
         if height and width and (x0 < 0 or y0 < 0 or x1 > width + 1e-3 or y1 > height + 1e-3):
             raise ValueError(f"Sample {sample_id!r}: box {box} lies outside the {width}x{height} image.")
-    for rle in sample["masks_rle"]:
+    for index, rle in enumerate(sample["masks_rle"]):
+        check_rle(rle, f"Sample {sample_id!r} mask {index}")
         if height and width and [int(v) for v in rle["size"]] != [height, width]:
             raise ValueError(f"Sample {sample_id!r}: a mask of size {list(rle['size'])} does not match the image "
                              f"size ({height}, {width}).")

@@ -60,19 +60,32 @@ def empty_sample(**fields) -> dict:
     return sample
 
 
+def check_sample_values(sample: dict) -> None:
+    """Raise ValueError naming the sample for a non-finite duration, span or box, or an RLE whose runs do
+    not cover its size (what no later check catches: NaN passes every bound test)."""
+    sample_id = sample.get("id", "?")
+    duration = sample.get("duration_seconds")
+    if duration is not None and not math.isfinite(duration):
+        raise ValueError(f"Sample {sample_id!r}: duration {duration} s is not a finite number of seconds.")
+    for span in sample.get("spans_seconds") or []:
+        if not all(math.isfinite(v) for v in span):
+            raise ValueError(f"Sample {sample_id!r}: span {list(span)} s is not finite; give (start, end) in seconds.")
+    for box in sample.get("boxes_xyxy_pixels") or []:
+        if not all(math.isfinite(v) for v in box):
+            raise ValueError(f"Sample {sample_id!r}: box {list(box)} is not finite; give (x0, y0, x1, y1) pixels.")
+    for index, rle in enumerate(sample.get("masks_rle") or []):
+        check_rle(rle, f"Sample {sample_id!r} mask {index}")
+
+
 def validate_sample(sample: dict) -> None:
     """Raise ValueError naming the sample when a row breaks the schema's rules."""
+    check_sample_values(sample)
     sample_id = sample.get("id", "?")
     if sample["task"] not in TASKS:
         raise ValueError(f"Sample {sample_id!r}: unknown task {sample['task']!r}; valid tasks are {list(TASKS)}.")
     if sample["media_type"] not in MEDIA_TYPES:
         raise ValueError(f"Sample {sample_id!r}: unknown media_type {sample['media_type']!r}; valid: {list(MEDIA_TYPES)}.")
-    duration = sample["duration_seconds"]
-    if duration is not None and not math.isfinite(duration):
-        raise ValueError(f"Sample {sample_id!r}: duration {duration} s is not a finite number of seconds.")
     for start, end in sample["spans_seconds"]:
-        if not (math.isfinite(start) and math.isfinite(end)):
-            raise ValueError(f"Sample {sample_id!r}: span ({start}, {end}) s is not finite; give times in seconds.")
         if not start < end:
             raise ValueError(f"Sample {sample_id!r}: span ({start}, {end}) s needs start < end.")
         if sample["duration_seconds"] and (start < 0 or end > sample["duration_seconds"] + 1e-3):
@@ -80,14 +93,11 @@ def validate_sample(sample: dict) -> None:
     height, width = sample["image_size"]
     for box in sample["boxes_xyxy_pixels"]:
         x0, y0, x1, y1 = box
-        if not all(math.isfinite(v) for v in box):
-            raise ValueError(f"Sample {sample_id!r}: box {box} is not finite; give (x0, y0, x1, y1) pixels.")
         if not (x0 < x1 and y0 < y1):
             raise ValueError(f"Sample {sample_id!r}: box {box} needs x0 < x1 and y0 < y1.")
         if height and width and (x0 < 0 or y0 < 0 or x1 > width + 1e-3 or y1 > height + 1e-3):
             raise ValueError(f"Sample {sample_id!r}: box {box} lies outside the {width}x{height} image.")
-    for index, rle in enumerate(sample["masks_rle"]):
-        check_rle(rle, f"Sample {sample_id!r} mask {index}")
+    for rle in sample["masks_rle"]:
         if height and width and [int(v) for v in rle["size"]] != [height, width]:
             raise ValueError(f"Sample {sample_id!r}: a mask of size {list(rle['size'])} does not match the image "
                              f"size ({height}, {width}).")

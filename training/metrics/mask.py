@@ -121,7 +121,9 @@ def j_and_f(pred_videos, gt_videos) -> dict[str, float]:
     expressions; J&F = (J + F) / 2.
 
     Args:
-        pred_videos: per expression, a list of per-frame masks (array, RLE or `None` = empty).
+        pred_videos: per expression, a list of per-frame masks (array, RLE or `None` = empty), or `None`
+            for an expression without any prediction: J = F = 0, as the MeViS evaluation scores the
+            expressions of a video it finds no predictions for.
         gt_videos: per expression, the per-frame GT masks (all GT objects of the expression merged into
             one mask; an empty mask where the target is absent).
     Returns:
@@ -135,6 +137,8 @@ def j_and_f(pred_videos, gt_videos) -> dict[str, float]:
     for index, (pred_frames, gt_frames) in enumerate(zip(pred_videos, gt_videos)):
         if len(gt_frames) == 0:
             raise ValueError(f"Expression {index}: no GT frame; every expression needs at least one frame.")
+        if pred_frames is None:
+            continue  # J = F = 0
         if len(pred_frames) != len(gt_frames):
             raise ValueError(f"Expression {index}: {len(pred_frames)} predicted frames for {len(gt_frames)} GT frames.")
         js, fs = [], []

@@ -35,6 +35,7 @@ from tpo.processing.readers import (
 from tpo.processing.schema import empty_sample, mask_from_rle, rle_from_mask
 from tpo.processing.video import VideoLoadError, load_frame_folder, load_video, probe_video
 from tpo.training.script_inputs import check_model_source, parse_json_flag, read_yaml_file
+from test_readers import write_tiny_video
 
 
 @dataclass
@@ -103,16 +104,8 @@ def _reasonseg_bomb(tmp_path: Path) -> object:
         return read_reasonseg(tmp_path, cache_dir=str(tmp_path / "cache"))
 
 
-def _tiny_video(path: Path, seconds: float = 1.0, fps: int = 10) -> Path:
-    container = av.open(str(path), "w")
-    stream = container.add_stream("mpeg4", rate=fps)
-    stream.width, stream.height, stream.pix_fmt = 16, 16, "yuv420p"
-    for _ in range(int(seconds * fps)):
-        for packet in stream.encode(av.VideoFrame.from_ndarray(np.zeros((16, 16, 3), np.uint8), format="rgb24")):
-            container.mux(packet)
-    for packet in stream.encode():
-        container.mux(packet)
-    container.close()
+def _tiny_video(path: Path) -> Path:
+    write_tiny_video(path, 1.0)  # 1 s at 10 fps
     return path
 
 

@@ -281,3 +281,22 @@ def test_script_end_to_end_and_error_exit(tmp_path):
     failed = subprocess.run([sys.executable, str(SCRIPT), "qvhighlights", "--predictions", str(tmp_path / "missing.jsonl"),
                              "--ground-truth", str(output)], capture_output=True, text=True, timeout=120)
     assert failed.returncode == 1 and "missing.jsonl: no such file" in failed.stderr
+
+
+def test_scoring_subcommands_import_neither_torch_nor_transformers(tmp_path):
+    # The whole process of a scoring subcommand pays only for numpy and the metrics (issue: 8.1 s of
+    # imports for a 0.09 s metric); benchmarks/bench_scoring_cli.py measures the wall time.
+    runs = [
+        ["qvhighlights", "--predictions", _jsonl(tmp_path / "p.jsonl", QVH_PRED),
+         "--ground-truth", _jsonl(tmp_path / "g.jsonl", QVH_GT)],
+        ["mcqa", "--predictions", _json(tmp_path / "a.json", [{"id": 1, "prediction": "A"}]),
+         "--ground-truth", _json(tmp_path / "q.json", [{"id": 1, "answer": "A"}])],
+        ["tracking", "--predictions", _json(tmp_path / "tp.json", [{"name": "a", "pred_xywh": [[1, 1, 4, 4]] * 2}]),
+         "--ground-truth", _json(tmp_path / "t.json", [{"name": "a", "gt_xywh": [[1, 1, 4, 4]] * 2}])],
+    ]
+    code = (f"import runpy, sys\nfor argv in {runs!r}:\n    sys.argv = [{str(SCRIPT)!r}, *argv]\n"
+            f"    runpy.run_path({str(SCRIPT)!r}, run_name='__main__')\n"
+            "print('HEAVY', sorted(m for m in ('torch', 'transformers', 'datasets', 'scipy') if m in sys.modules))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "HEAVY []" in result.stdout

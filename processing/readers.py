@@ -260,9 +260,15 @@ def _qvhighlights_rows(path, video_dir, split, video_extensions, signature):
             media_path=_video_path(video_dir, record["vid"], video_extensions), query=record["query"],
             duration_seconds=duration, spans_seconds=spans, saliency_clip_seconds=2.0,
             saliency_clip_ids=clip_ids, saliency_scores=scores,
-            meta={"qid": record["qid"], "vid": record["vid"]},
+            meta={"qid": record["qid"], "vid": record["vid"],
+                  **{k: v for k, v in record.items() if k not in _QVHIGHLIGHTS_FIELDS}},
         ), key=record["qid"])
     counter.report("qid")
+
+
+# The fields of a QVHighlights record; any other key of a record is kept in the sample's `meta` (e.g. the
+# synthetic benchmark's `alternative_windows`, from which evaluation computes the question-blind floor).
+_QVHIGHLIGHTS_FIELDS = ("qid", "query", "duration", "vid", "relevant_windows", "relevant_clip_ids", "saliency_scores")
 
 
 def read_qvhighlights(jsonl_path: str, video_dir: str, split: str = "train",
@@ -436,17 +442,19 @@ def _refcoco_box(annotation: dict, image: dict) -> tuple[list[float], list[float
 
 
 def _refcoco_mask(annotation: dict, height: int, width: int, instances_path: str, where: str,
-                  counter: SkipCounter) -> dict | None:
+                  counter: SkipCounter | None) -> dict | None:
     """The annotation's mask as an RLE with string counts: polygons with fewer than 3 points are dropped
-    (counted), a corrupt RLE or one of another size raises naming the annotation."""
+    (counted by `counter` if given), a corrupt RLE or one of another size raises naming the annotation."""
     segmentation = annotation.get("segmentation")
     if isinstance(segmentation, list) and segmentation:
         polygons = []
         for index, polygon in enumerate(segmentation):
             coordinates = [_finite(v) for v in polygon] if isinstance(polygon, (list, tuple)) else [None]
             if None in coordinates or len(coordinates) < 6 or len(coordinates) % 2:
-                counter.drop(where, f"polygon {index} of annotation {annotation.get('id')} has {len(coordinates) // 2} "
-                                    f"point(s) or non-numbers: a polygon needs 3 or more (x, y) points")
+                if counter is not None:
+                        counter.drop(where, f"polygon {index} of annotation {annotation.get('id')} has "
+                                        f"{len(coordinates) // 2} point(s) or non-numbers: a polygon needs 3 or more "
+                                        f"(x, y) points")
                 continue
             polygons.append(coordinates)
         return rle_from_polygons(polygons, height, width) if polygons else None
@@ -462,7 +470,26 @@ def _refcoco_mask(annotation: dict, height: int, width: int, instances_path: str
     return None
 
 
-def _refcoco_rows(instances_path, refs_path, image_dir, split, tasks, dataset_name, allow_pickle, signature):
+def _image_alternatives(annotations: list[dict], image: dict, with_masks: bool, instances_path, where: str) -> dict:
+    """Every usable annotated object of an image: boxes (x0, y0, x1, y1) pixels and, with `with_masks`, RLE
+    masks; the answers a question-blind guess chooses from (evaluation's floor). Unusable annotations are
+    left out here without a warning (the refs that point to them are reported)."""
+    boxes, masks = [], []
+    for annotation in annotations:
+        geometry = _refcoco_box(annotation, image)
+        if isinstance(geometry, str):
+            continue
+        box, _, height, width = geometry
+        boxes.append(box)
+        if with_masks:
+            mask = _refcoco_mask(annotation, height, width, instances_path, where, None)
+            if mask is not None:
+                masks.append(mask)
+    return {"boxes_xyxy_pixels": boxes, **({"masks_rle": masks} if with_masks else {})}
+
+
+def _refcoco_rows(instances_path, refs_path, image_dir, split, tasks, dataset_name, allow_pickle, signature,
+                  alternatives=False):
     counter = SkipCounter(refs_path)
     refs = load_refs(refs_path, allow_pickle)
     images, annotations = {}, {}
@@ -474,6 +501,13 @@ def _refcoco_rows(instances_path, refs_path, image_dir, split, tasks, dataset_na
             raise ValueError(f"{instances_path}: not a COCO instances file (needs 'images' and 'annotations').")
         images = {image.get("id"): image for image in coco["images"] if isinstance(image, dict)}
         annotations = {annotation.get("id"): annotation for annotation in coco["annotations"] if isinstance(annotation, dict)}
+    by_image: dict = {}  # image id -> its annotations, for `alternatives`
+    alternatives_of_image: dict = {}
+    if alternatives:
+        sources = annotations.values() if annotations else (r["_annotation"] | {"image_id": r.get("image_id")}
+                                                            for r in refs if isinstance(r, dict) and "_annotation" in r)
+        for annotation in sources:
+            by_image.setdefault(annotation.get("image_id"), []).append(annotation)
     for index, ref in enumerate(refs):
         if not isinstance(ref, dict):
             counter.skip(f"ref {index}", f"not an object: {str(ref)[:40]}")
@@ -500,6 +534,13 @@ def _refcoco_rows(instances_path, refs_path, image_dir, split, tasks, dataset_na
         mask = _refcoco_mask(annotation, height, width, instances_path, where, counter) if "mask" in tasks else None
         if "mask" in tasks and mask is None:
             counter.skip(where, "no segmentation for a mask sample")
+        alternative = None
+        if alternatives:
+            key = ref.get("image_id")
+            if key not in alternatives_of_image:
+                alternatives_of_image[key] = _image_alternatives(by_image.get(key, [annotation]), image, "mask" in tasks,
+                                                                 instances_path, where)
+            alternative = alternatives_of_image[key]
         sentences = ref.get("sentences") if isinstance(ref.get("sentences"), list) else []
         for sentence_index, sentence in enumerate(sentences):
             text = (sentence.get("sent") or sentence.get("raw")) if isinstance(sentence, dict) else sentence
@@ -508,7 +549,8 @@ def _refcoco_rows(instances_path, refs_path, image_dir, split, tasks, dataset_na
             base = dict(source=dataset_name, split=ref.get("split", split or ""), media_type="image",
                         media_path=os.path.join(image_dir, str(image.get("file_name"))), query=text.strip(),
                         image_size=[height, width], boxes_xyxy_pixels=[box],
-                        meta={"ref_id": ref.get("ref_id"), "ann_id": annotation.get("id"), "image_id": image.get("id")})
+                        meta={"ref_id": ref.get("ref_id"), "ann_id": annotation.get("id"), "image_id": image.get("id"),
+                              **({"alternatives": alternative} if alternatives else {})})
             if "region" in tasks:
                 yield counter.keep(empty_sample(id=f"{dataset_name}-{ref.get('ref_id', index)}-{sentence_index}-box",
                                                 task="region", **base))
@@ -528,7 +570,7 @@ def _compressed_counts(segmentation: dict, height: int, width: int) -> str:
 
 def read_refcoco(instances_json: str | None, refs_path: str, image_dir: str, split: str | None = "train",
                  tasks: tuple[str, ...] = ("region",), dataset_name: str = "refcoco", allow_pickle: bool = False,
-                 cache_dir: str | None = None) -> Dataset:
+                 cache_dir: str | None = None, alternatives: bool = False) -> Dataset:
     """RefCOCO / RefCOCO+ / RefCOCOg: COCO instances json (images, annotations with `bbox` xywh and
     polygon or RLE `segmentation`) and refs (ref_id, ann_id, image_id, split, sentences) from JSON,
     parquet, the hub's parquet exports (REFER's with `raw_anns`/`raw_image_info`, lmms-eval's; these
@@ -542,6 +584,9 @@ def read_refcoco(instances_json: str | None, refs_path: str, image_dir: str, spl
     skipped with a warning naming the ref; polygons with fewer than 3 points are dropped (counted); an RLE
     whose runs do not cover its size, or of another size than its image, raises (the files disagree).
     Boxes outside the image are clamped (one summary per file). No usable ref raises.
+
+    `alternatives`: each sample's `meta["alternatives"]` lists every annotated object of its image (boxes, and
+    masks for the mask task), from which evaluation computes the question-blind floor.
     """
     unknown = set(tasks) - {"region", "mask"}
     if unknown:
@@ -549,7 +594,7 @@ def read_refcoco(instances_json: str | None, refs_path: str, image_dir: str, spl
     return _from_generator(_refcoco_rows, cache_dir, instances_path=str(instances_json) if instances_json else None,
                            refs_path=str(refs_path), image_dir=str(image_dir), split=split, tasks=tuple(tasks),
                            dataset_name=dataset_name, allow_pickle=bool(allow_pickle),
-                           signature=_signature(instances_json, refs_path))
+                           signature=_signature(instances_json, refs_path), alternatives=bool(alternatives))
 
 
 def _frame_size(frame_path: str, video_id: str) -> list[int]:
@@ -616,7 +661,7 @@ def _palette_masks(annotations_dir: str, video_id: str, frames: list[str], ids: 
 
 
 def _mevis_rows(meta_path, mask_path, annotations_dir, frames_dir, split, fps, frame_extension, dataset_name,
-                signature):
+                signature, alternatives=False):
     counter = SkipCounter(meta_path)
     meta = _read_json(meta_path)
     mask_dict = _read_json(mask_path) if mask_path else {}
@@ -635,6 +680,8 @@ def _mevis_rows(meta_path, mask_path, annotations_dir, frames_dir, split, fps, f
         frame_paths = [os.path.join(frames_dir, video_id, name + frame_extension) for name in frames]
         size = _frame_size(frame_paths[0], video_id) if (mask_dict or annotations_dir) else None
         png_cache: dict = {}
+        objects: dict = {}  # the video's objects (one per distinct id set of its expressions), for `alternatives`
+        rows = []
         for expression_id, expression in video.get("expressions", {}).items():
             where = f"video {video_id} expression {expression_id}"
             if not isinstance(expression, dict) or not isinstance(expression.get("exp", ""), str):
@@ -653,19 +700,26 @@ def _mevis_rows(meta_path, mask_path, annotations_dir, frames_dir, split, fps, f
                 ids = expression.get("obj_id", ids)
                 ids = [ids] if isinstance(ids, (int, str)) else list(ids)
                 masks_rle, indices = _palette_masks(annotations_dir, video_id, frames, ids, size, png_cache)
-            yield counter.keep(empty_sample(
+            objects.setdefault(json.dumps(sorted(map(str, ids))), (masks_rle, indices))
+            rows.append(dict(
                 id=f"{dataset_name}-{video_id}-{expression_id}", source=dataset_name, split=split, task="mask",
                 media_type="frames", media_path=os.path.join(frames_dir, video_id), frame_paths=frame_paths,
                 query=expression.get("exp", "").strip(), fps=fps, duration_seconds=len(frames) / fps,
                 image_size=size or [0, 0], masks_rle=masks_rle, mask_frame_indices=indices,
                 meta={"video": video_id, "expression": expression_id, "ids": ids},
             ))
+        for row in rows:
+            if alternatives:  # every object's masks on the frames this sample annotates
+                frames_of_row = row["mask_frame_indices"]
+                row["meta"]["alternatives"] = {"masks_rle": [
+                    [dict(zip(indices, masks)).get(f) for f in frames_of_row] for masks, indices in objects.values()]}
+            yield counter.keep(empty_sample(**row))
     counter.report("expression")
 
 
 def read_mevis(meta_expressions_json: str, mask_dict_json: str | None, frames_dir: str, split: str = "train",
                fps: float = 6.0, frame_extension: str = ".jpg", dataset_name: str = "mevis",
-               annotations_dir: str | None = None, cache_dir: str | None = None) -> Dataset:
+               annotations_dir: str | None = None, cache_dir: str | None = None, alternatives: bool = False) -> Dataset:
     """MeViS and Ref-YouTube-VOS: `meta_expressions.json` {videos: {vid: {frames: [...], expressions:
     {eid: {exp, anno_id | obj_id}}}}}, frames as JPEG folders `frames_dir/vid/frame.jpg` (played at `fps`).
     One sample per expression (task "mask", media_type "frames").
@@ -674,6 +728,10 @@ def read_mevis(meta_expressions_json: str, mask_dict_json: str | None, frames_di
     objects are merged per frame (null = empty), every frame annotated. Ref-YouTube-VOS: no mask dict but
     `annotations_dir` with palette PNGs `annotations_dir/vid/frame.png` (pixel value = obj_id): frames
     without a PNG are left out of `mask_frame_indices`. With neither (test splits), no masks.
+
+    `alternatives`: each sample's `meta["alternatives"]["masks_rle"]` holds every object of its video (one per
+    distinct id set of the video's expressions) on the sample's annotated frames (None where that object has
+    no annotation), for evaluation's question-blind floor.
 
     Malformed: broken JSON raises; an RLE whose runs do not cover its size, an RLE or PNG whose size
     differs from the frames, or fewer masks than frames, raises (the files disagree); expressions naming
@@ -684,7 +742,7 @@ def read_mevis(meta_expressions_json: str, mask_dict_json: str | None, frames_di
                            mask_path=str(mask_dict_json) if mask_dict_json else None,
                            annotations_dir=str(annotations_dir) if annotations_dir else None, frames_dir=str(frames_dir),
                            split=split, fps=float(fps), frame_extension=frame_extension, dataset_name=dataset_name,
-                           signature=_signature(meta_expressions_json, mask_dict_json))
+                           signature=_signature(meta_expressions_json, mask_dict_json), alternatives=bool(alternatives))
 
 
 def _reasonseg_rows(folder, split, image_extensions, signature):
@@ -824,10 +882,11 @@ READERS = {
                                                                  "split": "split"}),
     "refcoco": (read_refcoco, {"instances": "instances_json", "refs": "refs_path", "image_dir": "image_dir",
                                        "split": "split", "tasks": "tasks", "dataset_name": "dataset_name",
-                                       "allow_pickle": "allow_pickle"}),
+                                       "allow_pickle": "allow_pickle", "alternatives": "alternatives"}),
     "mevis": (read_mevis, {"meta_expressions": "meta_expressions_json", "mask_dict": "mask_dict_json",
                                    "frames_dir": "frames_dir", "split": "split", "fps": "fps",
-                                   "dataset_name": "dataset_name", "annotations_dir": "annotations_dir"}),
+                                   "dataset_name": "dataset_name", "annotations_dir": "annotations_dir",
+                                   "alternatives": "alternatives"}),
     "reasonseg": (read_reasonseg, {"folder": "folder", "split": "split"}),
     "llava": (read_llava_conversations, {"json": "json_path", "media_dir": "media_dir", "split": "split",
                                                  "fps": "fps"}),

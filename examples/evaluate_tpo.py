@@ -7,6 +7,7 @@ the formats these subcommands read.
     python examples/evaluate_tpo.py charades --predictions preds.jsonl --ground-truth charades_sta_test.txt
     python examples/evaluate_tpo.py refcoco --predictions boxes.json --ground-truth refcoco_val.jsonl
     python examples/evaluate_tpo.py refcoco --predictions boxes.json --instances instances.json --refs refs.json --split val
+    python examples/evaluate_tpo.py refcoco --predictions boxes.json --instances instances.json --refs "refs(unc).p" --allow-pickle --split val
     python examples/evaluate_tpo.py reasonseg --predictions masks.json --ground-truth ReasonSeg/val
     python examples/evaluate_tpo.py mevis --predictions masks.json --meta meta_expressions.json --mask-dict mask_dict.json
     python examples/evaluate_tpo.py tracking --predictions results/ --ground-truth LaSOT/ --protocol lasot
@@ -29,37 +30,52 @@ charades
     A line without prediction counts as IoU 0. Output: R1@0.3, R1@0.5, R1@0.7, mIoU (%).
 refcoco
     predictions: records `{"id", "bbox": [x, y, w, h]}` (COCO) or `{"id", "bbox_xyxy": [x0, y0, x1, y1]}`.
-    ground truth: records `{"id", "bbox": [x, y, w, h]}`, or `--instances` (COCO instances json) with `--refs`
-    (a JSON export of the refs: `ref_id`, `ann_id`, `split`, `sentences`) and `--split`, giving the ids
-    `<dataset>-<ref_id>-<sentence index>-box` of the RefCOCO reader. A missing box is wrong.
+    ground truth: records `{"id", "bbox": [x, y, w, h]}`, or `--refs` (JSON or JSONL refs: `ref_id`, `ann_id`,
+    `split`, `sentences`, with `--instances`, the COCO instances json; the hub's parquet exports, which carry
+    their boxes; or REFER's `refs(unc).p` with `--allow-pickle`, read by a restricted unpickler) and
+    `--split`, giving the ids `<dataset>-<ref_id>-<sentence index>-box` of the RefCOCO reader. IoU as
+    pycocotools computes it on (x, y, w, h) boxes, so ties at 0.5 fall the same way. A missing box is wrong.
     Output: Acc@0.5, mIoU (%).
 reasonseg
     predictions: records `{"id", "mask": RLE}` (or `"masks": [RLE, ...]`, the first is used).
     ground truth: the ReasonSeg folder (`<name>.jpg` + `<name>.json` with polygon `shapes` and `text`; ids
-    `reasonseg-<name>-<text index>`; polygons painted largest first, "ignore" shapes left out of I and U, as
-    LISA does; only text 0 of each image is evaluated, as LISA's validation does, unless `--all-texts`), or
-    records `{"id", "mask": RLE, "ignore": RLE (optional)}`. A missing mask is empty. Output: gIoU, cIoU (%).
+    `reasonseg-<name>-<text index>`), built as LISA's `get_mask_from_json` builds it: json read as UTF-8 else
+    cp1252, image size after EXIF orientation, points truncated to integers, polygons drawn as OpenCV draws
+    them (outline + fill), "flag" shapes left out, labels containing "ignore" (any case) left out of I and
+    U, painted largest first (so an ignore region inside a target is ignored); only text 0 of each image
+    is evaluated, as LISA's validation does, unless `--all-texts`. Or records `{"id", "mask": RLE, "ignore":
+    RLE (optional)}`. A missing mask is empty. Output: gIoU, cIoU (%).
 mevis
     ground truth: `--meta meta_expressions.json` and `--mask-dict mask_dict.json` (MeViS / Ref-YouTube-VOS
     layout; the masks of all `anno_id`s of an expression are merged; ids `<dataset>-<video>-<expression>`)
     or `--ground-truth` records `{"id", "masks": [RLE or null per frame]}`. Predictions: records
     `{"id", "masks": [RLE or null per frame]}` (or `video_id` + `exp_id` instead of `id`), or the official
-    submission folder `<dir>/<video>/<expression>/<frame>.png` (pixels > 0 are the mask). A missing frame is
-    an empty mask. Output: J, F, J&F (%).
+    submission folder `<dir>/<video>/<expression>/<frame>.png` (pixels > 0 are the mask). An expression
+    predicted twice is refused; an expression without any prediction scores J = F = 0, as the MeViS
+    evaluation scores a video missing from the submission; a missing frame of a predicted expression is an
+    empty mask (the official script stops there). Output: J, F, J&F (%).
 tracking
     ground truth: a LaSOT or GOT-10k folder, searched for `<sequence>/groundtruth.txt` (x,y,w,h a line);
-    visibility from `full_occlusion.txt` + `out_of_view.txt` (LaSOT) or `absence.label` / `cover.label`
-    (GOT-10k), or records `{"name", "gt_xywh": [[x, y, w, h], ...], "visible": [...] (optional)}`.
-    Predictions: a folder of `<sequence>.txt` (or GOT-10k's `<sequence>/<sequence>_001.txt`), or records
-    `{"name", "pred_xywh": [...]}`. `--protocol lasot|got10k|both`. Every sequence needs a prediction.
-    Output: success_auc, precision@20, normalized_precision (LaSOT); AO, SR0.5, SR0.75 (GOT-10k) (%).
+    visibility from `full_occlusion.txt` + `out_of_view.txt` (LaSOT) or `cover.label` > 0 (GOT-10k;
+    `absence.label` when there is no cover.label), the resolution from GOT-10k's `meta_info.ini`; or records
+    `{"name", "gt_xywh": [[x, y, w, h], ...], "visible": [...], "resolution": [w, h]}` (the last two optional).
+    Predictions: a folder of `<sequence>.txt` (LaSOT) or GOT-10k's `<sequence>/<sequence>_NNN.txt` (every
+    run is pooled; LaSOT scores run 1), or records `{"name", "pred_xywh": [...]}` (or runs x frames x 4).
+    `--protocol lasot|got10k|both`, with the official toolkits' rules (tpo.training.metrics.tracking):
+    LaSOT counts absent frames as failures, GOT-10k clips boxes to the resolution. Every sequence needs a
+    prediction; a sequence named twice, or a record naming no GT sequence, is refused; result files of no
+    GT sequence are reported. Output: success_auc, precision@20, normalized_precision (@0.20) (LaSOT);
+    AO, SR0.5, SR0.75 (GOT-10k) (%).
 mcqa
     predictions: records `{"id", "prediction": "free text"}`; ground truth: records `{"id", "answer",
     "options": [...] (optional)}` where `answer` is a letter, or MVBench rows `{"candidates": [...], "answer":
     "<candidate text>"}` (ids default to the row index when absent on both sides); an optional `task_type`
     (or `question_type`, `group`) adds per-task accuracy and their mean. A missing answer is wrong.
     Records without `answer` (open-ended questions of a LLaVA file) are left out on both sides; ids are
-    compared as strings. Output: accuracy, unparsed (%), accuracy/<task>, mean_group_accuracy.
+    compared as strings. `--convention lmms-eval` reads answers as lmms-eval's MVBench task (lowercase "a",
+    "A person ..." read as letters; empty answers left out of the denominator); the default counts those
+    wrong (see tpo.training.metrics.mcqa for the table of differences). Output: accuracy, unparsed (%),
+    accuracy/<task>, mean_group_accuracy (and empty % with lmms-eval).
 predict
     Runs a TPO checkpoint (a folder saved by `save_pretrained`, e.g. `examples/run_tpo.py`'s
     `<output_dir>/final`, with its processor; `--processor` when the processor is saved elsewhere) over
@@ -102,6 +118,7 @@ import argparse
 import json
 import logging
 import math
+import re
 import shlex
 import sys
 import textwrap
@@ -119,11 +136,12 @@ from tpo.training.metrics import (
     mask_iou_metrics,
     mcqa_accuracy,
     qvhighlights_eval,
-    refcoco_accuracy,
+    refcoco_accuracy_xywh,
     to_submission,
-    tracking_metrics,
-    xywh_to_xyxy,
+    xyxy_to_xywh,
 )
+from tpo.training.metrics.mcqa import ANSWER_CONVENTIONS
+from tpo.training.metrics.tracking import TrackingSequence
 
 logger = logging.getLogger("evaluate_tpo")
 
@@ -244,72 +262,81 @@ def evaluate_charades(args) -> dict:
     return charades_metrics([predicted.get(k) for k in truths], [span for _, span in truths.values()])
 
 
+def _read_refs(args) -> list[dict]:
+    """The refs of `--refs`: JSON / JSONL records, parquet (the hub's exports too) or, with --allow-pickle, a
+    REFER pickle read by the restricted unpickler of `tpo.processing.refcoco_sources`."""
+    from tpo.processing.refcoco_sources import PICKLE_SUFFIXES, load_refs
+
+    if Path(args.refs).suffix.lower() in (*PICKLE_SUFFIXES, ".parquet"):
+        return load_refs(args.refs, allow_pickle=args.allow_pickle)
+    return read_records(args.refs)
+
+
 def _refcoco_ground_truth_from_coco(args) -> dict:
-    coco = json.loads(Path(args.instances).read_text(encoding="utf-8"))
-    boxes = {annotation["id"]: annotation["bbox"] for annotation in coco["annotations"]}
+    """{`<dataset>-<ref_id>-<sentence index>-box`: GT box [x, y, w, h]} of the refs of one split."""
+    refs = _read_refs(args)
+    boxes = {}
+    if any("_annotation" not in ref for ref in refs):
+        if not args.instances:
+            raise ValueError(f"{args.refs}: these refs point into a COCO instances file; give --instances.")
+        coco = json.loads(Path(args.instances).read_text(encoding="utf-8"))
+        boxes = {annotation["id"]: annotation.get("bbox") for annotation in coco["annotations"]}
     out = {}
-    for ref in read_records(args.refs):
-        if args.split and ref.get("split") != args.split:
+    for ref in refs:
+        if args.split and "split" in ref and ref.get("split") != args.split:
             continue
-        if ref["ann_id"] not in boxes:
-            raise ValueError(f"{args.refs}: ref {ref.get('ref_id')} points to annotation {ref['ann_id']}, not in {args.instances}.")
+        box = ref["_annotation"].get("bbox") if "_annotation" in ref else boxes.get(ref["ann_id"])
+        if box is None:
+            raise ValueError(f"{args.refs}: ref {ref.get('ref_id')} points to annotation {ref.get('ann_id')}, which has "
+                             f"no bbox in {args.instances or args.refs}.")
         for sentence_index, _ in enumerate(ref.get("sentences", [])):
-            out[f"{args.dataset_name}-{ref['ref_id']}-{sentence_index}-box"] = boxes[ref["ann_id"]]
+            out[f"{args.dataset_name}-{ref['ref_id']}-{sentence_index}-box"] = box
     return out
 
 
-def _predicted_box_xyxy(record: dict):
-    if record.get("bbox_xyxy"):
-        return list(record["bbox_xyxy"])
+def _predicted_box_xywh(record: dict):
+    """The prediction as COCO [x, y, w, h] (as scored, like pycocotools), or None."""
     if record.get("bbox"):
-        return xywh_to_xyxy(record["bbox"])[0].tolist()
+        return list(record["bbox"])
+    if record.get("bbox_xyxy"):
+        return xyxy_to_xywh(record["bbox_xyxy"])[0].tolist()
     return None
 
 
 def evaluate_refcoco(args) -> dict:
-    if args.instances and args.refs:
+    if args.refs:
         truths = _refcoco_ground_truth_from_coco(args)
     elif args.ground_truth:
         truths = {key: record["bbox"] for key, record in _index(read_records(args.ground_truth), ("id",), args.ground_truth).items()}
     else:
-        raise ValueError("refcoco needs --ground-truth, or --instances with --refs.")
+        raise ValueError("refcoco needs --ground-truth, or --refs (with --instances unless the refs carry their boxes).")
     if not truths:
         raise ValueError("The ground truth has no expression (check --split).")
-    predicted = {key: _predicted_box_xyxy(r) for key, r in _index(read_records(args.predictions), ("id",), args.predictions).items()}
+    predicted = {key: _predicted_box_xywh(r) for key, r in _index(read_records(args.predictions), ("id",), args.predictions).items()}
     _check_unknown(predicted, set(truths), args.predictions)
     _report_missing([k for k in truths if k not in predicted], "expressions")
     keys = list(truths)
-    return refcoco_accuracy([predicted.get(k) for k in keys], xywh_to_xyxy([truths[k] for k in keys]))
-
-
-def _polygon_mask(points: list, height: int, width: int) -> np.ndarray:
-    from pycocotools import mask as mask_utils
-
-    flat = [float(v) for point in points for v in point[:2]]
-    return mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects([flat], height, width))).astype(bool)
+    return refcoco_accuracy_xywh([predicted.get(k) for k in keys], [truths[k] for k in keys])
 
 
 def read_reasonseg_folder(folder: str, all_texts: bool) -> dict:
-    """{`reasonseg-<name>-<text index>`: (target mask, ignore mask)} from a ReasonSeg folder."""
-    from PIL import Image
+    """{`reasonseg-<name>-<text index>`: (target mask, ignore mask)} from a ReasonSeg folder, the ground
+    truth LISA's `get_mask_from_json` builds (`tpo.processing.reasonseg`) on the upright image size."""
+    from tpo.processing.images import image_size
+    from tpo.processing.reasonseg import IGNORE, TARGET, read_labelme_json, reasonseg_label_map
 
     out = {}
     for json_path in sorted(Path(folder).glob("*.json")):
-        record = json.loads(json_path.read_text(encoding="utf-8"))
+        record = read_labelme_json(json_path)
         image_path = next((json_path.with_suffix(s) for s in (".jpg", ".png", ".jpeg") if json_path.with_suffix(s).exists()), None)
         if image_path is None:
             raise FileNotFoundError(f"{json_path}: no image next to it; ReasonSeg needs <name>.jpg beside <name>.json.")
-        with Image.open(image_path) as image:
-            width, height = image.size
-        shapes = [s for s in record.get("shapes", []) if s.get("label", "").lower() != "flag" and len(s.get("points", [])) >= 3]
-        painted = [(_polygon_mask(s["points"], height, width), "ignore" in s.get("label", "").lower()) for s in shapes]
-        labels = np.zeros((height, width), dtype=np.uint8)  # 0 background, 1 target, 2 ignore
-        for mask, is_ignore in sorted(painted, key=lambda item: -int(item[0].sum())):  # largest first, as LISA
-            labels[mask] = 2 if is_ignore else 1
+        height, width = image_size(image_path)
+        labels = reasonseg_label_map(record.get("shapes", []), height, width, str(json_path))
         texts = record.get("text", [])
         texts = [texts] if isinstance(texts, str) else list(texts)
         for index in range(len(texts) if all_texts else min(1, len(texts))):
-            out[f"reasonseg-{json_path.stem}-{index}"] = (labels == 1, labels == 2)
+            out[f"reasonseg-{json_path.stem}-{index}"] = (labels == TARGET, labels == IGNORE)
     if not out:
         raise ValueError(f"{folder}: no ReasonSeg json with text found.")
     return out
@@ -401,13 +428,22 @@ def evaluate_mevis(args) -> dict:
             key = record.get("id") or by_pair.get((str(record.get("video_id")), str(record.get("exp_id"))))
             if key is None:
                 raise ValueError(f"{args.predictions} record {index + 1}: no id, or video_id + exp_id not in the ground truth.")
+            if key in predicted:
+                raise ValueError(f"{args.predictions} record {index + 1}: expression {key!r} appears twice.")
             predicted[key] = record.get("masks") or []
         _check_unknown(predicted, set(truths), args.predictions)
-    _report_missing([k for k in truths if k not in predicted], "expressions")
+    missing = [k for k in truths if k not in predicted]
+    if missing:
+        logger.warning("%d expression(s) have no prediction and score J = F = 0, as the MeViS evaluation scores a video "
+                       "without predictions (e.g. %s).", len(missing), missing[:3])
     pred_videos, gt_videos = [], []
     for key, (_, _, frames, masks) in truths.items():
-        gt = [np.zeros((1, 1), dtype=bool) if m is None else as_mask(m) for m in masks]
-        pred = list(predicted.get(key, []))
+        gt = [np.zeros((1, 1), dtype=bool) if m is None else as_mask(m, f"{key} GT frame {i}") for i, m in enumerate(masks)]
+        if key not in predicted:
+            pred_videos.append(None)
+            gt_videos.append(gt)
+            continue
+        pred = list(predicted[key])
         if len(pred) > len(frames):
             raise ValueError(f"{args.predictions}: {key} has {len(pred)} predicted frames for {len(frames)} GT frames.")
         pred += [None] * (len(frames) - len(pred))
@@ -439,41 +475,96 @@ def _flags(path: Path) -> np.ndarray:
     return np.array([int(float(v)) for v in path.read_text(encoding="utf-8").replace(",", " ").split()], dtype=np.int64)
 
 
+def read_got10k_resolution(meta_path: Path) -> tuple[int, int]:
+    """(width, height) from GOT-10k's `meta_info.ini` line `resolution: (1920, 1080)`."""
+    for line in meta_path.read_text(encoding="utf-8").splitlines()[1:]:
+        key, _, value = line.partition(": ")
+        if key.strip() == "resolution":
+            numbers = re.findall(r"\d+(?:\.\d+)?", value)
+            if len(numbers) == 2:
+                return int(float(numbers[0])), int(float(numbers[1]))
+    raise ValueError(f"{meta_path}: no 'resolution: (width, height)' line.")
+
+
+def _visibility(folder: Path, count: int) -> np.ndarray:
+    """LaSOT: not full_occlusion and not out_of_view; GOT-10k: cover > 0 (the toolkit's rule; absence.label
+    only when there is no cover.label)."""
+    visible = np.ones(count, dtype=bool)
+    for name in ("full_occlusion.txt", "out_of_view.txt"):
+        if (folder / name).exists():
+            visible &= _flags(folder / name)[:count] == 0
+    if (folder / "cover.label").exists():
+        visible &= _flags(folder / "cover.label")[:count] > 0
+    elif (folder / "absence.label").exists():
+        visible &= _flags(folder / "absence.label")[:count] == 0
+    return visible
+
+
 def read_tracking_ground_truth(root: str) -> dict:
-    """{sequence: (gt_xywh (n, 4), visible (n,))} from a LaSOT / GOT-10k folder or records file."""
+    """{sequence: TrackingSequence without predictions} from a LaSOT / GOT-10k folder or records file."""
     root_path = Path(root)
     if root_path.is_file():
-        return {r["name"]: (np.asarray(r["gt_xywh"], dtype=np.float64).reshape(-1, 4), r.get("visible"))
-                for r in read_records(root)}
+        out = {}
+        for index, record in enumerate(read_records(root)):
+            name = record.get("name")
+            if name is None or "gt_xywh" not in record:
+                raise ValueError(f"{root} record {index + 1}: needs 'name' and 'gt_xywh'.")
+            if name in out:
+                raise ValueError(f"{root} record {index + 1}: sequence {name!r} appears twice.")
+            out[name] = TrackingSequence(None, np.asarray(record["gt_xywh"], dtype=np.float64).reshape(-1, 4),
+                                         record.get("visible"), record.get("resolution"), str(name))
+        return out
     out = {}
     for gt_path in sorted(root_path.rglob("groundtruth.txt")):
         folder = gt_path.parent
+        if folder.name in out:
+            raise ValueError(f"{root}: two sequences are named {folder.name!r} ({gt_path}); names must be unique.")
         boxes = read_box_file(gt_path)
-        visible = np.ones(len(boxes), dtype=bool)
-        if (folder / "full_occlusion.txt").exists():
-            visible &= _flags(folder / "full_occlusion.txt")[: len(boxes)] == 0
-        if (folder / "out_of_view.txt").exists():
-            visible &= _flags(folder / "out_of_view.txt")[: len(boxes)] == 0
-        if (folder / "absence.label").exists():
-            visible &= _flags(folder / "absence.label")[: len(boxes)] == 0
-        elif (folder / "cover.label").exists():
-            visible &= _flags(folder / "cover.label")[: len(boxes)] > 0
-        out[folder.name] = (boxes, visible)
+        resolution = read_got10k_resolution(folder / "meta_info.ini") if (folder / "meta_info.ini").exists() else None
+        out[folder.name] = TrackingSequence(None, boxes, _visibility(folder, len(boxes)), resolution, folder.name)
     if not out:
         raise ValueError(f"{root}: no <sequence>/groundtruth.txt found.")
     return out
 
 
+def _run_files(source: Path, name: str) -> list[Path]:
+    """A sequence's result files: LaSOT's `<name>.txt`, else every GOT-10k run `<name>/<name>_NNN.txt`."""
+    if (source / f"{name}.txt").exists():
+        return [source / f"{name}.txt"]
+    return sorted(p for p in (source / name).glob(f"{name}_[0-9]*.txt") if re.fullmatch(rf"{re.escape(name)}_\d+\.txt", p.name))
+
+
 def read_tracking_predictions(path: str, names: list) -> dict:
+    """{sequence: `(runs, n, 4)` boxes} from a records file or a results folder. Records naming no GT
+    sequence, or one twice, are refused; result files of no GT sequence are reported."""
     source = Path(path)
     if source.is_file():
-        return {r["name"]: np.asarray(r["pred_xywh"], dtype=np.float64).reshape(-1, 4) for r in read_records(path)}
+        out = {}
+        for index, record in enumerate(read_records(path)):
+            name = record.get("name")
+            if name is None or "pred_xywh" not in record:
+                raise ValueError(f"{path} record {index + 1}: needs 'name' and 'pred_xywh'.")
+            if name in out:
+                raise ValueError(f"{path} record {index + 1}: sequence {name!r} appears twice.")
+            boxes = np.asarray(record["pred_xywh"], dtype=np.float64)
+            out[name] = boxes.reshape(-1, boxes.shape[-2], 4) if boxes.ndim == 3 else boxes.reshape(1, -1, 4)
+        _check_unknown(out, set(names), path)
+        return out
     out = {}
     for name in names:
-        candidates = [source / f"{name}.txt", source / name / f"{name}_001.txt"]
-        found = next((c for c in candidates if c.exists()), None)
-        if found is not None:
-            out[name] = read_box_file(found)
+        files = _run_files(source, name)
+        if files:
+            runs = [read_box_file(f) for f in files]
+            if len({len(r) for r in runs}) > 1:
+                raise ValueError(f"{source / name}: its runs have {[len(r) for r in runs]} boxes; every run needs one box "
+                                 f"per frame.")
+            out[name] = np.stack(runs)
+    known = set(names)
+    unknown = sorted(p.stem for p in source.glob("*.txt") if p.stem not in known and not p.stem.endswith("_time"))
+    unknown += sorted(p.name for p in source.iterdir() if p.is_dir() and p.name not in known)
+    if unknown:
+        logger.warning("%s: %d result file(s)/folder(s) name no ground-truth sequence and are not scored (e.g. %s).",
+                       path, len(unknown), unknown[:3])
     return out
 
 
@@ -484,14 +575,18 @@ def evaluate_tracking(args) -> dict:
     if missing:
         raise ValueError(f"{args.predictions}: no prediction for {len(missing)} sequence(s) (e.g. {missing[:3]}); "
                          f"the tracking protocols need every sequence.")
-    sequences = []
-    for name, (gt, visible) in truths.items():
-        pred = predicted[name]
-        if len(pred) != len(gt):
-            raise ValueError(f"{args.predictions}: sequence {name} has {len(pred)} predicted boxes for {len(gt)} frames.")
-        sequences.append((pred, gt, visible))
-    protocol = {"lasot": lasot_metrics, "got10k": got10k_metrics, "both": tracking_metrics}[args.protocol]
-    return protocol(sequences)
+    sequences = [TrackingSequence(predicted[name], truth.gt_xywh, truth.visible, truth.resolution_wh, name)
+                 for name, truth in truths.items()]
+    metrics = {}
+    if args.protocol in ("lasot", "both"):
+        several = [s.name for s in sequences if len(s.pred_xywh) > 1]
+        if several:
+            logger.info("LaSOT scores run 1 of the %d sequence(s) with several runs (e.g. %s).", len(several), several[:3])
+        metrics.update(lasot_metrics([TrackingSequence(s.pred_xywh[:1], s.gt_xywh, s.visible, None, s.name)
+                                      for s in sequences]))
+    if args.protocol in ("got10k", "both"):
+        metrics.update(got10k_metrics(sequences))
+    return metrics
 
 
 def _answer_and_options(record: dict):
@@ -529,7 +624,8 @@ def evaluate_mcqa(args) -> dict:
     answers, options = zip(*(_answer_and_options(truths[k]) for k in keys))
     group_field = next((f for f in ("task_type", "question_type", "group") if all(f in truths[k] for k in keys)), None)
     groups = [str(truths[k][group_field]) for k in keys] if group_field else None
-    return mcqa_accuracy([predicted.get(k) for k in keys], list(answers), list(options), groups)
+    return mcqa_accuracy([predicted.get(k) for k in keys], list(answers), list(options), groups,
+                         convention=args.convention)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1002,7 +1098,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("charades", evaluate_charades)
     refcoco = add("refcoco", evaluate_refcoco, ground_truth_required=False)
     refcoco.add_argument("--instances", help="COCO instances json (with --refs)")
-    refcoco.add_argument("--refs", help="refs as JSON (list or jsonl), with --instances")
+    refcoco.add_argument("--refs", help="refs as JSON (list or jsonl) or parquet (the hub's exports need no "
+                                        "--instances), or a REFER pickle with --allow-pickle")
+    refcoco.add_argument("--allow-pickle", action="store_true",
+                         help="read a REFER refs(unc).p pickle with a restricted unpickler (plain data only)")
     refcoco.add_argument("--split", help="refs split to evaluate (val, testA, ...)")
     refcoco.add_argument("--dataset-name", default="refcoco", help="id prefix, as given to the RefCOCO reader")
     add("reasonseg", evaluate_reasonseg).add_argument(
@@ -1012,7 +1111,10 @@ def build_parser() -> argparse.ArgumentParser:
     mevis.add_argument("--mask-dict", help="mask_dict.json")
     mevis.add_argument("--dataset-name", default="mevis", help="id prefix, as given to the MeViS reader")
     add("tracking", evaluate_tracking).add_argument("--protocol", choices=("lasot", "got10k", "both"), default="both")
-    add("mcqa", evaluate_mcqa)
+    add("mcqa", evaluate_mcqa).add_argument(
+        "--convention", choices=tuple(ANSWER_CONVENTIONS), default="tpo",
+        help="how answers are read: tpo (default) or lmms-eval (its MVBench reading: lowercase letters and lone "
+             "letters in sentences count, empty answers leave the denominator; see tpo.training.metrics.mcqa)")
 
     run = subparsers.add_parser("predict", description=_section("predict"), formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("--model", required=True, help="TPO checkpoint folder (save_pretrained), e.g. <run_tpo output_dir>/final")

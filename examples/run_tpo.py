@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 from transformers import AutoModelForImageTextToText, HfArgumentParser, set_seed
 
 from tpo import TPOForConditionalGeneration
@@ -38,6 +37,7 @@ from tpo.processing.synthetic import generate_synthetic_benchmark
 from tpo.training.arguments import STAGES, TPOTrainingArguments
 from tpo.training.evaluation import REQUIRED_KEYS, TaskEvaluator, format_table
 from tpo.training.stages import stage_runs
+from tpo.training.script_inputs import check_model_source, parse_json_flag, read_yaml_file
 from tpo.training.tiny import build_tiny_tokenizer, tiny_llava_config, tiny_sam2_config
 from tpo.training.trainer import TPOTrainer, last_complete_checkpoint, unwrap_tpo
 
@@ -114,6 +114,10 @@ class ModelArguments:
     merge_lora: bool = field(default=True, metadata={"help": "Merge LoRA into the final saved model."})
     dtype: str = field(default="auto", metadata={"help": "Weights dtype of a pretrained MLLM (auto, bfloat16, float32)."})
 
+    def __post_init__(self):  # bad JSON fails at parse time, naming the flag, before any data is generated
+        for name in ("temporal_head_config", "region_head_config", "mask_head_config"):
+            parse_json_flag(getattr(self, name), f"--{name}")
+
 
 def parse_arguments(argv: list[str]):
     """No arguments: the embedded default config. A YAML file first: its values, which any following
@@ -131,7 +135,7 @@ def parse_arguments(argv: list[str]):
         logger.info("Flags without a config file: the embedded default (%s) with them applied.", DEFAULT_CONFIG)
         config_file = DEFAULT_CONFIG
     if config_file is not None:
-        defaults = yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
+        defaults = read_yaml_file(config_file)
         known = {action.dest for action in parser._actions}
         unknown = sorted(set(defaults) - known)
         if unknown:
@@ -156,7 +160,7 @@ def load_data(script: ScriptArguments) -> tuple[dict, dict]:
     `region_query_swap`: the test images asked about other objects). The synthetic benchmark brings its own.
     """
     if script.data_config:
-        config = yaml.safe_load(Path(script.data_config).read_text(encoding="utf-8")) or {}
+        config = read_yaml_file(script.data_config, "data config")
         unknown = sorted(set(config) - set(DATA_CONFIG_KEYS))
         if unknown:
             raise ValueError(f"{script.data_config}: unknown key(s) {unknown}; expected some of {list(DATA_CONFIG_KEYS)}.")
@@ -369,6 +373,8 @@ def _process_alive(pid: int) -> bool:
 def main(argv: list[str] | None = None) -> dict[str, float]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     script, model_args, training_args = parse_arguments(sys.argv[1:] if argv is None else argv)
+    check_model_source(model_args.model_name_or_path, "--model_name_or_path")  # before reading any data
+    check_model_source(model_args.sam2_name_or_path, "--sam2_name_or_path")
     check_stages(script.stages)
     with output_dir_lock(Path(training_args.output_dir), script.overwrite_output_dir,
                          training_args.process_index == 0):

@@ -463,6 +463,8 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
             self._check_task_tokens(input_ids)
         if task_labels is not None:
             self._check_task_labels(task_labels)
+        if input_ids is not None and backbone_hidden_states is None:
+            self._check_visual_inputs(input_ids, kwargs, cache if cache is not None else past_key_values)
 
         if backbone_hidden_states is not None:
             backbone_outputs = BaseModelOutputWithPast(last_hidden_state=backbone_hidden_states)
@@ -701,6 +703,7 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
         if present.numel() > num_queries or bool((present == 0).any()):
             raise ValueError(f"`mask_query_index` {mask_query_index.tolist()} does not give every one of the "
                              f"{num_queries} mask queries (samples {queries.batch_index.tolist()}) at least one image.")
+        self._check_mask_inputs(sam2_pixel_values, mask_targets, mask_query_index, queries.batch_index)
         task_embeddings = queries.gather(context.hidden_states)  # (q, k, hidden)
         localisation, input_boxes = None, None
         if self.mask_head.localiser is not None:
@@ -791,13 +794,31 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
                 raise
             raise ValueError(f"{error}. {self._describe_placeholders(input_ids)}") from error
 
-    def _describe_placeholders(self, input_ids: torch.LongTensor) -> str:
+    def _placeholder_token_id(self, kind: str) -> int | None:
+        """The MLLM's image or video placeholder token id (`<kind>_token_id` or `<kind>_token_index`)."""
         mllm_config = self.config.mllm_config
+        token_id = getattr(mllm_config, f"{kind}_token_id", None)
+        return token_id if token_id is not None else getattr(mllm_config, f"{kind}_token_index", None)
+
+    def _check_visual_inputs(self, input_ids: torch.LongTensor, inputs: dict, cache) -> None:
+        """Refuse image/video placeholder tokens without their pixels: the MLLM would embed them as plain
+        tokens and train on a finite, meaningless loss. (A cache that already holds the prompt is fine.)"""
+        if cache is not None and getattr(cache, "get_seq_length", lambda: 0)() > 0:
+            return
+        for kind, pixels in (("image", "pixel_values"), ("video", "pixel_values_videos")):
+            token_id = self._placeholder_token_id(kind)
+            if token_id is None or inputs.get(pixels) is not None:
+                continue
+            hits = (input_ids == token_id).any(-1)
+            if bool(hits.any()):
+                raise ValueError(f"Sample(s) {hits.nonzero().flatten().tolist()} hold {kind} placeholder tokens (id "
+                                 f"{token_id}) but `{pixels}` is None: pass the {kind}s' pixels (TPOProcessor and its "
+                                 f"collator do), or drop the placeholders from text-only samples.")
+
+    def _describe_placeholders(self, input_ids: torch.LongTensor) -> str:
         parts = []
         for kind in ("image", "video"):
-            token_id = getattr(mllm_config, f"{kind}_token_id", None)
-            if token_id is None:
-                token_id = getattr(mllm_config, f"{kind}_token_index", None)
+            token_id = self._placeholder_token_id(kind)
             if token_id is None:
                 continue
             counts = (input_ids == token_id).sum(-1).tolist()
@@ -930,6 +951,28 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
                 "(x0, y0, x1, y1) within [0, 1] with x0 <= x1 and y0 <= y1. Normalise pixel boxes by the "
                 "processed image size (TPOProcessor does) and check for swapped corners."
             )
+
+    @staticmethod
+    def _check_mask_inputs(sam2_pixel_values: torch.Tensor, mask_targets: torch.Tensor | None,
+                           mask_query_index: torch.Tensor, batch_index: torch.Tensor) -> None:
+        """Refuse non-finite SAM2 pixels and mask targets other than 0/1 (NaN included), naming the SAM2
+        image and its sample; one test (one host sync) when everything is valid."""
+        bad_pixels = ~torch.isfinite(sam2_pixel_values.flatten(1)).all(-1)  # (m,)
+        bad_targets = torch.zeros_like(bad_pixels)
+        if mask_targets is not None and mask_targets.shape[0] == bad_pixels.shape[0]:
+            targets = mask_targets.flatten(1)
+            bad_targets = ~((targets == 0) | (targets == 1)).all(-1).to(bad_pixels.device)
+        if not bool((bad_pixels | bad_targets).any()):
+            return
+        image = int((bad_pixels | bad_targets).nonzero()[0])
+        sample = int(batch_index[mask_query_index[image]])
+        if bool(bad_pixels[image]):
+            raise ValueError(f"SAM2 image {image} (sample {sample}) holds non-finite pixel values; check that image's "
+                             "decoding and normalisation (TPOProcessor.sam2_inputs).")
+        values = mask_targets[image].flatten()
+        odd = values[~((values == 0) | (values == 1))][0].item()
+        raise ValueError(f"The mask target of SAM2 image {image} (sample {sample}) holds the value {odd}; mask targets "
+                         "are binary (0 or 1): resize masks with nearest-neighbour interpolation (TPOProcessor does).")
 
     def _check_task_tokens(self, input_ids: torch.LongTensor) -> None:
         """Refuse task tokens of tasks this model does not enable, naming the sample."""

@@ -11,9 +11,11 @@ Where work happens (memory and disk):
   sample; nothing decoded is written to disk. Caching decoded video in Arrow would cost
   frames x H x W x 3 bytes per sample on disk (7 MB for 16 frames at 384 px: 700 GB for 100k videos).
 
-Bad data: `encode_dataset` drops samples the processor refuses (invalid spans, wrong mask size, ...)
+Bad data: `encode_dataset` drops samples the processor refuses (invalid or non-finite spans and boxes,
+wrong mask size, corrupt RLE, an image over PIL's pixel limit, ...)
 with a logged warning naming the sample and the reason, and logs the count (`strict=True` raises
-instead). The collator replaces a sample whose media cannot be decoded (missing or corrupt file) by the
+instead). The collator replaces a sample whose media cannot be decoded (missing or corrupt file, a video
+shorter than its annotation's duration, an image over PIL's pixel limit) by the
 previous good sample of the run, logs a warning naming the file, and counts it in
 `batch["tpo_meta"]["skipped"]` (the trainer logs the total as `data/skipped_samples`).
 """
@@ -27,10 +29,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from datasets import Dataset
-from PIL import Image
 
 from .collator_tpo import collate_encoded
+from .images import ImageFileError, image_size, read_image_rgb
 from .processing_tpo import EncodedSample, TPOProcessor
+from .schema import check_sample_values
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +44,15 @@ ENCODED_COLUMNS = (
 
 
 class MediaError(ValueError):
-    """Media of a sample cannot be read (missing, corrupt, truncated, no video stream)."""
+    """Media of a sample cannot be read (missing, corrupt, truncated, no video stream, or shorter than its
+    annotation says)."""
+
+
+# An annotation may say a video lasts longer than the file does by at most this much (container
+# rounding, a last frame's duration); past it the annotation is for another cut of the video: every
+# frame sampled beyond the file's end would be its last frame and the targets would be wrong.
+DURATION_EXCESS_SECONDS = 1.0
+DURATION_EXCESS_FRACTION = 0.02
 
 
 # --------------------------------------------------------------------------------------------------
@@ -52,11 +63,9 @@ def probe_media(sample: dict) -> dict:
     kind = sample.get("media_type", "none")
     size = list(sample.get("image_size") or [0, 0])
     if kind == "image" and not all(size):
-        with Image.open(sample["media_path"]) as image:
-            sample = {**sample, "image_size": [image.height, image.width]}
+        sample = {**sample, "image_size": list(image_size(sample["media_path"]))}
     elif kind == "frames" and not all(size):
-        with Image.open(sample["frame_paths"][0]) as image:
-            sample = {**sample, "image_size": [image.height, image.width]}
+        sample = {**sample, "image_size": list(image_size(sample["frame_paths"][0]))}
     elif kind == "video" and (not all(size) or not sample.get("duration_seconds")):
         from .video import probe_video
 
@@ -68,10 +77,19 @@ def probe_media(sample: dict) -> dict:
 
 def _read_image(path: str) -> np.ndarray:
     try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
-    except (OSError, ValueError) as error:
-        raise MediaError(f"Cannot read image {path!r}: {error}. Check that the file exists and is a valid image.") from error
+        return read_image_rgb(path)
+    except ImageFileError as error:
+        raise MediaError(f"Cannot read image: {error}") from error
+
+
+def check_video_duration(plan: dict, decoded_seconds: float) -> None:
+    """Refuse a video shorter than its annotation's duration (by more than the tolerance above)."""
+    declared = float(plan.get("duration") or 0.0)
+    allowed = decoded_seconds + max(DURATION_EXCESS_SECONDS, DURATION_EXCESS_FRACTION * decoded_seconds)
+    if decoded_seconds > 0 and declared > allowed:
+        raise MediaError(f"Video {plan.get('path')!r} lasts {decoded_seconds:.2f} s but its annotation says "
+                         f"{declared:.2f} s: frames past {decoded_seconds:.2f} s would all be its last frame and the "
+                         "targets would not match; fix the annotation's duration or the video file.")
 
 
 def load_media(plan: dict, targets: dict | None = None) -> dict:
@@ -107,6 +125,7 @@ def load_media(plan: dict, targets: dict | None = None) -> dict:
 
     try:
         video = load_video(plan["path"], timestamps_seconds=times)
+        check_video_duration(plan, video.metadata.duration_seconds)
         if dense:
             metadata = video.metadata
             _check_dense_clips(plan, len(dense), metadata.num_frames or round(metadata.fps * metadata.duration_seconds))
@@ -145,6 +164,7 @@ def _encode_batch(batch: dict, processor: TPOProcessor, mode: str, strict: bool)
     rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
     for row in rows:
         try:
+            check_sample_values(row)
             encoded = processor.encode(probe_media(row), mode=mode)
         except (ValueError, OSError) as error:
             if strict:

@@ -987,6 +987,8 @@ class TPOProcessor(ProcessorMixin):
                 raise ValueError(f"Sample {sample_id!r}: a region sample needs exactly one box, got {len(boxes)}.")
             if media.get("kind") != "image":
                 raise ValueError(f"Sample {sample_id!r}: region samples need an image.")
+            if not np.isfinite(boxes).all():
+                raise ValueError(f"Sample {sample_id!r}: box {boxes[0].tolist()} is not finite; give (x0, y0, x1, y1) pixels.")
             geometry = self.geometry(media["height"], media["width"])
             return {"region_boxes": geometry.normalise(boxes).tolist()}
         if task == "temporal":
@@ -996,7 +998,7 @@ class TPOProcessor(ProcessorMixin):
                 raise ValueError(f"Sample {sample_id!r}: temporal samples need a video.")
             if len(spans) == 0:
                 raise ValueError(f"Sample {sample_id!r}: a temporal sample needs at least one span.")
-            bad = (spans[:, 0] >= spans[:, 1]) | (spans[:, 0] < 0) | (spans[:, 1] > duration + 1e-3)
+            bad = ~(spans[:, 0] < spans[:, 1]) | ~(spans[:, 0] >= 0) | ~(spans[:, 1] <= duration + 1e-3)  # NaN: bad
             if bad.any():
                 raise ValueError(
                     f"Sample {sample_id!r}: span {spans[bad][0].tolist()} s is invalid for a video of {duration:.3f} s "

@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import logging
+import math
 import os
 from collections import Counter
 from pathlib import Path
@@ -20,18 +21,30 @@ import numpy as np
 from datasets import Dataset
 from datasets.exceptions import DatasetGenerationError
 
-from .schema import SAMPLE_FEATURES, empty_sample, mask_from_rle, rle_from_mask, rle_from_polygons
+from .images import ImageFileError, image_size
+from .reasonseg import TARGET, read_labelme_json, reasonseg_label_map
+from .refcoco_sources import load_refs, refs_need_instances
+from .schema import SAMPLE_FEATURES, check_rle, empty_sample, mask_from_rle, rle_from_mask, rle_from_polygons
 
 logger = logging.getLogger(__name__)
 
 
+# Clamping a span or box by less than this (seconds or pixels) is float noise and not reported; larger
+# clamps are counted and summarised once per file (with the largest and an example).
+CLAMP_TOLERANCE = 1e-3
+
+
 class SkipCounter:
-    """Counts and logs the skipped records (and dropped parts of kept records) of one file."""
+    """Counts and logs the skipped records (and dropped parts of kept records, clamps, duplicate ids) of one
+    file; `report()` logs one summary per kind and raises when the file gave no usable record."""
 
     def __init__(self, path: str):
         self.path = path
         self.counts: Counter = Counter()
         self.dropped: Counter = Counter()
+        self.kept = 0
+        self.clamps: list[tuple[float, str, str]] = []  # (excess, where, what)
+        self.ids: Counter = Counter()
 
     def skip(self, where: str, reason: str) -> None:
         """A whole record is left out."""
@@ -43,12 +56,38 @@ class SkipCounter:
         self.dropped[reason.split(":")[0]] += 1
         logger.warning("%s %s: dropped (%s)", self.path, where, reason)
 
-    def report(self) -> None:
+    def clamp(self, where: str, what: str, excess: float) -> None:
+        """A span or box was clamped by `excess` (seconds or pixels); summarised by `report`."""
+        if excess > CLAMP_TOLERANCE:
+            self.clamps.append((excess, where, what))
+            logger.debug("%s %s: %s", self.path, where, what)
+
+    def keep(self, sample: dict, key=None) -> dict:
+        """Count a yielded sample (and its record key, to report duplicates)."""
+        self.kept += 1
+        if key is not None:
+            self.ids[key] += 1
+        return sample
+
+    def report(self, what: str = "record") -> None:
+        if self.clamps:
+            largest = max(self.clamps)
+            logger.warning("%s: clamped %d value(s) by more than %g (largest %.4g at %s: %s)", self.path,
+                           len(self.clamps), CLAMP_TOLERANCE, largest[0], largest[1], largest[2])
+        duplicates = {key: n for key, n in self.ids.items() if n > 1}
+        if duplicates:
+            logger.warning("%s: %d %s id(s) appear more than once (e.g. %s); their samples share an id, so predictions "
+                           "keyed by it overwrite each other", self.path, len(duplicates), what,
+                           dict(list(duplicates.items())[:3]))
         if self.counts:
             logger.warning("%s: skipped %d record(s): %s", self.path, sum(self.counts.values()), dict(self.counts))
         if self.dropped:
             logger.warning("%s: dropped %d part(s) of records: %s", self.path, sum(self.dropped.values()),
                            dict(self.dropped))
+        if self.kept == 0:
+            reasons = f"all {sum(self.counts.values())} skipped: {dict(self.counts)}" if self.counts else "it holds none"
+            raise ValueError(f"{self.path}: no usable {what} ({reasons}); fix the records named in the warnings above "
+                             f"or point the reader at the right file.")
 
 
 def _signature(*paths) -> str:
@@ -73,7 +112,18 @@ def _read_json(path) -> object:
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: not valid JSON ({error}); fix the file.") from error
     except UnicodeDecodeError as error:
-        raise ValueError(f"{path}: not UTF-8 text ({error}); is it a JSON file?") from error
+        raise ValueError(f"{path}: not UTF-8 text ({error}); re-save it as UTF-8 JSON.") from error
+
+
+def _text_lines(path):
+    """(line number, text) of a text file; a line that is not UTF-8 raises naming the file, line and byte."""
+    with open(path, "rb") as handle:
+        for line_number, raw in enumerate(handle, 1):
+            try:
+                yield line_number, raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(f"{path} line {line_number}: not UTF-8 text (byte {raw[error.start]:#04x} at column "
+                                 f"{error.start + 1}); re-save the file as UTF-8.") from error
 
 
 def _from_generator(generator, cache_dir: str | None = None, **gen_kwargs) -> Dataset:
@@ -98,9 +148,33 @@ def _video_path(video_dir: str, video_id: str, extensions: tuple[str, ...]) -> s
     return os.path.join(video_dir, video_id + extensions[0])
 
 
+def _finite(value) -> float | None:
+    """`value` as a finite float, or None (a string such as "ten", None, a bool, NaN or inf)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _window(value) -> tuple[float, float] | None:
+    """`[start, end]` as two finite floats, or None for anything else ([5], ["a", "b"], [1, nan], ...)."""
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        return None
+    start, end = _finite(value[0]), _finite(value[1])
+    return None if start is None or end is None else (start, end)
+
+
+def _clean_query(text: str) -> str:
+    """A query without surrounding spaces and its final period(s) ("a man dances ." -> "a man dances")."""
+    return text.strip().rstrip(".").strip()
+
+
 def _clamp_span(start: float, end: float, duration: float, where: str, counter: SkipCounter, part: bool = False):
-    """Clamp a span to [0, duration] (warning); None if nothing is left or start >= end (counted as a
-    skipped record, or as a dropped part when `part`: one window of a record with several)."""
+    """Clamp a span to [0, duration] (counted, summarised per file); None if nothing is left or start >= end
+    (counted as a skipped record, or as a dropped part when `part`: one window of a record with several)."""
     leave_out = counter.drop if part else counter.skip
     if not start < end:
         leave_out(where, f"invalid span: start {start} >= end {end}")
@@ -110,7 +184,8 @@ def _clamp_span(start: float, end: float, duration: float, where: str, counter: 
         if clamped[0] >= clamped[1]:
             leave_out(where, f"span outside the video: ({start}, {end}) s for {duration} s")
             return None
-        logger.warning("%s %s: span (%s, %s) s clamped to the video's %s s", counter.path, where, start, end, duration)
+        counter.clamp(where, f"span ({start}, {end}) s clamped to the video's {duration} s",
+                      max(-start, end - duration))
         return clamped
     return (start, end)
 
@@ -118,44 +193,77 @@ def _clamp_span(start: float, end: float, duration: float, where: str, counter: 
 # --------------------------------------------------------------------------------------------------
 # Temporal grounding
 # --------------------------------------------------------------------------------------------------
+def _qvhighlights_windows(record: dict, duration: float, where: str, counter: SkipCounter):
+    """The record's windows, clamped; None (record skipped, reason logged) when they are malformed."""
+    windows = record.get("relevant_windows", [])
+    if not isinstance(windows, list) or any(_window(w) is None for w in windows):
+        counter.skip(where, f"malformed relevant_windows {str(windows)[:60]}: expected [[start, end], ...] in seconds")
+        return None
+    spans = []
+    for window in windows:
+        span = _clamp_span(*_window(window), duration, where, counter, part=True)
+        if span is not None:
+            spans.append(list(span))
+    return spans
+
+
+def _qvhighlights_saliency(record: dict) -> tuple[list[int], list[list[int]]] | str:
+    """(clip ids, score rows), or the reason they cannot be used."""
+    clip_ids, scores = record.get("relevant_clip_ids", []), record.get("saliency_scores", [])
+    try:
+        clip_ids = [int(c) for c in clip_ids]
+        scores = [[int(v) for v in row] for row in scores]
+    except (TypeError, ValueError):
+        return f"saliency malformed: relevant_clip_ids and saliency_scores must be integers ({str(scores)[:40]})"
+    if len(clip_ids) != len(scores) or any(len(s) != 3 for s in scores):
+        return f"saliency mismatch: {len(clip_ids)} clip ids, {len(scores)} score rows (3 each)"
+    return clip_ids, scores
+
+
 def _qvhighlights_rows(path, video_dir, split, video_extensions, signature):
     counter = SkipCounter(path)
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            where = f"line {line_number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path} line {line_number}: not valid JSON ({error}); fix or remove the line.") from error
-            missing = [k for k in ("qid", "query", "duration", "vid") if k not in record]
-            if missing:
-                counter.skip(where, f"missing fields: {missing}")
-                continue
-            duration = float(record["duration"])
-            spans = []
-            for start, end in record.get("relevant_windows", []):
-                span = _clamp_span(float(start), float(end), duration, where, counter, part=True)
-                if span is not None:
-                    spans.append(list(span))
-            if "relevant_windows" in record and not spans:
-                counter.skip(where, "no valid window: every relevant window was skipped or the list is empty")
-                continue
-            clip_ids = [int(c) for c in record.get("relevant_clip_ids", [])]
-            scores = [[int(v) for v in s] for s in record.get("saliency_scores", [])]
-            if len(clip_ids) != len(scores) or any(len(s) != 3 for s in scores):
-                counter.skip(where, f"saliency mismatch: {len(clip_ids)} clip ids, {len(scores)} score rows (3 each)")
-                continue
-            yield empty_sample(
-                id=f"qvh-{record['qid']}", source="qvhighlights", split=split, task="temporal", media_type="video",
-                media_path=_video_path(video_dir, record["vid"], video_extensions), query=record["query"],
-                duration_seconds=duration, spans_seconds=spans, saliency_clip_seconds=2.0,
-                saliency_clip_ids=clip_ids, saliency_scores=scores,
-                meta={"qid": record["qid"], "vid": record["vid"],
-                      **{k: v for k, v in record.items() if k not in _QVHIGHLIGHTS_FIELDS}},
-            )
-    counter.report()
+    for line_number, line in _text_lines(path):
+        if not line.strip():
+            continue
+        where = f"line {line_number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} line {line_number}: not valid JSON ({error}); fix or remove the line.") from error
+        if not isinstance(record, dict):
+            counter.skip(where, f"not a JSON object: {line.strip()[:40]}")
+            continue
+        missing = [k for k in ("qid", "query", "duration", "vid") if k not in record]
+        if missing:
+            counter.skip(where, f"missing fields: {missing}")
+            continue
+        duration = _finite(record["duration"])
+        if duration is None or duration <= 0:
+            counter.skip(where, f"bad duration: {record['duration']!r} is not a number of seconds > 0")
+            continue
+        if not isinstance(record["query"], str) or not isinstance(record["vid"], str):
+            counter.skip(where, "bad fields: query and vid must be strings")
+            continue
+        spans = _qvhighlights_windows(record, duration, where, counter)
+        if spans is None:
+            continue
+        if "relevant_windows" in record and not spans:
+            counter.skip(where, "no valid window: every relevant window was skipped or the list is empty")
+            continue
+        saliency = _qvhighlights_saliency(record)
+        if isinstance(saliency, str):
+            counter.skip(where, saliency)
+            continue
+        clip_ids, scores = saliency
+        yield counter.keep(empty_sample(
+            id=f"qvh-{record['qid']}", source="qvhighlights", split=split, task="temporal", media_type="video",
+            media_path=_video_path(video_dir, record["vid"], video_extensions), query=record["query"],
+            duration_seconds=duration, spans_seconds=spans, saliency_clip_seconds=2.0,
+            saliency_clip_ids=clip_ids, saliency_scores=scores,
+            meta={"qid": record["qid"], "vid": record["vid"],
+                  **{k: v for k, v in record.items() if k not in _QVHIGHLIGHTS_FIELDS}},
+        ), key=record["qid"])
+    counter.report("qid")
 
 
 # The fields of a QVHighlights record; any other key of a record is kept in the sample's `meta` (e.g. the
@@ -168,11 +276,13 @@ def read_qvhighlights(jsonl_path: str, video_dir: str, split: str = "train",
     """QVHighlights / CG-DETR jsonl: `qid, query, duration, vid, relevant_windows [[st, ed]]`,
     `relevant_clip_ids` (2-second clips) and `saliency_scores` (3 annotators, 0-4 per relevant clip).
 
-    Malformed: broken JSON raises (file and line); a record with missing fields, saliency rows that do not
-    match the clip ids, or no valid window left is skipped with a warning naming the line, and the skips
-    are counted (one summary warning per file); a window with start >= end is dropped the same way;
-    windows beyond the duration are clamped with a warning. Records without `relevant_windows` (the
-    test split) are kept, without spans.
+    Malformed: broken JSON or a line that is not UTF-8 raises (file and line); a record that is not an object,
+    lacks fields, has a duration that is not a number > 0 (`"ten"`), malformed windows (`[[5]]`,
+    `["a", "b"]`, NaN), saliency rows that do not match the clip ids, or no valid window left is skipped
+    with a warning naming the line, and the skips are counted (one summary warning per file); a window with
+    start >= end is dropped the same way; windows beyond the duration are clamped (one summary per file
+    for clamps over CLAMP_TOLERANCE); repeated qids are warned about; a file with no usable record raises.
+    Records without `relevant_windows` (the test split) are kept, without spans.
     """
     return _from_generator(_qvhighlights_rows, cache_dir, path=str(jsonl_path), video_dir=str(video_dir),
                            split=split, video_extensions=tuple(video_extensions), signature=_signature(jsonl_path))
@@ -211,41 +321,39 @@ def _charades_rows(path, video_dir, split, durations, video_extensions, signatur
 
     counter = SkipCounter(path)
     known = _load_durations(durations)
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, 1):
-            line = line.strip()
-            if not line:
-                continue
-            where = f"line {line_number}"
-            head, separator, query = line.partition("##")
-            parts = head.split()
-            if not separator or len(parts) != 3:
-                counter.skip(where, f"malformed line (expected 'VIDEOID START END##query'): {line[:60]!r}")
-                continue
-            video_id = parts[0]
+    for line_number, line in _text_lines(path):
+        line = line.strip()
+        if not line:
+            continue
+        where = f"line {line_number}"
+        head, separator, query = line.partition("##")
+        parts = head.split()
+        if not separator or len(parts) != 3:
+            counter.skip(where, f"malformed line (expected 'VIDEOID START END##query'): {line[:60]!r}")
+            continue
+        video_id = parts[0]
+        start, end = _finite(parts[1]), _finite(parts[2])
+        if start is None or end is None:
+            counter.skip(where, f"malformed times: {parts[1:]} are not finite numbers of seconds")
+            continue
+        media_path = _video_path(video_dir, video_id, video_extensions)
+        duration = known.get(video_id)
+        if duration is None:
             try:
-                start, end = float(parts[1]), float(parts[2])
-            except ValueError:
-                counter.skip(where, f"malformed times: {parts[1:]}")
+                duration = probe_video(media_path).duration_seconds
+            except VideoLoadError as error:
+                counter.skip(where, f"unreadable video: {error}")
                 continue
-            media_path = _video_path(video_dir, video_id, video_extensions)
-            duration = known.get(video_id)
-            if duration is None:
-                try:
-                    duration = probe_video(media_path).duration_seconds
-                except VideoLoadError as error:
-                    counter.skip(where, f"unreadable video: {error}")
-                    continue
-                known[video_id] = duration
-            span = _clamp_span(start, end, duration, where, counter)
-            if span is None:
-                continue
-            yield empty_sample(
-                id=f"charades-{video_id}-{line_number}", source="charades_sta", split=split, task="temporal",
-                media_type="video", media_path=media_path, query=query.strip().rstrip("."), duration_seconds=duration,
-                spans_seconds=[list(span)], meta={"vid": video_id},
-            )
-    counter.report()
+            known[video_id] = duration
+        span = _clamp_span(start, end, duration, where, counter)
+        if span is None:
+            continue
+        yield counter.keep(empty_sample(
+            id=f"charades-{video_id}-{line_number}", source="charades_sta", split=split, task="temporal",
+            media_type="video", media_path=media_path, query=_clean_query(query), duration_seconds=duration,
+            spans_seconds=[list(span)], meta={"vid": video_id},
+        ))
+    counter.report("query")
 
 
 def read_charades_sta(txt_path: str, video_dir: str, durations: str | dict | None = None, split: str = "test",
@@ -254,8 +362,10 @@ def read_charades_sta(txt_path: str, video_dir: str, durations: str | dict | Non
 
     `durations`: a dict, a json {id: seconds} or a csv with a header (`id` and `duration` or `length`
     columns, so Charades' own `Charades_v1_test.csv` works); videos without one are probed with PyAV.
-    Malformed lines, start >= end and unreadable videos are skipped with a warning; spans past the
-    end are clamped with a warning (Charades annotations often overshoot by a fraction of a second).
+    Malformed lines (times that are not finite numbers), start >= end and unreadable videos are skipped with
+    a warning naming the line; a line that is not UTF-8 raises naming it; spans past the end are clamped
+    (Charades annotations often overshoot by a fraction of a second; one summary per file counts the
+    clamps over CLAMP_TOLERANCE, float noise below it is not reported). No usable line raises.
     """
     return _from_generator(_charades_rows, cache_dir, path=str(txt_path), video_dir=str(video_dir), split=split,
                            durations=durations if not isinstance(durations, os.PathLike) else str(durations),
@@ -270,31 +380,45 @@ def _activitynet_rows(path, video_dir, split, video_extensions, signature):
         raise ValueError(f"{path}: expected an object {{video id: {{duration, timestamps, sentences}}}}.")
     for video_id, record in data.items():
         where = f"video {video_id}"
+        if not isinstance(record, dict):
+            counter.skip(where, f"not an object: {str(record)[:40]} (expected {{duration, timestamps, sentences}})")
+            continue
         timestamps, sentences = record.get("timestamps", []), record.get("sentences", [])
-        if "duration" not in record or len(timestamps) != len(sentences):
+        if "duration" not in record or not isinstance(timestamps, list) or not isinstance(sentences, list) \
+                or len(timestamps) != len(sentences):
             counter.skip(where, f"mismatch: {len(timestamps)} timestamps, {len(sentences)} sentences, "
                                 f"duration {'present' if 'duration' in record else 'missing'}")
             continue
-        duration = float(record["duration"])
-        for index, ((start, end), sentence) in enumerate(zip(timestamps, sentences)):
-            span = _clamp_span(float(start), float(end), duration, f"{where} sentence {index}", counter)
+        duration = _finite(record["duration"])
+        if duration is None or duration <= 0:
+            counter.skip(where, f"bad duration: {record['duration']!r} is not a number of seconds > 0")
+            continue
+        for index, (window, sentence) in enumerate(zip(timestamps, sentences)):
+            part = f"{where} sentence {index}"
+            if _window(window) is None or not isinstance(sentence, str):
+                counter.skip(part, f"malformed sentence: timestamp {str(window)[:40]} (expected [start, end] in "
+                                   f"seconds) with sentence {str(sentence)[:40]!r}")
+                continue
+            span = _clamp_span(*_window(window), duration, part, counter)
             if span is None:
                 continue
-            yield empty_sample(
+            yield counter.keep(empty_sample(
                 id=f"anet-{video_id}-{index}", source="activitynet_captions", split=split, task="temporal",
                 media_type="video", media_path=_video_path(video_dir, video_id, video_extensions),
-                query=sentence.strip().rstrip("."), duration_seconds=duration, spans_seconds=[list(span)],
+                query=_clean_query(sentence), duration_seconds=duration, spans_seconds=[list(span)],
                 meta={"vid": video_id},
-            )
-    counter.report()
+            ))
+    counter.report("sentence")
 
 
 def read_activitynet_captions(json_path: str, video_dir: str, split: str = "train",
                               video_extensions: tuple[str, ...] = (".mp4", ".mkv", ".webm"),
                               cache_dir: str | None = None) -> Dataset:
     """ActivityNet Captions json `{vid: {duration, timestamps: [[s, e]], sentences: [...]}}`, one
-    sample per sentence. Broken JSON raises; videos whose timestamps and sentences differ in number are
-    skipped with a warning; spans are clamped to the duration with a warning."""
+    sample per sentence. Broken JSON raises; a video entry that is not an object, whose duration is not a
+    number > 0 or whose timestamps and sentences differ in number is skipped with a warning, and so is a
+    sentence whose timestamp is not `[start, end]`; spans are clamped to the duration (one summary per file);
+    a query keeps no final period nor space ("a man dances ." -> "a man dances")."""
     return _from_generator(_activitynet_rows, cache_dir, path=str(json_path), video_dir=str(video_dir), split=split,
                            video_extensions=tuple(video_extensions), signature=_signature(json_path))
 
@@ -302,101 +426,138 @@ def read_activitynet_captions(json_path: str, video_dir: str, split: str = "trai
 # --------------------------------------------------------------------------------------------------
 # Referring expressions (boxes and masks)
 # --------------------------------------------------------------------------------------------------
-def _load_refs(refs_path: str) -> list[dict]:
-    suffix = Path(refs_path).suffix.lower()
-    if suffix in (".p", ".pkl", ".pickle"):
-        raise ValueError(
-            f"{refs_path} is a Python pickle; unpickling an untrusted file can run code, so it is not read. Convert "
-            "it once in a trusted environment to JSON (a list of refs with ref_id, ann_id, image_id, split, "
-            "sentences[].sent) or parquet, and pass that file."
-        )
-    if suffix == ".parquet":
-        rows = Dataset.from_parquet(str(refs_path)).to_list()
-        for row in rows:
-            if isinstance(row.get("sentences"), str):
-                row["sentences"] = json.loads(row["sentences"])
-        return rows
-    refs = _read_json(refs_path)
-    if not isinstance(refs, list):
-        raise ValueError(f"{refs_path}: expected a list of refs (ref_id, ann_id, image_id, split, sentences).")
-    return refs
+def _refcoco_box(annotation: dict, image: dict) -> tuple[list[float], list[float], int, int] | str:
+    """(box clamped to the image, unclamped xyxy box, height, width), or the reason it is unusable."""
+    size = (_finite(image.get("height")), _finite(image.get("width")))
+    if None in size or min(size) <= 0:
+        return f"image without size: image {image.get('id')} has no height/width ({image.get('height')!r}, {image.get('width')!r})"
+    height, width = int(size[0]), int(size[1])
+    bbox = annotation.get("bbox")
+    values = [_finite(v) for v in bbox] if isinstance(bbox, (list, tuple)) and len(bbox) == 4 else None
+    if values is None or None in values:
+        return f"annotation without bbox: annotation {annotation.get('id')} has bbox {bbox!r}, expected [x, y, w, h] pixels"
+    x, y, w, h = values
+    unclamped = [x, y, x + w, y + h]
+    return [max(x, 0.0), max(y, 0.0), min(x + w, width), min(y + h, height)], unclamped, height, width
 
 
-def _image_alternatives(annotations: list[dict], image: dict, with_masks: bool) -> dict:
-    """Every annotated object of an image: boxes (x0, y0, x1, y1) pixels and, with `with_masks`, RLE masks;
-    the answers a question-blind guess chooses from (evaluation's floor)."""
-    height, width = int(image["height"]), int(image["width"])
+def _refcoco_mask(annotation: dict, height: int, width: int, instances_path: str, where: str,
+                  counter: SkipCounter | None) -> dict | None:
+    """The annotation's mask as an RLE with string counts: polygons with fewer than 3 points are dropped
+    (counted by `counter` if given), a corrupt RLE or one of another size raises naming the annotation."""
+    segmentation = annotation.get("segmentation")
+    if isinstance(segmentation, list) and segmentation:
+        polygons = []
+        for index, polygon in enumerate(segmentation):
+            coordinates = [_finite(v) for v in polygon] if isinstance(polygon, (list, tuple)) else [None]
+            if None in coordinates or len(coordinates) < 6 or len(coordinates) % 2:
+                if counter is not None:
+                        counter.drop(where, f"polygon {index} of annotation {annotation.get('id')} has "
+                                        f"{len(coordinates) // 2} point(s) or non-numbers: a polygon needs 3 or more "
+                                        f"(x, y) points")
+                continue
+            polygons.append(coordinates)
+        return rle_from_polygons(polygons, height, width) if polygons else None
+    if isinstance(segmentation, dict):
+        label = f"{instances_path} annotation {annotation.get('id')}"
+        check_rle(segmentation, label)
+        if [int(v) for v in segmentation["size"]] != [height, width]:
+            raise ValueError(f"{label}: RLE of size {segmentation['size']} for a {height}x{width} image; the annotation "
+                             f"file is inconsistent.")
+        counts = segmentation["counts"]
+        return {"size": [height, width],
+                "counts": counts if isinstance(counts, str) else _compressed_counts(segmentation, height, width)}
+    return None
+
+
+def _image_alternatives(annotations: list[dict], image: dict, with_masks: bool, instances_path, where: str) -> dict:
+    """Every usable annotated object of an image: boxes (x0, y0, x1, y1) pixels and, with `with_masks`, RLE
+    masks; the answers a question-blind guess chooses from (evaluation's floor). Unusable annotations are
+    left out here without a warning (the refs that point to them are reported)."""
     boxes, masks = [], []
     for annotation in annotations:
-        x, y, w, h = (float(v) for v in annotation["bbox"])
-        boxes.append([max(x, 0.0), max(y, 0.0), min(x + w, width), min(y + h, height)])
+        geometry = _refcoco_box(annotation, image)
+        if isinstance(geometry, str):
+            continue
+        box, _, height, width = geometry
+        boxes.append(box)
         if with_masks:
-            segmentation = annotation.get("segmentation")
-            if isinstance(segmentation, list) and segmentation:
-                masks.append(rle_from_polygons(segmentation, height, width))
-            elif isinstance(segmentation, dict):
-                masks.append({"size": [height, width], "counts": segmentation["counts"] if isinstance(
-                    segmentation["counts"], str) else _compressed_counts(segmentation, height, width)})
+            mask = _refcoco_mask(annotation, height, width, instances_path, where, None)
+            if mask is not None:
+                masks.append(mask)
     return {"boxes_xyxy_pixels": boxes, **({"masks_rle": masks} if with_masks else {})}
 
 
-def _refcoco_rows(instances_path, refs_path, image_dir, split, tasks, dataset_name, signature, alternatives=False):
+def _refcoco_rows(instances_path, refs_path, image_dir, split, tasks, dataset_name, allow_pickle, signature,
+                  alternatives=False):
     counter = SkipCounter(refs_path)
-    coco = _read_json(instances_path)
-    if not isinstance(coco, dict) or "images" not in coco or "annotations" not in coco:
-        raise ValueError(f"{instances_path}: not a COCO instances file (needs 'images' and 'annotations').")
-    images = {image["id"]: image for image in coco["images"]}
-    annotations = {annotation["id"]: annotation for annotation in coco["annotations"]}
-    by_image: dict = {}
-    for annotation in coco["annotations"] if alternatives else []:
-        by_image.setdefault(annotation["image_id"], []).append(annotation)
-    for index, ref in enumerate(_load_refs(refs_path)):
-        if split is not None and ref.get("split") != split:
+    refs = load_refs(refs_path, allow_pickle)
+    images, annotations = {}, {}
+    if refs_need_instances(refs):
+        if not instances_path:
+            raise ValueError(f"{refs_path}: these refs point into a COCO instances file; give instances_json.")
+        coco = _read_json(instances_path)
+        if not isinstance(coco, dict) or "images" not in coco or "annotations" not in coco:
+            raise ValueError(f"{instances_path}: not a COCO instances file (needs 'images' and 'annotations').")
+        images = {image.get("id"): image for image in coco["images"] if isinstance(image, dict)}
+        annotations = {annotation.get("id"): annotation for annotation in coco["annotations"] if isinstance(annotation, dict)}
+    by_image: dict = {}  # image id -> its annotations, for `alternatives`
+    alternatives_of_image: dict = {}
+    if alternatives:
+        sources = annotations.values() if annotations else (r["_annotation"] | {"image_id": r.get("image_id")}
+                                                            for r in refs if isinstance(r, dict) and "_annotation" in r)
+        for annotation in sources:
+            by_image.setdefault(annotation.get("image_id"), []).append(annotation)
+    for index, ref in enumerate(refs):
+        if not isinstance(ref, dict):
+            counter.skip(f"ref {index}", f"not an object: {str(ref)[:40]}")
+            continue
+        if split is not None and "split" in ref and ref.get("split") != split:
             continue
         where = f"ref {ref.get('ref_id', index)}"
-        annotation = annotations.get(ref.get("ann_id"))
-        image = images.get(ref.get("image_id"))
+        annotation = ref.get("_annotation") or annotations.get(ref.get("ann_id"))
+        image = ref.get("_image") or images.get(ref.get("image_id"))
         if annotation is None or image is None:
             counter.skip(where, f"unknown annotation {ref.get('ann_id')} or image {ref.get('image_id')}")
             continue
-        height, width = int(image["height"]), int(image["width"])
-        x, y, w, h = (float(v) for v in annotation["bbox"])
-        box = [max(x, 0.0), max(y, 0.0), min(x + w, width), min(y + h, height)]
-        if box != [x, y, x + w, y + h]:
-            logger.warning("%s %s: box %s clamped to the %dx%d image", refs_path, where, [x, y, x + w, y + h], width, height)
+        geometry = _refcoco_box(annotation, image)
+        if isinstance(geometry, str):
+            counter.skip(where, geometry)
+            continue
+        box, unclamped, height, width = geometry
         if box[0] >= box[2] or box[1] >= box[3]:
             counter.skip(where, f"degenerate box: {annotation['bbox']} in a {width}x{height} image")
             continue
-        mask = None
-        if "mask" in tasks:
-            segmentation = annotation.get("segmentation")
-            if isinstance(segmentation, list) and segmentation:
-                mask = rle_from_polygons(segmentation, height, width)
-            elif isinstance(segmentation, dict):
-                if [int(v) for v in segmentation["size"]] != [height, width]:
-                    raise ValueError(f"{instances_path} annotation {annotation['id']}: RLE of size {segmentation['size']} "
-                                     f"for a {height}x{width} image; the annotation file is inconsistent.")
-                counts = segmentation["counts"]
-                mask = {"size": [height, width],
-                        "counts": counts if isinstance(counts, str) else _compressed_counts(segmentation, height, width)}
-            else:
-                counter.skip(where, "no segmentation for a mask sample")
-        for sentence_index, sentence in enumerate(ref.get("sentences", [])):
-            text = (sentence.get("sent") or sentence.get("raw")) if isinstance(sentence, dict) else str(sentence)
-            if not text:
+        if box != unclamped:
+            counter.clamp(where, f"box {unclamped} clamped to the {width}x{height} image",
+                          max(abs(a - b) for a, b in zip(box, unclamped)))
+        mask = _refcoco_mask(annotation, height, width, instances_path, where, counter) if "mask" in tasks else None
+        if "mask" in tasks and mask is None:
+            counter.skip(where, "no segmentation for a mask sample")
+        alternative = None
+        if alternatives:
+            key = ref.get("image_id")
+            if key not in alternatives_of_image:
+                alternatives_of_image[key] = _image_alternatives(by_image.get(key, [annotation]), image, "mask" in tasks,
+                                                                 instances_path, where)
+            alternative = alternatives_of_image[key]
+        sentences = ref.get("sentences") if isinstance(ref.get("sentences"), list) else []
+        for sentence_index, sentence in enumerate(sentences):
+            text = (sentence.get("sent") or sentence.get("raw")) if isinstance(sentence, dict) else sentence
+            if not isinstance(text, str) or not text.strip():
                 continue
-            base = dict(source=dataset_name, split=ref.get("split", ""), media_type="image",
-                        media_path=os.path.join(image_dir, image["file_name"]), query=text.strip(),
+            base = dict(source=dataset_name, split=ref.get("split", split or ""), media_type="image",
+                        media_path=os.path.join(image_dir, str(image.get("file_name"))), query=text.strip(),
                         image_size=[height, width], boxes_xyxy_pixels=[box],
-                        meta={"ref_id": ref.get("ref_id"), "ann_id": annotation["id"], "image_id": image["id"],
-                              **({"alternatives": _image_alternatives(by_image[image["id"]], image, "mask" in tasks)}
-                                 if alternatives else {})})
+                        meta={"ref_id": ref.get("ref_id"), "ann_id": annotation.get("id"), "image_id": image.get("id"),
+                              **({"alternatives": alternative} if alternatives else {})})
             if "region" in tasks:
-                yield empty_sample(id=f"{dataset_name}-{ref.get('ref_id', index)}-{sentence_index}-box", task="region", **base)
+                yield counter.keep(empty_sample(id=f"{dataset_name}-{ref.get('ref_id', index)}-{sentence_index}-box",
+                                                task="region", **base))
             if "mask" in tasks and mask is not None:
-                yield empty_sample(id=f"{dataset_name}-{ref.get('ref_id', index)}-{sentence_index}-mask", task="mask",
-                                   masks_rle=[mask], **base)
-    counter.report()
+                yield counter.keep(empty_sample(id=f"{dataset_name}-{ref.get('ref_id', index)}-{sentence_index}-mask",
+                                                task="mask", masks_rle=[mask], **base))
+    counter.report("ref")
 
 
 def _compressed_counts(segmentation: dict, height: int, width: int) -> str:
@@ -407,37 +568,41 @@ def _compressed_counts(segmentation: dict, height: int, width: int) -> str:
     return encoded["counts"].decode("ascii")
 
 
-def read_refcoco(instances_json: str, refs_path: str, image_dir: str, split: str | None = "train",
-                 tasks: tuple[str, ...] = ("region",), dataset_name: str = "refcoco",
+def read_refcoco(instances_json: str | None, refs_path: str, image_dir: str, split: str | None = "train",
+                 tasks: tuple[str, ...] = ("region",), dataset_name: str = "refcoco", allow_pickle: bool = False,
                  cache_dir: str | None = None, alternatives: bool = False) -> Dataset:
     """RefCOCO / RefCOCO+ / RefCOCOg: COCO instances json (images, annotations with `bbox` xywh and
-    polygon or RLE `segmentation`) and refs (ref_id, ann_id, image_id, split, sentences) from JSON or
-    parquet. One sample per sentence and task (`tasks` among "region", "mask").
+    polygon or RLE `segmentation`) and refs (ref_id, ann_id, image_id, split, sentences) from JSON,
+    parquet, the hub's parquet exports (REFER's with `raw_anns`/`raw_image_info`, lmms-eval's; these
+    need no instances json: pass None) or, with `allow_pickle=True`, REFER's `refs(unc).p` pickles read
+    by a restricted unpickler (`tpo.processing.refcoco_sources`). One sample per sentence and task
+    (`tasks` among "region", "mask").
+
+    Malformed: a pickle without `allow_pickle`, or one that names any class or function, raises with how
+    to convert it; a ref that is not an object, points to an unknown annotation or image, whose annotation
+    has no usable `bbox` or whose image no `height`/`width`, or whose box is degenerate after clamping is
+    skipped with a warning naming the ref; polygons with fewer than 3 points are dropped (counted); an RLE
+    whose runs do not cover its size, or of another size than its image, raises (the files disagree).
+    Boxes outside the image are clamped (one summary per file). No usable ref raises.
 
     `alternatives`: each sample's `meta["alternatives"]` lists every annotated object of its image (boxes, and
     masks for the mask task), from which evaluation computes the question-blind floor.
-
-    Never unpickles: a `.p` refs file raises with how to convert it. Boxes outside the image are clamped
-    with a warning; boxes degenerate after clamping and refs to unknown annotations are skipped with a
-    warning; an RLE whose size differs from its image raises (the files disagree).
     """
     unknown = set(tasks) - {"region", "mask"}
     if unknown:
         raise ValueError(f"Unknown task(s) {sorted(unknown)} for RefCOCO; use 'region' and/or 'mask'.")
-    return _from_generator(_refcoco_rows, cache_dir, instances_path=str(instances_json), refs_path=str(refs_path),
-                           image_dir=str(image_dir), split=split, tasks=tuple(tasks), dataset_name=dataset_name,
+    return _from_generator(_refcoco_rows, cache_dir, instances_path=str(instances_json) if instances_json else None,
+                           refs_path=str(refs_path), image_dir=str(image_dir), split=split, tasks=tuple(tasks),
+                           dataset_name=dataset_name, allow_pickle=bool(allow_pickle),
                            signature=_signature(instances_json, refs_path), alternatives=bool(alternatives))
 
 
 def _frame_size(frame_path: str, video_id: str) -> list[int]:
-    from PIL import Image
-
     try:
-        with Image.open(frame_path) as image:
-            return [image.height, image.width]
-    except (OSError, ValueError) as error:
-        raise ValueError(f"Video {video_id}: cannot read its first frame {frame_path!r} ({error}); check frames_dir "
-                         "and the frame names in meta_expressions.json.") from error
+        return list(image_size(frame_path))
+    except ImageFileError as error:
+        raise ValueError(f"Video {video_id}: cannot read its first frame: {error}; check frames_dir and the frame "
+                         "names in meta_expressions.json.") from error
 
 
 def _mask_dict_masks(mask_dict: dict, mask_path: str, ids: list, video_id: str, num_frames: int,
@@ -454,10 +619,12 @@ def _mask_dict_masks(mask_dict: dict, mask_path: str, ids: list, video_id: str, 
             rle = per_frame[frame_index]
             if rle is None:
                 continue
+            where = f"{mask_path}: annotation {annotation_id} frame {frame_index}"
+            check_rle(rle, where)
             if [int(v) for v in rle["size"]] != size:
-                raise ValueError(f"{mask_path}: annotation {annotation_id} frame {frame_index} has an RLE of "
-                                 f"size {list(rle['size'])}, but the frames of video {video_id} are {size}.")
-            merged |= mask_from_rle(rle)
+                raise ValueError(f"{where} has an RLE of size {list(rle['size'])}, but the frames of video {video_id} "
+                                 f"are {size}.")
+            merged |= mask_from_rle(rle, where)
         masks_rle.append(rle_from_mask(merged))
         indices.append(frame_index)
     return masks_rle, indices
@@ -498,9 +665,14 @@ def _mevis_rows(meta_path, mask_path, annotations_dir, frames_dir, split, fps, f
     counter = SkipCounter(meta_path)
     meta = _read_json(meta_path)
     mask_dict = _read_json(mask_path) if mask_path else {}
-    if "videos" not in meta:
-        raise ValueError(f"{meta_path}: no 'videos' key; expected {{'videos': {{vid: {{frames, expressions}}}}}}.")
+    if not isinstance(meta, dict) or not isinstance(meta.get("videos"), dict):
+        raise ValueError(f"{meta_path}: no 'videos' object; expected {{'videos': {{vid: {{frames, expressions}}}}}}.")
+    if not isinstance(mask_dict, dict):
+        raise ValueError(f"{mask_path}: expected an object {{anno_id: [RLE or null per frame]}}.")
     for video_id, video in meta["videos"].items():
+        if not isinstance(video, dict) or not isinstance(video.get("expressions", {}), dict):
+            counter.skip(f"video {video_id}", f"not an object with frames and expressions: {str(video)[:40]}")
+            continue
         frames = list(video.get("frames", []))
         if not frames:
             counter.skip(f"video {video_id}", "no frames listed")
@@ -512,6 +684,9 @@ def _mevis_rows(meta_path, mask_path, annotations_dir, frames_dir, split, fps, f
         rows = []
         for expression_id, expression in video.get("expressions", {}).items():
             where = f"video {video_id} expression {expression_id}"
+            if not isinstance(expression, dict) or not isinstance(expression.get("exp", ""), str):
+                counter.skip(where, f"not an object with a text 'exp': {str(expression)[:40]}")
+                continue
             ids = expression.get("anno_id", expression.get("obj_id", []))
             ids = [ids] if isinstance(ids, (int, str)) else list(ids)
             masks_rle, indices = [], []
@@ -538,8 +713,8 @@ def _mevis_rows(meta_path, mask_path, annotations_dir, frames_dir, split, fps, f
                 frames_of_row = row["mask_frame_indices"]
                 row["meta"]["alternatives"] = {"masks_rle": [
                     [dict(zip(indices, masks)).get(f) for f in frames_of_row] for masks, indices in objects.values()]}
-            yield empty_sample(**row)
-    counter.report()
+            yield counter.keep(empty_sample(**row))
+    counter.report("expression")
 
 
 def read_mevis(meta_expressions_json: str, mask_dict_json: str | None, frames_dir: str, split: str = "train",
@@ -558,9 +733,10 @@ def read_mevis(meta_expressions_json: str, mask_dict_json: str | None, frames_di
     distinct id set of the video's expressions) on the sample's annotated frames (None where that object has
     no annotation), for evaluation's question-blind floor.
 
-    Malformed: broken JSON raises; an RLE or PNG whose size differs from the frames, or fewer masks than
-    frames, raises (the files disagree); expressions naming unknown annotation ids are skipped with a
-    warning and counted; videos without frames are skipped the same way.
+    Malformed: broken JSON raises; an RLE whose runs do not cover its size, an RLE or PNG whose size
+    differs from the frames, or fewer masks than frames, raises (the files disagree); expressions naming
+    unknown annotation ids or that are not objects with a text `exp` are skipped with a warning and
+    counted; videos without frames (or not objects) are skipped the same way. No usable expression raises.
     """
     return _from_generator(_mevis_rows, cache_dir, meta_path=str(meta_expressions_json),
                            mask_path=str(mask_dict_json) if mask_dict_json else None,
@@ -570,41 +746,52 @@ def read_mevis(meta_expressions_json: str, mask_dict_json: str | None, frames_di
 
 
 def _reasonseg_rows(folder, split, image_extensions, signature):
-    from PIL import Image
-
     counter = SkipCounter(folder)
     for json_path in sorted(Path(folder).glob("*.json")):
         where = json_path.name
-        record = _read_json(json_path)
+        record = read_labelme_json(json_path)
         image_path = next((json_path.with_suffix(e) for e in image_extensions if json_path.with_suffix(e).exists()), None)
         if image_path is None:
             counter.skip(where, f"no image next to it ({', '.join(image_extensions)})")
             continue
-        with Image.open(image_path) as image:
-            width, height = image.size
-        polygons = [sum(([float(x), float(y)] for x, y in shape["points"]), [])
-                    for shape in record.get("shapes", []) if shape.get("label", "target") != "ignore"
-                    and len(shape.get("points", [])) >= 3]
-        if not polygons:
-            counter.skip(where, "no target polygon with 3 or more points")
+        shapes, texts = record.get("shapes", []), record.get("text", [])
+        texts = [texts] if isinstance(texts, str) else texts
+        if not isinstance(shapes, list) or not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            counter.skip(where, "malformed record: 'shapes' must be a list and 'text' a string or a list of strings")
             continue
-        mask = rle_from_polygons(polygons, height, width)
-        texts = record.get("text", [])
-        texts = [texts] if isinstance(texts, str) else list(texts)
+        try:
+            height, width = image_size(image_path)  # upright (EXIF orientation), as LISA's cv2.imread
+        except ImageFileError as error:
+            counter.skip(where, f"unreadable image: {error}")
+            continue
+        try:
+            labels = reasonseg_label_map(shapes, height, width, str(json_path))
+        except ValueError as error:
+            counter.skip(where, f"malformed shapes: {error}")
+            continue
+        target = labels == TARGET  # the "ignore" regions (255) are not target pixels
+        if not target.any():
+            counter.skip(where, "no target pixel: every shape is 'flag' or 'ignore', or there is none")
+            continue
+        mask = rle_from_mask(target)
         for index, text in enumerate(texts):
-            yield empty_sample(
+            yield counter.keep(empty_sample(
                 id=f"reasonseg-{json_path.stem}-{index}", source="reasonseg", split=split, task="mask",
                 media_type="image", media_path=str(image_path), query=text.strip(), image_size=[height, width],
                 masks_rle=[mask], meta={"is_sentence": bool(record.get("is_sentence", False))},
-            )
-    counter.report()
+            ))
+    counter.report("image")
 
 
 def read_reasonseg(folder: str, split: str = "val", image_extensions: tuple[str, ...] = (".jpg", ".png"),
                    cache_dir: str | None = None) -> Dataset:
-    """ReasonSeg: a folder of images, each with a json of polygon `shapes` (label "target"; "ignore"
-    shapes are left out) and `text` queries. One sample per query; the target polygons form one mask.
-    Broken JSON raises; a json without image or without a usable polygon is skipped with a warning."""
+    """ReasonSeg: a folder of images, each with a json of polygon `shapes` and `text` queries. One sample
+    per query; the mask is LISA's ground truth (`tpo.processing.reasonseg`): points truncated to integers,
+    polygons drawn as OpenCV draws them (outline + fill), "flag" shapes left out, labels containing
+    "ignore" painted as not-target, largest polygon first, on the image's upright size (EXIF orientation);
+    json read as UTF-8, else cp1252.
+    Broken JSON raises; a json without image, with an unreadable image (e.g. over PIL's pixel limit),
+    malformed shapes or no target pixel is skipped with a warning and counted."""
     files = sorted(Path(folder).glob("*.json"))
     return _from_generator(_reasonseg_rows, cache_dir, folder=str(folder), split=split,
                            image_extensions=tuple(image_extensions), signature=_signature(*files))
@@ -659,14 +846,14 @@ def _llava_rows(path, media_dir, split, fps, signature):
             counter.skip(where, f"unsupported media: {media}")
             continue
         media_type, media_path = media
-        yield empty_sample(
+        yield counter.keep(empty_sample(
             id=f"llava-{record.get('id', index)}", source="llava", split=split, task="text", media_type=media_type,
             media_path=media_path, conversations=[{"role": r, "content": t["value"]} for r, t in zip(roles, turns)],
             options=[str(o) for o in record.get("options", [])], answer=str(record.get("answer", "")),
             fps=fps if media_type == "video" else 0.0,
             meta={k: v for k, v in record.items() if k not in _LLAVA_FIELDS},
-        )
-    counter.report()
+        ), key=record.get("id", index))
+    counter.report("conversation")
 
 
 def read_llava_conversations(json_path: str, media_dir: str, split: str = "train", fps: float = 0.0,
@@ -695,7 +882,7 @@ READERS = {
                                                                  "split": "split"}),
     "refcoco": (read_refcoco, {"instances": "instances_json", "refs": "refs_path", "image_dir": "image_dir",
                                        "split": "split", "tasks": "tasks", "dataset_name": "dataset_name",
-                                       "alternatives": "alternatives"}),
+                                       "allow_pickle": "allow_pickle", "alternatives": "alternatives"}),
     "mevis": (read_mevis, {"meta_expressions": "meta_expressions_json", "mask_dict": "mask_dict_json",
                                    "frames_dir": "frames_dir", "split": "split", "fps": "fps",
                                    "dataset_name": "dataset_name", "annotations_dir": "annotations_dir",
@@ -706,16 +893,9 @@ READERS = {
 }
 
 
-def registered_readers() -> dict:
-    """`READERS` and the multiple-choice benchmarks' (`benchmark_readers` reads with this module's helpers, so
-    it is imported here, not at the top)."""
-    from .benchmark_readers import BENCHMARK_READERS
-
-    return {**READERS, **BENCHMARK_READERS}
-
-
-# Arguments a spec may leave out (test splits of MeViS / Ref-YouTube-VOS ship no mask_dict.json).
-SPEC_DEFAULTS = {"mevis": {"mask_dict_json": None}}
+# Arguments a spec may leave out (test splits of MeViS / Ref-YouTube-VOS ship no mask_dict.json; the hub's
+# RefCOCO parquet exports carry their annotations and images, so need no instances json).
+SPEC_DEFAULTS = {"mevis": {"mask_dict_json": None}, "refcoco": {"instances_json": None}}
 
 
 def check_spec(spec: dict) -> tuple:
@@ -723,11 +903,10 @@ def check_spec(spec: dict) -> tuple:
     naming the spec for an unknown format or key."""
     spec = dict(spec)
     fmt = spec.pop("format", None)
-    readers = registered_readers()
-    if fmt not in readers:
-        raise ValueError(f"Unknown dataset format {fmt!r} in {spec}; formats: {sorted(readers)}.")
+    if fmt not in READERS:
+        raise ValueError(f"Unknown dataset format {fmt!r} in {spec}; formats: {sorted(READERS)}.")
     max_samples = spec.pop("max_samples", None)
-    reader, names = readers[fmt]
+    reader, names = READERS[fmt]
     unknown = set(spec) - set(names)
     if unknown:
         raise ValueError(f"Unknown key(s) {sorted(unknown)} for format {fmt!r}; expected {sorted(names)}.")

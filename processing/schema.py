@@ -6,9 +6,11 @@ pixels of the original image as (x0, y0, x1, y1), masks as COCO RLE with string 
 
 import copy
 import json
+import math
 
-import numpy as np
 from datasets import Features, List, Value
+
+from .rle import check_rle, mask_from_rle, rle_from_mask, rle_from_polygons  # noqa: F401 (the schema's mask helpers)
 
 TASKS = ("text", "temporal", "region", "mask")
 MEDIA_TYPES = ("image", "video", "frames", "none")
@@ -60,37 +62,26 @@ def empty_sample(**fields) -> dict:
     return sample
 
 
-def rle_from_mask(mask: np.ndarray) -> dict:
-    """bool (h, w) -> COCO RLE {"size": [h, w], "counts": str}."""
-    from pycocotools import mask as mask_utils
-
-    encoded = mask_utils.encode(np.asfortranarray(np.asarray(mask, dtype=np.uint8)))
-    return {"size": [int(v) for v in encoded["size"]], "counts": encoded["counts"].decode("ascii")}
-
-
-def mask_from_rle(rle: dict) -> np.ndarray:
-    """COCO RLE (string or bytes counts, or uncompressed list counts) -> bool (h, w)."""
-    from pycocotools import mask as mask_utils
-
-    height, width = (int(v) for v in rle["size"])
-    counts = rle["counts"]
-    if isinstance(counts, list):
-        counts = mask_utils.frPyObjects({"size": [height, width], "counts": counts}, height, width)["counts"]
-    encoded = {"size": [height, width], "counts": counts.encode() if isinstance(counts, str) else counts}
-    return mask_utils.decode(encoded).astype(bool)
-
-
-def rle_from_polygons(polygons: list[list[float]], height: int, width: int) -> dict:
-    """COCO polygons ([[x0, y0, x1, y1, ...], ...]) -> one merged RLE with string counts."""
-    from pycocotools import mask as mask_utils
-
-    rles = mask_utils.frPyObjects(polygons, height, width)
-    merged = mask_utils.merge(rles) if isinstance(rles, list) else rles
-    return {"size": [int(v) for v in merged["size"]], "counts": merged["counts"].decode("ascii")}
+def check_sample_values(sample: dict) -> None:
+    """Raise ValueError naming the sample for a non-finite duration, span or box, or an RLE whose runs do
+    not cover its size (what no later check catches: NaN passes every bound test)."""
+    sample_id = sample.get("id", "?")
+    duration = sample.get("duration_seconds")
+    if duration is not None and not math.isfinite(duration):
+        raise ValueError(f"Sample {sample_id!r}: duration {duration} s is not a finite number of seconds.")
+    for span in sample.get("spans_seconds") or []:
+        if not all(math.isfinite(v) for v in span):
+            raise ValueError(f"Sample {sample_id!r}: span {list(span)} s is not finite; give (start, end) in seconds.")
+    for box in sample.get("boxes_xyxy_pixels") or []:
+        if not all(math.isfinite(v) for v in box):
+            raise ValueError(f"Sample {sample_id!r}: box {list(box)} is not finite; give (x0, y0, x1, y1) pixels.")
+    for index, rle in enumerate(sample.get("masks_rle") or []):
+        check_rle(rle, f"Sample {sample_id!r} mask {index}")
 
 
 def validate_sample(sample: dict) -> None:
     """Raise ValueError naming the sample when a row breaks the schema's rules."""
+    check_sample_values(sample)
     sample_id = sample.get("id", "?")
     if sample["task"] not in TASKS:
         raise ValueError(f"Sample {sample_id!r}: unknown task {sample['task']!r}; valid tasks are {list(TASKS)}.")

@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .images import ImageFileError, image_size, read_image_rgb
+
 logger = logging.getLogger(__name__)
 
 # A target further ahead than this is reached by seeking (to the keyframe before it) rather than by
@@ -79,9 +81,9 @@ def _open(path: str):
     except av.error.FFmpegError as error:
         raise VideoLoadError(f"Video file {path!r} cannot be opened ({error}); it is corrupt or not a video.") from error
     if not container.streams.video:
+        audio_streams = len(container.streams.audio)  # counted before closing: a closed container lists none
         container.close()
-        raise VideoLoadError(f"File {path!r} has no video stream (audio streams: {len(container.streams.audio)}); "
-                             "give a video file.")
+        raise VideoLoadError(f"File {path!r} has no video stream (audio streams: {audio_streams}); give a video file.")
     return container
 
 
@@ -121,10 +123,22 @@ def probe_video(path: str | os.PathLike) -> VideoMetadata:
         container.close()
 
 
+def check_timestamps(timestamps_seconds, where: str) -> list[float]:
+    """The times as floats; ValueError naming `where` and the first non-finite one (NaN or inf cannot be
+    sought to: they used to end in a bare `ValueError` / `OverflowError` from the seek)."""
+    times = [float(t) for t in timestamps_seconds]
+    bad = next((i for i, t in enumerate(times) if not math.isfinite(t)), None)
+    if bad is not None:
+        raise ValueError(f"{where}: timestamps_seconds[{bad}] is {times[bad]}; give finite times in seconds.")
+    return times
+
+
 def sample_timestamps(duration_seconds: float, num_frames: int | None = None, fps: float | None = None) -> list[float]:
     """Uniform times: the middle of `num_frames` equal segments, or every 1/fps seconds (middles)."""
     if (num_frames is None) == (fps is None):
         raise ValueError("Give exactly one of `num_frames` and `fps`.")
+    if not math.isfinite(duration_seconds) or duration_seconds < 0:
+        raise ValueError(f"A video duration of {duration_seconds} s cannot be sampled; give a finite duration >= 0.")
     if num_frames is not None:
         if num_frames < 1:
             raise ValueError(f"num_frames must be >= 1, got {num_frames}.")
@@ -156,6 +170,8 @@ def load_video(path: str | os.PathLike, num_frames: int | None = None, fps: floa
     if given != 1:
         raise ValueError(f"load_video({path!r}): give exactly one of num_frames, fps and timestamps_seconds "
                          f"(got {given}).")
+    if timestamps_seconds is not None:
+        timestamps_seconds = check_timestamps(timestamps_seconds, f"load_video({path!r})")
     container = _open(path)
     try:
         stream = container.streams.video[0]
@@ -321,6 +337,8 @@ def load_frame_folder(frames: str | os.PathLike | list[str], fps: float, timesta
         timestamps_seconds = sample_timestamps(duration, num_frames=num_frames, fps=sample_fps)
     elif num_frames is not None or sample_fps is not None:
         raise ValueError("load_frame_folder: give only one of timestamps_seconds, num_frames and sample_fps.")
+    else:
+        timestamps_seconds = check_timestamps(timestamps_seconds, f"load_frame_folder({os.path.dirname(frame_paths[0])!r})")
     # The 1e-9 keeps t = i / fps on frame i despite floating-point rounding of the division.
     indices = [min(max(int(math.floor(t * fps + 1e-9)), 0), len(frame_paths) - 1) for t in timestamps_seconds]
     decoded: dict[int, np.ndarray] = {}
@@ -340,20 +358,14 @@ def load_frame_folder(frames: str | os.PathLike | list[str], fps: float, timesta
 
 
 def _read_frame_file(path: str) -> np.ndarray:
-    from PIL import Image
-
     try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
-    except (OSError, ValueError) as error:
-        raise VideoLoadError(f"Frame {path!r} cannot be read ({error}); re-extract the frame or drop the video.") from error
+        return read_image_rgb(path)
+    except ImageFileError as error:
+        raise VideoLoadError(f"Frame {error}; re-extract the frame or drop the video.") from error
 
 
 def _image_size(path: str) -> tuple[int, int]:
-    from PIL import Image
-
     try:
-        with Image.open(path) as image:
-            return image.height, image.width
-    except (OSError, ValueError) as error:
-        raise VideoLoadError(f"Frame {path!r} cannot be read ({error}); re-extract the frame or drop the video.") from error
+        return image_size(path)
+    except ImageFileError as error:
+        raise VideoLoadError(f"Frame {error}; re-extract the frame or drop the video.") from error

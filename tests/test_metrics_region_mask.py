@@ -43,6 +43,23 @@ def test_refcoco_accuracy_counts_missing_as_wrong():
         refcoco_accuracy([[1, 2, 3]], [[0, 0, 1, 1]])
 
 
+def test_refcoco_iou_is_pycocotools_on_xywh_boxes_ties_included():
+    from pycocotools import mask as mask_utils
+
+    from tpo.training.metrics import coco_box_iou, refcoco_accuracy_xywh
+
+    rng = np.random.default_rng(0)
+    gt = np.round(np.concatenate([rng.uniform(0, 500, (500, 2)), rng.uniform(1, 300, (500, 2))], axis=1), 2)
+    pred = np.concatenate([gt[:250] * [1, 1, 0.5, 1], np.round(gt[250:] + rng.normal(0, 20, (250, 4)), 2)])
+    reference = np.array([mask_utils.iou(p[None], g[None], [0])[0, 0] for p, g in zip(pred, gt)])
+    assert np.array_equal(coco_box_iou(pred, gt), reference)  # the same float64 operations, in the same order
+    # A half-width box is IoU 0.5 on paper; pycocotools' xywh arithmetic gives 0.4999999999999997 here,
+    # the xyxy arithmetic 0.5000000000000001: the tie falls as pycocotools lets it fall (a miss).
+    tie_gt, tie_pred = [[318.48, 134.89, 13.25, 5.94]], [[318.48, 134.89, 6.625, 5.94]]
+    assert box_iou(xywh_to_xyxy(tie_pred), xywh_to_xyxy(tie_gt))[0] >= 0.5
+    assert refcoco_accuracy_xywh(tie_pred, tie_gt)["Acc@0.5"] == 0.0
+
+
 def test_box_format_round_trip():
     xywh = np.array([[10, 20, 30, 40]])
     np.testing.assert_array_equal(xywh_to_xyxy(xywh), [[10, 20, 40, 60]])
@@ -153,3 +170,37 @@ def test_mcqa_accuracy_with_groups_and_unparsed():
                                  "mean_group_accuracy": 50.0})
     with pytest.raises(ValueError, match="Question 0: cannot read an option letter"):
         mcqa_accuracy(["A"], ["banana"])
+
+
+# The documented differences from lmms-eval's MVBench reading (answer, letter here, letter under lmms-eval).
+LMMS_EVAL_DIFFERENCES = [
+    ("a", None, "A"),
+    ("(b)", None, "B"),
+    ("A person is running", None, "A"),
+    ("d. none of them", None, "D"),
+    ("F", "F", None),  # 6 options; lmms-eval reads A-E only
+    ("red", "B", None),  # an option's text
+    ("B", "B", "B"),
+    ("The answer is (C).", "C", "C"),
+]
+
+
+@pytest.mark.parametrize("text,ours,lmms", LMMS_EVAL_DIFFERENCES)
+def test_answer_conventions_differ_where_documented(text, ours, lmms):
+    from tpo.training.metrics.mcqa import lmms_eval_option_letter
+
+    options = ["blue", "red", "green", "bird", "cat", "dog"]
+    assert extract_option_letter(text, options) == ours
+    assert lmms_eval_option_letter(text, options) == lmms
+
+
+def test_mcqa_lmms_eval_convention_drops_empty_answers():
+    predictions, answers = ["a", "", "A person walks", "C", None], ["A", "B", "A", "D", "A"]
+    ours = mcqa_accuracy(predictions, answers)
+    assert ours == pytest.approx({"accuracy": 0.0, "unparsed": 80.0})  # "C" is wrong, the rest unread
+    lmms = mcqa_accuracy(predictions, answers, convention="lmms-eval", groups=["g1", "g2", "g1", "g1", "g1"])
+    # "" leaves the denominator (and g2 with it); of 4: "a" right, "A person" right, "C" wrong, None wrong
+    assert lmms == pytest.approx({"accuracy": 50.0, "unparsed": 25.0, "empty": 20.0, "accuracy/g1": 50.0,
+                                  "mean_group_accuracy": 50.0})
+    with pytest.raises(ValueError, match="Unknown answer convention 'lmms'"):
+        mcqa_accuracy(["A"], ["A"], convention="lmms")

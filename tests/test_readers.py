@@ -254,7 +254,7 @@ def test_refcoco_boxes_and_masks(refcoco_files, caplog):
     rle_mask = mask_from_rle(rows["refcoco-2-0-mask"]["masks_rle"][0])
     assert np.array_equal(rle_mask, rectangle(30, 40, 35, 20, 40, 30))
     log = caplog.text
-    assert "ref 2: box [35.0, 20.0, 45.0, 40.0] clamped" in log
+    assert "clamped 1 value(s) by more than 0.001 (largest 10 at ref 2: box [35.0, 20.0, 45.0, 40.0] clamped" in log
     assert "ref 3: skipped (degenerate box" in log and "ref 5: skipped (unknown annotation 999" in log
 
 
@@ -268,11 +268,36 @@ def test_refcoco_split_filter_and_parquet_refs(refcoco_files):
     assert from_parquet.to_list() == from_json.to_list()
 
 
-def test_refcoco_never_unpickles(refcoco_files):
+def test_refcoco_pickles_only_with_the_option_and_only_plain_data(refcoco_files):
+    import pickle
+
     pickled = refcoco_files / "refs(unc).p"
-    pickled.write_bytes(b"\x80\x04K\x01.")  # a valid pickle: it must not be loaded
-    with pytest.raises(ValueError, match=r"refs\(unc\).p is a Python pickle.*Convert it"):
-        read_refcoco(refcoco_files / "instances.json", pickled, refcoco_files, cache_dir=str(refcoco_files / "cache"))
+    pickled.write_bytes(pickle.dumps(REFS, protocol=2))  # as REFER publishes them (a list of plain dicts)
+    arguments = (refcoco_files / "instances.json", pickled, refcoco_files)
+    with pytest.raises(ValueError, match=r"refs\(unc\).p is a Python pickle. It is read only with allow_pickle=True"):
+        read_refcoco(*arguments, cache_dir=str(refcoco_files / "cache"))
+    from_pickle = read_refcoco(*arguments, split="val", allow_pickle=True, cache_dir=str(refcoco_files / "cache"))
+    from_json = read_refcoco(refcoco_files / "instances.json", refcoco_files / "refs.json", refcoco_files, split="val",
+                             cache_dir=str(refcoco_files / "cache"))
+    assert from_pickle.to_list() == from_json.to_list()
+    # A pickle that would run code (os.system via REDUCE) or build any class is refused, and nothing runs.
+    marker = refcoco_files / "ran"
+
+    class Exploit:
+        def __reduce__(self):
+            import os
+
+            return (os.system, (f"touch {marker}",))
+
+    pickled.write_bytes(pickle.dumps([Exploit()], protocol=2))
+    with pytest.raises(ValueError, match=r"refused to unpickle \(it asks for (posix|os)\.system"):
+        read_refcoco(*arguments, allow_pickle=True, cache_dir=str(refcoco_files / "cache"))
+    assert not marker.exists()
+    from collections import OrderedDict
+
+    pickled.write_bytes(pickle.dumps([OrderedDict(REFS[0])], protocol=2))
+    with pytest.raises(ValueError, match="asks for collections.OrderedDict"):
+        read_refcoco(*arguments, allow_pickle=True, cache_dir=str(refcoco_files / "cache"))
 
 
 def test_refcoco_rle_of_the_wrong_size_is_an_error(refcoco_files):
@@ -374,8 +399,10 @@ def test_reasonseg(tmp_path, caplog):
     (tmp_path / "img1.json").write_text(json.dumps({
         "text": ["What could hold water?", "the cup"], "is_sentence": True,
         "shapes": [{"label": "target", "points": [[2, 2], [12, 2], [12, 10], [2, 10]], "shape_type": "polygon"},
-                   {"label": "target", "points": [[20, 12], [26, 12], [26, 18], [20, 18]], "shape_type": "polygon"},
-                   {"label": "ignore", "points": [[0, 0], [30, 0], [30, 20]], "shape_type": "polygon"}],
+                   {"label": "target", "points": [[20, 12], [26.9, 12], [26.9, 18], [20, 18]], "shape_type": "polygon"},
+                   {"label": "Ignore", "points": [[0, 0], [30, 0], [30, 20]], "shape_type": "polygon"},
+                   {"label": "ignore area", "points": [[4, 4], [6, 4], [6, 6], [4, 6]], "shape_type": "polygon"},
+                   {"label": "flag", "points": [[0, 0], [29, 0], [29, 19], [0, 19]], "shape_type": "polygon"}],
     }), encoding="utf-8")
     (tmp_path / "img2.json").write_text(json.dumps({"text": ["x"], "shapes": []}), encoding="utf-8")  # no image
     with caplog.at_level(logging.WARNING, logger="tpo.processing.readers"):
@@ -384,9 +411,25 @@ def test_reasonseg(tmp_path, caplog):
     row = rows["reasonseg-img1-0"]
     assert row["task"] == "mask" and row["media_type"] == "image" and row["image_size"] == [20, 30]
     assert row["query"] == "What could hold water?" and json.loads(row["meta"]) == {"is_sentence": True}
-    expected = rectangle(20, 30, 2, 2, 12, 10) | rectangle(20, 30, 20, 12, 26, 18)  # "ignore" left out
+    # LISA: integer points (26.9 -> 26), outline + fill (both ends included), the large "Ignore" triangle
+    # painted first and the smaller targets over it, the "ignore area" square inside target 1 punched out
+    # of it, the "flag" shape left out.
+    expected = rectangle(20, 30, 2, 2, 13, 11) | rectangle(20, 30, 20, 12, 27, 19)
+    expected[4:7, 4:7] = False
     assert np.array_equal(mask_from_rle(row["masks_rle"][0]), expected)
     assert "img2.json: skipped (no image next to it" in caplog.text
+
+
+def test_reasonseg_image_size_after_exif_orientation(tmp_path):
+    image = Image.fromarray(np.zeros((20, 30, 3), np.uint8))  # 30 wide, 20 high on disk
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees: shown 20 wide, 30 high
+    image.save(tmp_path / "img.jpg", exif=exif)
+    (tmp_path / "img.json").write_text(json.dumps({"text": ["q"], "shapes": [
+        {"label": "target", "points": [[1, 1], [5, 1], [5, 25], [1, 25]]}]}), encoding="utf-8")
+    row = read_reasonseg(tmp_path, cache_dir=str(tmp_path / "cache"))[0]
+    assert row["image_size"] == [30, 20]
+    assert np.array_equal(mask_from_rle(row["masks_rle"][0]), rectangle(30, 20, 1, 1, 6, 26))
 
 
 # ---------------------------------------------------------------------------------------------------

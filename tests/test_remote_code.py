@@ -11,6 +11,7 @@ weights, buffers and code are the same and the only difference was where the wei
 """
 
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -180,3 +181,45 @@ def test_config_loads_with_auto_config(tmp_path):
     loaded, original = config.to_dict(), model.config.to_dict()
     loaded.pop("_name_or_path"), original.pop("_name_or_path")
     assert loaded == original
+
+
+# What the remote code imports, as README.md states it: module level / only where used (lazily).
+REMOTE_CODE_IMPORTS = {
+    "modeling_tpo": ({"torch", "transformers"}, {"scipy"}),
+    "processing": ({"torch", "transformers", "numpy", "PIL"}, {"pycocotools"}),
+}
+README_REMOTE_CODE_SENTENCE = (
+    "`modeling_tpo/` imports torch and transformers (and the standard library) at module level and scipy only "
+    "where the Hungarian matcher runs (training the temporal head); `processing_tpo.py` and `collator_tpo.py` "
+    "add numpy and Pillow at module level (transformers' image processors need them too) and pycocotools "
+    "only where masks are encoded or decoded"
+)
+
+
+def _third_party_imports(path: Path) -> tuple[set, set]:
+    import ast
+    import sys
+
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    top, lazy = set(), set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            continue  # relative: copied with the file
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else [node.module]
+            roots = {name.split(".")[0] for name in names} - set(sys.stdlib_module_names)
+            (top if node in tree.body else lazy).update(roots)
+    return top, lazy - top
+
+
+def test_remote_code_imports_what_the_readme_says():
+    root = Path(__file__).resolve().parents[1]
+    files = {"modeling_tpo": sorted((root / "modeling_tpo").glob("*.py")),
+             "processing": [root / "processing" / "processing_tpo.py", root / "processing" / "collator_tpo.py"]}
+    for part, paths in files.items():
+        top = set().union(*(_third_party_imports(p)[0] for p in paths))
+        lazy = set().union(*(_third_party_imports(p)[1] for p in paths)) - top
+        allowed_top, allowed_lazy = REMOTE_CODE_IMPORTS[part]
+        assert top <= allowed_top and lazy <= allowed_lazy, (part, top, lazy)
+    readme = " ".join((root / "README.md").read_text(encoding="utf-8").split())
+    assert README_REMOTE_CODE_SENTENCE in readme

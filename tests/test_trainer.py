@@ -199,6 +199,17 @@ def test_non_finite_loss_names_step_term_and_samples(setup):
         trainer.train()
 
 
+def test_labels_all_ignored_say_so_instead_of_blaming_the_learning_rate(setup):
+    model, processor, dataset, tmp_path = setup
+    text_only = dataset.filter(lambda row: row["task_label"] == 0)  # every sample only has the LM term
+    no_labels = text_only.map(lambda row: {"labels": [-100] * len(row["labels"])})
+    trainer = TPOTrainer(model=model, args=make_args(tmp_path, "joint", llm_training="full"), train_dataset=no_labels,
+                         data_collator=TPODataCollator(processor, media_loader=fake_media))
+    with pytest.raises(NonFiniteLossError, match=r"term\(s\) \['lm'.*Every label of this batch is -100") as error:
+        trainer.train()
+    assert "learning rate" not in str(error.value)
+
+
 def test_broken_media_is_skipped_counted_and_training_goes_on(setup):
     model, processor, dataset, tmp_path = setup
     rows = samples(8)

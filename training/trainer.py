@@ -20,6 +20,7 @@ import torch
 from transformers import Trainer, TrainerState
 from transformers.trainer_utils import TrainOutput
 
+from ..modeling_tpo.configuration_tpo import IGNORE_INDEX
 from .arguments import TPOTrainingArguments
 from .stages import apply_stage, lr_multipliers, parameter_group, stage_loss_weights
 
@@ -168,7 +169,7 @@ class TPOTrainer(Trainer):
         with tpo.loss_weights_as(self.stage_loss_weights):
             outputs = model(**inputs)
         terms = outputs.loss_dict or {}
-        self._check_finite(outputs, terms, meta)
+        self._check_finite(outputs, terms, meta, inputs.get("labels"))
         loss = outputs.loss
         if num_items_in_batch is not None and self.model_accepts_loss_kwargs and outputs.lm_loss is not None:
             weight = self.stage_loss_weights["lm"]
@@ -182,14 +183,19 @@ class TPOTrainer(Trainer):
             self._term_counts[mode][name] += 1
         return (loss, outputs) if return_outputs else loss
 
-    def _check_finite(self, outputs, terms: dict, meta: dict) -> None:
+    def _check_finite(self, outputs, terms: dict, meta: dict, labels: torch.Tensor | None = None) -> None:
         if outputs.loss is None or bool(torch.isfinite(outputs.loss).all()):
             return
         bad = sorted(name for name, value in terms.items() if not bool(torch.isfinite(value).all()))
+        if "lm" in bad and labels is not None and not bool((labels != IGNORE_INDEX).any()):
+            # 0 / 0: a data problem, not an optimisation one
+            advice = ("Every label of this batch is -100, so the LM loss has no token to average over: the answers "
+                      "were cut off (max length) or masked by the chat template; check those samples' labels.")
+        else:
+            advice = "Lower the learning rate or check those samples' targets."
         raise NonFiniteLossError(
             f"Non-finite loss at step {self.state.global_step}: term(s) {bad or ['loss']} "
-            f"({', '.join(f'{n}={float(terms[n])}' for n in bad)}) on samples {meta.get('sample_ids', '?')}. "
-            "Lower the learning rate or check those samples' targets."
+            f"({', '.join(f'{n}={float(terms[n])}' for n in bad)}) on samples {meta.get('sample_ids', '?')}. {advice}"
         )
 
     # ----------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from .qvhighlights import (
     qvhighlights_metrics,
     to_submission,
 )
-from .region import box_iou, refcoco_accuracy, xywh_to_xyxy, xyxy_to_xywh
+from .region import box_iou, coco_box_iou, refcoco_accuracy, refcoco_accuracy_xywh, xywh_to_xyxy, xyxy_to_xywh
 from .temporal import batched_pairwise_temporal_iou, best_gt_iou, charades_metrics, pairwise_temporal_iou, temporal_iou
 from .tracking import got10k_metrics, lasot_metrics, tracking_iou, tracking_metrics
 
@@ -35,9 +35,9 @@ def evaluate_module_path(name: str) -> str:
 
 __all__ = [
     "EVALUATE_MODULES", "as_mask", "batched_pairwise_temporal_iou", "best_gt_iou", "boundary_f_measure", "boundary_map",
-    "box_iou", "charades_metrics", "evaluate_module_path", "extract_option_letter", "got10k_metrics", "gt_clip_scores",
+    "box_iou", "charades_metrics", "coco_box_iou", "evaluate_module_path", "extract_option_letter", "got10k_metrics", "gt_clip_scores",
     "highlight_metrics", "j_and_f", "jaccard", "lasot_metrics", "mask_iou_metrics", "mask_to_rle", "mcqa_accuracy",
     "moment_retrieval_metrics", "pairwise_temporal_iou", "predictions_to_submission", "qvhighlights_eval",
-    "qvhighlights_metrics", "refcoco_accuracy", "temporal_iou", "to_submission", "tracking_iou", "tracking_metrics",
+    "qvhighlights_metrics", "refcoco_accuracy", "refcoco_accuracy_xywh", "temporal_iou", "to_submission", "tracking_iou", "tracking_metrics",
     "xywh_to_xyxy", "xyxy_to_xywh",
 ]

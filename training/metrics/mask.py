@@ -8,34 +8,23 @@ Masks are bool numpy arrays `(H, W)` or COCO RLE dicts `{"size": [H, W], "counts
 import math
 
 import numpy as np
-from scipy import ndimage
+
+from ...processing.rle import mask_from_rle, rle_from_mask
 
 DAVIS_BOUNDARY_THRESHOLD = 0.008
 
 
-def as_mask(mask) -> np.ndarray:
-    """A bool `(H, W)` array from an array or a COCO RLE dict."""
+def as_mask(mask, where: str = "mask") -> np.ndarray:
+    """A bool `(H, W)` array from an array or a COCO RLE dict (checked: `tpo.processing.rle.check_rle`)."""
     if isinstance(mask, dict):
-        from pycocotools import mask as mask_utils
-
-        counts = mask["counts"]
-        if isinstance(counts, list):  # uncompressed RLE
-            encoded = mask_utils.frPyObjects({"size": list(mask["size"]), "counts": counts}, *mask["size"])
-        else:
-            encoded = {"size": list(mask["size"]), "counts": counts.encode() if isinstance(counts, str) else counts}
-        return mask_utils.decode(encoded).astype(bool)
+        return mask_from_rle(mask, where)
     array = np.asarray(mask)
     if array.ndim != 2:
-        raise ValueError(f"A mask must be (H, W), got shape {array.shape}.")
+        raise ValueError(f"{where}: a mask must be (H, W), got shape {array.shape}.")
     return array.astype(bool)
 
 
-def mask_to_rle(mask: np.ndarray) -> dict:
-    """bool `(H, W)` -> COCO RLE with a string `counts` (JSON-ready)."""
-    from pycocotools import mask as mask_utils
-
-    encoded = mask_utils.encode(np.asfortranarray(np.asarray(mask, dtype=np.uint8)))
-    return {"size": [int(v) for v in encoded["size"]], "counts": encoded["counts"].decode("ascii")}
+mask_to_rle = rle_from_mask  # bool `(H, W)` -> COCO RLE with a string `counts` (JSON-ready)
 
 
 def mask_iou_metrics(pred_masks, gt_masks, ignore_masks=None) -> dict[str, float]:
@@ -59,12 +48,12 @@ def mask_iou_metrics(pred_masks, gt_masks, ignore_masks=None) -> dict[str, float
     ignore_masks = ignore_masks if ignore_masks is not None else [None] * len(gt_masks)
     intersections, unions = np.zeros(len(gt_masks)), np.zeros(len(gt_masks))
     for index, (pred, gt, ignore) in enumerate(zip(pred_masks, gt_masks, ignore_masks)):
-        gt = as_mask(gt)
-        pred = np.zeros_like(gt) if pred is None else as_mask(pred)
+        gt = as_mask(gt, f"GT mask {index}")
+        pred = np.zeros_like(gt) if pred is None else as_mask(pred, f"predicted mask {index}")
         if pred.shape != gt.shape:
             raise ValueError(f"Sample {index}: predicted mask of shape {pred.shape} for a GT mask of shape {gt.shape}; "
                              f"resize the prediction to the image size.")
-        keep = np.ones_like(gt) if ignore is None else ~as_mask(ignore)
+        keep = np.ones_like(gt) if ignore is None else ~as_mask(ignore, f"ignore mask {index}")
         intersections[index] = np.count_nonzero(pred & gt & keep)
         unions[index] = np.count_nonzero((pred | gt) & keep)
     per_mask = np.divide(intersections, unions, out=np.ones_like(unions), where=unions > 0)
@@ -117,6 +106,8 @@ def boundary_f_measure(pred_mask: np.ndarray, gt_mask: np.ndarray, bound_th: flo
         return 1.0
     if n_pred == 0 or n_gt == 0:
         return 0.0  # (P, R) is (1, 0) or (0, 1)
+    from scipy import ndimage  # here, not at module level: the scoring CLI's other metrics start without scipy
+
     structure = disk(boundary_tolerance_pixels(*gt_mask.shape, bound_th))
     pred_dilated = ndimage.binary_dilation(pred_boundary, structure=structure)
     gt_dilated = ndimage.binary_dilation(gt_boundary, structure=structure)
@@ -130,7 +121,9 @@ def j_and_f(pred_videos, gt_videos) -> dict[str, float]:
     expressions; J&F = (J + F) / 2.
 
     Args:
-        pred_videos: per expression, a list of per-frame masks (array, RLE or `None` = empty).
+        pred_videos: per expression, a list of per-frame masks (array, RLE or `None` = empty), or `None`
+            for an expression without any prediction: J = F = 0, as the MeViS evaluation scores the
+            expressions of a video it finds no predictions for.
         gt_videos: per expression, the per-frame GT masks (all GT objects of the expression merged into
             one mask; an empty mask where the target is absent).
     Returns:
@@ -144,12 +137,14 @@ def j_and_f(pred_videos, gt_videos) -> dict[str, float]:
     for index, (pred_frames, gt_frames) in enumerate(zip(pred_videos, gt_videos)):
         if len(gt_frames) == 0:
             raise ValueError(f"Expression {index}: no GT frame; every expression needs at least one frame.")
+        if pred_frames is None:
+            continue  # J = F = 0
         if len(pred_frames) != len(gt_frames):
             raise ValueError(f"Expression {index}: {len(pred_frames)} predicted frames for {len(gt_frames)} GT frames.")
         js, fs = [], []
         for frame, (pred, gt) in enumerate(zip(pred_frames, gt_frames)):
-            gt = as_mask(gt)
-            pred = np.zeros_like(gt) if pred is None else as_mask(pred)
+            gt = as_mask(gt, f"expression {index} frame {frame} GT mask")
+            pred = np.zeros_like(gt) if pred is None else as_mask(pred, f"expression {index} frame {frame} predicted mask")
             if pred.shape != gt.shape:
                 raise ValueError(f"Expression {index} frame {frame}: predicted mask {pred.shape} vs GT {gt.shape}.")
             js.append(jaccard(pred, gt))

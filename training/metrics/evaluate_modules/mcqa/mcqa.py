@@ -2,7 +2,8 @@
 
 predictions: the model's free-text answers ("(B) red", "B.", "The answer is B"); references: the answer
 letters (or "(B) text"). Optional `options` (per question the option texts) and `groups` (per question
-a task name). Numbers: `tpo.training.metrics.mcqa_accuracy`.
+a task name); `convention` "tpo" (default) or "lmms-eval" (its MVBench reading of answers). Numbers:
+`tpo.training.metrics.mcqa_accuracy`.
 """
 
 import datasets
@@ -20,5 +21,5 @@ class MCQA(evaluate.Metric):
             features=datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
         )
 
-    def _compute(self, predictions, references, options=None, groups=None):
-        return mcqa_accuracy(list(predictions), list(references), options=options, groups=groups)
+    def _compute(self, predictions, references, options=None, groups=None, convention="tpo"):
+        return mcqa_accuracy(list(predictions), list(references), options=options, groups=groups, convention=convention)

@@ -2,7 +2,8 @@
 SR0.75) as a local `evaluate` module.
 
 predictions / references: per sequence the per-frame boxes `[x, y, w, h]` in pixels (a GT box with
-w or h <= 0 marks an absent target). Optional `visible`: per sequence per-frame booleans.
+x, y, w or h <= 0 is an invalid frame for LaSOT: a miss for success, a hit for precision). Optional
+`visible`: per sequence per-frame booleans (absent frames are failures for LaSOT and left out for GOT-10k).
 `protocol`: "both" (default), "lasot" or "got10k". Numbers: `tpo.training.metrics.tracking`.
 """
 

@@ -348,13 +348,14 @@ def unwrap(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def scale_batch(processor, image_size: int = 448, device="cpu", dtype=torch.bfloat16) -> dict:
-    """A video temporal sample (`processor.num_frames` frames of `image_size` px, a span and per-clip saliency), a
-    region image and a mask image (`image_size` px), encoded by `TPOProcessor` and collated (random pixels)."""
+def scale_batch(processor, image_size: int = 448, device="cpu", dtype=torch.bfloat16,
+                kinds: tuple[str, ...] = ("temporal", "region", "mask")) -> dict:
+    """One sample per kind: a video temporal sample (`processor.num_frames` frames of `image_size` px, a span and
+    per-clip saliency), a region image, a mask image (`image_size` px), encoded by `TPOProcessor` and collated
+    with random pixels (`bench_model_overhead.build_batch`)."""
     from bench_model_overhead import build_batch, make_sample
 
-    samples = [make_sample(kind, i, image_size) for i, kind in enumerate(("temporal", "region", "mask"))]
-    return build_batch(processor, samples, device, dtype)
+    return build_batch(processor, [make_sample(kind, i, image_size) for i, kind in enumerate(kinds)], device, dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -385,14 +386,30 @@ class LabelledModule(torch.nn.Module):
         return self.function(*args, **kwargs)
 
 
+def step_clock(device: str | torch.device):
+    """Seconds to time steps and ops with: on a CPU, this process's CPU time (the other processes of a shared
+    machine do not count; with several threads, their CPU-seconds add up), on an accelerator the wall time after
+    synchronising it (per op in the profiled round, so that each op's time is its own)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return time.process_time
+
+    def wall() -> float:
+        torch.accelerator.synchronize(device)
+        return time.perf_counter()
+
+    return wall
+
+
 class StepProfiler(TorchDispatchMode):
     """Attributes every op of a forward/backward to the deepest running component (`components`: name -> modules,
     via `ModTracker`, which also follows modules through backward) and counts the bytes of every storage an op
     allocates until the storage dies. Ops outside every component go to `outside`."""
 
-    def __init__(self, components: dict[str, list[torch.nn.Module]], outside: str = "losses & glue"):
+    def __init__(self, components: dict[str, list[torch.nn.Module]], outside: str = "losses & glue",
+                 clock=time.process_time):
         super().__init__()
-        self.components, self.outside = components, outside
+        self.components, self.outside, self.clock = components, outside, clock
         self.tracker = ModTracker()
         self.stats: dict[tuple[str, str], ComponentStats] = defaultdict(ComponentStats)
         self.live_bytes = self.peak_bytes = 0
@@ -420,10 +437,10 @@ class StepProfiler(TorchDispatchMode):
         key = (self.component(), "backward" if self.tracker.is_bw else "forward")
         if key != self._current:
             self._current, self._entry_bytes = key, self.live_bytes
-        start = time.perf_counter()
+        start = self.clock()
         out = func(*args, **(kwargs or {}))
         stats = self.stats[key]
-        stats.seconds += time.perf_counter() - start
+        stats.seconds += self.clock() - start
         stats.ops += 1
         inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
         for tensor in tree_flatten(out)[0]:  # views and in-place results share an input's storage: not new memory
@@ -521,24 +538,56 @@ def bare_mllm_loss(model, batch: dict) -> torch.Tensor:
                              vocab_size=tpo.config.get_text_config().vocab_size)
 
 
-def training_step(loss_fn, optimizer, profiler: StepProfiler | None = None) -> dict:
-    """One training step (forward, backward, optimizer step); wall seconds of each, and with a profiler the bytes
-    retained for backward and the peak of live tensor bytes created during the step."""
+def training_step(loss_fn, optimizer, profiler: StepProfiler | None = None, clock=time.process_time) -> dict:
+    """One training step (forward, backward, optimizer step); seconds of each (`clock`, see `step_clock`), and with a
+    profiler the bytes retained for backward and the peak of live tensor bytes created during the step."""
     optimizer.zero_grad(set_to_none=True)
+    accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+    if accelerator is not None and accelerator.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     with profiler if profiler is not None else contextlib.nullcontext():
-        start = time.perf_counter()
+        start = clock()
         loss = loss_fn()
-        forward_end = time.perf_counter()
+        forward_end = clock()
         retained = profiler.snapshot_retained() if profiler is not None else None
         forward_peak = profiler.peak_bytes if profiler is not None else None
         loss.backward()
-        backward_end = time.perf_counter()
+        backward_end = clock()
     optimizer.step()
     result = {"forward_s": forward_end - start, "backward_s": backward_end - forward_end,
-              "optimizer_s": time.perf_counter() - backward_end, "loss": float(loss)}
+              "optimizer_s": clock() - backward_end, "loss": float(loss.detach())}
     if profiler is not None:
         result.update(retained_bytes=retained, forward_peak_bytes=forward_peak, peak_bytes=profiler.peak_bytes)
+    if accelerator is not None and accelerator.type == "cuda":
+        result["allocator_peak_bytes"] = torch.cuda.max_memory_allocated()
     return result
+
+
+def model_flops(result: dict) -> float:
+    """FLOPs of one training step counted the usual way: 6 x LLM parameters x positions (forward 2, backward 4; the
+    checkpointed recomputation is not counted, as MFU conventions do not) + 2 x vision-tower parameters x visual
+    patches (frozen: forward only)."""
+    parameters = result["parameters"]
+    llm = sum(parameters.get(c, (0, 0))[0] for c in ("LLM layers", "LLM decoder", "LM head"))
+    vision = parameters.get("vision tower", (0, 0))[0]
+    batch = result["batch"]
+    return 6.0 * llm * batch["input_ids"].numel() + 2.0 * vision * vision_patches(result)
+
+
+def vision_patches(result: dict) -> int:
+    """Patches the vision tower encodes: Qwen-VL's rows of flattened patches, or for (..., 3, H, W) pixels every
+    image / tile / frame x (image_size / patch_size)^2 (padded tiles included, as the tower encodes them)."""
+    vision_config = unwrap(result["model"]).config.mllm_config.vision_config
+    total = 0
+    for key in ("pixel_values", "pixel_values_videos"):
+        pixels = result["batch"].get(key)
+        if pixels is None:
+            continue
+        if pixels.dim() == 2:
+            total += pixels.shape[0]
+        else:
+            total += pixels.shape[:-3].numel() * (vision_config.image_size // vision_config.patch_size) ** 2
+    return total
 
 
 # --------------------------------------------------------------------------------------------------
@@ -581,15 +630,16 @@ def measure_backbone(name: str, folder: Path, llm_layers: int = 1, vision_layers
     optimizers = {"bare": torch.optim.AdamW([p for p in tpo.mllm.parameters() if p.requires_grad], lr=1e-6),
                   "tpo": torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)}
     losses = {"bare": lambda: bare_mllm_loss(model, batch), "tpo": lambda: model(**batch).loss}
+    clock = step_clock(device)
     profiled, profilers = {}, {}
     for side in ("bare", "tpo"):
-        profilers[side] = StepProfiler(components)
+        profilers[side] = StepProfiler(components, clock=clock)
         with checkpointed_inputs(components["LLM layers"]) as layer_inputs:
-            profiled[side] = training_step(losses[side], optimizers[side], profilers[side])
+            profiled[side] = training_step(losses[side], optimizers[side], profilers[side], clock)
     timed = {side: [] for side in losses}
     for _ in range(steps):
         for side in ("bare", "tpo"):
-            timed[side].append(training_step(losses[side], optimizers[side]))
+            timed[side].append(training_step(losses[side], optimizers[side], clock=clock))
     return {"name": name, "batch": batch, "processor": processor, "model": model, "components": components,
             "parameters": parameter_counts(components), "profiled": profiled, "profilers": profilers, "timed": timed,
             "layer_input_bytes": sum(layer_inputs) / len(layer_inputs),
@@ -627,8 +677,6 @@ def scaling_probe(model, processor, frame_counts=(4, 8, 16, 32), image_size: int
     MLLM's hidden states: forward and backward of a temporal video sample + a region image with random
     `backbone_hidden_states` (the backbone is not run; LM loss off, one logit row). Per frame count: sequence
     length and the largest tensor those parts create, against one (sequence x hidden) bf16 hidden state."""
-    from bench_model_overhead import build_batch, make_sample
-
     from tpo.processing.processing_tpo import TPOProcessor
 
     tpo = unwrap(model)
@@ -638,17 +686,16 @@ def scaling_probe(model, processor, frame_counts=(4, 8, 16, 32), image_size: int
     for frames in frame_counts:
         probe = TPOProcessor.from_model_config(tpo.config, processor.image_processor, processor.tokenizer,
                                                num_frames=frames)
-        samples = [make_sample(kind, i, image_size) for i, kind in enumerate(("temporal", "region"))]
-        batch = build_batch(probe, samples, tpo.device, dtype)
-        batch, seq = {k: v for k, v in batch.items() if "pixel" not in k}, batch["input_ids"].shape[1]
-        hidden = torch.randn(len(samples), seq, hidden_size, dtype=dtype, device=tpo.device, requires_grad=True)
+        batch = scale_batch(probe, image_size, tpo.device, dtype, kinds=("temporal", "region"))
+        batch, (batch_rows, seq) = {k: v for k, v in batch.items() if "pixel" not in k}, batch["input_ids"].shape
+        hidden = torch.randn(batch_rows, seq, hidden_size, dtype=dtype, device=tpo.device, requires_grad=True)
         profiler = StepProfiler(components_of(model))
         with profiler, tpo.loss_weights_as({"lm": 0.0}):
             model(**batch, backbone_hidden_states=hidden, logits_to_keep=1).loss.backward()
         component, stats = max(((c, st) for (c, _), st in profiler.stats.items() if c != "LM head"),
                                key=lambda item: item[1].largest_bytes)
         rows.append({"frames": frames, "seq": seq, "largest_bytes": stats.largest_bytes, "largest": stats.largest,
-                     "component": component, "hidden_state_bytes": len(samples) * seq * hidden_size * 2})
+                     "component": component, "hidden_state_bytes": batch_rows * seq * hidden_size * 2})
     return rows
 
 
@@ -766,7 +813,7 @@ def _mib(value: float) -> str:
 
 
 def print_report(result: dict, llm_layers: int, vision_layers: int, num_frames: int, image_size: int,
-                 device: str, dtype: torch.dtype) -> None:
+                 device: str, dtype: torch.dtype, peak_tflops: float | None = None) -> None:
     name, batch = result["name"], result["batch"]
     full_llm, full_vision = published_depths(name)
     cut_vision = vision_layers or full_vision
@@ -779,6 +826,8 @@ def print_report(result: dict, llm_layers: int, vision_layers: int, num_frames: 
         f"{task} {shape['tokens']} tokens ({shape['visual']} visual, {shape['labelled']} labelled)"
         for task, shape in rows.items())
         + f" -- video {num_frames} frames, images and frames {image_size} px")
+    print("times: " + ("CPU seconds of this process (other processes on the machine do not count)"
+                       if torch.device(device).type == "cpu" else f"wall seconds on {device}, synchronised"))
     print(f"{'component':20s} {'params M':>9s} {'trained M':>9s} {'fwd s':>7s} {'bwd s':>7s} {'kept MiB':>9s} "
           f"{'work MiB':>9s}  largest tensor")
     stats, params = result["profilers"]["tpo"].stats, result["parameters"]
@@ -805,7 +854,16 @@ def print_report(result: dict, llm_layers: int, vision_layers: int, num_frames: 
     timed = result["timed"]
     if timed["tpo"]:
         ratios = [step_seconds(t) / step_seconds(b) for b, t in zip(timed["bare"], timed["tpo"])]
-        print(f"ratio TPO / bare, unprofiled rounds: {', '.join(f'{r:.3f}' for r in ratios)}")
+        seconds = sorted(step_seconds(t) for t in timed["tpo"])[len(timed["tpo"]) // 2]
+        flops = model_flops(result)
+        line = (f"unprofiled rounds: ratio TPO / bare {', '.join(f'{r:.3f}' for r in ratios)}; TPO step {seconds:.3f} s, "
+                f"{batch['input_ids'].numel() / seconds:.0f} tokens/s, {flops / seconds / 1e12:.1f} model TFLOP/s")
+        if peak_tflops:
+            line += f", MFU {flops / seconds / (peak_tflops * 1e12):.1%} of {peak_tflops:g} TFLOP/s"
+        if "allocator_peak_bytes" in timed["tpo"][-1]:
+            line += (f"; allocator peak bare {timed['bare'][-1]['allocator_peak_bytes'] / GIB:.2f} GiB, "
+                     f"TPO {timed['tpo'][-1]['allocator_peak_bytes'] / GIB:.2f} GiB")
+        print(line)
     scale = {"LLM layers": full_llm / llm_layers, "vision tower": full_vision / cut_vision}
     projected = {side: projected_seconds(result["profilers"][side], result["profiled"][side], scale)
                  for side in sides}
@@ -846,6 +904,8 @@ def main() -> None:
     parser.add_argument("--scaling-frames", type=int, nargs="*", default=[4, 8, 16, 32],
                         help="frame counts of the scaling probe (none: skip it)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's dense bf16 peak, for MFU (e.g. 989 for an H100 / H200 SXM)")
     parser.add_argument("--dtype", default=None, help="default: bfloat16 where the device supports it, else float32")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args()
@@ -863,7 +923,7 @@ def main() -> None:
             result = measure_backbone(name, Path(folder), args.llm_layers, args.vision_layers, args.num_frames,
                                       args.image_size, dtype, args.device, args.steps)
             print_report(result, args.llm_layers, args.vision_layers, args.num_frames, args.image_size, args.device,
-                         dtype)
+                         dtype, args.peak_tflops)
             if args.scaling_frames:
                 print_scaling(name, scaling_probe(result["model"], result["processor"], args.scaling_frames,
                                                   args.image_size))

@@ -1555,7 +1555,8 @@ def _add_task_tokens(mllm: PreTrainedModel, token_strings: dict, tokenizer=None)
         new_rows = old_rows + len(ordered)
         added, vocabulary_rows = ids, old_rows
     if new_rows > old_rows:
-        mllm.resize_token_embeddings(new_rows, mean_resizing=False)
+        with init.no_init_weights():  # every new row is set below: no random draw over the whole resized matrix
+            mllm.resize_token_embeddings(new_rows, mean_resizing=False)
     _set_rows_to_mean(mllm, sorted(set(added) | set(range(old_rows, new_rows))), vocabulary_rows)
     table = {task: {"begin": None, "slots": []} for task in token_strings}
     for (task, kind, _), token_id in zip(ordered, ids):
@@ -1569,19 +1570,27 @@ def _add_task_tokens(mllm: PreTrainedModel, token_strings: dict, tokenizer=None)
 @torch.no_grad()
 def _set_rows_to_mean(mllm: PreTrainedModel, rows: list[int], vocabulary_rows: int) -> None:
     """Set `rows` of the input and output embeddings (and an output bias) to the mean of their first
-    `vocabulary_rows` rows (the tokenizer's vocabulary). `mean` accumulates in float32 whatever the weights' dtype,
-    without a float32 copy of a 152k-row matrix."""
+    `vocabulary_rows` rows (the tokenizer's vocabulary)."""
     if not rows:
         return
     for embedding in (mllm.get_input_embeddings(), mllm.get_output_embeddings()):
         if embedding is None:
             continue
         index = torch.tensor(rows, device=embedding.weight.device)
-        embedding.weight[index] = embedding.weight[:vocabulary_rows].mean(dim=0, keepdim=True)
+        embedding.weight[index] = _row_mean(embedding.weight, vocabulary_rows).to(embedding.weight.dtype)
         bias = getattr(embedding, "bias", None)
         if bias is not None and bias.shape[0] == embedding.weight.shape[0]:
             bias[index] = bias[:vocabulary_rows].mean()
     logger.info("Embedding rows %s (task tokens) set to the mean of the %d vocabulary rows.", rows, vocabulary_rows)
+
+
+def _row_mean(weight: torch.Tensor, rows: int, chunk: int = 8192) -> torch.Tensor:
+    """Mean of `weight[:rows]` over its rows, in float32, accumulated `chunk` rows at a time: a bf16 reduction on a
+    CPU first copies its whole input to float32 (2.2 GB for a 152k x 3584 embedding)."""
+    total = torch.zeros(weight.shape[1:], dtype=torch.float32, device=weight.device)
+    for start in range(0, rows, chunk):
+        total += weight[start:min(start + chunk, rows)].sum(0, dtype=torch.float32)
+    return total / max(rows, 1)
 
 
 TPOForConditionalGeneration.register_for_auto_class("AutoModel")

@@ -337,7 +337,8 @@ def build_scale_model(name: str, folder: Path, llm_layers: int = 1, vision_layer
         config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=model.lora_target_regex(),
                             modules_to_save=model.task_module_names())
         model = get_peft_model(model, config)
-    args = TPOTrainingArguments(output_dir=str(folder / "run"), report_to=[], use_cpu=torch.device(device).type == "cpu")
+    on_cpu = torch.device(device).type == "cpu"
+    args = TPOTrainingArguments(output_dir=str(folder / "run"), report_to=[], use_cpu=on_cpu)
     apply_stage(model, "joint", args, unwrap(model).config.mask_head_config)
     return model.train(), processor
 
@@ -442,7 +443,8 @@ class StepProfiler(TorchDispatchMode):
         stats = self.stats[key]
         stats.seconds += self.clock() - start
         stats.ops += 1
-        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor)}
         for tensor in tree_flatten(out)[0]:  # views and in-place results share an input's storage: not new memory
             if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().data_ptr() not in inputs:
                 self._track(tensor, key[0], stats, func)
@@ -568,8 +570,8 @@ def model_flops(result: dict) -> float:
     checkpointed recomputation is not counted, as MFU conventions do not) + 2 x vision-tower parameters x visual
     patches (frozen: forward only)."""
     parameters = result["parameters"]
-    llm = sum(parameters.get(c, (0, 0))[0] for c in ("LLM layers", "LLM decoder", "LM head"))
-    vision = parameters.get("vision tower", (0, 0))[0]
+    llm = sum(parameters.get(c, (0, 0, 0))[0] for c in ("LLM layers", "LLM decoder", "LM head"))
+    vision = parameters.get("vision tower", (0, 0, 0))[0]
     batch = result["batch"]
     return 6.0 * llm * batch["input_ids"].numel() + 2.0 * vision * vision_patches(result)
 
@@ -596,9 +598,9 @@ def vision_patches(result: dict) -> int:
 MIB = 2**20
 
 
-def parameter_counts(components: dict[str, torch.nn.Module]) -> dict[str, tuple[int, int]]:
-    """(parameters, trainable parameters) per component, each parameter counted in its deepest component (peft's
-    frozen `original_module` copies left out)."""
+def parameter_counts(components: dict[str, torch.nn.Module]) -> dict[str, tuple[int, int, int]]:
+    """(parameters, trainable parameters, bytes of the trainable ones: their gradients') per component, each
+    parameter counted in its deepest component (peft's frozen `original_module` copies left out)."""
     def size(modules):
         return sum(len(list(m.modules())) for m in modules)
 
@@ -607,13 +609,15 @@ def parameter_counts(components: dict[str, torch.nn.Module]) -> dict[str, tuple[
         for module in modules:
             for parameter in module.parameters():
                 owner[id(parameter)] = name
-    counts = defaultdict(lambda: [0, 0])
+    counts = defaultdict(lambda: [0, 0, 0])
     for name, modules in components.items():
         for module in modules:
             for pname, parameter in module.named_parameters():
                 if owner[id(parameter)] == name and "original_module" not in pname:
                     counts[name][0] += parameter.numel()
-                    counts[name][1] += parameter.numel() if parameter.requires_grad else 0
+                    if parameter.requires_grad:
+                        counts[name][1] += parameter.numel()
+                        counts[name][2] += parameter.numel() * parameter.element_size()
     return {name: tuple(value) for name, value in counts.items()}
 
 
@@ -737,8 +741,37 @@ def sample_shapes(batch: dict) -> list[dict]:
              "labelled": int(labelled[i].sum())} for i in range(batch["input_ids"].shape[0])]
 
 
+def encoded_shapes(config, processor, num_frames: int, image_size: int) -> dict[str, dict]:
+    """`sample_shapes` of the benchmark's temporal, region and mask samples with `num_frames`-frame videos, from the
+    processor's encoding alone (no pixels, no model): the token counts the memory model scales to."""
+    from bench_model_overhead import make_sample
+
+    from tpo.processing.processing_tpo import TPOProcessor
+
+    probe = TPOProcessor.from_model_config(config, processor.image_processor, processor.tokenizer,
+                                           num_frames=num_frames)
+    shapes = {}
+    for i, kind in enumerate(("temporal", "region", "mask")):
+        encoded = probe.encode(make_sample(kind, i, image_size))
+        shapes[kind] = {"tokens": len(encoded.input_ids), "visual": sum(xy[0] >= 0 for xy in encoded.visual_token_xy),
+                        "labelled": sum(label != -100 for label in encoded.labels[1:])}
+    return shapes
+
+
 def step_seconds(step: dict) -> float:
     return step["forward_s"] + step["backward_s"] + step["optimizer_s"]
+
+
+TPO_ONLY = ("router", "region head", "temporal head", "temporal loss", "mask head", "SAM2 image encoder")
+
+
+def tpo_own_seconds(profilers: dict[str, StepProfiler]) -> float:
+    """Op seconds of TPO's own components in its step, plus the glue ops it has beyond the bare step's."""
+    def seconds(side, components):
+        return sum(st.seconds for (c, _), st in profilers[side].stats.items() if c in components)
+
+    glue = ("losses & glue",)
+    return seconds("tpo", TPO_ONLY) + seconds("tpo", glue) - seconds("bare", glue)
 
 
 def projected_seconds(profiler: StepProfiler, step: dict, scale: dict[str, float]) -> float:
@@ -749,15 +782,17 @@ def projected_seconds(profiler: StepProfiler, step: dict, scale: dict[str, float
     return step_seconds(step) - ops + scaled
 
 
-def memory_model(result: dict, llm_layers: int) -> dict:
+def memory_model(result: dict, llm_layers: int, frames: int = 16, image_size: int = 448) -> dict:
     """Bytes per sample and fixed bytes of a training step at the published depth, from the profiled TPO step.
 
     Per token: every LLM layer's kept activations (checkpointed: its input hidden states, measured by
-    `checkpointed_inputs`); the working set of the one layer recomputed and back-propagated at a time; the other components'
-    retained + working bytes (embeddings, final norm, LM head and loss on the labelled positions, router, glue).
-    Per sample of a task: its head's retained + working bytes (the mask head's with SAM2's 1024 px encoder); per
-    visual token: the projector's. Fixed: bf16 weights at the published depth (+ SAM2, heads, peft's copies of the
-    trained modules), and per trainable parameter its gradient and two AdamW states (LoRA scaled to every layer).
+    `checkpointed_inputs`); the working set of the one layer recomputed and back-propagated at a time; the other
+    components' kept + working bytes (embeddings, final norm, LM head and loss on the labelled positions, router,
+    glue). Per sample of a task: its head's kept + working bytes (the mask head's with SAM2's 1024 px encoder); per
+    visual token: the projector's. Token counts: the processor's encoding of the benchmark's samples with
+    `frames`-frame videos and `image_size` px images, whatever the measured batch had. Fixed: bf16 weights at the
+    published depth (+ SAM2, heads, peft's copies of the trained modules), and per trainable parameter its gradient
+    and two AdamW states (LoRA scaled to every layer).
     """
     name, stats, batch = result["name"], result["profilers"]["tpo"].stats, result["batch"]
     model = result["model"]
@@ -765,19 +800,23 @@ def memory_model(result: dict, llm_layers: int) -> dict:
     full_layers, _ = published_depths(name)
 
     def total(component: str, which: str = "both") -> int:
+        """Kept and / or working bytes of a component's activations: its working peak less its own weight
+        gradients (they are in the fixed part)."""
         forward, backward = stats.get((component, "forward")), stats.get((component, "backward"))
         kept = forward.retained_bytes if forward else 0
         work = max(st.peak_working_bytes for st in (forward, backward) if st) if (forward or backward) else 0
+        work = max(work - result["parameters"].get(component, (0, 0, 0))[2], 0)
         return {"retained": kept, "working": work, "both": kept + work}[which]
 
     per_layer_token = result["layer_input_bytes"] / positions
     layer_working_token = total("LLM layers", "working") / positions
     shared = ("embeddings", "LLM decoder", "LM head", "LM loss", "router", "losses & glue")
     other_token = sum(total(c) for c in shared) / positions
-    projector_visual = total("projector") / max(int((batch["visual_token_xy"][..., 0] >= 0).sum()), 1)
+    # the projector's output (its visual tokens' features) is kept for backward; its working set is its weights'
+    projector_visual = total("projector", "retained") / max(int((batch["visual_token_xy"][..., 0] >= 0).sum()), 1)
     token_bytes = full_layers * per_layer_token + layer_working_token + other_token
     vocab = unwrap(model).config.get_text_config().vocab_size
-    rows = dict(zip(("temporal", "region", "mask"), sample_shapes(batch)))
+    rows = encoded_shapes(unwrap(model).config, result["processor"], frames, image_size)
     per_sample = {task: shape["tokens"] * token_bytes + shape["visual"] * projector_visual
                   + sum(total(c) for c in HEADS_OF[task]) for task, shape in rows.items()}
     full_logits = {task: shape["tokens"] * vocab * 12 for task, shape in rows.items()}  # bf16 + fp32 copy + grads
@@ -813,7 +852,8 @@ def _mib(value: float) -> str:
 
 
 def print_report(result: dict, llm_layers: int, vision_layers: int, num_frames: int, image_size: int,
-                 device: str, dtype: torch.dtype, peak_tflops: float | None = None) -> None:
+                 device: str, dtype: torch.dtype, peak_tflops: float | None = None, memory_frames: int = 16,
+                 memory_image_size: int = 448) -> None:
     name, batch = result["name"], result["batch"]
     full_llm, full_vision = published_depths(name)
     cut_vision = vision_layers or full_vision
@@ -835,7 +875,7 @@ def print_report(result: dict, llm_layers: int, vision_layers: int, num_frames: 
         forward, backward = stats.get((component, "forward")), stats.get((component, "backward"))
         if not (forward or backward or component in params):
             continue
-        total, trained = params.get(component, (0, 0))
+        total, trained, _ = params.get(component, (0, 0, 0))
         passes = [st for st in (forward, backward) if st]
         largest = max(passes, key=lambda st: st.largest_bytes) if passes else ComponentStats()
         print(f"{component:20s} {total / 1e6:9.1f} {trained / 1e6:9.2f} "
@@ -848,16 +888,17 @@ def print_report(result: dict, llm_layers: int, vision_layers: int, num_frames: 
         step, profiler = result["profiled"][side], result["profilers"][side]
         sides[side] = step_seconds(step)
         print(f"step {label:9s}: forward {step['forward_s']:6.2f} s, backward {step['backward_s']:6.2f} s, optimizer "
-              f"{step['optimizer_s']:5.2f} s = {sides[side]:6.2f} s; tensors created: peak {step['peak_bytes'] / MIB:.0f} "
-              f"MiB (forward {step['forward_peak_bytes'] / MIB:.0f}), kept for backward {step['retained_bytes'] / MIB:.0f}"
-              f" MiB; AdamW states {result['optimizer_bytes'][side] / MIB:.0f} MiB")
+              f"{step['optimizer_s']:5.2f} s = {sides[side]:6.2f} s; tensors created: peak "
+              f"{step['peak_bytes'] / MIB:.0f} MiB (forward {step['forward_peak_bytes'] / MIB:.0f}), kept for backward "
+              f"{step['retained_bytes'] / MIB:.0f} MiB; AdamW states {result['optimizer_bytes'][side] / MIB:.0f} MiB")
     timed = result["timed"]
     if timed["tpo"]:
         ratios = [step_seconds(t) / step_seconds(b) for b, t in zip(timed["bare"], timed["tpo"])]
         seconds = sorted(step_seconds(t) for t in timed["tpo"])[len(timed["tpo"]) // 2]
         flops = model_flops(result)
-        line = (f"unprofiled rounds: ratio TPO / bare {', '.join(f'{r:.3f}' for r in ratios)}; TPO step {seconds:.3f} s, "
-                f"{batch['input_ids'].numel() / seconds:.0f} tokens/s, {flops / seconds / 1e12:.1f} model TFLOP/s")
+        line = (f"unprofiled rounds: ratio TPO / bare {', '.join(f'{r:.3f}' for r in ratios)}; TPO step "
+                f"{seconds:.3f} s, {batch['input_ids'].numel() / seconds:.0f} tokens/s, "
+                f"{flops / seconds / 1e12:.1f} model TFLOP/s")
         if peak_tflops:
             line += f", MFU {flops / seconds / (peak_tflops * 1e12):.1%} of {peak_tflops:g} TFLOP/s"
         if "allocator_peak_bytes" in timed["tpo"][-1]:
@@ -867,17 +908,22 @@ def print_report(result: dict, llm_layers: int, vision_layers: int, num_frames: 
     scale = {"LLM layers": full_llm / llm_layers, "vision tower": full_vision / cut_vision}
     projected = {side: projected_seconds(result["profilers"][side], result["profiled"][side], scale)
                  for side in sides}
+    own = tpo_own_seconds(result["profilers"])
     print(f"ratio TPO / bare: {sides['tpo'] / sides['bare']:.3f} as measured (profiled round); "
           f"{projected['tpo'] / projected['bare']:.3f} with the LLM layers' and vision tower's op time scaled to "
           f"the published depth ({projected['bare']:.0f} s vs {projected['tpo']:.0f} s on this device)")
-    memory = memory_model(result, llm_layers)
+    print(f"TPO's own ops (router, heads, their losses, SAM2, extra glue): {own:.2f} s = "
+          f"{own / sides['bare']:.1%} of the bare step as cut, {own / projected['bare']:.1%} at the published depth "
+          f"(ratio {1 + own / projected['bare']:.3f} from the components, free of step-to-step noise)")
+    memory = memory_model(result, llm_layers, memory_frames, memory_image_size)
     print(f"memory model at the published depth ({memory['full_layers']} LLM layers; 90% of the device usable): "
           f"weights {memory['weights'] / GIB:.1f} GiB, gradients + AdamW states {memory['trained_state'] / GIB:.2f} "
           f"GiB; per token {memory['per_layer_token'] / 1024:.1f} KiB per layer kept + "
           f"{memory['layer_working_token'] / 1024:.0f} KiB one layer's backward + {memory['other_token'] / 1024:.0f}"
           f" KiB other")
     for task, size in memory["per_sample"].items():
-        print(f"  per {task} sample ({memory['rows'][task]['tokens']} tokens): {size / GIB:.2f} GiB "
+        frames = f"{memory_frames} frames, " if task == "temporal" else f"{memory_image_size} px, "
+        print(f"  per {task} sample ({frames}{memory['rows'][task]['tokens']} tokens): {size / GIB:.2f} GiB "
               f"(+{memory['full_logits'][task] / GIB:.2f} GiB with the logits of every position)")
     for capacity, fits in batch_sizes(memory).items():
         print(f"  {capacity:3d} GB: " + ", ".join(f"{task} {count}" for task, count in fits.items()))
@@ -887,8 +933,9 @@ def print_scaling(name: str, rows: list[dict]) -> None:
     print(f"scaling ({name}): TPO's own parts on the MLLM's hidden states (router, task tokens, frame pooling, "
           f"region and temporal heads, their losses), forward + backward")
     for row in rows:
-        print(f"  {row['frames']:3d} frames, sequence {row['seq']:6d}: largest tensor {row['largest_bytes'] / MIB:8.1f} "
-              f"MiB = {row['largest_bytes'] / row['hidden_state_bytes']:.2f} x (batch x sequence x hidden) "
+        print(f"  {row['frames']:3d} frames, sequence {row['seq']:6d}: largest tensor "
+              f"{row['largest_bytes'] / MIB:8.1f} MiB = {row['largest_bytes'] / row['hidden_state_bytes']:.2f} x "
+              "(batch x sequence x hidden) "
               f"[{row['component']}: {row['largest']}]")
 
 
@@ -900,6 +947,9 @@ def main() -> None:
                         help="vision tower layers kept, 0 for the published depth (32 / 26 / 24)")
     parser.add_argument("--num-frames", type=int, default=16)
     parser.add_argument("--image-size", type=int, default=448, help="side of the images and video frames, px")
+    parser.add_argument("--memory-frames", type=int, default=16,
+                        help="frames per video in the memory model's samples (their tokens come from the processor)")
+    parser.add_argument("--memory-image-size", type=int, default=448, help="image and frame side of those samples, px")
     parser.add_argument("--steps", type=int, default=0, help="unprofiled (bare, TPO) rounds after the profiled one")
     parser.add_argument("--scaling-frames", type=int, nargs="*", default=[4, 8, 16, 32],
                         help="frame counts of the scaling probe (none: skip it)")
@@ -923,7 +973,7 @@ def main() -> None:
             result = measure_backbone(name, Path(folder), args.llm_layers, args.vision_layers, args.num_frames,
                                       args.image_size, dtype, args.device, args.steps)
             print_report(result, args.llm_layers, args.vision_layers, args.num_frames, args.image_size, args.device,
-                         dtype, args.peak_tflops)
+                         dtype, args.peak_tflops, args.memory_frames, args.memory_image_size)
             if args.scaling_frames:
                 print_scaling(name, scaling_probe(result["model"], result["processor"], args.scaling_frames,
                                                   args.image_size))

@@ -499,7 +499,8 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
             )
         hidden_states = backbone_outputs.last_hidden_state  # (batch, seq, hidden)
         lm_targets = {}
-        if labels is not None and self.config.labelled_logits_only and isinstance(logits_to_keep, int) and not logits_to_keep:
+        every_position = isinstance(logits_to_keep, int) and not logits_to_keep
+        if labels is not None and self.config.labelled_logits_only and every_position:
             labelled_hidden, lm_targets["shift_labels"] = _labelled_positions(hidden_states, labels)
             logits = self.mllm.get_output_embeddings()(labelled_hidden)  # (num_labelled, vocab)
         else:
@@ -1500,7 +1501,8 @@ def _per_frame_masks(mask_logits: torch.Tensor, threshold: float = 0.0) -> dict:
 def _labelled_positions(hidden_states: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(batch, seq, hidden) hidden states and (batch, seq) labels -> the hidden states (n, hidden) of the n positions
     whose next token is a label and those labels (n,): what the shifted LM loss reads, without the other logits."""
-    targets = F.pad(labels.to(hidden_states.device), (0, 1), value=IGNORE_INDEX)[:, 1:]  # the token each position predicts
+    # the token each position predicts
+    targets = F.pad(labels.to(hidden_states.device), (0, 1), value=IGNORE_INDEX)[:, 1:]
     keep = targets != IGNORE_INDEX
     return hidden_states[keep], targets[keep]
 

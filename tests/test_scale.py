@@ -188,7 +188,8 @@ def test_frozen_vision_tower_builds_no_graph_under_gradient_checkpointing(reentr
     tower = model.mllm.model.vision_tower
     tower.requires_grad_(False)
     seen = {}
-    handle = tower.register_forward_hook(lambda m, a, out: seen.update(requires_grad=out.last_hidden_state.requires_grad))
+    handle = tower.register_forward_hook(
+        lambda module, args, out: seen.update(requires_grad=out.last_hidden_state.requires_grad))
     batch = make_batch(tokenizer, model.config, [SampleSpec()])
     model(**batch).loss.backward()
     assert seen["requires_grad"] is False

@@ -1,8 +1,9 @@
-"""Scale rehearsal: TPO on the real published shapes of three 7 B backbones and SAM2.1-hiera-tiny, on CPU.
+"""Scale rehearsal: TPO on the real published shapes of three 7 B backbones and SAM2.1-hiera-tiny.
 
-    python benchmarks/bench_scale.py                                  # the three backbones, 16-frame videos
-    python benchmarks/bench_scale.py --backbones qwen2.5-vl-7b --num-frames 8 --llm-layers 2
-    python benchmarks/bench_scale.py --device cuda --llm-layers 8 --vision-layers 0   # on a GPU: full vision depth
+    python benchmarks/bench_scale.py --backbones qwen2.5-vl-7b --steps 1 --threads 1     # a 16-frame 448 px video
+    python benchmarks/bench_scale.py --backbones llava-onevision-7b --num-frames 8 --image-size 384 --threads 1
+    python benchmarks/bench_scale.py --device cuda --llm-layers 8 --vision-layers 0 --steps 3 --peak-tflops 989 \
+        --scaling-frames                                                        # on a GPU: full vision depth
 
 What is built
 -------------
@@ -18,26 +19,30 @@ SAM2.1-hiera-tiny (`SAM2_1_HIERA_TINY`) at its 1024 px input.
 
 `TPOForConditionalGeneration.from_mllm(..., tasks=every task)` wraps the MLLM; peft LoRA (r16/alpha32 on every
 linear layer of the LLM, the TPO modules as `modules_to_save`, as `examples/run_tpo.py` does), the joint stage's
-trainable set (`apply_stage("joint")`), gradient checkpointing, bf16 where the CPU supports it. One batch is built
-through `TPOProcessor` and its collator: a 16-frame 448 px video temporal sample (span + per-clip saliency), a
-448 px region image and a 448 px mask image.
+trainable set (`apply_stage("joint")`), gradient checkpointing, bf16 where the CPU supports it,
+`labelled_logits_only`. One batch is built through `TPOProcessor` and its collator: a video temporal sample
+(`--num-frames` frames, a span and per-clip saliency), a region image and a mask image (`--image-size` px).
 
 What is measured (one run)
 --------------------------
-- `step`: forward, backward and AdamW step of the bare MLLM (the same LoRA-wrapped MLLM, its own forward with
-  labels: LM loss only, input ids, attention mask and pixels only; TPO's task-token hook detached) and of TPO on
-  the same batch, interleaved; ratio TPO / bare.
-- `components`: per component (vision tower, projector, LLM decoder, LM head, LM loss, router, heads, SAM2 image
-  encoder, temporal loss, losses and glue outside any head module), from the profiled TPO step: parameters,
-  forward and backward time (the wall time of its ops, attributed by `torch.distributed._tools.ModTracker` in both
-  passes), bytes saved for backward, its peak working memory (live tensors above the level at its entry) and its
-  largest tensor (op, shape).
+- `step`: forward, backward and AdamW step of the bare MLLM (the same LoRA-wrapped MLLM: its backbone on input
+  ids, attention mask and pixels, its LM head and loss on the labelled positions; TPO's task-token hook detached)
+  and of TPO on the same batch: one profiled round, then `--steps` unprofiled ones; ratio TPO / bare.
+- `components`: per component (vision tower, projector, embeddings, LLM layers, rest of the LLM, LM head, LM loss,
+  router, heads, SAM2 image encoder, temporal loss, losses and glue outside any module), from the profiled TPO step:
+  parameters, forward and backward time (its ops' time, attributed by `torch.distributed._tools.ModTracker` in both
+  passes), bytes kept for backward, its peak working memory (live tensors above the level at its entry) and its
+  largest tensor (op, shape); the ratio with the LLM layers' and vision tower's op time scaled to the published
+  depth, and TPO's own ops against the bare step.
+- `memory model`: bytes per sample and fixed bytes at the published depth, from those figures (`memory_model`), and
+  the samples that fit on 24 / 40 / 80 / 141 GB.
 - `scaling`: TPO's own parts (router, heads, losses, frame pooling, task-token gathers) at 4..32 frames on the
   MLLM's hidden states (`backbone_hidden_states`, no backbone): their largest intermediate tensor against
-  sequence x hidden, to show that nothing grows with frames x tokens x hidden.
+  batch x sequence x hidden, to show that nothing grows with frames x tokens x hidden.
 
-Memory is tensor bytes created during the measured call (a dispatch mode that counts every storage an op
-allocates, freed when the storage dies), not the process RSS: weights are listed separately.
+Times are this process's CPU seconds on a CPU (`step_clock`: a shared machine's other processes do not count),
+synchronised wall seconds on an accelerator. Memory is tensor bytes created during the measured call (a dispatch
+mode that counts every storage an op allocates until it dies), not the process RSS: weights are listed separately.
 """
 
 import argparse

@@ -317,3 +317,41 @@ def test_llava_processor_needs_no_video_token(scale):
     assert batch["frame_token_index"][0].max() == 2 and (batch["frame_token_index"][0] >= 0).sum() == 3 * per_image
     assert batch["pixel_values"].shape[0] == 4  # three frames and one image
     assert torch.isfinite(model(**batch).loss)
+
+
+# ------------------------------------------------------------------------------------------------
+# The benchmark's measuring tools
+# ------------------------------------------------------------------------------------------------
+def test_step_profiler_attributes_ops_memory_and_kept_tensors(scale):
+    """Hand-counted: Linear(8 -> 64) on 32 rows makes a 32 x 64 float32 output (8 KiB), ReLU (outside every
+    component) a new one of the same size, which the last Linear keeps for its weight gradient; its own 32 x 4
+    output stays alive because the caller holds it."""
+    import time
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
+    x = torch.randn(32, 8)
+    profiler = scale.StepProfiler({"first": [model[0]], "last": [model[2]]}, clock=time.perf_counter)
+    with profiler:
+        out = model(x)
+        kept = profiler.snapshot_retained()
+        out.sum().backward()
+    stats = profiler.stats
+    first, glue, last = stats[("first", "forward")], stats[("losses & glue", "forward")], stats[("last", "forward")]
+    assert first.largest_bytes == 32 * 64 * 4 and first.largest.startswith("addmm")
+    assert (first.retained_bytes, glue.retained_bytes, last.retained_bytes) == (0, 32 * 64 * 4, 32 * 4 * 4)
+    assert kept == 32 * 64 * 4 + 32 * 4 * 4
+    # backward, inside the components: the first layer's weight gradient (its input needs none), the last layer's
+    # input gradient (larger than its 4 x 64 weight gradient), ReLU's gradient outside them
+    assert stats[("first", "backward")].largest == "mm.default (64, 8) torch.float32"
+    assert stats[("last", "backward")].largest == "mm.default (32, 64) torch.float32"
+    assert stats[("losses & glue", "backward")].largest_bytes == 32 * 64 * 4
+    assert all(st.seconds >= 0 and st.ops > 0 for st in stats.values())
+    assert profiler.live_bytes <= kept  # the graph is freed after backward: only `out` and the grads' owners remain
+
+
+def test_batch_sizes_divide_what_is_left_by_the_bytes_per_sample(scale):
+    model_bytes = {"weights": 10e9, "trained_state": 1e9, "per_sample": {"video": 2e9, "image": 0.5e9}}
+    fits = scale.batch_sizes(model_bytes, capacities_gb=(24, 80), usable=0.9)
+    # 24 GB: 0.9 x 24 - 11 = 10.6 GB left -> 5 videos, 21 images, 4 (video + image) pairs
+    assert fits[24] == {"video": 5, "image": 21, "mixed x3": 4}
+    assert fits[80] == {"video": 30, "image": 122, "mixed x3": 24}

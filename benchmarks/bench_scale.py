@@ -890,7 +890,7 @@ def print_report(result: dict, llm_layers: int, vision_layers: int, num_frames: 
               f"{largest.largest_bytes / MIB:.1f} MiB {largest.largest}")
     sides = {}
     for side, label in (("bare", "bare MLLM"), ("tpo", "TPO")):
-        step, profiler = result["profiled"][side], result["profilers"][side]
+        step = result["profiled"][side]
         sides[side] = step_seconds(step)
         print(f"step {label:9s}: forward {step['forward_s']:6.2f} s, backward {step['backward_s']:6.2f} s, optimizer "
               f"{step['optimizer_s']:5.2f} s = {sides[side]:6.2f} s; tensors created: peak "

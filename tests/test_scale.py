@@ -261,7 +261,8 @@ def test_qwen2_5_vl_7b_widths_in_bf16(scale, tmp_path):
         expected = model(**batch)
     reference = _reference(model)
     model.save_pretrained(tmp_path / "tpo")
-    del model, mllm, out, embedded
+    del model, mllm, out
+    embedded.clear()
     gc.collect()
     reloaded = TPOForConditionalGeneration.from_pretrained(tmp_path / "tpo").eval()
     assert {p.dtype for p in reloaded.parameters()} == {torch.bfloat16}

@@ -197,6 +197,12 @@ class TPOConfig(PreTrainedConfig):
         preset (`str`, *optional*):
             A named set of head settings and loss weights from `PRESETS` (`"release"`: the public VideoChat-TPO
             release), applied over the defaults; the head configs and loss weights given here override it key by key.
+        labelled_logits_only (`bool`, defaults to `False`):
+            With `labels`, compute the LM logits only at the positions that predict a label (the answers), not at
+            every position: the LM loss is the same, and `logits` is then `(num_labelled_positions, vocab)`. The
+            full `(batch, seq, vocab)` logits cost about 12 bytes x vocab per token in training (bf16 logits, their
+            float32 copy in the loss and its gradient: 1.8 MB per token for a 152k vocabulary, far more than the
+            rest of a checkpointed 7 B step; see the README's memory model).
     """
 
     model_type = "tpo"
@@ -218,6 +224,7 @@ class TPOConfig(PreTrainedConfig):
     loss_weights: dict | None = None
     initializer_range: float = 0.02
     preset: str | None = None
+    labelled_logits_only: bool = False
 
     def __post_init__(self, **kwargs):
         self.tasks = list(TASK_NAMES if self.tasks is None else self.tasks)

@@ -7,6 +7,7 @@ transformers and its sibling files (relative imports), nothing optional at modul
 
 import contextlib
 import copy
+import functools
 import inspect
 import logging
 import re
@@ -20,6 +21,7 @@ from torch import nn
 from transformers import AutoModelForImageTextToText, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.generation import LogitsProcessorList
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
 from transformers.modeling_utils import slice_logits_to_keep
 
@@ -73,7 +75,8 @@ class TPOOutput(ModelOutput):
     lm_loss, assign_loss, region_loss, temporal_loss, mask_loss (`torch.FloatTensor` of shape `()`):
         each term before its weight in `config.loss_weights`.
     loss_dict (`dict[str, torch.Tensor]`): every term, finer ones included (`region_l1`, ...), detached.
-    logits (`torch.FloatTensor` of shape `(batch, seq_len or logits_to_keep, vocab)`): LM logits.
+    logits (`torch.FloatTensor` of shape `(batch, seq_len or logits_to_keep, vocab)`): LM logits; with `labels` and
+        `config.labelled_logits_only`, `(num_labelled_positions, vocab)`, the positions that predict a label.
     router_logits (`torch.FloatTensor` of shape `(batch, 4)`): task router logits over
         `ROUTER_CLASSES` = (text, temporal, region, mask).
     pred_boxes (`torch.FloatTensor` of shape `(num_region_queries, 4)`): normalised
@@ -292,6 +295,33 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
         self.config.custom_pipelines = copy.deepcopy(CUSTOM_PIPELINES)  # for transformers' `pipeline(model=folder)`
         return super().save_pretrained(save_directory, *args, save_original_format=save_original_format, **kwargs)
 
+    def enable_input_require_grads(self) -> None:
+        """Make the outputs of the input embeddings require gradients (what gradient checkpointing and peft ask
+        for), but only while the checkpointed layers fed by them have trainable parameters.
+
+        transformers hooks the input embeddings of every sub-model, the vision tower's patch embedding included: a
+        frozen vision tower then builds a graph, keeps its activations and, checkpointed, is recomputed and
+        back-propagated at every step for nothing (a 5.6 s backward of a 1-layer Qwen2.5-VL tower over 4 frames
+        on a CPU, out of a 60 s step). Here each hook first checks that some `GradientCheckpointingLayer` of its
+        sub-model trains (LoRA in the LLM, `train_vision_tower`), so that reentrant checkpointing still gives those
+        layers their gradients.
+        """
+        self.disable_input_require_grads()
+        hooks, seen = [], set()
+        for owner in self.modules():
+            if not (isinstance(owner, PreTrainedModel) and hasattr(owner, "get_input_embeddings")):
+                continue
+            try:
+                embedding = owner.get_input_embeddings()
+            except NotImplementedError:
+                continue
+            if embedding is None or id(embedding) in seen or not hasattr(embedding, "register_forward_hook"):
+                continue
+            seen.add(id(embedding))
+            layers = [m for m in owner.modules() if isinstance(m, GradientCheckpointingLayer)]
+            hooks.append(embedding.register_forward_hook(functools.partial(_require_grad_if_trained, layers)))
+        self._require_grads_hooks = hooks
+
     def resize_token_embeddings(self, *args, **kwargs) -> nn.Embedding:
         embeddings = self.mllm.resize_token_embeddings(*args, **kwargs)
         self._attach_task_token_hook()
@@ -359,7 +389,7 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
             mllm_kwargs: keyword arguments of `from_pretrained` when a path is given.
             **config_kwargs: further `TPOConfig` fields (head configs, loss weights, sam2_config, ...).
 
-        New embedding rows are set to the mean of the old ones.
+        The task tokens' embedding rows are set to the mean of the vocabulary's rows (see `_add_task_tokens`).
         """
         if isinstance(mllm_or_path, (str, PathLike)):
             mllm = AutoModelForImageTextToText.from_pretrained(mllm_or_path, **(mllm_kwargs or {}))
@@ -479,7 +509,13 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
                 **kwargs,
             )
         hidden_states = backbone_outputs.last_hidden_state  # (batch, seq, hidden)
-        logits = self.mllm.get_output_embeddings()(slice_logits_to_keep(hidden_states, logits_to_keep))
+        lm_targets = {}
+        every_position = isinstance(logits_to_keep, int) and not logits_to_keep
+        if labels is not None and self.config.labelled_logits_only and every_position:
+            labelled_hidden, lm_targets["shift_labels"] = _labelled_positions(hidden_states, labels)
+            logits = self.mllm.get_output_embeddings()(labelled_hidden)  # (num_labelled, vocab)
+        else:
+            logits = self.mllm.get_output_embeddings()(slice_logits_to_keep(hidden_states, logits_to_keep))
 
         weights = self.loss_weights
         computing_loss = labels is not None or task_labels is not None
@@ -491,6 +527,7 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
                 labels=labels,
                 vocab_size=self.config.get_text_config().vocab_size,
                 num_items_in_batch=num_items_in_batch,
+                **lm_targets,
             )
 
         end_index = self._instruction_end_index(hidden_states, labels, attention_mask, instruction_end_index)
@@ -1497,6 +1534,12 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
         return names
 
 
+def _require_grad_if_trained(layers: list[nn.Module], module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+    """Forward hook of an input embedding: its output requires grad if one of `layers` has a trainable parameter."""
+    if torch.is_tensor(output) and any(p.requires_grad for layer in layers for p in layer.parameters()):
+        output.requires_grad_(True)
+
+
 def _cache_argument(module: nn.Module) -> str:
     """The name under which `module.forward` takes the KV cache: `cache` (transformers >= 5.24) or
     `past_key_values` (earlier releases)."""
@@ -1519,6 +1562,15 @@ def _per_frame_masks(mask_logits: torch.Tensor, threshold: float = 0.0) -> dict:
     scale = torch.tensor([width, height, width, height], dtype=torch.float32, device=mask_logits.device)
     return {"mask_logits": mask_logits, "boxes": masks_to_boxes(binary) / scale, "visible": binary.flatten(1).any(1),
             "mode": "per_frame"}
+
+
+def _labelled_positions(hidden_states: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(batch, seq, hidden) hidden states and (batch, seq) labels -> the hidden states (n, hidden) of the n positions
+    whose next token is a label and those labels (n,): what the shifted LM loss reads, without the other logits."""
+    # the token each position predicts
+    targets = F.pad(labels.to(hidden_states.device), (0, 1), value=IGNORE_INDEX)[:, 1:]
+    keep = targets != IGNORE_INDEX
+    return hidden_states[keep], targets[keep]
 
 
 def _xyxy_scale_offset(transform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1548,24 +1600,32 @@ def _invalid_box_rows(boxes: torch.Tensor) -> torch.Tensor:
 def _add_task_tokens(mllm: PreTrainedModel, token_strings: dict, tokenizer=None) -> dict:
     """Add every task's begin and slot tokens to `tokenizer` (if given) and to the MLLM's embeddings.
 
-    Returns `{task: {"begin": id, "slots": [ids]}}`. New embedding rows (input and output) are
-    set to the mean of the existing rows.
+    Returns `{task: {"begin": id, "slots": [ids]}}`. The embedding rows (input and output) of the tokens added
+    here, and any rows the resize adds, are set to the mean of the rows of the tokenizer's vocabulary. A
+    checkpoint whose embeddings have more rows than its tokenizer has tokens (Qwen2-VL, Qwen2.5-VL: 152,064 rows,
+    151,665 tokens) takes the new tokens in those untrained padding rows, without a resize.
     """
     ordered = [(task, kind, s) for task, entry in token_strings.items() for kind, s in
                [("begin", entry["begin"])] + [("slots", s) for s in entry["slots"]]]
     old_rows = mllm.get_input_embeddings().weight.shape[0]
     if tokenizer is not None:
         text_tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+        known_tokens = len(text_tokenizer)
         text_tokenizer.add_special_tokens(
             {"extra_special_tokens": [s for _, _, s in ordered]}, replace_extra_special_tokens=False
         )
         ids = text_tokenizer.convert_tokens_to_ids([s for _, _, s in ordered])
         new_rows = max(old_rows, len(text_tokenizer), max(ids) + 1)
+        added = [i for i in ids if i >= known_tokens]  # tokens the tokenizer already had keep their rows
+        vocabulary_rows = min(known_tokens, old_rows)
     else:
         ids = list(range(old_rows, old_rows + len(ordered)))
         new_rows = old_rows + len(ordered)
+        added, vocabulary_rows = ids, old_rows
     if new_rows > old_rows:
-        _resize_with_mean(mllm, new_rows)
+        with init.no_init_weights():  # every new row is set below: no random draw over the whole resized matrix
+            mllm.resize_token_embeddings(new_rows, mean_resizing=False)
+    _set_rows_to_mean(mllm, sorted(set(added) | set(range(old_rows, new_rows))), vocabulary_rows)
     table = {task: {"begin": None, "slots": []} for task in token_strings}
     for (task, kind, _), token_id in zip(ordered, ids):
         if kind == "begin":
@@ -1576,18 +1636,29 @@ def _add_task_tokens(mllm: PreTrainedModel, token_strings: dict, tokenizer=None)
 
 
 @torch.no_grad()
-def _resize_with_mean(mllm: PreTrainedModel, new_rows: int) -> None:
-    old_rows = mllm.get_input_embeddings().weight.shape[0]
-    mllm.resize_token_embeddings(new_rows, mean_resizing=False)
+def _set_rows_to_mean(mllm: PreTrainedModel, rows: list[int], vocabulary_rows: int) -> None:
+    """Set `rows` of the input and output embeddings (and an output bias) to the mean of their first
+    `vocabulary_rows` rows (the tokenizer's vocabulary)."""
+    if not rows:
+        return
     for embedding in (mllm.get_input_embeddings(), mllm.get_output_embeddings()):
         if embedding is None:
             continue
-        weight = embedding.weight
-        weight[old_rows:] = weight[:old_rows].mean(dim=0, keepdim=True)
+        index = torch.tensor(rows, device=embedding.weight.device)
+        embedding.weight[index] = _row_mean(embedding.weight, vocabulary_rows).to(embedding.weight.dtype)
         bias = getattr(embedding, "bias", None)
-        if bias is not None and bias.shape[0] == new_rows:
-            bias[old_rows:] = bias[:old_rows].mean()
-    logger.info("Resized the MLLM's embeddings from %d to %d rows (new rows at the mean).", old_rows, new_rows)
+        if bias is not None and bias.shape[0] == embedding.weight.shape[0]:
+            bias[index] = bias[:vocabulary_rows].mean()
+    logger.info("Embedding rows %s (task tokens) set to the mean of the %d vocabulary rows.", rows, vocabulary_rows)
+
+
+def _row_mean(weight: torch.Tensor, rows: int, chunk: int = 8192) -> torch.Tensor:
+    """Mean of `weight[:rows]` over its rows, in float32, accumulated `chunk` rows at a time: a bf16 reduction on a
+    CPU first copies its whole input to float32 (2.2 GB for a 152k x 3584 embedding)."""
+    total = torch.zeros(weight.shape[1:], dtype=torch.float32, device=weight.device)
+    for start in range(0, rows, chunk):
+        total += weight[start:min(start + chunk, rows)].sum(0, dtype=torch.float32)
+    return total / max(rows, 1)
 
 
 TPOForConditionalGeneration.register_for_auto_class("AutoModel")

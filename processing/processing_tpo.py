@@ -281,8 +281,11 @@ class LlavaLayout(VisualLayout):
 
     @classmethod
     def settings_from_config(cls, mllm_config, tokenizer, image_processor) -> dict:
-        """The processor settings this layout needs from the MLLM's configuration."""
-        return {"image_seq_length": mllm_config.image_seq_length}
+        """The processor settings this layout needs from the MLLM's configuration. A video's placeholders are its
+        frames' image tokens: LLaVA tokenizers have no video token (llava-1.5's has `<image>` = 32000 only)."""
+        image_token = tokenizer.convert_ids_to_tokens(mllm_config.image_token_id)
+        return {"image_seq_length": mllm_config.image_seq_length, "image_token": image_token,
+                "video_token": image_token}
 
     def video_as_images(self) -> bool:
         return True

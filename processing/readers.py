@@ -893,6 +893,14 @@ READERS = {
 }
 
 
+def registered_readers() -> dict:
+    """`READERS` and the multiple-choice benchmarks' (`benchmark_readers` reads with this module's helpers, so
+    it is imported here, not at the top)."""
+    from .benchmark_readers import BENCHMARK_READERS
+
+    return {**READERS, **BENCHMARK_READERS}
+
+
 # Arguments a spec may leave out (test splits of MeViS / Ref-YouTube-VOS ship no mask_dict.json; the hub's
 # RefCOCO parquet exports carry their annotations and images, so need no instances json).
 SPEC_DEFAULTS = {"mevis": {"mask_dict_json": None}, "refcoco": {"instances_json": None}}
@@ -903,10 +911,11 @@ def check_spec(spec: dict) -> tuple:
     naming the spec for an unknown format or key."""
     spec = dict(spec)
     fmt = spec.pop("format", None)
-    if fmt not in READERS:
-        raise ValueError(f"Unknown dataset format {fmt!r} in {spec}; formats: {sorted(READERS)}.")
+    readers = registered_readers()
+    if fmt not in readers:
+        raise ValueError(f"Unknown dataset format {fmt!r} in {spec}; formats: {sorted(readers)}.")
     max_samples = spec.pop("max_samples", None)
-    reader, names = READERS[fmt]
+    reader, names = readers[fmt]
     unknown = set(spec) - set(names)
     if unknown:
         raise ValueError(f"Unknown key(s) {sorted(unknown)} for format {fmt!r}; expected {sorted(names)}.")

@@ -75,6 +75,10 @@ def _expected(pipe, sample: dict, media: dict, task: str) -> dict:
         images = [media["image"]] if "image" in media else list(media["frames"])
         batch.update(sam2_pixel_values=processor.sam2_inputs(images)["sam2_pixel_values"],
                      sam2_batch_index=torch.zeros(len(images), dtype=torch.long))
+        if "frames" in media:  # the box prompt reads each SAM2 frame's own head frame (here frame i is head frame i)
+            height, width = images[0].shape[:2]
+            batch.update(mask_frame_index=torch.arange(len(images)),
+                         mask_view_to_sam2=torch.tensor([processor.view_to_sam2(height, width)] * len(images)))
     with torch.no_grad():
         return model.generate(**batch, force_task=task, max_new_tokens=2, do_sample=False).task_outputs[0][task]
 

@@ -51,7 +51,7 @@ OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
 HELD_OUT_PAIRS = (("yellow", "star"), ("cyan", "triangle"), ("magenta", "square"), ("green", "circle"))
 NUMBER_WORDS = ("zero", "one", "two", "three", "four")
 SPLITS = ("train", "val", "test")
-FORMAT_VERSION = 5
+FORMAT_VERSION = 6
 
 # Images / videos per split (train, val, test) for each part, by size. Training images and videos are asked
 # about every object they hold; evaluation ones about one object (plus one query-swap control each).
@@ -313,6 +313,28 @@ def _visibility_window(rng) -> tuple[float, float]:
     return start / VIDEO_FPS, (start + length) / VIDEO_FPS
 
 
+MAX_TOTAL_SHOWN_SECONDS = VIDEO_SECONDS + 2.0  # the shapes' windows together: neighbours overlap by a second at most
+
+
+def _distinct_windows(rng, count: int) -> list[list[tuple[float, float]]]:
+    """One window per shape, one after another in a random order: lengths of 3-8 s (shrunk to fit when together
+    they are longer than `MAX_TOTAL_SHOWN_SECONDS`), random gaps, neighbours overlapping by at most a second, on
+    1/fps boundaries; so each shape has its own answer, and neither order nor length tells the target."""
+    step = 1 / VIDEO_FPS
+    lengths = rng.uniform(*WINDOW_SECONDS_RANGE, count)
+    lengths *= min(1.0, MAX_TOTAL_SHOWN_SECONDS / lengths.sum())
+    lengths = np.maximum(np.round(lengths / step) * step, 2 * step)
+    free = VIDEO_SECONDS - lengths.sum()
+    if free >= 0:  # random gaps before, between and after the windows
+        gaps = np.floor(rng.dirichlet(np.ones(count + 1)) * free / step) * step
+        starts = np.cumsum(np.concatenate([[gaps[0]], lengths[:-1] + gaps[1:-1]]))
+    else:  # neighbours share the excess equally
+        overlap = np.ceil(-free / max(count - 1, 1) / step) * step
+        starts = np.concatenate([[0.0], np.cumsum(lengths[:-1] - overlap)])
+    order = rng.permutation(count)
+    return [[(float(starts[k]), float(min(starts[k] + lengths[k], VIDEO_SECONDS)))] for k in order]
+
+
 def _clip_saliency(windows: list[tuple[float, float]]) -> tuple[list[int], list[list[int]]]:
     """Relevant 2-second clips and three annotators' 0-4 scores from the visible fraction of each clip."""
     clip_ids, scores = [], []
@@ -334,10 +356,10 @@ def _frame_times() -> list[float]:
 def make_temporal_video(rng, path: Path, allowed_pairs: list[tuple[str, str]] | None = None,
                         share: tuple[str, ...] = ("shape",)) -> dict:
     """A 16 s video of 2-4 shapes, each visible during its own window of 3-8 s (windows of different
-    shapes may overlap); the shapes move, are painted in a random order and share colours or shapes.
+    shapes overlap little: IoU at most 1/3); the shapes move, are painted in a random order and share colours or shapes.
     Returns {"sprites", "windows" (per sprite), "appearances" (first visible second per name)}."""
     pairs = scene_pairs(rng, _object_count(rng), allowed_pairs or _all_pairs(), share=share)
-    windows = [[_visibility_window(rng)] for _ in pairs]
+    windows = _distinct_windows(rng, len(pairs))
     times = _frame_times()
     sprites = place_scene(rng, pairs, moving=True, times_seconds=(0.0, VIDEO_SECONDS / 2, VIDEO_SECONDS))
     windows = windows[: len(sprites)]

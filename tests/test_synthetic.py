@@ -2,16 +2,18 @@
 
 import json
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from tpo.processing.schema import mask_from_rle, validate_sample
+from tpo.processing.schema import empty_sample, mask_from_rle, validate_sample
 from tpo.processing.synthetic import (
     COLOURS,
     DIRECTIONS,
+    ORDER_GAP_SECONDS,
     HELD_OUT_PAIRS,
     MASK_VIDEO_FPS,
     MIN_VISIBLE_FRACTION,
@@ -19,8 +21,11 @@ from tpo.processing.synthetic import (
     SWAP_MAX_IOU,
     VIDEO_FPS,
     VIDEO_SECONDS,
+    Sprite,
     _all_pairs,
     _clip_saliency,
+    _conversations_on_video,
+    _visible_travel_pixels,
     generate_synthetic_benchmark,
     load_controls,
     load_manifest,
@@ -28,10 +33,12 @@ from tpo.processing.synthetic import (
     main,
     make_region_image,
     make_temporal_video,
+    mcq_reply,
     shape_mask,
 )
 from tpo.processing.video import load_video
 from tpo.training.metrics import best_gt_iou, box_iou
+from tpo.training.metrics.mcqa import extract_option_letter
 
 
 def refcoco_iou(a, b) -> float:
@@ -126,7 +133,10 @@ def test_readers_load_every_part_with_the_planned_counts(bench, splits):
             assert len(parts["region"]) == counts["region"] and len(parts["temporal"]) == counts["temporal"]
         assert len(parts["mask_image"]) == min(len(parts["region"]), max(1, counts["region"] // 2))
         assert len({json.loads(r["meta"])["video"] for r in parts["mask_video"]}) == counts["mask_video"]
-        assert len(parts["conversation"]) == counts["conversation"]
+        images = [row for row in parts["conversation"] if row["media_type"] == "image"]
+        assert len(images) == 3 * counts["conversation"]  # colour, shape and count of each image
+        videos = {row["media_path"] for row in parts["conversation"] if row["media_type"] == "video"}
+        assert 0 < len(videos) <= counts["conversation_video"]
         for part, dataset in parts.items():
             for row in dataset:
                 validate_sample(row)
@@ -296,22 +306,29 @@ def test_shape_masks_have_the_expected_area():
 
 def _answer(row) -> str:
     reply = row["conversations"][-1]["content"]
-    return row["options"]["ABCD".index(row["answer"])] if row["options"] else reply
+    if not row["options"]:
+        return reply
+    option = row["options"]["ABCD".index(row["answer"])]
+    assert reply == mcq_reply(option, row["answer"]) == f"{option} ({row['answer']})"
+    assert extract_option_letter(reply, row["options"]) == row["answer"]  # the metric reads the reply's letter
+    return option
 
 
 def test_conversations_answer_the_image_and_hold_out_pairs(splits):
     held_out = {" ".join(pair) for pair in HELD_OUT_PAIRS}
     for split in ("train", "test"):
-        subjects = []
+        subjects, kinds = [], []
         for row in splits[split]["conversation"]:
             meta = json.loads(row["meta"])
             subjects.append(meta["subject"])
+            kinds.append(meta["category"])
             assert meta["held_out"] == (meta["subject"] in held_out)
             if row["options"]:
-                assert row["answer"] in "ABCD" and row["conversations"][-1]["content"] == row["answer"]
-                assert len(set(row["options"])) == len(row["options"])
+                assert row["answer"] in "ABCD" and len(set(row["options"])) == len(row["options"]) == 4
+            answer = _answer(row)
             if row["media_type"] != "image":
                 assert row["conversations"][0]["content"].startswith("<video>\n")
+                assert meta["category"] in ("count", "order", "direction")
                 continue
             assert row["conversations"][0]["content"].startswith("<image>\n")
             image = np.asarray(Image.open(row["media_path"]).convert("RGB"))
@@ -319,12 +336,61 @@ def test_conversations_answer_the_image_and_hold_out_pairs(splits):
             colour, shape = meta["subject"].split()
             assert colour in present
             if meta["category"] == "count":
-                assert _answer(row) == ("zero", "one", "two", "three", "four")[len(present)]
+                assert answer == ("zero", "one", "two", "three", "four")[len(present)]
             elif meta["category"] == "colour":
-                assert _answer(row) == colour
+                assert answer == colour
             else:
-                assert _answer(row) == shape
+                assert meta["category"] == "shape" and answer == shape
+        counts = Counter(kinds)
+        assert counts["colour"] == counts["shape"] and counts["count"] > counts["colour"]  # + the videos' counts
+        multiple_choice = sum(bool(row["options"]) for row in splits[split]["conversation"])
+        assert abs(2 * multiple_choice - len(kinds)) <= len(kinds) // 4  # about half are multiple-choice
         if split == "train":
             assert not held_out & set(subjects)
         else:
             assert held_out & set(subjects)  # the test split asks about pairs never trained on
+
+
+def test_video_conversations_ask_only_what_sampled_frames_show(bench, splits):
+    """Order questions: the first shape appears ORDER_GAP_SECONDS before any other; direction questions: the shape
+    travels DIRECTION_MIN_PIXELS between frames sampled every VIDEO_QUESTION_FRAME_SECONDS; checked against the
+    windows of the training videos' temporal records (every shape of a training video is asked about)."""
+    windows: dict = {}
+    for row in splits["train"]["temporal"]:
+        windows.setdefault(Path(row["media_path"]).name, {})[row["query"]] = [list(w) for w in row["spans_seconds"]]
+    asked = Counter()
+    for row in splits["train"]["conversation"]:
+        meta = json.loads(row["meta"])
+        if row["media_type"] != "video":
+            continue
+        shapes = windows[Path(row["media_path"]).name]
+        asked[meta["category"]] += 1
+        if meta["category"] == "count":
+            assert _answer(row) == ("zero", "one", "two", "three", "four")[len(shapes)]
+        elif meta["category"] == "order":
+            starts = sorted((ws[0][0], name) for name, ws in shapes.items())
+            assert starts[1][0] - starts[0][0] >= ORDER_GAP_SECONDS and _answer(row) == starts[0][1].split()[1]
+        else:
+            assert meta["category"] == "direction" and meta["subject"] in shapes
+            assert _answer(row) in DIRECTIONS
+    assert asked["count"] >= 1
+    circle = Sprite("red", "circle", 30.0, 40.0, 64.0, "right", speed=5.0)
+    square = Sprite("blue", "square", 30.0, 90.0, 64.0, "up", speed=1.0)
+    for gap, kinds in ((5.0, ["count", "order", "direction"]), (3.0, ["count", "direction"])):
+        info = {"sprites": [circle, square], "windows": [[(0.0, 6.0)], [(gap, gap + 6.0)]],
+                "appearances": {"red circle": 0.0, "blue square": gap}}
+        records = _conversations_on_video(np.random.default_rng(0), "train", 0, "train_00000", info)
+        assert [r["category"] for r in records] == kinds
+        answers = {r["category"]: _answer(empty_sample(options=r.get("options", []), answer=r.get("answer", ""),
+                                                        conversations=[{"role": "assistant", "content": t["value"]}
+                                                                       for t in r["conversations"]]))
+                   for r in records}
+        assert answers["count"] == "two" and answers["direction"] == "right"  # the circle travels 5 px/s x 4 s
+        assert answers.get("order", "circle") == "circle"
+    circle.speed = 3.0  # 12 px between the frames: too little to ask for its direction
+    assert [r["category"] for r in _conversations_on_video(np.random.default_rng(0), "train", 0, "train_00000", info)
+            ] == ["count"]
+    sprite = Sprite("red", "circle", 30.0, 40.0, 64.0, "right", speed=4.0)
+    # windows of 5 s show at least 2 frames 2 s apart whatever their phase; 7 s: 3 frames, 4 s apart
+    assert _visible_travel_pixels(sprite, [(1.0, 6.0)]) == pytest.approx(4.0 * 2.0)
+    assert _visible_travel_pixels(sprite, [(1.0, 6.0), (8.0, 15.0)]) == pytest.approx(4.0 * 4.0)

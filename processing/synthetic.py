@@ -59,7 +59,7 @@ FORMAT_VERSION = 6
 # Images / videos per split (train, val, test) for each part, by size. Training images and videos are asked
 # about every object they hold; evaluation ones about one object (plus one query-swap control each).
 # Conversations: "conversation" images are asked three questions each (colour, shape, count), and the first
-# "conversation_video" temporal videos of a split up to three (count, order, direction).
+# "conversation_video" temporal videos of a split a few (count, order of appearance, directions).
 SIZES = {
     "small": {"region": (6, 4, 4), "temporal": (5, 3, 3), "mask_video": (4, 2, 2), "conversation": (8, 4, 4),
               "conversation_video": (5, 3, 3)},
@@ -588,23 +588,23 @@ def _visible_travel_pixels(sprite: Sprite, windows: list[tuple[float, float]]) -
 
 def _conversations_on_video(rng, split: str, index: int, video_id: str, info: dict) -> list[dict]:
     """Questions on a temporal video whose answers the sampled frames show: how many shapes appear; which shape
-    appears first, when it appears `ORDER_GAP_SECONDS` before any other (so that some frame of any uniform
-    sampling every `VIDEO_QUESTION_FRAME_SECONDS` shows it alone); the direction of the shape that travels
-    farthest while visible, when that is at least `DIRECTION_MIN_PIXELS`."""
+    appears first (last), when it appears `ORDER_GAP_SECONDS` before (after) any other, so that frames sampled
+    uniformly every `VIDEO_QUESTION_FRAME_SECONDS` show the order whatever their phase; the direction of each
+    shape that travels at least `DIRECTION_MIN_PIXELS` between such frames."""
     sprites, windows = info["sprites"], info["windows"]
     media = {"video": f"../temporal/videos/{video_id}.mp4"}
     questions = [("count", "How many shapes appear in the video?", NUMBER_WORDS[len(sprites)],
                   list(NUMBER_WORDS[1:]), sprites[0])]
     appearances = sorted(info["appearances"].items(), key=lambda item: item[1])
-    if len(appearances) >= 2 and appearances[1][1] - appearances[0][1] >= ORDER_GAP_SECONDS:
-        first = next(s for s in sprites if s.name == appearances[0][0])
-        pool = list(dict.fromkeys([s.shape for s in sprites] + list(SHAPES)))
-        questions.append(("order", "Which shape appears first in the video?", first.shape, pool, first))
-    travel = [_visible_travel_pixels(s, w) for s, w in zip(sprites, windows)]
-    mover = sprites[int(np.argmax(travel))]
-    if max(travel) >= DIRECTION_MIN_PIXELS:
-        questions.append(("direction", f"In which direction does the {mover.name} move?", mover.direction,
-                          list(DIRECTIONS), mover))
+    pool = list(dict.fromkeys([s.shape for s in sprites] + list(SHAPES)))
+    for word, first, second in (("first", 0, 1), ("last", -1, -2)):
+        if len(appearances) >= 2 and abs(appearances[second][1] - appearances[first][1]) >= ORDER_GAP_SECONDS:
+            subject = next(s for s in sprites if s.name == appearances[first][0])
+            questions.append(("order", f"Which shape appears {word} in the video?", subject.shape, pool, subject))
+    for sprite, sprite_windows in zip(sprites, windows):
+        if _visible_travel_pixels(sprite, sprite_windows) >= DIRECTION_MIN_PIXELS:
+            questions.append(("direction", f"In which direction does the {sprite.name} move?", sprite.direction,
+                              list(DIRECTIONS), sprite))
     return [_conversation_record(rng, f"vid-{split}-{index}-{kind}", media, question, answer, pool, kind,
                                  subject.name, multiple_choice=(index + k) % 2 == 1)
             for k, (kind, question, answer, pool, subject) in enumerate(questions)]
@@ -627,7 +627,7 @@ def _conversation_record(rng, record_id: str, media: dict, question: str, answer
 
 def _generate_conversations(root: Path, split: str, image_count: int, video_count: int, seed: int,
                             videos: dict) -> str:
-    """Three conversations per image (`image_count` images) and up to three per temporal video (the first
+    """Three conversations per image (`image_count` images) and a few per temporal video (the first
     `video_count` videos of the split; for training, of those that show no held-out pair). Half of them
     (alternately) are multiple-choice."""
     records = []

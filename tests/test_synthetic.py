@@ -369,14 +369,16 @@ def test_video_conversations_ask_only_what_sampled_frames_show(bench, splits):
             assert _answer(row) == ("zero", "one", "two", "three", "four")[len(shapes)]
         elif meta["category"] == "order":
             starts = sorted((ws[0][0], name) for name, ws in shapes.items())
-            assert starts[1][0] - starts[0][0] >= ORDER_GAP_SECONDS and _answer(row) == starts[0][1].split()[1]
+            first, second = (0, 1) if "first" in row["conversations"][0]["content"] else (-1, -2)
+            assert abs(starts[second][0] - starts[first][0]) >= ORDER_GAP_SECONDS
+            assert _answer(row) == starts[first][1].split()[1]
         else:
             assert meta["category"] == "direction" and meta["subject"] in shapes
             assert _answer(row) in DIRECTIONS
     assert asked["count"] >= 1
     circle = Sprite("red", "circle", 30.0, 40.0, 64.0, "right", speed=5.0)
     square = Sprite("blue", "square", 30.0, 90.0, 64.0, "up", speed=1.0)
-    for gap, kinds in ((5.0, ["count", "order", "direction"]), (3.0, ["count", "direction"])):
+    for gap, kinds in ((5.0, ["count", "order", "order", "direction"]), (3.0, ["count", "direction"])):
         info = {"sprites": [circle, square], "windows": [[(0.0, 6.0)], [(gap, gap + 6.0)]],
                 "appearances": {"red circle": 0.0, "blue square": gap}}
         records = _conversations_on_video(np.random.default_rng(0), "train", 0, "train_00000", info)
@@ -386,7 +388,11 @@ def test_video_conversations_ask_only_what_sampled_frames_show(bench, splits):
                                                                        for t in r["conversations"]]))
                    for r in records}
         assert answers["count"] == "two" and answers["direction"] == "right"  # the circle travels 5 px/s x 4 s
-        assert answers.get("order", "circle") == "circle"
+        orders = {("first" if "first" in r["conversations"][0]["value"] else "last"): _answer(empty_sample(
+            options=r.get("options", []), answer=r.get("answer", ""),
+            conversations=[{"role": "assistant", "content": r["conversations"][-1]["value"]}]))
+            for r in records if r["category"] == "order"}
+        assert orders == ({"first": "circle", "last": "square"} if gap == 5.0 else {})
     circle.speed = 3.0  # 12 px between the frames: too little to ask for its direction
     assert [r["category"] for r in _conversations_on_video(np.random.default_rng(0), "train", 0, "train_00000", info)
             ] == ["count"]

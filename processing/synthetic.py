@@ -16,10 +16,11 @@ expression tells apart. Evaluation splits hold one query per image or video, plu
 object's answer, from which the question-blind floors are computed.
 
 Conversations ask what the pixels show: an image's colour, shape and object count (three questions per image),
-a video's shape count, the shape that appears first and a shape's direction of motion (only where frames
-sampled every 2 s show the answer), half of them multiple-choice (answered "red (B)": the option, then its
-letter). Colour x shape pairs in `HELD_OUT_PAIRS` never appear in the training conversations and are the
-subject of half of the test images.
+a video's shape count, the shape that appears first or last and a shape's direction of motion (only where
+frames sampled every 2 s show the answer), half of them multiple-choice (answered "red (B)": the option, then
+its letter); a training conversation asks all questions of its image or video in several turns, an evaluation
+record one question. Colour x shape pairs in `HELD_OUT_PAIRS` never appear in the training conversations and
+are the subject of half of the test images.
 Everything is drawn from a seeded generator per (seed, split, task, index): the same seed gives
 byte-identical annotation files.
 
@@ -625,20 +626,43 @@ def _conversation_record(rng, record_id: str, media: dict, question: str, answer
                                         {"from": "gpt", "value": answer}]}
 
 
+def multi_turn(rng, records: list[dict]) -> dict:
+    """The questions of one image or video (single-question records) as one conversation of several turns, in a
+    random order: one sample supervises every answer, for the price of one image or video in the model. The
+    record keeps the categories (`categories`) and the subject of its first question."""
+    order = rng.permutation(len(records)).tolist()
+    turns = []
+    for position, index in enumerate(order):
+        question, reply = records[index]["conversations"]
+        value = question["value"] if position == 0 else question["value"].split("\n", 1)[1]  # one placeholder
+        turns += [{**question, "value": value}, reply]
+    first = records[order[0]]
+    media = {key: first[key] for key in ("image", "video") if key in first}
+    return {"id": first["id"].rsplit("-", 1)[0], **media, "category": "multi_turn",
+            "categories": [records[i]["category"] for i in order], "subject": first["subject"],
+            "held_out": any(r["held_out"] for r in records), "conversations": turns}
+
+
 def _generate_conversations(root: Path, split: str, image_count: int, video_count: int, seed: int,
                             videos: dict) -> str:
-    """Three conversations per image (`image_count` images) and a few per temporal video (the first
-    `video_count` videos of the split; for training, of those that show no held-out pair). Half of them
-    (alternately) are multiple-choice."""
-    records = []
+    """Three questions per image (`image_count` images) and a few per temporal video (the first `video_count`
+    videos of the split; for training, of those that show no held-out pair); half of them (alternately)
+    multiple-choice. Evaluation splits hold one question per record (each scored on its own), the training
+    split one multi-turn conversation per image or video (`multi_turn`)."""
+    per_media = []
     for index in range(image_count):
-        records += _conversations_on_image(_rng(seed, split, "conversation", index), split, index, root)
+        per_media.append(_conversations_on_image(_rng(seed, split, "conversation", index), split, index, root))
     video_ids = sorted(v for v in videos if v.startswith(split))
     if split == "train":  # training conversations never show a held-out pair, in images or in videos
         video_ids = [v for v in video_ids if not any(s.pair in HELD_OUT_PAIRS for s in videos[v]["sprites"])]
     for index, video_id in enumerate(video_ids[:video_count]):
-        records += _conversations_on_video(_rng(seed, split, "conversation-video", index), split, index, video_id,
-                                           videos[video_id])
+        per_media.append(_conversations_on_video(_rng(seed, split, "conversation-video", index), split, index,
+                                                 video_id, videos[video_id]))
+    if split == "train":
+        records = [multi_turn(_rng(seed, split, "conversation-turns", index), group)
+                   for index, group in enumerate(per_media)]
+    else:
+        records = [record for group in per_media for record in group]
     _dump(root / "conversation" / f"{split}.json", records)
     return f"conversation/{split}.json"
 

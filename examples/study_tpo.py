@@ -142,7 +142,7 @@ class StudyArguments:
     test_per_task: int = field(default=300, metadata={
         "help": "Test samples per grounding part (temporal, region, mask images, mask videos) and per query-swap "
                 "control, the same for every arm and seed; every test conversation is evaluated."})
-    quick_train_fraction: float = field(default=0.35, metadata={"help": "--train_fraction of --quick."})
+    quick_train_fraction: float = field(default=0.25, metadata={"help": "--train_fraction of --quick."})
     quick_test_per_task: int = field(default=100, metadata={"help": "--test_per_task of --quick."})
 
 

@@ -167,10 +167,15 @@ def load_data(script: ScriptArguments) -> tuple[dict, dict]:
         data = {key: read_specs(specs or []) for key, specs in config.items()} | {
             split: read_specs(config.get(split) or []) for split in ("train", "eval", "test")}
         return data, {name: read_specs(specs or []) for name, specs in controls.items()}
-    manifest = generate_synthetic_benchmark(script.synthetic_dir, size=script.synthetic_size, seed=script.synthetic_seed)
+    manifest = synthetic_manifest(script)
     specs = {split: list(manifest["splits"][split].values()) for split in ("train", "val", "test")}
     data = {"train": read_specs(specs["train"]), "eval": read_specs(specs["val"]), "test": read_specs(specs["test"])}
     return data, {name: read_spec(spec) for name, spec in manifest.get("controls", {}).get("test", {}).items()}
+
+
+def synthetic_manifest(script: ScriptArguments) -> dict:
+    """The synthetic benchmark of the script's settings (generated once, then reused), its manifest."""
+    return generate_synthetic_benchmark(script.synthetic_dir, size=script.synthetic_size, seed=script.synthetic_seed)
 
 
 def tokenizer_corpus(datasets: list) -> list[str]:

@@ -19,9 +19,9 @@ tpo_released vs text_coords); (b) joint training beats training each task alone 
 (c) dense task supervision does not hurt general understanding (tpo vs conversation_only on multiple-choice
 accuracy and open-ended exact match, beside chance, the majority letter and text_prior).
 
-    # the full study (3 seeds; under 2 hours on 2 quiet CPU cores): outputs/study/full/
+    # the full study (3 seeds, half of the training data; about 1.5 hours on 2 quiet CPU cores): outputs/study/full/
     python examples/study_tpo.py
-    # one seed, a third of the training data (under 15 minutes): outputs/study/quick/
+    # one seed, a quarter of the training data (about 15 minutes): outputs/study/quick/
     python examples/study_tpo.py --quick
     # some arms, other seeds, any run setting (YAML first, then flags, as run_tpo.py)
     python examples/study_tpo.py --arms tpo text_coords --seeds 0 1 --task_epochs 2
@@ -52,7 +52,7 @@ import run_tpo  # noqa: E402
 from run_tpo import ModelArguments, ScriptArguments  # noqa: E402
 
 from tpo.processing.pipeline import TPODataCollator, encode_dataset, load_media  # noqa: E402
-from tpo.processing.synthetic import generate_synthetic_benchmark, load_controls, load_split  # noqa: E402
+from tpo.processing.synthetic import load_controls, load_split  # noqa: E402
 from tpo.training.arguments import STAGES, TPOTrainingArguments  # noqa: E402
 from tpo.training.evaluation import TaskEvaluator  # noqa: E402
 from tpo.training.trainer import TPOTrainer, unwrap_tpo  # noqa: E402
@@ -203,7 +203,7 @@ def _subset(dataset, count: int):
 def load_study_data(script, study: StudyArguments) -> dict:
     """{"train": {part: dataset}, "test": {part: dataset}, "controls": {name: dataset}} of the synthetic
     benchmark, training parts cut to `train_fraction`, test grounding parts and controls to `test_per_task`."""
-    manifest = generate_synthetic_benchmark(script.synthetic_dir, size=script.synthetic_size, seed=script.synthetic_seed)
+    manifest = run_tpo.synthetic_manifest(script)
     train = {part: _subset(rows, math.ceil(study.train_fraction * len(rows)))
              for part, rows in load_split(manifest, "train").items()}
     test = {part: rows if part == "conversation" else _subset(rows, study.test_per_task)
@@ -258,7 +258,7 @@ def test_samples(arm: ArmSpec, data: dict) -> tuple[list, dict]:
     from datasets import concatenate_datasets
 
     rows = concatenate_datasets([data["test"][part] for part in (*grounding_parts(arm), "conversation")])
-    controls = {name: rows_ for name, rows_ in data["controls"].items() if name.split("_")[0] in arm.tasks}
+    controls = {name: dataset for name, dataset in data["controls"].items() if name.split("_")[0] in arm.tasks}
     return rows, controls
 
 

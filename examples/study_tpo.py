@@ -253,7 +253,7 @@ def stage_datasets(arm: ArmSpec, data: dict, processor, script, seed: int) -> di
     return {"assign": everything, "task": task, "joint": everything}
 
 
-def test_samples(arm: ArmSpec, data: dict) -> tuple[list, dict]:
+def evaluation_samples(arm: ArmSpec, data: dict) -> tuple:
     """(test rows, controls) the arm is scored on: its grounding tasks and every conversation."""
     from datasets import concatenate_datasets
 
@@ -293,7 +293,7 @@ def run_arm(name: str, seed: int, data: dict, script, base_model: ModelArguments
         trained, peft_config = trainer.model, None
     final = trained.merge_and_unload() if hasattr(trained, "merge_and_unload") else trained
     trained_at = time.perf_counter()
-    rows, controls = test_samples(arm, data)
+    rows, controls = evaluation_samples(arm, data)
     evaluator = TaskEvaluator(processor, rows, batch_size=base_training.per_device_eval_batch_size,
                               mask_video_mode=script.mask_video_mode, controls=controls, media_loader=media_loader,
                               output_dir=str(run_dir / "predictions"))

@@ -92,6 +92,10 @@ class ModelArguments:
                                                                           "mask head. None: a tiny SAM2 from configs."})
     enabled_tasks: list[str] = field(default_factory=lambda: ["temporal", "region", "mask"],
                                      metadata={"help": "Tasks the model enables (heads exist only for these)."})
+    text_coordinate_tasks: list[str] = field(default_factory=list, metadata={
+        "help": "Grounding tasks answered in text coordinates instead of task tokens (temporal: 'from 2.5 to 6.0 "
+                "seconds', region: '[x0, y0, x1, y1]' pixels), trained with the LM loss and scored by parsing the "
+                "generated text; they need no head (leave them out of --enabled_tasks)."})
     num_task_tokens: int = field(default=1, metadata={"help": "Learnable task tokens per task."})
     num_frames: int = field(default=8, metadata={"help": "Video frames the MLLM sees."})
     mask_frames_per_video: int = field(default=4, metadata={"help": "Annotated frames per video mask sample for SAM2."})
@@ -172,11 +176,16 @@ def load_data(script: ScriptArguments) -> tuple[dict, dict]:
         data = {key: read_specs(specs or []) for key, specs in config.items()} | {
             split: read_specs(config.get(split) or []) for split in ("train", "eval", "test")}
         return data, {name: read_specs(specs or []) for name, specs in controls.items()}
-    manifest = generate_synthetic_benchmark(script.synthetic_dir, size=script.synthetic_size, seed=script.synthetic_seed,
-                                            share=script.synthetic_share)
+    manifest = synthetic_manifest(script)
     specs = {split: list(manifest["splits"][split].values()) for split in ("train", "val", "test")}
     data = {"train": read_specs(specs["train"]), "eval": read_specs(specs["val"]), "test": read_specs(specs["test"])}
     return data, {name: read_spec(spec) for name, spec in manifest.get("controls", {}).get("test", {}).items()}
+
+
+def synthetic_manifest(script: ScriptArguments) -> dict:
+    """The synthetic benchmark of the script's settings (generated once, then reused), its manifest."""
+    return generate_synthetic_benchmark(script.synthetic_dir, size=script.synthetic_size, seed=script.synthetic_seed,
+                                        share=script.synthetic_share)
 
 
 def tokenizer_corpus(datasets: list) -> list[str]:
@@ -250,7 +259,8 @@ def build_model(model_args: ModelArguments, train_data, preset: str | None = Non
         model.mask_head.load_sam2(model_args.sam2_name_or_path)
     processor = TPOProcessor.from_model_config(model.config, image_processor, tokenizer, num_frames=model_args.num_frames,
                                                mask_frames_per_video=model_args.mask_frames_per_video,
-                                               question_before_media=model_args.question_before_media)
+                                               question_before_media=model_args.question_before_media,
+                                               text_coordinate_tasks=model_args.text_coordinate_tasks)
     return model, processor
 
 
@@ -390,8 +400,8 @@ def run(script: ScriptArguments, model_args: ModelArguments, training_args: TPOT
     data, controls = load_data(script)
     logger.info("Samples: %s", ", ".join(f"{key} {len(value)}" for key, value in data.items()))
 
-    # Samples of tasks the model does not enable are left out (conversation samples always stay).
-    keep = set(model_args.enabled_tasks) | {"text"}
+    # Samples of tasks the model neither enables nor answers in text are left out (conversations always stay).
+    keep = set(model_args.enabled_tasks) | set(model_args.text_coordinate_tasks) | {"text"}
     for key in list(data):
         before = len(data[key])
         data[key] = data[key].filter(lambda row: row["task"] in keep, desc=f"enabled tasks ({key})")

@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -90,6 +91,41 @@ def frame_saliency(
     clip is not annotated as relevant)."""
     by_clip = {int(c): float(np.mean(s)) / 4.0 for c, s in zip(clip_ids, clip_scores)}
     return [by_clip.get(int(t // clip_seconds), 0.0) if clip_seconds > 0 else 0.0 for t in frame_timestamps]
+
+
+# Grounding answers in text coordinates instead of task tokens (`TPOProcessor(text_coordinate_tasks=...)`): boxes
+# as Qwen2.5-VL writes them, `[x0, y0, x1, y1]` in whole pixels of the image, spans as seconds with one decimal.
+TEXT_COORDINATE_TASKS = ("temporal", "region")  # masks have no text-coordinate format
+_NUMBER = r"(-?\d+(?:\.\d+)?)"
+_BOX_TEXT = re.compile(r"\[\s*" + r"\s*,\s*".join([_NUMBER] * 4) + r"\s*\]")
+_SPAN_TEXT = re.compile(rf"from\s+{_NUMBER}\s+to\s+{_NUMBER}\s+seconds?", re.IGNORECASE)
+
+
+def format_box_text(box_xyxy_pixels) -> str:
+    """(x0, y0, x1, y1) pixels -> "[x0, y0, x1, y1]" in whole pixels (Qwen2.5-VL's grounding format)."""
+    return "[" + ", ".join(str(int(round(float(v)))) for v in box_xyxy_pixels) + "]"
+
+
+def format_spans_text(spans_seconds) -> str:
+    """[(start, end), ...] seconds -> "from 2.5 to 6.0 seconds" (one decimal), several joined by " and "."""
+    return " and ".join(f"from {float(s):.1f} to {float(e):.1f} seconds" for s, e in spans_seconds)
+
+
+def parse_box_text(text: str) -> list[float] | None:
+    """The first "[x0, y0, x1, y1]" of a text as floats, or None when there is none or it is empty
+    (x1 <= x0 or y1 <= y0)."""
+    match = _BOX_TEXT.search(text or "")
+    if match is None:
+        return None
+    box = [float(v) for v in match.groups()]
+    return box if box[2] > box[0] and box[3] > box[1] else None
+
+
+def parse_spans_text(text: str) -> list[list[float]] | None:
+    """Every "from S to E seconds" of a text, in order, as [[S, E], ...]; None when there is none or one has
+    E <= S (a malformed answer is a miss, not a partial one)."""
+    spans = [[float(s), float(e)] for s, e in _SPAN_TEXT.findall(text or "")]
+    return spans if spans and all(e > s for s, e in spans) else None
 
 
 @dataclass
@@ -614,6 +650,11 @@ class TPOProcessor(ProcessorMixin):
             (default: after, as pretrained MLLMs are trained). Before, the LLM's causal attention lets every
             visual token read the question, so its hidden states are question-aware: an MLLM trained from
             scratch (the embedded default) learns to ground far sooner.
+        text_coordinate_tasks (`list[str]`, *optional*): grounding tasks answered in text coordinates instead of
+            task tokens: region boxes as Qwen2.5-VL writes them, `[x0, y0, x1, y1]` in whole pixels of the original
+            image (`format_box_text`), temporal spans as `from 2.5 to 6.0 seconds` (`format_spans_text`). Such
+            samples are trained with the LM loss on that text (task label "text", no head targets) and evaluated
+            by generating and parsing it (`parse_text_coordinates`). Masks have no text format.
     """
 
     def __init__(
@@ -637,6 +678,7 @@ class TPOProcessor(ProcessorMixin):
         vision_aspect_ratio: str = "anyres_max_9",
         dense_clip_seconds: float = 0.0,
         dense_max_clips: int = 256,
+        text_coordinate_tasks: list[str] | None = None,
         **kwargs,
     ):
         if layout not in LAYOUTS:
@@ -660,6 +702,11 @@ class TPOProcessor(ProcessorMixin):
         if self.dense_clip_seconds < 0 or self.dense_max_clips < 2:
             raise ValueError(f"`dense_clip_seconds` must be >= 0 (0: off) and `dense_max_clips` >= 2, got "
                              f"{dense_clip_seconds} and {dense_max_clips}.")
+        self.text_coordinate_tasks = list(text_coordinate_tasks or [])
+        unknown = [task for task in self.text_coordinate_tasks if task not in TEXT_COORDINATE_TASKS]
+        if unknown:
+            raise ValueError(f"text_coordinate_tasks {unknown}: only {list(TEXT_COORDINATE_TASKS)} have a text-coordinate "
+                             "answer format (masks have none); answer the others with task tokens.")
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
         self._add_task_tokens()
         self._layout = LAYOUTS[layout](self)
@@ -751,6 +798,21 @@ class TPOProcessor(ProcessorMixin):
         entry = self.task_token_strings[task]
         return entry["begin"] + "".join(entry["slots"])
 
+    def grounding_answer(self, sample: dict) -> str:
+        """The assistant's answer to a grounding sample: its task's tokens, or its text coordinates (the first box;
+        every span) when the task is one of `text_coordinate_tasks`."""
+        task = sample["task"]
+        if task not in self.text_coordinate_tasks:
+            return self.task_answer(task)
+        if task == "region":
+            return format_box_text(sample["boxes_xyxy_pixels"][0])
+        return format_spans_text(sample["spans_seconds"])
+
+    def parse_text_coordinates(self, task: str, text: str):
+        """A generated text-coordinate answer -> a box [x0, y0, x1, y1] in pixels (region) or [[start, end], ...]
+        seconds (temporal); None when the text holds no well-formed answer (a miss)."""
+        return parse_box_text(text) if task == "region" else parse_spans_text(text)
+
     def _messages(self, sample: dict, mode: str) -> list[dict]:
         """Chat messages with typed content parts; visual parts in the order of the media."""
         task = sample["task"]
@@ -770,7 +832,7 @@ class TPOProcessor(ProcessorMixin):
         user = question + media if self.question_before_media else media + question
         messages = [{"role": "user", "content": user}]
         if mode == "train":
-            messages.append({"role": "assistant", "content": [{"type": "text", "text": self.task_answer(task)}]})
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": self.grounding_answer(sample)}]})
         return messages
 
     def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
@@ -792,14 +854,18 @@ class TPOProcessor(ProcessorMixin):
         if mode not in ("train", "generate", "force_task"):
             raise ValueError(f"Unknown mode {mode!r}; use 'train', 'generate' or 'force_task'.")
         media = self._plan_media(sample)
+        targets = self._targets(sample, media)  # checks the annotations before they become an answer
+        if sample["task"] in self.text_coordinate_tasks:  # answered in text: the LM's labels are the targets
+            targets = {}
         messages = self._messages(sample, mode)
         if self._layout.video_as_images() and media.get("kind") == "video":
             for message in messages:
                 message["content"] = _video_to_frames(message["content"], len(media["timestamps"]))
         text, answer_spans, query_spans = self._render_with_spans(messages, mode, sample)
         if mode == "force_task":
-            if sample["task"] == "text":
-                raise ValueError(f"Sample {sample.get('id')!r}: 'force_task' needs a grounding task, not 'text'.")
+            if sample["task"] == "text" or sample["task"] in self.text_coordinate_tasks:
+                raise ValueError(f"Sample {sample.get('id')!r}: 'force_task' needs a grounding task answered with task "
+                                 f"tokens, not {sample['task']!r} answered in text; use mode 'generate'.")
             text += self.task_answer(sample["task"])
         encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = encoding["input_ids"], encoding["offset_mapping"]
@@ -819,14 +885,14 @@ class TPOProcessor(ProcessorMixin):
         return EncodedSample(
             input_ids=ids,
             labels=labels,
-            task_label=TASK_LABELS[sample["task"]],
+            task_label=TASK_LABELS["text" if sample["task"] in self.text_coordinate_tasks else sample["task"]],
             instruction_end_index=max(prompt_end, 0),
             query_token_mask=query,
             frame_token_index=frame_index,
             mm_token_type_ids=mm_types,
             visual_token_xy=token_xy,
             media=media,
-            targets=self._targets(sample, media),
+            targets=targets,
         )
 
     def _render_with_spans(self, messages, mode, sample):

@@ -15,8 +15,12 @@ expression tells apart. Evaluation splits hold one query per image or video, plu
 (`<split>_swap`: the same image or video asked about another of its objects) and, in the records, every
 object's answer, from which the question-blind floors are computed.
 
-Questions about colour, shape, count, motion direction and order of appearance; colour x shape pairs in
-`HELD_OUT_PAIRS` never appear in the training conversations and are the subject of half of the test ones.
+Conversations ask what the pixels show: an image's colour, shape and object count (three questions per image),
+a video's shape count, the shape that appears first or last and a shape's direction of motion (only where
+frames sampled every 2 s show the answer), half of them multiple-choice (answered "red (B)": the option, then
+its letter); a training conversation asks all questions of its image or video in several turns, an evaluation
+record one question. Colour x shape pairs in `HELD_OUT_PAIRS` never appear in the training conversations and
+are the subject of half of the test images.
 Everything is drawn from a seeded generator per (seed, split, task, index): the same seed gives
 byte-identical annotation files.
 
@@ -51,14 +55,17 @@ OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
 HELD_OUT_PAIRS = (("yellow", "star"), ("cyan", "triangle"), ("magenta", "square"), ("green", "circle"))
 NUMBER_WORDS = ("zero", "one", "two", "three", "four")
 SPLITS = ("train", "val", "test")
-FORMAT_VERSION = 6
+FORMAT_VERSION = 7
 
 # Images / videos per split (train, val, test) for each part, by size. Training images and videos are asked
 # about every object they hold; evaluation ones about one object (plus one query-swap control each).
+# Conversations: "conversation" images are asked three questions each (colour, shape, count), and the first
+# "conversation_video" temporal videos of a split a few (count, order of appearance, directions).
 SIZES = {
-    "small": {"region": (6, 4, 4), "temporal": (5, 3, 3), "mask_video": (4, 2, 2), "conversation": (12, 6, 6)},
+    "small": {"region": (6, 4, 4), "temporal": (5, 3, 3), "mask_video": (4, 2, 2), "conversation": (8, 4, 4),
+              "conversation_video": (5, 3, 3)},
     "default": {"region": (700, 60, 500), "temporal": (320, 40, 500), "mask_video": (260, 40, 200),
-                "conversation": (3000, 100, 500)},
+                "conversation": (2400, 40, 300), "conversation_video": (320, 20, 150)},
 }
 IMAGE_SIZE = 128
 OBJECT_SIZE_RANGE = (0.24, 0.36)  # side / diameter as a fraction of the image
@@ -67,6 +74,12 @@ VIDEO_SECONDS, VIDEO_FPS = 16.0, 2.0
 WINDOW_SECONDS_RANGE = (3.0, 8.0)  # how long a shape of a temporal video is visible
 MASK_VIDEO_FRAMES, MASK_VIDEO_FPS = 8, 2.0
 SWAP_MAX_IOU = 0.3                 # a query-swap object's answer overlaps the target's this little at most
+# Video conversations ask only what frames sampled every 2 s show (8 frames of a 16 s video, the default model's),
+# whatever their phase: the first shape appears 4 s before any other, the asked one travels >= 16 px between frames.
+VIDEO_QUESTION_FRAME_SECONDS = 2.0
+ORDER_GAP_SECONDS = 2 * VIDEO_QUESTION_FRAME_SECONDS
+DIRECTION_MIN_PIXELS = 16.0
+MCQ_INSTRUCTION = "Answer with the option and its letter."
 
 
 # --------------------------------------------------------------------------------------------------
@@ -554,7 +567,16 @@ def _options(rng, correct: str, pool: list[str]) -> tuple[list[str], str]:
 
 def _mcq_text(question: str, options: list[str]) -> str:
     lines = [question] + [f"{letter}. {option}" for letter, option in zip("ABCD", options)]
-    return "\n".join(lines + ["Answer with the option's letter."])
+    return "\n".join(lines + [MCQ_INSTRUCTION])
+
+
+def mcq_reply(option: str, letter: str) -> str:
+    """The reference reply to a multiple-choice question: the option's text, then its letter ("red (B)").
+
+    Naming the answer first gives a small LM the step a bare letter lacks: its next token then only has to find
+    that text among the options and copy the letter before it (an induction-style lookup); a bare letter needs
+    the visual answer and the lookup in one forward pass. The letter is what `mcqa_accuracy` scores."""
+    return f"{option} ({letter})"
 
 
 def _distinct_pairs(rng, count: int, allowed: list[tuple[str, str]], first: tuple[str, str] | None = None):
@@ -569,72 +591,112 @@ def _distinct_pairs(rng, count: int, allowed: list[tuple[str, str]], first: tupl
     return pairs
 
 
-def _conversation_on_image(rng, split: str, index: int, root: Path) -> dict:
-    """Training conversations never show a held-out colour x shape pair; half of the test ones ask about one."""
+def _conversations_on_image(rng, split: str, index: int, root: Path) -> list[dict]:
+    """One image of 1-4 objects of different colours and shapes, asked its target's colour, its target's shape
+    and how many objects it shows (three conversations). Training images never show a held-out colour x shape
+    pair; every other test image has one as its target."""
     allowed = [p for p in _all_pairs() if p not in HELD_OUT_PAIRS] if split == "train" else _all_pairs()
     first = HELD_OUT_PAIRS[int(rng.integers(len(HELD_OUT_PAIRS)))] if split == "test" and index % 2 == 0 else None
-    sprites = place_scene(rng, _distinct_pairs(rng, int(rng.integers(1, 4)), allowed, first))
+    sprites = place_scene(rng, _distinct_pairs(rng, int(rng.integers(1, 5)), allowed, first))
     image = textured_background(rng)
     paint(image, sprites, [s.mask() for s in sprites])
     file_name = f"{split}_{index:05d}.png"
     (root / "conversation" / "images").mkdir(parents=True, exist_ok=True)
     Image.fromarray(image).save(root / "conversation" / "images" / file_name)
-    target = sprites[0]
-    kind = ["colour", "shape", "count"][int(rng.integers(3))]
-    if kind == "colour":
-        question, answer, pool = f"What colour is the {target.shape}?", target.colour, list(COLOURS)
-    elif kind == "shape":
-        question, answer, pool = f"What shape is the {target.colour} object?", target.shape, list(SHAPES)
-    else:
-        question, answer, pool = "How many shapes are in the image?", NUMBER_WORDS[len(sprites)], list(NUMBER_WORDS[1:])
-    return _conversation_record(rng, f"img-{split}-{index}", {"image": f"images/{file_name}"}, question, answer, pool,
-                                kind, target.name)
+    target, media = sprites[0], {"image": f"images/{file_name}"}
+    questions = {
+        "colour": (f"What colour is the {target.shape}?", target.colour, list(COLOURS)),
+        "shape": (f"What shape is the {target.colour} object?", target.shape, list(SHAPES)),
+        "count": ("How many shapes are in the image?", NUMBER_WORDS[len(sprites)], list(NUMBER_WORDS[1:])),
+    }
+    return [_conversation_record(rng, f"img-{split}-{index}-{kind}", media, question, answer, pool, kind, target.name,
+                                 multiple_choice=(index + k) % 2 == 0)
+            for k, (kind, (question, answer, pool)) in enumerate(questions.items())]
 
 
-def _conversation_on_video(rng, split: str, index: int, video_id: str, info: dict) -> dict:
-    sprites = info["sprites"]
-    subject = sprites[int(rng.integers(len(sprites)))]
+def _visible_travel_pixels(sprite: Sprite, windows: list[tuple[float, float]]) -> float:
+    """How far a sprite moves between the first and last of the frames that any uniform sampling every
+    `VIDEO_QUESTION_FRAME_SECONDS` shows of each visibility window (the worst phase), at most over its windows."""
+    spacing = VIDEO_QUESTION_FRAME_SECONDS
+    return max(sprite.speed * spacing * max(0, math.floor((e - s) / spacing) - 1) for s, e in windows)
+
+
+def _conversations_on_video(rng, split: str, index: int, video_id: str, info: dict) -> list[dict]:
+    """Questions on a temporal video whose answers the sampled frames show: how many shapes appear; which shape
+    appears first (last), when it appears `ORDER_GAP_SECONDS` before (after) any other, so that frames sampled
+    uniformly every `VIDEO_QUESTION_FRAME_SECONDS` show the order whatever their phase; the direction of each
+    shape that travels at least `DIRECTION_MIN_PIXELS` between such frames."""
+    sprites, windows = info["sprites"], info["windows"]
+    media = {"video": f"../temporal/videos/{video_id}.mp4"}
+    questions = [("count", "How many shapes appear in the video?", NUMBER_WORDS[len(sprites)],
+                  list(NUMBER_WORDS[1:]), sprites[0])]
     appearances = sorted(info["appearances"].items(), key=lambda item: item[1])
-    unique_first = len(appearances) >= 2 and appearances[1][1] - appearances[0][1] >= 1.0
-    if rng.random() < 0.5 or not unique_first:
-        question = f"In which direction does the {subject.name} move?"
-        answer, pool, kind = subject.direction, list(DIRECTIONS), "direction"
-    else:
-        question = "Which shape appears first in the video?"
-        first = next(s for s in sprites if s.name == appearances[0][0])
-        subject, answer, kind = first, first.shape, "order"
-        pool = list(dict.fromkeys([s.shape for s in sprites] + list(SHAPES)))
-    return _conversation_record(rng, f"vid-{split}-{index}", {"video": f"../temporal/videos/{video_id}.mp4"}, question,
-                                answer, pool, kind, subject.name)
+    pool = list(dict.fromkeys([s.shape for s in sprites] + list(SHAPES)))
+    for word, first, second in (("first", 0, 1), ("last", -1, -2)):
+        if len(appearances) >= 2 and abs(appearances[second][1] - appearances[first][1]) >= ORDER_GAP_SECONDS:
+            subject = next(s for s in sprites if s.name == appearances[first][0])
+            questions.append(("order", f"Which shape appears {word} in the video?", subject.shape, pool, subject))
+    for sprite, sprite_windows in zip(sprites, windows):
+        if _visible_travel_pixels(sprite, sprite_windows) >= DIRECTION_MIN_PIXELS:
+            questions.append(("direction", f"In which direction does the {sprite.name} move?", sprite.direction,
+                              list(DIRECTIONS), sprite))
+    return [_conversation_record(rng, f"vid-{split}-{index}-{kind}", media, question, answer, pool, kind,
+                                 subject.name, multiple_choice=(index + k) % 2 == 1)
+            for k, (kind, question, answer, pool, subject) in enumerate(questions)]
 
 
 def _conversation_record(rng, record_id: str, media: dict, question: str, answer: str, pool: list[str], kind: str,
-                         subject: str) -> dict:
+                         subject: str, multiple_choice: bool) -> dict:
     placeholder = "<image>" if "image" in media else "<video>"
     # `held_out`: the subject is a colour x shape pair that no training conversation shows.
     common = {"id": record_id, **media, "category": kind, "subject": subject,
               "held_out": tuple(subject.split()) in HELD_OUT_PAIRS}
-    if rng.random() < 0.5:
+    if multiple_choice:
         options, letter = _options(rng, answer, pool)
         return {**common, "options": options, "answer": letter,
                 "conversations": [{"from": "human", "value": f"{placeholder}\n{_mcq_text(question, options)}"},
-                                  {"from": "gpt", "value": letter}]}
+                                  {"from": "gpt", "value": mcq_reply(answer, letter)}]}
     return {**common, "conversations": [{"from": "human", "value": f"{placeholder}\n{question} Answer with one word."},
                                         {"from": "gpt", "value": answer}]}
 
 
-def _generate_conversations(root: Path, split: str, count: int, seed: int, videos: dict) -> str:
-    records = []
+def multi_turn(rng, records: list[dict]) -> dict:
+    """The questions of one image or video (single-question records) as one conversation of several turns, in a
+    random order: one sample supervises every answer, for the price of one image or video in the model. The
+    record keeps the categories (`categories`) and the subject of its first question."""
+    order = rng.permutation(len(records)).tolist()
+    turns = []
+    for position, index in enumerate(order):
+        question, reply = records[index]["conversations"]
+        value = question["value"] if position == 0 else question["value"].split("\n", 1)[1]  # one placeholder
+        turns += [{**question, "value": value}, reply]
+    first = records[order[0]]
+    media = {key: first[key] for key in ("image", "video") if key in first}
+    return {"id": first["id"].rsplit("-", 1)[0], **media, "category": "multi_turn",
+            "categories": [records[i]["category"] for i in order], "subject": first["subject"],
+            "held_out": any(r["held_out"] for r in records), "conversations": turns}
+
+
+def _generate_conversations(root: Path, split: str, image_count: int, video_count: int, seed: int,
+                            videos: dict) -> str:
+    """Three questions per image (`image_count` images) and a few per temporal video (the first `video_count`
+    videos of the split; for training, of those that show no held-out pair); half of them (alternately)
+    multiple-choice. Evaluation splits hold one question per record (each scored on its own), the training
+    split one multi-turn conversation per image or video (`multi_turn`)."""
+    per_media = []
+    for index in range(image_count):
+        per_media.append(_conversations_on_image(_rng(seed, split, "conversation", index), split, index, root))
     video_ids = sorted(v for v in videos if v.startswith(split))
     if split == "train":  # training conversations never show a held-out pair, in images or in videos
         video_ids = [v for v in video_ids if not any(s.pair in HELD_OUT_PAIRS for s in videos[v]["sprites"])]
-    for index in range(count):
-        rng = _rng(seed, split, "conversation", index)
-        if video_ids and index % 3 == 2:
-            video_id = video_ids[index % len(video_ids)]
-            records.append(_conversation_on_video(rng, split, index, video_id, videos[video_id]))
-        else:
-            records.append(_conversation_on_image(rng, split, index, root))
+    for index, video_id in enumerate(video_ids[:video_count]):
+        per_media.append(_conversations_on_video(_rng(seed, split, "conversation-video", index), split, index,
+                                                 video_id, videos[video_id]))
+    if split == "train":
+        records = [multi_turn(_rng(seed, split, "conversation-turns", index), group)
+                   for index, group in enumerate(per_media)]
+    else:
+        records = [record for group in per_media for record in group]
     _dump(root / "conversation" / f"{split}.json", records)
     return f"conversation/{split}.json"
 
@@ -741,7 +803,8 @@ def generate_synthetic_benchmark(out_dir: str | os.PathLike, size: str = "defaul
         splits[split]["conversation"] = {"format": "llava", "media_dir": "conversation", "split": split,
                                          "fps": VIDEO_FPS,
                                          "json": _generate_conversations(root, split, counts["conversation"][split],
-                                                                         seed, videos)}
+                                                                         counts["conversation_video"][split], seed,
+                                                                         videos)}
         if split != "train":
             controls[split]["region_query_swap"] = {"format": "refcoco", **refcoco, "split": f"{split}_swap",
                                                     "tasks": ["region"], "dataset_name": "synthetic_refcoco"}

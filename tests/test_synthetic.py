@@ -2,16 +2,18 @@
 
 import json
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from tpo.processing.schema import mask_from_rle, validate_sample
+from tpo.processing.schema import empty_sample, mask_from_rle, validate_sample
 from tpo.processing.synthetic import (
     COLOURS,
     DIRECTIONS,
+    ORDER_GAP_SECONDS,
     HELD_OUT_PAIRS,
     MASK_VIDEO_FPS,
     MIN_VISIBLE_FRACTION,
@@ -19,8 +21,11 @@ from tpo.processing.synthetic import (
     SWAP_MAX_IOU,
     VIDEO_FPS,
     VIDEO_SECONDS,
+    Sprite,
     _all_pairs,
     _clip_saliency,
+    _conversations_on_video,
+    _visible_travel_pixels,
     generate_synthetic_benchmark,
     load_controls,
     load_manifest,
@@ -28,10 +33,13 @@ from tpo.processing.synthetic import (
     main,
     make_region_image,
     make_temporal_video,
+    mcq_reply,
+    multi_turn,
     shape_mask,
 )
 from tpo.processing.video import load_video
 from tpo.training.metrics import best_gt_iou, box_iou
+from tpo.training.metrics.mcqa import extract_option_letter
 
 
 def refcoco_iou(a, b) -> float:
@@ -126,7 +134,11 @@ def test_readers_load_every_part_with_the_planned_counts(bench, splits):
             assert len(parts["region"]) == counts["region"] and len(parts["temporal"]) == counts["temporal"]
         assert len(parts["mask_image"]) == min(len(parts["region"]), max(1, counts["region"] // 2))
         assert len({json.loads(r["meta"])["video"] for r in parts["mask_video"]}) == counts["mask_video"]
-        assert len(parts["conversation"]) == counts["conversation"]
+        images = [row for row in parts["conversation"] if row["media_type"] == "image"]
+        per_image = 1 if split == "train" else 3  # colour, shape and count: one multi-turn record, or three
+        assert len(images) == per_image * counts["conversation"]
+        videos = {row["media_path"] for row in parts["conversation"] if row["media_type"] == "video"}
+        assert 0 < len(videos) <= counts["conversation_video"]
         for part, dataset in parts.items():
             for row in dataset:
                 validate_sample(row)
@@ -300,37 +312,123 @@ def test_shape_masks_have_the_expected_area():
         shape_mask("hexagon", 64, 64, 40)
 
 
+def _questions(row) -> list[dict]:
+    """Each question of a conversation row (one, or several turns of a training row): its category, question,
+    reply, options and letter (read from the text for the turns of a multi-turn row) and the answer it names."""
+    meta, turns = json.loads(row["meta"]), row["conversations"]
+    categories = meta.get("categories") or [meta["category"]]
+    assert len(turns) == 2 * len(categories) and [t["role"] for t in turns] == ["user", "assistant"] * len(categories)
+    out = []
+    for k, category in enumerate(categories):
+        question, reply = turns[2 * k]["content"], turns[2 * k + 1]["content"]
+        options = [line[3:] for line in question.split("\n") if line[:3] in ("A. ", "B. ", "C. ", "D. ")]
+        if len(categories) == 1:
+            assert options == list(row["options"])
+        answer = reply
+        if options:
+            letter = row["answer"] if len(categories) == 1 else reply[-2]
+            answer = options["ABCD".index(letter)]
+            assert len(set(options)) == 4 and reply == mcq_reply(answer, letter) == f"{answer} ({letter})"
+            assert extract_option_letter(reply, options) == letter  # the metric reads the reply's letter
+        placeholders = question.count("<image>") + question.count("<video>")
+        assert placeholders == (k == 0) and (k > 0 or question.startswith(f"<{row['media_type']}>\n"))
+        out.append({"category": category, "question": question, "options": options, "answer": answer})
+    return out
+
+
 def _answer(row) -> str:
-    reply = row["conversations"][-1]["content"]
-    return row["options"]["ABCD".index(row["answer"])] if row["options"] else reply
+    (question,) = _questions(row)
+    return question["answer"]
 
 
 def test_conversations_answer_the_image_and_hold_out_pairs(splits):
     held_out = {" ".join(pair) for pair in HELD_OUT_PAIRS}
     for split in ("train", "test"):
-        subjects = []
+        subjects, kinds, multiple_choice = [], [], 0
         for row in splits[split]["conversation"]:
             meta = json.loads(row["meta"])
             subjects.append(meta["subject"])
-            assert meta["held_out"] == (meta["subject"] in held_out)
-            if row["options"]:
-                assert row["answer"] in "ABCD" and row["conversations"][-1]["content"] == row["answer"]
-                assert len(set(row["options"])) == len(row["options"])
+            questions = _questions(row)
+            # training rows ask every question of their medium (a video may have only its count), test rows one
+            assert meta["category"] == ("multi_turn" if split == "train" else questions[0]["category"])
+            assert len(questions) == 1 or split == "train"
+            kinds += [q["category"] for q in questions]
+            multiple_choice += sum(bool(q["options"]) for q in questions)
+            if split == "test":
+                assert meta["held_out"] == (meta["subject"] in held_out)
             if row["media_type"] != "image":
-                assert row["conversations"][0]["content"].startswith("<video>\n")
+                assert {q["category"] for q in questions} <= {"count", "order", "direction"}
                 continue
-            assert row["conversations"][0]["content"].startswith("<image>\n")
+            assert sorted(q["category"] for q in questions) == (["colour", "count", "shape"] if split == "train" else
+                                                                 [meta["category"]])
             image = np.asarray(Image.open(row["media_path"]).convert("RGB"))
             present = [c for c in COLOURS if (palette_distance(image, c) == 0).sum() > 0]
             colour, shape = meta["subject"].split()
             assert colour in present
-            if meta["category"] == "count":
-                assert _answer(row) == ("zero", "one", "two", "three", "four")[len(present)]
-            elif meta["category"] == "colour":
-                assert _answer(row) == colour
-            else:
-                assert _answer(row) == shape
+            for question in questions:
+                expected = {"count": ("zero", "one", "two", "three", "four")[len(present)], "colour": colour,
+                            "shape": shape}[question["category"]]
+                assert question["answer"] == expected
+        counts = Counter(kinds)
+        assert counts["colour"] == counts["shape"] and counts["count"] > counts["colour"]  # + the videos' counts
+        assert abs(2 * multiple_choice - len(kinds)) <= len(kinds) // 4  # about half are multiple-choice
         if split == "train":
             assert not held_out & set(subjects)
         else:
             assert held_out & set(subjects)  # the test split asks about pairs never trained on
+
+
+def test_video_conversations_ask_only_what_sampled_frames_show(bench, splits):
+    """Order questions: the first (last) shape appears ORDER_GAP_SECONDS before (after) any other; direction
+    questions: the shape travels DIRECTION_MIN_PIXELS between frames sampled every VIDEO_QUESTION_FRAME_SECONDS;
+    checked against the windows of the training videos' temporal records (every shape of a training video is
+    asked about)."""
+    windows: dict = {}
+    for row in splits["train"]["temporal"]:
+        windows.setdefault(Path(row["media_path"]).name, {})[row["query"]] = [list(w) for w in row["spans_seconds"]]
+    asked = Counter()
+    for row in splits["train"]["conversation"]:
+        if row["media_type"] != "video":
+            continue
+        shapes = windows[Path(row["media_path"]).name]
+        for question in _questions(row):
+            asked[question["category"]] += 1
+            if question["category"] == "count":
+                assert question["answer"] == ("zero", "one", "two", "three", "four")[len(shapes)]
+            elif question["category"] == "order":
+                starts = sorted((ws[0][0], name) for name, ws in shapes.items())
+                first, second = (0, 1) if "first" in question["question"] else (-1, -2)
+                assert abs(starts[second][0] - starts[first][0]) >= ORDER_GAP_SECONDS
+                assert question["answer"] == starts[first][1].split()[1]
+            else:
+                assert question["category"] == "direction" and question["answer"] in DIRECTIONS
+                assert any(name in question["question"] for name in shapes)
+    assert asked["count"] >= 1
+    circle = Sprite("red", "circle", 30.0, 40.0, 64.0, "right", speed=5.0)
+    square = Sprite("blue", "square", 30.0, 90.0, 64.0, "up", speed=1.0)
+    for gap, kinds in ((5.0, ["count", "order", "order", "direction"]), (3.0, ["count", "direction"])):
+        info = {"sprites": [circle, square], "windows": [[(0.0, 6.0)], [(gap, gap + 6.0)]],
+                "appearances": {"red circle": 0.0, "blue square": gap}}
+        records = _conversations_on_video(np.random.default_rng(0), "train", 0, "train_00000", info)
+        assert [r["category"] for r in records] == kinds
+        rows = [empty_sample(options=r.get("options", []), answer=r.get("answer", ""), media_type="video",
+                             meta={"category": r["category"]},
+                             conversations=[{"role": "user" if t["from"] == "human" else "assistant", "content": t["value"]}
+                                            for t in r["conversations"]]) for r in records]
+        answers = {r["category"]: _answer(row) for r, row in zip(records, rows)}
+        assert answers["count"] == "two" and answers["direction"] == "right"  # the circle travels 5 px/s x 4 s
+        orders = {("first" if "first" in r["conversations"][0]["value"] else "last"): _answer(row)
+                  for r, row in zip(records, rows) if r["category"] == "order"}
+        assert orders == ({"first": "circle", "last": "square"} if gap == 5.0 else {})
+        merged = multi_turn(np.random.default_rng(1), records)  # as a training record: every question, one video
+        turns = _questions(empty_sample(media_type="video", meta={k: merged[k] for k in ("category", "categories")},
+                                        conversations=[{"role": "user" if t["from"] == "human" else "assistant",
+                                                        "content": t["value"]} for t in merged["conversations"]]))
+        assert sorted(t["category"] for t in turns) == sorted(kinds) and merged["video"] == records[0]["video"]
+    circle.speed = 3.0  # 12 px between the frames: too little to ask for its direction
+    assert [r["category"] for r in _conversations_on_video(np.random.default_rng(0), "train", 0, "train_00000", info)
+            ] == ["count"]
+    sprite = Sprite("red", "circle", 30.0, 40.0, 64.0, "right", speed=4.0)
+    # windows of 5 s show at least 2 frames 2 s apart whatever their phase; 7 s: 3 frames, 4 s apart
+    assert _visible_travel_pixels(sprite, [(1.0, 6.0)]) == pytest.approx(4.0 * 2.0)
+    assert _visible_travel_pixels(sprite, [(1.0, 6.0), (8.0, 15.0)]) == pytest.approx(4.0 * 4.0)

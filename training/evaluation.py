@@ -9,7 +9,9 @@ Video mask samples are scored on every annotated frame: "propagate" segments the
 head and tracks it through SAM2's video memory (`TPOForConditionalGeneration.track_masks`); "per_frame"
 prompts every frame with the head. Conversation samples are answered with `generate` (greedy); multiple-
 choice answers are scored by their option letter; a text prompt routes right when its answer is text and
-not empty.
+not empty. Grounding tasks the processor answers in text coordinates (`text_coordinate_tasks`) are generated
+the same way and parsed (`TPOProcessor.parse_text_coordinates`); an answer without a well-formed box or span
+scores as a miss and is counted (`<task>/unparseable_answers`).
 Each grounding metric comes with its question-blind floor (`tpo.training.metrics.floors`) when the samples
 list their media's objects, and query-swap controls (the same media asked about another object) are scored
 like the test set. Predictions can be written in the benchmarks' formats (QVHighlights submission jsonl,
@@ -43,6 +45,8 @@ from .metrics import (
 from .metrics.floors import (
     mask_query_blind_j_and_f,
     mask_query_blind_miou,
+    mcqa_chance_accuracy,
+    mcqa_constant_letter_accuracy,
     region_query_blind_accuracy,
     temporal_query_blind_recall,
 )
@@ -53,6 +57,8 @@ REQUIRED_KEYS = ("temporal/r1@0.5", "temporal/miou", "highlight/hit@1", "region/
 # A metric and the question-blind floor printed beside it.
 FLOORS = {"region/acc@0.5": "floor/region_query_blind_acc@0.5", "temporal/r1@0.5": "floor/temporal_query_blind_r1@0.5",
           "mask/miou": "floor/mask_query_blind_miou", "mask/j&f": "floor/mask_query_blind_j&f"}
+# Floors that need no objects: multiple-choice accuracy beside always answering the most frequent letter.
+ANSWER_FLOORS = {"mcqa/accuracy": "floor/mcqa_majority_letter"}
 # What each metric means where the name alone does not say it (printed with the table).
 NOTES = {
     "router/accuracy": "the auxiliary router classifier (L_assign), not what the LM emits",
@@ -61,6 +67,7 @@ NOTES = {
     "mask/j&f_first_frame": "the first annotated frame of each video",
     "control/region_query_swap_acc@0.5": "the same image asked about another of its objects",
     "control/temporal_query_swap_r1@0.5": "the same video asked about another of its shapes",
+    "mcqa/accuracy": "floor: always the most frequent answer letter of these questions",
 }
 
 
@@ -74,6 +81,7 @@ class Predictions:
     region: list[dict] = field(default_factory=list)
     mask: list[dict] = field(default_factory=list)
     text: list[dict] = field(default_factory=list)
+    unparseable: dict = field(default_factory=dict)  # text-coordinate answers without a readable box/span, per task
 
 
 def _batches(items: list, size: int):
@@ -89,6 +97,8 @@ class TaskEvaluator:
         samples: rows of the common schema (a list or a `datasets.Dataset`), e.g. a test split.
         batch_size: samples per forward pass.
         max_new_tokens: answer length for conversation samples.
+        max_coordinate_tokens: answer length for grounding samples answered in text coordinates (the processor's
+            `text_coordinate_tasks`), which are generated and parsed instead of forced through the task tokens.
         media_loader: `(media_plan, targets) -> decoded media` (default: files through PyAV / PIL).
         output_dir: when given, predictions are written there in the benchmarks' formats.
         mask_video_mode: "propagate" (default): video mask samples are segmented on their first frame and
@@ -104,7 +114,8 @@ class TaskEvaluator:
     """
 
     def __init__(self, processor, samples, batch_size: int = 16, max_new_tokens: int = 8, media_loader=load_media,
-                 output_dir: str | None = None, mask_video_mode: str = "propagate", controls: dict | None = None):
+                 output_dir: str | None = None, mask_video_mode: str = "propagate", controls: dict | None = None,
+                 max_coordinate_tokens: int = 40):
         if mask_video_mode not in ("propagate", "per_frame"):
             raise ValueError(f"Unknown mask_video_mode {mask_video_mode!r}; use 'propagate' or 'per_frame'.")
         self.mask_video_mode = mask_video_mode
@@ -115,6 +126,7 @@ class TaskEvaluator:
         self.controls = {name: self._probed(rows) for name, rows in (controls or {}).items()}
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
+        self.max_coordinate_tokens = max_coordinate_tokens
         self.media_loader = media_loader
         self.output_dir = output_dir
 
@@ -156,10 +168,14 @@ class TaskEvaluator:
         model.eval()
         predictions = Predictions()
         try:
-            grounding = [s for s in samples if s["task"] != "text"]
+            in_text = set(getattr(self.processor, "text_coordinate_tasks", None) or [])  # generated and parsed
+            grounding = [s for s in samples if s["task"] != "text" and s["task"] not in in_text]
+            coordinates = [s for s in samples if s["task"] in in_text]
             text = [s for s in samples if s["task"] == "text"]
             for batch in _batches(grounding, self.batch_size):
                 self._grounding_batch(model, batch, predictions)
+            for batch in _batches(coordinates, self.batch_size):
+                self._text_coordinate_batch(model, batch, predictions)
             for batch in _batches(text, self.batch_size):
                 self._text_batch(model, batch, predictions)
         finally:
@@ -302,28 +318,58 @@ class TaskEvaluator:
                 entry["pred_boxes"] = boxes
             predictions.mask.append(entry)
 
-    def _text_batch(self, model, samples: list[dict], predictions: Predictions) -> None:
+    def _generate(self, model, samples: list[dict], max_new_tokens: int) -> list[tuple]:
+        """Greedy answers to bare prompts: per kept sample (sample, router choice, answer text, new token ids)."""
         batch, kept, _ = self._encode(samples, "generate", "left")
         if batch is None:
-            return
+            return []
         batch.pop("tpo_meta")
         for key in ("labels", "task_labels"):
             batch.pop(key, None)
         inputs = self._to_device(batch, model)
         router = model(**inputs).router_logits.argmax(-1).tolist()
-        generated = model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
+        generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                    return_dict_in_generate=False)
         new_tokens = generated[:, inputs["input_ids"].shape[1]:]
         answers = self.processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        return list(zip(kept, router, answers, new_tokens.tolist()))
+
+    def _text_batch(self, model, samples: list[dict], predictions: Predictions) -> None:
         begin_tasks = task_of_begin_token(model)
-        for sample, choice, answer, tokens in zip(kept, router, answers, new_tokens.tolist()):
+        for sample, choice, answer, tokens in self._generate(model, samples, self.max_new_tokens):
             predictions.router.append((choice, TASK_LABELS["text"]))
             emitted = begin_tasks.get(tokens[0], "text") if tokens else "text"
             predictions.routing.append({"id": sample["id"], "expected": "text", "emitted": emitted,
                                         "text": answer.strip()})
             reference = next((t["content"] for t in reversed(sample["conversations"]) if t["role"] == "assistant"), "")
+            meta = json.loads(sample.get("meta") or "{}")
             predictions.text.append({"id": sample["id"], "prediction": answer.strip(), "reference": reference,
-                                     "options": list(sample["options"]), "answer": sample["answer"]})
+                                     "options": list(sample["options"]), "answer": sample["answer"],
+                                     "category": meta.get("category"), "held_out": meta.get("held_out")})
+
+    def _text_coordinate_batch(self, model, samples: list[dict], predictions: Predictions) -> None:
+        """Grounding samples answered in text coordinates: generated (greedy), parsed by the processor and scored
+        with the same metrics; an answer without a well-formed box or span is a miss, counted per task."""
+        begin_tasks = task_of_begin_token(model)
+        for sample, choice, answer, tokens in self._generate(model, samples, self.max_coordinate_tokens):
+            task, parsed = sample["task"], self.processor.parse_text_coordinates(sample["task"], answer)
+            predictions.router.append((choice, TASK_LABELS["text"]))
+            predictions.routing.append({"id": sample["id"], "expected": "text", "text": answer.strip(),
+                                        "emitted": begin_tasks.get(tokens[0], "text") if tokens else "text"})
+            predictions.unparseable[task] = predictions.unparseable.get(task, 0) + int(parsed is None)
+            sample_meta = json.loads(sample.get("meta") or "{}")
+            if task == "region":
+                predictions.region.append({"id": sample["id"], "pred_box": parsed, "gt_box": sample["boxes_xyxy_pixels"][0],
+                                           "meta": sample.get("meta", "{}"), "answer": answer.strip(),
+                                           "alternatives": sample_meta.get("alternatives", {}).get("boxes_xyxy_pixels")})
+                continue
+            predictions.temporal.append({
+                "id": sample["id"], "qid": sample_meta.get("qid", sample["id"]), "answer": answer.strip(),
+                "windows": [[start, end, 1.0] for start, end in parsed or []], "clip_scores": [],  # no saliency in text
+                "alternatives": sample_meta.get("alternative_windows"), "gt_windows": [list(w) for w in sample["spans_seconds"]],
+                "duration": float(sample["duration_seconds"]), "relevant_clip_ids": list(sample["saliency_clip_ids"]),
+                "saliency_scores": [list(v) for v in sample["saliency_scores"]],
+            })
 
 
 def task_of_begin_token(model) -> dict[int, str]:
@@ -372,18 +418,37 @@ def compute_task_metrics(predictions: Predictions) -> dict[str, float]:
         if all(p.get("alternatives") for p in predictions.temporal):
             metrics[FLOORS["temporal/r1@0.5"]] = temporal_query_blind_recall(
                 [p["gt_windows"] for p in predictions.temporal], [p["alternatives"] for p in predictions.temporal])
+    for task, count in predictions.unparseable.items():
+        metrics[f"{task}/unparseable_answers"] = float(count)  # scored as misses above
     if predictions.mask:
         metrics.update(_mask_metrics(predictions.mask))
     if predictions.text:
+        metrics.update(_conversation_metrics(predictions.text))
         mcq = [p for p in predictions.text if p["options"]]
         if mcq:
-            metrics["mcqa/accuracy"] = mcqa_accuracy([p["prediction"] for p in mcq], [p["answer"] for p in mcq],
-                                                     [p["options"] for p in mcq])["accuracy"] / 100
-        open_ended = [p for p in predictions.text if not p["options"]]
-        if open_ended:
-            metrics["text/exact_match"] = float(np.mean([
-                p["prediction"].lower().strip(" .") == p["reference"].lower().strip(" .") for p in open_ended]))
+            metrics["floor/mcqa_chance"] = mcqa_chance_accuracy([p["options"] for p in mcq])
+            metrics[ANSWER_FLOORS["mcqa/accuracy"]] = mcqa_constant_letter_accuracy([p["answer"] for p in mcq])
+        for category in sorted({p["category"] for p in predictions.text if p.get("category")}):
+            metrics.update(_conversation_metrics([p for p in predictions.text if p.get("category") == category],
+                                                 f"_{category}"))
+        for held_out, name in ((True, "_held_out"), (False, "_seen")):
+            metrics.update(_conversation_metrics([p for p in predictions.text if p.get("held_out") is held_out], name))
     return metrics
+
+
+def _conversation_metrics(text: list[dict], suffix: str = "") -> dict[str, float]:
+    """`mcqa/accuracy<suffix>` of the multiple-choice answers (their option letter) and `text/exact_match<suffix>`
+    of the open-ended ones (case and a final period ignored), over the given predictions."""
+    out = {}
+    mcq = [p for p in text if p["options"]]
+    if mcq:
+        out[f"mcqa/accuracy{suffix}"] = mcqa_accuracy([p["prediction"] for p in mcq], [p["answer"] for p in mcq],
+                                                      [p["options"] for p in mcq])["accuracy"] / 100
+    open_ended = [p for p in text if not p["options"]]
+    if open_ended:
+        out[f"text/exact_match{suffix}"] = float(np.mean([
+            p["prediction"].lower().strip(" .") == p["reference"].lower().strip(" .") for p in open_ended]))
+    return out
 
 
 def _routing_metrics(routing: list[dict]) -> dict[str, float]:
@@ -436,7 +501,7 @@ def _temporal_metrics(temporal: list[dict]) -> dict[str, float]:
                     for p in temporal]
     official = qvhighlights_metrics(submission, ground_truth)
     out["temporal/mAP"] = official["MR-full-mAP"] / 100
-    if any(p["saliency_scores"] for p in temporal):
+    if any(p["saliency_scores"] for p in temporal) and all(p["clip_scores"] for p in temporal):
         out["highlight/map"] = official["HL-min-VeryGood-mAP"] / 100
         out["highlight/hit@1"] = official["HL-min-VeryGood-Hit1"] / 100
     return {k: v for k, v in out.items() if math.isfinite(v)}
@@ -474,14 +539,15 @@ def format_table(metrics: dict[str, float], notes: dict[str, str] | None = None)
     """A table of the metrics, required keys first, each grounding metric with its question-blind floor
     beside it (and the margin above it), then the controls and the rest; `notes` explain metrics."""
     notes = NOTES if notes is None else notes
-    floors = set(FLOORS.values())
+    floor_of = {**FLOORS, **ANSWER_FLOORS}
+    floors = set(floor_of.values())
     main = [k for k in REQUIRED_KEYS if k in metrics]
     controls = sorted(k for k in metrics if k.startswith("control/"))
     rest = sorted(k for k in metrics if k not in main and k not in controls and k not in floors)
     width = max([len(k) for k in main + controls + rest] + [10])
     lines = [f"{'metric':<{width}}  value   floor   above   ", f"{'-' * width}  ------  ------  ------"]
     for key in main + controls + rest:
-        floor = metrics.get(FLOORS.get(key, ""))
+        floor = metrics.get(floor_of.get(key, ""))
         beside = f"{floor:.4f}  {metrics[key] - floor:+.3f}" if floor is not None else " " * 14
         note = f"  {notes[key]}" if key in notes else ""
         lines.append(f"{key:<{width}}  {metrics[key]:.4f}  {beside}{note}".rstrip())

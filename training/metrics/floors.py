@@ -1,4 +1,5 @@
-"""Question-blind floors: what answering about a random object of the same image or video scores.
+"""Question-blind floors: what answering about a random object of the same image or video scores; and the
+floors of multiple-choice accuracy (chance, the most frequent answer letter).
 
 The oracle sees the media but not the question: it picks one of the media's objects uniformly at random
 (the asked one among them) and gives that object's exact answer. Its expected score is computed here
@@ -66,3 +67,15 @@ def mask_query_blind_j_and_f(gt_videos: list[list], alternative_masks: list[list
     scores = [np.mean([j_and_f([masks], [gt])["J&F"] / 100 for masks in objects])
               for gt, objects in zip(gt_videos, alternative_masks, strict=True)]
     return float(np.mean(scores))
+
+
+def mcqa_chance_accuracy(options: list[list[str]]) -> float:
+    """Expected multiple-choice accuracy (a fraction) of picking an option uniformly at random."""
+    return float(np.mean([1.0 / len(o) for o in options]))
+
+
+def mcqa_constant_letter_accuracy(answer_letters: list[str]) -> float:
+    """Multiple-choice accuracy (a fraction) of always answering the most frequent answer letter of these
+    questions: the best any constant answer can do (an oracle of the letter prior, so at least chance)."""
+    letters, counts = np.unique(np.asarray(answer_letters, dtype=object), return_counts=True)
+    return float(counts.max() / len(answer_letters))

@@ -631,16 +631,17 @@ def _conversations_on_video(rng, split: str, index: int, video_id: str, info: di
     questions = [("count", "How many shapes appear in the video?", NUMBER_WORDS[len(sprites)],
                   list(NUMBER_WORDS[1:]), sprites[0])]
     appearances = sorted(info["appearances"].items(), key=lambda item: item[1])
-    pool = list(dict.fromkeys([s.shape for s in sprites] + list(SHAPES)))
+    # Objects are named by colour and shape: the shapes of a video may all be alike (the default `share`).
+    pool = list(dict.fromkeys([s.name for s in sprites] + [" ".join(p) for p in _all_pairs()]))
     for word, first, second in (("first", 0, 1), ("last", -1, -2)):
         if len(appearances) >= 2 and abs(appearances[second][1] - appearances[first][1]) >= ORDER_GAP_SECONDS:
             subject = next(s for s in sprites if s.name == appearances[first][0])
-            questions.append(("order", f"Which shape appears {word} in the video?", subject.shape, pool, subject))
+            questions.append(("order", f"Which object appears {word} in the video?", subject.name, pool, subject))
     for sprite, sprite_windows in zip(sprites, windows):
         if _visible_travel_pixels(sprite, sprite_windows) >= DIRECTION_MIN_PIXELS:
             questions.append(("direction", f"In which direction does the {sprite.name} move?", sprite.direction,
                               list(DIRECTIONS), sprite))
-    return [_conversation_record(rng, f"vid-{split}-{index}-{kind}", media, question, answer, pool, kind,
+    return [_conversation_record(rng, f"vid-{split}-{index}-{k}-{kind}", media, question, answer, pool, kind,
                                  subject.name, multiple_choice=(index + k) % 2 == 1)
             for k, (kind, question, answer, pool, subject) in enumerate(questions)]
 

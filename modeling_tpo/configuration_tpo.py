@@ -41,7 +41,8 @@ DEFAULT_SLOT_TOKENS = {"temporal": "<temp>", "region": "<boxes>", "mask": "<mask
 #   trains only an L1 to SAM2's prompt embedding of the GT box plus an L1 on a box (`prompt_l1_weight`,
 #   `box_l1_weight`, 0 here).
 DEFAULT_REGION_HEAD = {"mode": "mlp", "hidden_ratio": 0.5, "l1_weight": 2.0, "giou_weight": 0.2, "heatmap_dim": 256,
-                       "heatmap_weight": 1.0, "box_format": "cxcywh_sigmoid", "l1_reduction": "coordinate_sum"}
+                       "heatmap_weight": 1.0, "box_format": "cxcywh_sigmoid", "l1_reduction": "coordinate_sum",
+                       "heatmap_score": "additive"}
 DEFAULT_TEMPORAL_HEAD = {
     "d_model": 256,
     "num_heads": 8,
@@ -88,6 +89,10 @@ DEFAULT_MASK_HEAD = {
     "freeze_prompt_encoder": True,
     "freeze_mask_decoder": False,
     "multimask_output": False,
+    # SAM2's fallback, at inference, from its single mask to the best of its 3 multimask outputs when the single
+    # mask is unstable: None follows `freeze_mask_decoder` (on for a frozen pretrained decoder, as released; off
+    # for a decoder trained here on the single mask only, whose multimask outputs stay untrained)
+    "stability_fallback": None,
     "box_prompt": False,  # not in the release: a localised box as an extra SAM2 prompt (see mask_head.py)
     "box_prompt_config": None,
     "box_loss_weight": 1.0,

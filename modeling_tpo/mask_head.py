@@ -32,7 +32,8 @@ from transformers.models.sam2_video.modeling_sam2_video import Sam2VideoInferenc
 from .box_ops import masks_to_boxes
 from .region_head import RegionHead
 
-DEFAULT_BOX_PROMPT = {"heatmap_dim": 256, "l1_weight": 2.0, "giou_weight": 0.2, "heatmap_weight": 1.0}
+DEFAULT_BOX_PROMPT = {"heatmap_dim": 256, "l1_weight": 2.0, "giou_weight": 0.2, "heatmap_weight": 1.0,
+                      "heatmap_score": "additive"}
 
 
 def dice_loss(logits: torch.Tensor, targets: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
@@ -56,6 +57,12 @@ class MaskHead(nn.Module):
         freeze_image_encoder, freeze_prompt_encoder, freeze_mask_decoder: frozen SAM2 parts
             (`requires_grad=False`; a frozen image encoder runs without building a graph).
         multimask_output: let SAM2 predict 3 masks and keep the one of highest predicted IoU.
+        stability_fallback: SAM2's own inference-time switch (`dynamic_multimask_via_stability`) from its single
+            mask to the best of its 3 multimask outputs when the single mask's logits are unstable. Training never
+            takes it (transformers applies it only in eval mode), so with a mask decoder trained here on the single
+            mask it swaps in untrained outputs at evaluation (measured: masks over 80 % of the image, mIoU 0.007,
+            where the same weights in training mode reach 0.3). None (default): on exactly when the mask decoder
+            is frozen (`freeze_mask_decoder`, a pretrained SAM2 as released), off when it trains.
         box_prompt: add the localiser's predicted box as a SAM2 box prompt (see the module docstring);
         box_prompt_config: the localiser's settings (keys of `DEFAULT_BOX_PROMPT`);
         box_loss_weight: weight of its loss (`mask_box`) inside the `mask` term.
@@ -64,7 +71,7 @@ class MaskHead(nn.Module):
     def __init__(self, hidden_size: int, sam2_config, num_prompt_tokens: int = 3, bce_weight: float = 2.0,
                  dice_weight: float = 0.5, prompt_l1_weight: float = 0.0, freeze_image_encoder: bool = True,
                  freeze_prompt_encoder: bool = True, freeze_mask_decoder: bool = False, multimask_output: bool = False,
-                 box_prompt: bool = False, box_prompt_config: dict | None = None, box_loss_weight: float = 1.0,
+                 stability_fallback: bool | None = None, box_prompt: bool = False, box_prompt_config: dict | None = None, box_loss_weight: float = 1.0,
                  box_l1_weight: float = 0.0):
         super().__init__()
         self.sam2 = Sam2VideoModel(sam2_config)
@@ -89,6 +96,9 @@ class MaskHead(nn.Module):
         for module in (self.sam2.prompt_encoder, self.sam2.shared_image_embedding):
             module.requires_grad_(not freeze_prompt_encoder)
         self.sam2.mask_decoder.requires_grad_(not freeze_mask_decoder)
+        self.stability_fallback = freeze_mask_decoder if stability_fallback is None else bool(stability_fallback)
+        self.sam2.mask_decoder.dynamic_multimask_via_stability = (
+            self.stability_fallback and bool(sam2_config.mask_decoder_config.dynamic_multimask_via_stability))
         for name, module in self.sam2.named_children():  # video memory: used at inference only
             if name not in ("vision_encoder", "prompt_encoder", "shared_image_embedding", "mask_decoder"):
                 module.requires_grad_(False)

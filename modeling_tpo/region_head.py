@@ -28,13 +28,17 @@ class RegionHead(nn.Module):
     """
 
     MODES = ("mlp", "heatmap")
+    HEATMAP_SCORES = ("additive", "additive_dot")
     BOX_FORMATS = ("cxcywh_sigmoid", "xyxy_raw")
     L1_REDUCTIONS = ("coordinate_sum", "mean")
 
     def __init__(self, hidden_size: int, mode: str = "mlp", hidden_ratio: float = 0.5, l1_weight: float = 2.0,
                  giou_weight: float = 0.2, heatmap_dim: int = 256, heatmap_weight: float = 1.0,
-                 box_format: str = "cxcywh_sigmoid", l1_reduction: str = "coordinate_sum"):
+                 box_format: str = "cxcywh_sigmoid", l1_reduction: str = "coordinate_sum",
+                 heatmap_score: str = "additive"):
         super().__init__()
+        if heatmap_score not in self.HEATMAP_SCORES:
+            raise ValueError(f"Unknown region head heatmap_score {heatmap_score!r}; use one of {self.HEATMAP_SCORES}.")
         if mode not in self.MODES:
             raise ValueError(f"Unknown region head mode {mode!r}; use one of {self.MODES}.")
         if box_format not in self.BOX_FORMATS:
@@ -45,6 +49,7 @@ class RegionHead(nn.Module):
         if l1_reduction not in self.L1_REDUCTIONS:
             raise ValueError(f"Unknown region head l1_reduction {l1_reduction!r}; use one of {self.L1_REDUCTIONS}.")
         self.mode = mode
+        self.heatmap_score = heatmap_score
         self.box_format = box_format
         self.l1_reduction = l1_reduction
         if mode == "mlp":
@@ -83,8 +88,13 @@ class RegionHead(nn.Module):
         if visual_features is None or visual_xy is None:
             raise ValueError("The 'heatmap' region head needs the visual tokens' features and centres.")
         dtype = next(self.key.parameters()).dtype
-        joint = self.key(visual_features.to(dtype)) + self.query(query.to(dtype))[:, None]  # (q, V, d)
+        keys, queries = self.key(visual_features.to(dtype)), self.query(query.to(dtype))[:, None]  # (q, V|1, d)
+        joint = keys + queries  # (q, V, d)
         scores = self.score(joint).squeeze(-1)  # (q, V)
+        if self.heatmap_score == "additive_dot":
+            # a scaled dot product on the same projections: matching a query attribute (a colour word) to a
+            # token's is one multiplication instead of something the ReLU layer must approximate
+            scores = scores + (keys * queries).sum(-1) / keys.shape[-1] ** 0.5
         if visual_mask is not None:
             scores = scores.masked_fill(~visual_mask.bool(), torch.finfo(scores.dtype).min)
         weights = scores.float().softmax(-1)[..., None]  # (q, V, 1)

@@ -56,6 +56,28 @@ def test_box_prompt_changes_the_mask(sam2_config):
     assert not torch.allclose(plain, boxed["pred_mask_logits"])
 
 
+def test_evaluation_segments_as_training_does_unless_the_fallback_is_asked_for(sam2_config):
+    """SAM2 switches, in eval mode only, from its single mask to its multimask outputs when the single mask is
+    unstable; a decoder trained here never trains those outputs, so by default (decoder not frozen) the switch is
+    off and eval mode gives training mode's masks; a frozen (pretrained) decoder keeps SAM2's behaviour."""
+    torch.manual_seed(0)
+    embeddings, frames = torch.randn(4, 1, HIDDEN), torch.randn(4, 3, 128, 128)
+    head = MaskHead(HIDDEN, sam2_config)
+    assert head.stability_fallback is False and not head.sam2.mask_decoder.dynamic_multimask_via_stability
+    with torch.no_grad():
+        trained = head.train()(embeddings, sam2_pixel_values=frames)["pred_mask_logits"]
+        evaluated = head.eval()(embeddings, sam2_pixel_values=frames)["pred_mask_logits"]
+    torch.testing.assert_close(evaluated, trained)
+
+    fallback = MaskHead(HIDDEN, sam2_config, stability_fallback=True)
+    fallback.load_state_dict(head.state_dict())
+    with torch.no_grad():
+        switched = fallback.eval()(embeddings, sam2_pixel_values=frames)["pred_mask_logits"]
+    # a random decoder's single masks are unstable: some images take a multimask output instead
+    assert not torch.allclose(switched, trained)
+    assert MaskHead(HIDDEN, sam2_config, freeze_mask_decoder=True).sam2.mask_decoder.dynamic_multimask_via_stability
+
+
 def test_bce_and_dice_hand_computed(sam2_config):
     logits = torch.tensor([[[0.0, 2.0], [-2.0, 0.0]]])
     target = torch.tensor([[[0.0, 1.0], [0.0, 1.0]]])

@@ -111,6 +111,25 @@ def test_heatmap_head_learns_to_find_the_marked_token():
     assert (centre_error < 0.06).float().mean() > 0.9
 
 
+def test_additive_dot_adds_the_scaled_dot_product_of_the_same_projections():
+    """heatmap_score="additive_dot" scores a token as the additive score plus key . query / sqrt(heatmap_dim),
+    with no parameter of its own (an "additive" head's weights load into it)."""
+    torch.manual_seed(0)
+    additive = RegionHead(HIDDEN, mode="heatmap", heatmap_dim=8, heatmap_score="additive")
+    dot = RegionHead(HIDDEN, mode="heatmap", heatmap_dim=8, heatmap_score="additive_dot")
+    dot.load_state_dict(additive.state_dict())
+    task, features, xy = torch.randn(2, 1, HIDDEN), torch.randn(2, 5, HIDDEN), torch.rand(2, 5, 2)
+    _, scores_additive = additive.forward_with_heatmap(task, features, xy)
+    boxes, scores_dot = dot.forward_with_heatmap(task, features, xy)
+    keys, query = additive.key(features), additive.query(task.mean(1))  # (2, 5, 8), (2, 8)
+    expected = torch.stack([torch.stack([keys[i, v] @ query[i] for v in range(5)]) for i in range(2)]) / math.sqrt(8)
+    torch.testing.assert_close(scores_dot - scores_additive, expected, rtol=1e-5, atol=1e-5)
+    dot.loss(boxes, torch.tensor([[0.1, 0.2, 0.5, 0.6]] * 2), scores_dot, xy)["region"].backward()
+    assert dot.query[1].weight.grad.abs().sum() > 0 and dot.key[1].weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="heatmap_score"):
+        RegionHead(HIDDEN, mode="heatmap", heatmap_score="cosine")
+
+
 def test_mlp_mode_is_the_released_head():
     head = RegionHead(HIDDEN, mode="mlp")
     assert [tuple(p.shape) for p in head.parameters()] == [(8, HIDDEN), (8,), (4, 8), (4,)]

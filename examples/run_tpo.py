@@ -78,6 +78,11 @@ class ScriptArguments:
         "help": "Conversation samples mixed into the task stage, as a fraction of its grounding samples (drawn once "
                 "with the run's seed): with task_stage_trains_llm they keep the LM answering in text while it learns "
                 "for the heads. 0: none (the paper's stage 2)."})
+    task_warmup_tasks: list[str] = field(default_factory=list, metadata={
+        "help": "Tasks trained alone, one short run each (--task_warmup_epochs, the task stage's settings), right "
+                "before the task stage: a from-scratch model learns to bind the question to the image sooner on one "
+                "task than on all at once. Empty: none."})
+    task_warmup_epochs: float = field(default=0.5, metadata={"help": "Epochs of each --task_warmup_tasks run."})
     mask_video_mode: str = field(default="propagate", metadata={
         "help": "How evaluation segments video mask samples: 'propagate' (first frame by the mask head, then "
                 "SAM2's video memory) or 'per_frame' (for a SAM2 whose memory is untrained, e.g. a random tiny one)."})
@@ -312,6 +317,25 @@ def task_stage_samples(encoded, conversation_fraction: float, seed: int, task: s
     return concatenate_datasets([grounding, text.shuffle(seed=seed).select(range(count))])
 
 
+def training_runs(script: ScriptArguments, training_args, tasks: list[str]) -> list[tuple[str, str | None, bool]]:
+    """(stage, task or None, is_warmup) of every training run in order: the stages' runs, with one warm-up run per
+    `script.task_warmup_tasks` entry (the task stage on that task alone) right before the task stage."""
+    runs = [(stage, task, False) for stage, task in stage_runs(script.stages, training_args, tasks)]
+    if script.task_warmup_tasks and "task" in script.stages:
+        first = next(i for i, run in enumerate(runs) if run[0] == "task")
+        runs[first:first] = [("task", task, True) for task in script.task_warmup_tasks]
+    return runs
+
+
+def check_warmup_tasks(script: ScriptArguments, enabled_tasks: list[str]) -> None:
+    """Refuse, before any work, warm-up tasks the model does not enable or warm-ups without a task stage."""
+    unknown = [task for task in script.task_warmup_tasks if task not in enabled_tasks]
+    if unknown:
+        raise ValueError(f"--task_warmup_tasks {unknown}: not among the enabled tasks {list(enabled_tasks)}.")
+    if script.task_warmup_tasks and "task" not in script.stages:
+        raise ValueError("--task_warmup_tasks warms up the task stage: add 'task' to --stages or drop the warm-up.")
+
+
 def lora_config(model_args: ModelArguments, model):
     from peft import LoraConfig
 
@@ -386,6 +410,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     check_model_source(model_args.model_name_or_path, "--model_name_or_path")  # before reading any data
     check_model_source(model_args.sam2_name_or_path, "--sam2_name_or_path")
     check_stages(script.stages)
+    check_warmup_tasks(script, model_args.enabled_tasks)
     with output_dir_lock(Path(training_args.output_dir), script.overwrite_output_dir,
                          training_args.process_index == 0):
         return run(script, model_args, training_args)
@@ -434,10 +459,12 @@ def run(script: ScriptArguments, model_args: ModelArguments, training_args: TPOT
     # Training
     peft_config = lora_config(model_args, model) if training_args.llm_training == "lora" else None
     trained = model
-    for stage, task in stage_runs(script.stages, training_args, model.config.tasks):
-        name = f"{stage}-{task}" if task else stage  # the paper's stage 2: one run per task, that task's head + token
+    for stage, task, warmup in training_runs(script, training_args, model.config.tasks):
+        # the paper's stage 2: one run per task, that task's head + token; a warm-up run: one task alone
+        name = f"task-warmup-{task}" if warmup else f"{stage}-{task}" if task else stage
+        epochs = script.task_warmup_epochs if warmup else getattr(script, f"{stage}_epochs")
         overrides = {"stage": stage, "output_dir": str(output_dir / f"stage-{name}"),
-                     "num_train_epochs": getattr(script, f"{stage}_epochs"), **({"tasks": [task]} if task else {})}
+                     "num_train_epochs": epochs, **({"tasks": [task]} if task else {})}
         if getattr(script, f"{stage}_learning_rate") is not None:
             overrides["learning_rate"] = getattr(script, f"{stage}_learning_rate")
         stage_args = dataclasses.replace(training_args, **overrides)

@@ -42,7 +42,7 @@ DEFAULT_SLOT_TOKENS = {"temporal": "<temp>", "region": "<boxes>", "mask": "<mask
 #   `box_l1_weight`, 0 here).
 DEFAULT_REGION_HEAD = {"mode": "mlp", "hidden_ratio": 0.5, "l1_weight": 2.0, "giou_weight": 0.2, "heatmap_dim": 256,
                        "heatmap_weight": 1.0, "box_format": "cxcywh_sigmoid", "l1_reduction": "coordinate_sum",
-                       "heatmap_score": "additive"}
+                       "heatmap_score": "additive", "query_text": False}
 DEFAULT_TEMPORAL_HEAD = {
     "d_model": 256,
     "num_heads": 8,

@@ -33,7 +33,7 @@ from .box_ops import masks_to_boxes
 from .region_head import RegionHead
 
 DEFAULT_BOX_PROMPT = {"heatmap_dim": 256, "l1_weight": 2.0, "giou_weight": 0.2, "heatmap_weight": 1.0,
-                      "heatmap_score": "additive"}
+                      "heatmap_score": "additive", "query_text": False}
 
 
 def dice_loss(logits: torch.Tensor, targets: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
@@ -272,16 +272,20 @@ class MaskHead(nn.Module):
         return terms
 
     def localise(self, task_embeddings: torch.Tensor, visual_features: torch.Tensor, visual_xy: torch.Tensor,
-                 visual_mask: torch.Tensor) -> dict:
+                 visual_mask: torch.Tensor, query_features: torch.Tensor | None = None,
+                 query_mask: torch.Tensor | None = None) -> dict:
         """The box prompt's prediction per SAM2 image, in the localiser's (the visual tokens') frame.
 
         Args: task_embeddings (m, k, hidden) of each image's query; visual_features (m, V, hidden), their
-            patch centres visual_xy (m, V, 2) and visual_mask (m, V): the visual tokens of that image.
+            patch centres visual_xy (m, V, 2) and visual_mask (m, V): the visual tokens of that image;
+            query_features (m, Q, hidden) and query_mask (m, Q): the instruction's text tokens (read with the
+            localiser's `query_text`).
         Returns: pred_boxes_cxcywh (m, 4) normalised, token_scores (m, V), visual_xy (m, V, 2).
         """
         if self.localiser is None:
             raise ValueError("This mask head has no box prompt (mask_head_config box_prompt=False).")
-        boxes, scores = self.localiser.forward_with_heatmap(task_embeddings, visual_features, visual_xy, visual_mask)
+        boxes, scores = self.localiser.forward_with_heatmap(task_embeddings, visual_features, visual_xy, visual_mask,
+                                                            query_features, query_mask)
         return {"pred_boxes_cxcywh": boxes, "token_scores": scores, "visual_xy": visual_xy}
 
     # ---- video inference ----------------------------------------------------------------------------

@@ -128,6 +128,16 @@ class _HeadContext:
     dense_inputs: dict | None = None  # `dense_*` inputs: the temporal head's dense clips
 
 
+def _query_text_features(context: "_HeadContext", samples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The instruction's text-token hidden states of each query's sample: (q, Q, hidden) features and (q, Q) mask.
+    Without a query mask the query tokens are all masked out (the heads' weights stay in the graph)."""
+    hidden = context.hidden_states[samples]
+    token_mask = context.query_token_mask
+    token_mask = (token_mask.to(hidden.device)[samples] if token_mask is not None
+                  else torch.zeros(hidden.shape[:2], dtype=torch.bool, device=hidden.device))
+    return gather_token_features(hidden, token_mask)
+
+
 @dataclass
 class _MaskRequest:
     """How `generate` segments the mask queries: `mode` (one of MASK_VIDEO_MODES), per-sample initial
@@ -613,6 +623,8 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
                                                               return_order=True)
                 visual = {"visual_features": features, "visual_mask": mask,
                           "visual_xy": torch.gather(xy, 1, order[..., None].expand(-1, -1, 2))}
+                if self.region_head.query_text:
+                    visual["query_features"], visual["query_mask"] = _query_text_features(context, queries.batch_index)
             boxes_cxcywh, token_scores = self.region_head.forward_with_heatmap(queries.gather(context.hidden_states),
                                                                                **visual)
             predictions = {"pred_boxes": _cxcywh_to_clamped_xyxy(boxes_cxcywh), "batch_index": queries.batch_index}
@@ -670,11 +682,7 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
                 self.mllm, context.dense_inputs, sample, context.video_durations, frame_features, frame_mask,
                 frame_times, self.temporal_head.frame_pooling)
             num_frames = frame_mask.shape[1]
-        # Without a query mask the query tokens are all masked out (the head's weights stay in the graph).
-        token_mask = context.query_token_mask
-        token_mask = token_mask[sample] if token_mask is not None else torch.zeros(hidden.shape[:2], dtype=torch.bool,
-                                                                                   device=hidden.device)
-        query_features, query_mask = gather_token_features(hidden, token_mask)
+        query_features, query_mask = _query_text_features(context, sample)
         outputs = self.temporal_head(queries.gather(context.hidden_states), frame_features, frame_mask, frame_times,
                                      query_features, query_mask, clip_features=clip_features, query_groups=sample)
         predictions = {**outputs, "batch_index": sample, "frame_mask": frame_mask, "frame_times": frame_times}
@@ -788,7 +796,8 @@ class TPOForConditionalGeneration(TPOPreTrainedModel, GenerationMixin):
             raise ValueError(f"Sample(s) {missing}: a mask query's sample has no visual tokens for the box prompt.")
         features, mask, order = gather_token_features(context.hidden_states[samples], visual, return_order=True)
         xy = torch.gather(xy, 1, order[..., None].expand(-1, -1, 2))
-        localisation = self.mask_head.localise(task_embeddings[mask_query_index.to(device)], features, xy, mask)
+        text = _query_text_features(context, samples) if self.mask_head.localiser.query_text else (None, None)
+        localisation = self.mask_head.localise(task_embeddings[mask_query_index.to(device)], features, xy, mask, *text)
         if mask_view_to_sam2 is None:
             mask_view_to_sam2 = torch.tensor([[1.0, 0.0, 1.0, 0.0]], device=device).expand(m, 4)
         transform = mask_view_to_sam2.to(device).float()

@@ -35,7 +35,7 @@ class RegionHead(nn.Module):
     def __init__(self, hidden_size: int, mode: str = "mlp", hidden_ratio: float = 0.5, l1_weight: float = 2.0,
                  giou_weight: float = 0.2, heatmap_dim: int = 256, heatmap_weight: float = 1.0,
                  box_format: str = "cxcywh_sigmoid", l1_reduction: str = "coordinate_sum",
-                 heatmap_score: str = "additive"):
+                 heatmap_score: str = "additive", query_text: bool = False):
         super().__init__()
         if heatmap_score not in self.HEATMAP_SCORES:
             raise ValueError(f"Unknown region head heatmap_score {heatmap_score!r}; use one of {self.HEATMAP_SCORES}.")
@@ -50,6 +50,7 @@ class RegionHead(nn.Module):
             raise ValueError(f"Unknown region head l1_reduction {l1_reduction!r}; use one of {self.L1_REDUCTIONS}.")
         self.mode = mode
         self.heatmap_score = heatmap_score
+        self.query_text = False
         self.box_format = box_format
         self.l1_reduction = l1_reduction
         if mode == "mlp":
@@ -63,6 +64,10 @@ class RegionHead(nn.Module):
             self.score = nn.Sequential(nn.ReLU(), nn.Linear(heatmap_dim, 1))
             # per token: centre offset from its patch centre (tanh-bounded) and box size, both query-aware
             self.token_box = nn.Sequential(nn.ReLU(), nn.Linear(heatmap_dim, 4))
+            self.query_text = query_text
+            if query_text:  # the instruction's words, attention-pooled, join the task embedding in the query
+                self.text_score = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, 1))
+                self.text_query = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, heatmap_dim))
         self.heatmap_weight = heatmap_weight
         self.l1_weight = l1_weight
         self.giou_weight = giou_weight
@@ -77,10 +82,12 @@ class RegionHead(nn.Module):
         return self.forward_with_heatmap(task_embeddings, visual_features, visual_xy, visual_mask)[0]
 
     def forward_with_heatmap(self, task_embeddings: torch.Tensor, visual_features: torch.Tensor | None = None,
-                             visual_xy: torch.Tensor | None = None, visual_mask: torch.Tensor | None = None
+                             visual_xy: torch.Tensor | None = None, visual_mask: torch.Tensor | None = None,
+                             query_features: torch.Tensor | None = None, query_mask: torch.Tensor | None = None
                              ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Boxes (q, 4) normalised (cx, cy, w, h) and, for "heatmap", the visual tokens' scores (q, V)
-        (masked tokens at the dtype's minimum; None for "mlp")."""
+        (masked tokens at the dtype's minimum; None for "mlp"). With `query_text`, `query_features` (q, Q, hidden)
+        and `query_mask` (q, Q) are the instruction's text tokens (without them the task embedding alone asks)."""
         query = task_embeddings.mean(dim=1)
         if self.mode == "mlp":
             raw = self.fc2(self.act(self.fc1(query)))
@@ -89,6 +96,8 @@ class RegionHead(nn.Module):
             raise ValueError("The 'heatmap' region head needs the visual tokens' features and centres.")
         dtype = next(self.key.parameters()).dtype
         keys, queries = self.key(visual_features.to(dtype)), self.query(query.to(dtype))[:, None]  # (q, V|1, d)
+        if self.query_text and query_features is not None:
+            queries = queries + self._text_query(query_features.to(dtype), query_mask)[:, None]
         joint = keys + queries  # (q, V, d)
         scores = self.score(joint).squeeze(-1)  # (q, V)
         if self.heatmap_score == "additive_dot":
@@ -103,6 +112,17 @@ class RegionHead(nn.Module):
         centre = (weights * centres).sum(1)  # (q, 2)
         size = (weights * token_box[..., 2:]).sum(1).sigmoid()
         return torch.cat([centre, size], -1).clamp(0.0, 1.0).to(dtype), scores
+
+    def _text_query(self, query_features: torch.Tensor, query_mask: torch.Tensor | None) -> torch.Tensor:
+        """(q, Q, hidden) text tokens -> (q, heatmap_dim): their attention-pooled projection (zero for a query
+        without text tokens). A word that names the object (a colour) reaches the scores in one pooling step,
+        without waiting for the LLM to learn to move it into the task token."""
+        valid = (torch.ones(query_features.shape[:2], dtype=torch.bool, device=query_features.device)
+                 if query_mask is None else query_mask.bool())
+        scores = self.text_score(query_features).squeeze(-1).float()
+        weights = scores.masked_fill(~valid, float("-inf")).softmax(-1).nan_to_num(0.0)  # (q, Q); all-masked rows: 0
+        pooled = (weights.to(query_features.dtype)[..., None] * query_features).sum(1)
+        return self.text_query(pooled) * valid.any(-1, keepdim=True).to(pooled.dtype)
 
     def loss(self, pred_boxes_cxcywh: torch.Tensor, target_boxes_xyxy: torch.Tensor,
              token_scores: torch.Tensor | None = None, visual_xy: torch.Tensor | None = None) -> dict[str, torch.Tensor]:

@@ -44,7 +44,8 @@ def test_config_validates_and_round_trips(llava):
     assert config.tasks == ["temporal", "region"]
     assert config.region_head_config == {"mode": "mlp", "hidden_ratio": 0.5, "l1_weight": 2.0, "giou_weight": 0.2,
                                          "heatmap_dim": 256, "heatmap_weight": 1.0, "box_format": "cxcywh_sigmoid",
-                                         "l1_reduction": "coordinate_sum", "heatmap_score": "additive"}
+                                         "l1_reduction": "coordinate_sum", "heatmap_score": "additive",
+                                         "query_text": False}
     with pytest.raises(ValueError, match=r"valid tasks are \['temporal', 'region', 'mask'\]"):
         TPOConfig(mllm_config=config.mllm_config, tasks=["region", "depth"])
     with pytest.raises(ValueError, match="Unknown key"):

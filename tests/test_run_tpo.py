@@ -221,6 +221,31 @@ def test_stage_names_are_checked_before_any_work(tmp_path, monkeypatch):
     assert not (tmp_path / "x").exists()
 
 
+def test_warmup_runs_one_task_alone_before_the_task_stage(tmp_path, caplog):
+    """--task_warmup_tasks region: a run on region samples alone between the assign and task stages, in its own
+    stage folder; a warm-up task the model does not enable is refused before any work."""
+    from tpo.processing.synthetic import generate_synthetic_benchmark
+
+    manifest = generate_synthetic_benchmark(tmp_path / "synthetic", size="small", seed=0)
+    data_config = {"train": list(manifest["splits"]["train"].values()),
+                   "test": [manifest["splits"]["test"]["region"]]}
+    (tmp_path / "data.yaml").write_text(yaml.safe_dump(data_config), encoding="utf-8")
+    out = tmp_path / "run"
+    argv = ["--data_config", str(tmp_path / "data.yaml"), "--output_dir", str(out), "--max_steps", "1",
+            "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8", "--dataloader_num_workers",
+            "0", "--disable_tqdm", "true", "--tiny_num_layers", "1", "--num_frames", "4", "--enabled_tasks",
+            "temporal", "region", "--task_warmup_tasks", "region", "--max_eval_samples", "4"]
+    with caplog.at_level(logging.INFO, logger="run_tpo"):
+        run_tpo.main(argv)
+    stage_lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Stage ")]
+    assert [line.split(":")[0] for line in stage_lines] == ["Stage assign", "Stage task", "Stage task", "Stage joint"]
+    region_samples = sum(1 for row in run_tpo.read_specs(data_config["train"]) if row["task"] == "region")
+    assert stage_lines[1].startswith(f"Stage task: {region_samples} training samples")  # region alone
+    assert (out / "stage-task-warmup-region").is_dir() and (out / "stage-task").is_dir()
+    with pytest.raises(ValueError, match=r"--task_warmup_tasks \['mask'\]: not among the enabled tasks"):
+        run_tpo.main(argv[:-4] + ["--task_warmup_tasks", "mask"])
+
+
 def test_a_second_run_on_the_same_output_dir_is_refused(tmp_path, caplog):
     out = tmp_path / "run"
     with run_tpo.output_dir_lock(out, take_over=False):

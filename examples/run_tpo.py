@@ -327,13 +327,19 @@ def training_runs(script: ScriptArguments, training_args, tasks: list[str]) -> l
     return runs
 
 
-def check_warmup_tasks(script: ScriptArguments, enabled_tasks: list[str]) -> None:
-    """Refuse, before any work, warm-up tasks the model does not enable or warm-ups without a task stage."""
-    unknown = [task for task in script.task_warmup_tasks if task not in enabled_tasks]
-    if unknown:
-        raise ValueError(f"--task_warmup_tasks {unknown}: not among the enabled tasks {list(enabled_tasks)}.")
+def select_warmup_tasks(script: ScriptArguments, enabled_tasks: list[str]) -> None:
+    """Keep the warm-up tasks that can run (the embedded default warms up region, and flags such as
+    `--enabled_tasks temporal` or `--stages joint` must still work on it): a task the model does not enable, or a
+    warm-up without a task stage, is dropped with a warning before any work."""
+    dropped = [task for task in script.task_warmup_tasks if task not in enabled_tasks]
+    if dropped:
+        logger.warning("--task_warmup_tasks %s: not among the enabled tasks %s; no warm-up for them.", dropped,
+                       list(enabled_tasks))
+    script.task_warmup_tasks = [task for task in script.task_warmup_tasks if task in enabled_tasks]
     if script.task_warmup_tasks and "task" not in script.stages:
-        raise ValueError("--task_warmup_tasks warms up the task stage: add 'task' to --stages or drop the warm-up.")
+        logger.warning("--task_warmup_tasks %s warm up the task stage, which --stages leaves out: no warm-up.",
+                       script.task_warmup_tasks)
+        script.task_warmup_tasks = []
 
 
 def lora_config(model_args: ModelArguments, model):
@@ -410,7 +416,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     check_model_source(model_args.model_name_or_path, "--model_name_or_path")  # before reading any data
     check_model_source(model_args.sam2_name_or_path, "--sam2_name_or_path")
     check_stages(script.stages)
-    check_warmup_tasks(script, model_args.enabled_tasks)
+    select_warmup_tasks(script, model_args.enabled_tasks)
     with output_dir_lock(Path(training_args.output_dir), script.overwrite_output_dir,
                          training_args.process_index == 0):
         return run(script, model_args, training_args)

@@ -223,7 +223,8 @@ def test_stage_names_are_checked_before_any_work(tmp_path, monkeypatch):
 
 def test_warmup_runs_one_task_alone_before_the_task_stage(tmp_path, caplog):
     """--task_warmup_tasks region: a run on region samples alone between the assign and task stages, in its own
-    stage folder; a warm-up task the model does not enable is refused before any work."""
+    stage folder; a warm-up task the model does not enable, or a warm-up without a task stage, is dropped with a
+    warning (the embedded default warms up region; `--enabled_tasks temporal` must still run)."""
     from tpo.processing.synthetic import generate_synthetic_benchmark
 
     manifest = generate_synthetic_benchmark(tmp_path / "synthetic", size="small", seed=0)
@@ -242,8 +243,13 @@ def test_warmup_runs_one_task_alone_before_the_task_stage(tmp_path, caplog):
     region_samples = sum(1 for row in run_tpo.read_specs(data_config["train"]) if row["task"] == "region")
     assert stage_lines[1].startswith(f"Stage task: {region_samples} training samples")  # region alone
     assert (out / "stage-task-warmup-region").is_dir() and (out / "stage-task").is_dir()
-    with pytest.raises(ValueError, match=r"--task_warmup_tasks \['mask'\]: not among the enabled tasks"):
-        run_tpo.main(argv[:-4] + ["--task_warmup_tasks", "mask"])
+    script, model_args, _ = run_tpo.parse_arguments(argv[:-4] + ["--task_warmup_tasks", "mask", "region"])
+    with caplog.at_level(logging.WARNING, logger="run_tpo"):
+        run_tpo.select_warmup_tasks(script, model_args.enabled_tasks)
+    assert script.task_warmup_tasks == ["region"] and "['mask']: not among the enabled tasks" in caplog.text
+    script, model_args, _ = run_tpo.parse_arguments(argv + ["--stages", "assign", "joint"])
+    run_tpo.select_warmup_tasks(script, model_args.enabled_tasks)
+    assert script.task_warmup_tasks == []
 
 
 def test_a_second_run_on_the_same_output_dir_is_refused(tmp_path, caplog):

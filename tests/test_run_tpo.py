@@ -133,8 +133,10 @@ def test_three_stages_end_to_end_with_stage_data(tmp_path, caplog):
         metrics = run_tpo.main(argv)
 
     stage_lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Stage ")]
-    assert [line.split(":")[0] for line in stage_lines] == ["Stage assign", "Stage task", "Stage joint"]
-    assert "'train_joint'" in stage_lines[2] and "'train'" in stage_lines[0]
+    # the default's region warm-up, then the task stage
+    assert [line.split(":")[0] for line in stage_lines] == ["Stage assign", "Stage task", "Stage task", "Stage joint"]
+    assert "'train_joint'" in stage_lines[3] and "'train'" in stage_lines[0]
+    assert (out / "stage-task-warmup-region").is_dir()
     saved = json.loads((out / "eval_results.json").read_text(encoding="utf-8"))
     assert saved.pop("mask/j&f_mode") == "per_frame"  # the default config's mode, written next to the metric
     assert saved == pytest.approx(metrics)

@@ -71,8 +71,8 @@ class MaskHead(nn.Module):
     def __init__(self, hidden_size: int, sam2_config, num_prompt_tokens: int = 3, bce_weight: float = 2.0,
                  dice_weight: float = 0.5, prompt_l1_weight: float = 0.0, freeze_image_encoder: bool = True,
                  freeze_prompt_encoder: bool = True, freeze_mask_decoder: bool = False, multimask_output: bool = False,
-                 stability_fallback: bool | None = None, box_prompt: bool = False, box_prompt_config: dict | None = None, box_loss_weight: float = 1.0,
-                 box_l1_weight: float = 0.0):
+                 stability_fallback: bool | None = None, box_prompt: bool = False,
+                 box_prompt_config: dict | None = None, box_loss_weight: float = 1.0, box_l1_weight: float = 0.0):
         super().__init__()
         self.sam2 = Sam2VideoModel(sam2_config)
         self.prompt_dim = sam2_config.prompt_encoder_config.hidden_size

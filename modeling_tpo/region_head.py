@@ -15,7 +15,9 @@ class RegionHead(nn.Module):
         last hidden states of the image tokens); the box centre is the soft-argmax of the scores over
         the tokens' patch centres and the size is regressed from the attended features and the
         scores' spread. A localisation prior that trains quickly when the MLLM learns from scratch
-        (the embedded default); it needs `visual_token_xy` from the processor.
+        (the embedded default); it needs `visual_token_xy` from the processor. `heatmap_score`: "additive" or
+        "additive_dot" (plus the scaled dot product of the same key and query projections); `query_text`: the
+        instruction's text tokens, attention-pooled, join the task embedding in the query.
 
     What the "mlp" mode regresses (`box_format`): "cxcywh_sigmoid" (ours: a sigmoid on (cx, cy, w, h), always a
     valid box inside the image) or "xyxy_raw" (the release: (x0, y0, x1, y1) straight from the last linear layer).
@@ -120,7 +122,8 @@ class RegionHead(nn.Module):
         valid = (torch.ones(query_features.shape[:2], dtype=torch.bool, device=query_features.device)
                  if query_mask is None else query_mask.bool())
         scores = self.text_score(query_features).squeeze(-1).float()
-        weights = scores.masked_fill(~valid, float("-inf")).softmax(-1).nan_to_num(0.0)  # (q, Q); all-masked rows: 0
+        # (q, Q); a finite fill keeps a row without valid tokens finite (uniform), zeroed below, gradients too
+        weights = scores.masked_fill(~valid, torch.finfo(scores.dtype).min).softmax(-1)
         pooled = (weights.to(query_features.dtype)[..., None] * query_features).sum(1)
         return self.text_query(pooled) * valid.any(-1, keepdim=True).to(pooled.dtype)
 

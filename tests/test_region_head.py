@@ -190,6 +190,8 @@ def test_query_text_without_text_tokens_is_the_task_embedding_alone():
                                                       query_mask=torch.zeros(2, 3, dtype=torch.bool))
     torch.testing.assert_close(scores_masked, scores_alone)
     torch.testing.assert_close(masked, alone)
+    head.loss(masked, torch.tensor([[0.1, 0.2, 0.5, 0.6]] * 2), scores_masked, xy)["region"].backward()
+    assert all(torch.isfinite(p.grad).all() for p in head.parameters() if p.grad is not None)
     _, scores_text = head.forward_with_heatmap(task, features, xy, query_features=text,
                                                query_mask=torch.tensor([[True, False, False], [True, True, True]]))
     assert not torch.allclose(scores_text, scores_alone)

@@ -327,10 +327,14 @@ def training_runs(script: ScriptArguments, training_args, tasks: list[str]) -> l
     return runs
 
 
-def select_warmup_tasks(script: ScriptArguments, enabled_tasks: list[str]) -> None:
+def select_warmup_tasks(script: ScriptArguments, enabled_tasks: list[str], preset: str | None = None) -> None:
     """Keep the warm-up tasks that can run (the embedded default warms up region, and flags such as
     `--enabled_tasks temporal` or `--stages joint` must still work on it): a task the model does not enable, or a
-    warm-up without a task stage, is dropped with a warning before any work."""
+    warm-up without a task stage, is dropped with a warning before any work; the release preset runs the paper's
+    schedule, without a warm-up."""
+    if script.task_warmup_tasks and preset == "release":
+        logger.warning("--preset release runs the paper's stage schedule: no --task_warmup_tasks warm-up.")
+        script.task_warmup_tasks = []
     dropped = [task for task in script.task_warmup_tasks if task not in enabled_tasks]
     if dropped:
         logger.warning("--task_warmup_tasks %s: not among the enabled tasks %s; no warm-up for them.", dropped,
@@ -416,7 +420,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     check_model_source(model_args.model_name_or_path, "--model_name_or_path")  # before reading any data
     check_model_source(model_args.sam2_name_or_path, "--sam2_name_or_path")
     check_stages(script.stages)
-    select_warmup_tasks(script, model_args.enabled_tasks)
+    select_warmup_tasks(script, model_args.enabled_tasks, training_args.preset)
     with output_dir_lock(Path(training_args.output_dir), script.overwrite_output_dir,
                          training_args.process_index == 0):
         return run(script, model_args, training_args)

@@ -252,6 +252,9 @@ def test_warmup_runs_one_task_alone_before_the_task_stage(tmp_path, caplog):
     script, model_args, _ = run_tpo.parse_arguments(argv + ["--stages", "assign", "joint"])
     run_tpo.select_warmup_tasks(script, model_args.enabled_tasks)
     assert script.task_warmup_tasks == []
+    script, model_args, _ = run_tpo.parse_arguments(argv)
+    run_tpo.select_warmup_tasks(script, model_args.enabled_tasks, preset="release")  # the paper's schedule
+    assert script.task_warmup_tasks == []
 
 
 def test_a_second_run_on_the_same_output_dir_is_refused(tmp_path, caplog):

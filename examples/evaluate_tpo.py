@@ -500,20 +500,27 @@ def _visibility(folder: Path, count: int) -> np.ndarray:
     return visible
 
 
+def _records_by_name(path: str, boxes_key: str) -> dict:
+    """{name: record} of a tracking records file; a record without 'name' or `boxes_key`, or a name given twice,
+    is refused with its record number."""
+    out = {}
+    for index, record in enumerate(read_records(path)):
+        name = record.get("name")
+        if name is None or boxes_key not in record:
+            raise ValueError(f"{path} record {index + 1}: needs 'name' and {boxes_key!r}.")
+        if name in out:
+            raise ValueError(f"{path} record {index + 1}: sequence {name!r} appears twice.")
+        out[name] = record
+    return out
+
+
 def read_tracking_ground_truth(root: str) -> dict:
     """{sequence: TrackingSequence without predictions} from a LaSOT / GOT-10k folder or records file."""
     root_path = Path(root)
     if root_path.is_file():
-        out = {}
-        for index, record in enumerate(read_records(root)):
-            name = record.get("name")
-            if name is None or "gt_xywh" not in record:
-                raise ValueError(f"{root} record {index + 1}: needs 'name' and 'gt_xywh'.")
-            if name in out:
-                raise ValueError(f"{root} record {index + 1}: sequence {name!r} appears twice.")
-            out[name] = TrackingSequence(None, np.asarray(record["gt_xywh"], dtype=np.float64).reshape(-1, 4),
-                                         record.get("visible"), record.get("resolution"), str(name))
-        return out
+        return {name: TrackingSequence(None, np.asarray(record["gt_xywh"], dtype=np.float64).reshape(-1, 4),
+                                       record.get("visible"), record.get("resolution"), str(name))
+                for name, record in _records_by_name(root, "gt_xywh").items()}
     out = {}
     for gt_path in sorted(root_path.rglob("groundtruth.txt")):
         folder = gt_path.parent
@@ -540,12 +547,7 @@ def read_tracking_predictions(path: str, names: list) -> dict:
     source = Path(path)
     if source.is_file():
         out = {}
-        for index, record in enumerate(read_records(path)):
-            name = record.get("name")
-            if name is None or "pred_xywh" not in record:
-                raise ValueError(f"{path} record {index + 1}: needs 'name' and 'pred_xywh'.")
-            if name in out:
-                raise ValueError(f"{path} record {index + 1}: sequence {name!r} appears twice.")
+        for name, record in _records_by_name(path, "pred_xywh").items():
             boxes = np.asarray(record["pred_xywh"], dtype=np.float64)
             out[name] = boxes.reshape(-1, boxes.shape[-2], 4) if boxes.ndim == 3 else boxes.reshape(1, -1, 4)
         _check_unknown(out, set(names), path)
@@ -694,15 +696,10 @@ def load_tpo_checkpoint(model_path: str, processor_path: str | None = None, devi
 def read_data_specs(path: str, split: str = "test") -> list[dict]:
     """Reader specs from a YAML / JSON file: one spec, a list of specs, a mapping {split: [specs]} (`split`
     picks one), or the synthetic benchmark's manifest ({"splits": {split: {part: spec}}})."""
-    import yaml
+    from tpo.training.script_inputs import read_yaml_document
 
     source = Path(path)
-    if not source.is_file():
-        raise FileNotFoundError(f"{path}: no such file; --data takes a YAML or JSON file of reader specs (see predict --help).")
-    try:
-        data = yaml.safe_load(source.read_text(encoding="utf-8"))
-    except yaml.YAMLError as error:
-        raise ValueError(f"{path}: not valid YAML or JSON ({error}).") from error
+    data = read_yaml_document(source, "--data (a YAML or JSON file of reader specs, see predict --help)")
     if isinstance(data, dict) and isinstance(data.get("splits"), dict):  # the synthetic manifest
         from tpo.processing.synthetic import resolve_manifest
 

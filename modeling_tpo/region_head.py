@@ -52,7 +52,7 @@ class RegionHead(nn.Module):
             raise ValueError(f"Unknown region head l1_reduction {l1_reduction!r}; use one of {self.L1_REDUCTIONS}.")
         self.mode = mode
         self.heatmap_score = heatmap_score
-        self.query_text = False
+        self.query_text = query_text and mode == "heatmap"  # the MLP reads the task embedding alone
         self.box_format = box_format
         self.l1_reduction = l1_reduction
         if mode == "mlp":
@@ -66,8 +66,7 @@ class RegionHead(nn.Module):
             self.score = nn.Sequential(nn.ReLU(), nn.Linear(heatmap_dim, 1))
             # per token: centre offset from its patch centre (tanh-bounded) and box size, both query-aware
             self.token_box = nn.Sequential(nn.ReLU(), nn.Linear(heatmap_dim, 4))
-            self.query_text = query_text
-            if query_text:  # the instruction's words, attention-pooled, join the task embedding in the query
+            if self.query_text:  # the instruction's words, attention-pooled, join the task embedding in the query
                 self.text_score = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, 1))
                 self.text_query = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, heatmap_dim))
         self.heatmap_weight = heatmap_weight

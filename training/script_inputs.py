@@ -10,19 +10,25 @@ from pathlib import Path
 _REPO_ID = re.compile(r"^(?!.*(--|\.\.))[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 
-def read_yaml_file(path, what: str = "config") -> dict:
-    """A YAML mapping from `path`; a syntax error names the file (the parser gives line and column)."""
+def read_yaml_document(path, what: str = "config"):
+    """The YAML (or JSON) document in `path`, any type; a missing file, a syntax error (the parser gives line and
+    column) or non-UTF-8 bytes raise an error that names the file."""
     import yaml
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such {what} file.")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:
         raise ValueError(f"{path}: not valid YAML ({error}); fix the {what} file.") from None
     except UnicodeDecodeError as error:
         raise ValueError(f"{path}: not UTF-8 text ({error}); re-save the {what} file as UTF-8.") from None
+
+
+def read_yaml_file(path, what: str = "config") -> dict:
+    """A YAML mapping from `path` (see `read_yaml_document`); empty -> {}."""
+    data = read_yaml_document(path, what)
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModel, LlavaForConditionalGeneration
 
 from tpo import TPOForConditionalGeneration
-from tpo.training.tiny import build_tiny_tokenizer, tiny_llava_config
+from tpo.tiny import build_tiny_tokenizer, tiny_llava_config
 
 logger = logging.getLogger("quickstart")
 

@@ -25,7 +25,7 @@ from tpo.processing.processing_tpo import (
     sam2_pixel_values,
     uniform_timestamps,
 )
-from tpo.training.tiny import build_tiny_tokenizer, tiny_llava_config, tiny_qwen2_vl_config
+from tpo.tiny import build_tiny_tokenizer, tiny_llava_config, tiny_qwen2_vl_config
 
 
 def _build(family: str, **processor_kwargs):

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from PIL import Image
-from transformers import ProcessorMixin
+from transformers import BatchFeature, ProcessorMixin
 
 logger = logging.getLogger(__name__)
 
@@ -1225,13 +1225,19 @@ class TPOProcessor(ProcessorMixin):
                  return_tensors: str = "pt", **kwargs):
         """Encode samples of the common schema with their decoded media for inference and return a
         padded batch (left padding for generation). `media[i]`: {"image": (h, w, 3)} or {"frames":
-        (T, h, w, 3), "timestamps": [...]}. See `tpo.processing.pipeline.TPODataCollator` for training."""
+        (T, h, w, 3), "timestamps": [...]}. See `tpo.processing.pipeline.TPODataCollator` for training.
+        Returns a `BatchFeature` of `return_tensors` tensors ("pt", "np"; None: as collated, torch) plus the
+        per-sample metadata `tpo_meta`, which is left unconverted."""
         from .collator_tpo import collate_encoded
 
         if isinstance(samples, dict):
             samples, media = [samples], [media]
         encoded = [self.encode(s, mode=mode) for s in samples]
-        return collate_encoded(self, encoded, media, padding_side="left" if mode != "train" else "right")
+        batch = collate_encoded(self, encoded, media, padding_side="left" if mode != "train" else "right")
+        meta = batch.pop("tpo_meta")
+        features = BatchFeature(data=batch, tensor_type=return_tensors)
+        features["tpo_meta"] = meta
+        return features
 
     # ---- post-processing ----------------------------------------------------------------------------
     def post_process_boxes(self, pred_boxes: torch.Tensor, image_sizes: list[tuple[int, int]]) -> list[list[float]]:

@@ -43,7 +43,7 @@ from tpo.processing.collator_tpo import collate_encoded  # noqa: E402
 from tpo.processing.pipeline import load_media  # noqa: E402
 from tpo.processing.processing_tpo import TPOProcessor  # noqa: E402
 from tpo.processing.schema import empty_sample  # noqa: E402
-from tpo.training.tiny import build_tiny_tokenizer, random_media  # noqa: E402
+from tpo.tiny import build_tiny_tokenizer, random_media  # noqa: E402
 
 DURATION_SECONDS, LLM_FRAMES, CLIP_SECONDS = 150.0, 16, 2.0  # 75 clips
 MODES = {"frames": 0.0, "frames + clips": CLIP_SECONDS}

@@ -31,7 +31,7 @@ image) with a span and per-clip saliency, so the temporal head trains on real ta
    temporal head is itself a 4-layer transformer, as deep as the micro MLLM) rather than the heads' share
    of a real model's step.
 2. Mask head (one line per size, "mask"): a model with the mask task (tiny SAM2 of
-   `tpo.training.tiny.tiny_sam2_config(--sam2-image-size)`, SAM2's image encoder frozen as in training
+   `tpo.tiny.tiny_sam2_config(--sam2-image-size)`, SAM2's image encoder frozen as in training
    unless `--train-sam2-encoder`) times batch A of N region images and batch B, the same images with M
    of them asked as mask samples (same prompt template, so A and B have identical token lengths).
    Rounds are interleaved (bare(A), TPO(A), TPO(B), mask head alone). `mask head ... ms/mask sample` is
@@ -60,7 +60,7 @@ from tpo import TPOForConditionalGeneration
 from tpo.processing.collator_tpo import collate_encoded
 from tpo.processing.processing_tpo import TPOProcessor, encode_rle
 from tpo.processing.schema import empty_sample
-from tpo.training.tiny import build_tiny_tokenizer, random_media, tiny_llava_config, tiny_sam2_config
+from tpo.tiny import build_tiny_tokenizer, random_media, tiny_llava_config, tiny_sam2_config
 
 SIZES = ("micro", "tiny", "100m")
 # The temporal head per size. The published head (d_model 256, 2 + 2 layers, ~4 M parameters) is sized for a
@@ -206,7 +206,7 @@ def make_sample(kind: str, index: int, image_size: int) -> dict:
 
 
 def fake_media(plan: dict, targets: dict | None = None) -> dict:
-    """Random pixels in place of decoding (`tpo.training.tiny.random_media`)."""
+    """Random pixels in place of decoding (`tpo.tiny.random_media`)."""
     return random_media(plan)
 
 

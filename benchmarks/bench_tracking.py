@@ -35,7 +35,7 @@ def build_checkpoint(folder: Path) -> str:
 
     from tpo import TPOForConditionalGeneration
     from tpo.processing.processing_tpo import TPOProcessor
-    from tpo.training.tiny import build_tiny_tokenizer, tiny_llava_config, tiny_sam2_config
+    from tpo.tiny import build_tiny_tokenizer, tiny_llava_config, tiny_sam2_config
 
     torch.manual_seed(0)
     tokenizer = build_tiny_tokenizer()

@@ -111,7 +111,7 @@ predict
     (`evaluate`: the arguments of this script; null where no subcommand applies). `--evaluate` adds the task
     metrics (`task/metric`, fractions in [0, 1], on the annotated samples predicted) to the summary and
     `metrics.json`. `--visualize K` writes K PNGs per task under `visualizations/<task>/` (with the JSON
-    record each was drawn from, re-drawable with `python -m tpo.training.visualization`).
+    record each was drawn from, re-drawable with `python -m tpo.visualization`).
 """
 
 import argparse
@@ -922,7 +922,7 @@ def write_benchmark_predictions(predictions, entries: dict, specs: list[dict], o
 
 
 def _visualization_record(task: str, sample: dict, prediction: dict, annotated: bool):
-    """(kind, record) in `tpo.training.visualization`'s JSON input format, or None if it cannot be drawn."""
+    """(kind, record) in `tpo.visualization`'s JSON input format, or None if it cannot be drawn."""
     if task == "temporal":
         record = {"duration": float(sample["duration_seconds"]), "query": sample["query"],
                   "pred_relevant_windows": prediction["windows"], "pred_saliency_scores": prediction["clip_scores"],
@@ -955,7 +955,7 @@ def _visualization_record(task: str, sample: dict, prediction: dict, annotated: 
 
 def write_visualizations(predictions, entries: dict, output_dir: str, per_task: int) -> list[str]:
     """Up to `per_task` PNGs per task under `output_dir/visualizations/<task>/`, each with its JSON record."""
-    from tpo.training.visualization import render_record
+    from tpo.visualization import render_record
 
     written = []
     for task in ("temporal", "region", "mask"):

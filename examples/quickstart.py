@@ -10,8 +10,9 @@ import logging
 import torch
 from transformers import AutoModel, LlavaForConditionalGeneration
 
-from tpo import TPOForConditionalGeneration
-from tpo.training.tiny import build_tiny_tokenizer, tiny_llava_config
+from tpo import ROUTER_CLASSES, TPOForConditionalGeneration
+from tpo.modeling_tpo import IGNORE_INDEX
+from tpo.tiny import build_tiny_tokenizer, tiny_llava_config
 
 logger = logging.getLogger("quickstart")
 
@@ -31,12 +32,12 @@ def main() -> None:
     answer = "it is here <box_begin><boxes><|end|>"
     input_ids = tokenizer(prompt + answer, return_tensors="pt").input_ids
     labels = input_ids.clone()
-    labels[:, : len(tokenizer(prompt).input_ids)] = -100
+    labels[:, : len(tokenizer(prompt).input_ids)] = IGNORE_INDEX
     out = model(
         input_ids=input_ids,
         pixel_values=torch.randn(1, 3, 32, 32),
         labels=labels,
-        task_labels=torch.tensor([2]),
+        task_labels=torch.tensor([ROUTER_CLASSES.index("region")]),
         region_boxes=torch.tensor([[0.1, 0.2, 0.5, 0.6]]),
         region_batch_index=torch.tensor([0]),
     )

@@ -38,7 +38,7 @@ from tpo.training.arguments import STAGES, TPOTrainingArguments
 from tpo.training.evaluation import REQUIRED_KEYS, TaskEvaluator, format_table
 from tpo.training.stages import stage_runs
 from tpo.training.script_inputs import check_model_source, parse_json_flag, read_yaml_file
-from tpo.training.tiny import build_tiny_tokenizer, tiny_llava_config, tiny_sam2_config
+from tpo.tiny import build_tiny_tokenizer, tiny_llava_config, tiny_sam2_config
 from tpo.training.trainer import TPOTrainer, last_complete_checkpoint, unwrap_tpo
 
 logger = logging.getLogger("run_tpo")

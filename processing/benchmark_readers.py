@@ -34,7 +34,7 @@ from pathlib import Path
 from datasets import Dataset
 
 from .readers import _from_generator, _read_json, _signature
-from .schema import empty_sample
+from .schema import empty_sample, valid_span
 
 logger = logging.getLogger(__name__)
 
@@ -479,7 +479,7 @@ def _generic_rows(path, media_dir, fields, media_type, dataset_name, split, conv
             media["media_path"] = os.path.join(media_dir, str(record[names["media"]]))
         if media_type == "video" and record.get(names["start"]) is not None and record.get(names["end"]) is not None:
             start, end = float(record[names["start"]]), float(record[names["end"]])
-            if not 0 <= start < end:
+            if not valid_span(start, end):
                 raise ValueError(f"{where}: the clip ({start}, {end}) s needs 0 <= start < end.")
             media["clip_seconds"] = [start, end]
         meta = {key: record.get(names[key]) for key in ("task_type", "category", "duration_class")}

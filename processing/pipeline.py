@@ -1,15 +1,7 @@
-"""From datasets of the common schema to model batches.
+"""From datasets of the common schema to model batches (README.md, "Data", "Where the work happens").
 
-Where work happens (memory and disk):
-- `encode_dataset` (a batched, `num_proc`-capable `Dataset.map`) does the token side: prompts, labels,
-  visual placeholder expansion, targets, and the frame-sampling plan (which timestamps to decode). It
-  opens media only to read sizes and durations when a sample lacks them. Its cache holds token ids and
-  small targets (about a few KB per sample), never pixels.
-- `TPODataCollator` decodes media (images with PIL, videos with PyAV seek sampling at the planned
-  timestamps, frame folders by index) in the DataLoader workers and turns them into pixel tensors.
-  Decoded frames live only for the batch: with 8 frames of 384 x 384 that is about 3.5 MB per video
-  sample; nothing decoded is written to disk. Caching decoded video in Arrow would cost
-  frames x H x W x 3 bytes per sample on disk (7 MB for 16 frames at 384 px: 700 GB for 100k videos).
+`encode_dataset` (a batched `Dataset.map`) does the token side and caches token ids and small targets,
+never pixels; `TPODataCollator` decodes media in the DataLoader workers, for one batch at a time.
 
 Bad data: `encode_dataset` drops samples the processor refuses (invalid or non-finite spans and boxes,
 wrong mask size, corrupt RLE, an image over PIL's pixel limit, ...)

@@ -1,13 +1,12 @@
 """COCO run-length encoding (RLE): checked decoding, encoding, polygons.
 
-An RLE is `{"size": [h, w], "counts": ...}` with the runs in column-major order, alternately background
-and foreground, starting with background; `counts` is COCO's compressed string (or its bytes) or the
-uncompressed list of run lengths. pycocotools decodes whatever it is given: runs that sum short of
-h * w leave the rest of the mask undefined, runs past it write beyond the mask. `check_rle` refuses both
-before anything is decoded, naming where the RLE came from.
+An RLE is `{"size": [h, w], "counts": ...}`: column-major runs, alternately background and foreground,
+as COCO's compressed string (or bytes) or a list of run lengths. `check_rle` refuses runs that do not
+cover h * w exactly, naming where the RLE came from, before pycocotools decodes anything.
 
-numpy only at import (pycocotools is imported where masks are encoded or decoded), so that the scoring
-CLI starts fast.
+The decoding and encoding functions are the processor's (`processing_tpo.py`, remote code, which imports
+nothing from the project), copied here so that the scoring CLI stays free of torch; a test checks that
+the copies are identical. numpy only at import; pycocotools where masks are encoded or decoded.
 """
 
 import numpy as np
@@ -104,7 +103,10 @@ def rle_from_mask(mask: np.ndarray) -> dict:
 
 
 def rle_from_polygons(polygons: list[list[float]], height: int, width: int) -> dict:
-    """COCO polygons ([[x0, y0, x1, y1, ...], ...], 3 or more points each) -> one merged RLE with string counts."""
+    """COCO polygons ([[x0, y0, x1, y1, ...], ...], 3 or more points each) -> one merged RLE with string counts.
+
+    COCO's own rasterisation (RefCOCO's masks); ReasonSeg's masks follow LISA's OpenCV rasterisation instead
+    (`reasonseg.draw_polygon`), which differs pixel for pixel, so the two are not interchangeable."""
     from pycocotools import mask as mask_utils
 
     for index, polygon in enumerate(polygons):

@@ -12,7 +12,6 @@ from datasets import Features, List, Value
 
 from .rle import check_rle, mask_from_rle, rle_from_mask, rle_from_polygons  # noqa: F401 (the schema's mask helpers)
 
-TASKS = ("text", "temporal", "region", "mask")
 MEDIA_TYPES = ("image", "video", "frames", "none")
 
 SAMPLE_FEATURES = Features({
@@ -50,6 +49,14 @@ _EMPTY = {
 }
 
 
+def valid_span(start: float, end: float, duration: float | None = None) -> bool:
+    """The rule for a span or clip in seconds: 0 <= start < end, and end <= duration (+ 1 ms) when a duration
+    is given (False for NaN). The processor applies the same rule in its own remote-code copy."""
+    if duration:
+        return 0 <= start < end <= duration + 1e-3
+    return 0 <= start < end
+
+
 def empty_sample(**fields) -> dict:
     """A row with every schema field at its empty value, updated with `fields`."""
     unknown = set(fields) - set(_EMPTY)
@@ -81,19 +88,22 @@ def check_sample_values(sample: dict) -> None:
 
 def validate_sample(sample: dict) -> None:
     """Raise ValueError naming the sample when a row breaks the schema's rules."""
+    # the task list is the model configuration's, imported here: the model package imports torch, the schema does not
+    from ..modeling_tpo.configuration_tpo import ROUTER_CLASSES
+
     check_sample_values(sample)
     sample_id = sample.get("id", "?")
-    if sample["task"] not in TASKS:
-        raise ValueError(f"Sample {sample_id!r}: unknown task {sample['task']!r}; valid tasks are {list(TASKS)}.")
+    if sample["task"] not in ROUTER_CLASSES:
+        raise ValueError(f"Sample {sample_id!r}: unknown task {sample['task']!r}; valid tasks are {list(ROUTER_CLASSES)}.")
     if sample["media_type"] not in MEDIA_TYPES:
         raise ValueError(f"Sample {sample_id!r}: unknown media_type {sample['media_type']!r}; valid: {list(MEDIA_TYPES)}.")
     for start, end in sample["spans_seconds"]:
         if not start < end:
             raise ValueError(f"Sample {sample_id!r}: span ({start}, {end}) s needs start < end.")
-        if sample["duration_seconds"] and (start < 0 or end > sample["duration_seconds"] + 1e-3):
+        if sample["duration_seconds"] and not valid_span(start, end, sample["duration_seconds"]):
             raise ValueError(f"Sample {sample_id!r}: span ({start}, {end}) s lies outside [0, {sample['duration_seconds']}] s.")
     clip = list(sample.get("clip_seconds") or [])
-    if clip and not (len(clip) == 2 and 0 <= clip[0] < clip[1]):
+    if clip and not (len(clip) == 2 and valid_span(*clip)):
         raise ValueError(f"Sample {sample_id!r}: clip_seconds {clip} must be [start, end] with 0 <= start < end.")
     height, width = sample["image_size"]
     for box in sample["boxes_xyxy_pixels"]:

@@ -7,22 +7,8 @@ Written as real files in the real formats, so that the real readers load them:
     conversation/  LLaVA-style json per split: open and multiple-choice questions on images and videos
     manifest.json  every file per split and part, paths relative to the manifest's folder
 
-Grounding needs the question: every scene holds 2-4 objects, the distractors share the target's colour or
-its shape (so neither attribute alone names it), objects are painted in a random order and may partly hide
-each other, and the queried object is drawn at random (not the first, largest or top one). Video masks
-include twins (same colour and shape) moving in opposite directions, which only the motion in the
-expression tells apart. Evaluation splits hold one query per image or video, plus a query-swap control
-(`<split>_swap`: the same image or video asked about another of its objects) and, in the records, every
-object's answer, from which the question-blind floors are computed.
-
-Conversations ask what the pixels show: an image's colour, shape and object count (three questions per image),
-a video's shape count, the shape that appears first or last and a shape's direction of motion (only where
-frames sampled every 2 s show the answer), half of them multiple-choice (answered "red (B)": the option, then
-its letter); a training conversation asks all questions of its image or video in several turns, an evaluation
-record one question. Colour x shape pairs in `HELD_OUT_PAIRS` never appear in the training conversations and
-are the subject of half of the test images.
-Everything is drawn from a seeded generator per (seed, split, task, index): the same seed gives
-byte-identical annotation files.
+What the scenes and questions hold, and why: README.md, "Does the model ground the query?". Seeded per
+(seed, split, task, index): the same seed gives byte-identical annotation files.
 
     python -m tpo.processing.synthetic --out DIR [--size small|default] [--seed 0]
 """

@@ -1,28 +1,8 @@
-"""Video loading with PyAV: exact, seek-based frame sampling.
+"""Video loading with PyAV: exact, seek-based frame sampling (README.md, "Data", "Video").
 
-For each requested time the loader returns the frame on screen at that time (the last frame whose
-presentation time is <= t; the first frame for times before it) with its true presentation time.
-Targets are visited in increasing order; the loader seeks (to the keyframe before a target) when the
-target is more than FORWARD_DECODE_SECONDS past the last decoded frame, and otherwise decodes forward,
-so 16 frames of a 5-minute video cost 16 short decodes from a keyframe instead of decoding the whole
-video. The cost per frame is bounded by the keyframe interval (a seek decodes from the previous
-keyframe): about 14x faster than decoding everything with a keyframe every 2 s (see
-benchmarks/bench_video_loading.py), much less with 8-second keyframe intervals.
-
-Sampling modes: `num_frames` (middle of N equal segments), `fps` (every 1/fps seconds, at the middle of
-each interval), or explicit `timestamps_seconds`. A time that falls exactly on a frame's presentation
-time returns that frame (so asking for `i / fps` gives frame i, as "the first frame with pts >= t"
-would); a time between two frames returns the earlier one, the frame a viewer sees at that moment.
-Times before the first frame give the first frame, times past the end the last one.
-
-Very short videos (fewer frames than asked for): one frame is still returned per requested time, so a
-3-frame video sampled 8 times repeats frames, and `metadata.timestamps_seconds` shows the repeats.
-Streams without a frame count (mkv, webm) have `num_frames=None`; a stream without a duration is
-decoded once to measure it. Variable frame rate needs nothing special: frames are chosen by their
-presentation times, never by index. A stream that cannot seek and has no timestamps (a raw .h264 file)
-is decoded forward from the start, its frames taken as 1/fps apart.
-
-Image-sequence videos (MeViS / Ref-YouTube-VOS JPEG folders) are loaded by `load_frame_folder` with the
+`load_video` returns, for each requested time, the frame on screen at that time with its true presentation
+time, seeking to the keyframe before a target instead of decoding the whole video (`load_video` documents
+the rules); `load_frame_folder` loads image-sequence videos (MeViS / Ref-YouTube-VOS JPEG folders) at the
 folder's frame rate: frame i is on screen during [i / fps, (i + 1) / fps).
 """
 
@@ -151,13 +131,23 @@ def sample_timestamps(duration_seconds: float, num_frames: int | None = None, fp
 
 def load_video(path: str | os.PathLike, num_frames: int | None = None, fps: float | None = None,
                timestamps_seconds: list[float] | None = None, threads: bool | None = None) -> VideoClip:
-    """Decode the frames at the requested times (see the module docstring).
+    """Decode the frames at the requested times.
+
+    Each requested time gives the frame on screen at that time: the last frame whose presentation time is
+    <= t (so `i / fps` gives frame i), the first frame for earlier times, the last one for later times.
+    Targets are visited in increasing order; the loader seeks (to the keyframe before a target) when the
+    target is more than FORWARD_DECODE_SECONDS past the last decoded frame, and otherwise decodes forward.
+    A video with fewer frames than asked for repeats frames (one per requested time, visible in
+    `metadata.timestamps_seconds`). Streams without a frame count (mkv, webm) have `num_frames=None`; a stream
+    without a duration is decoded once to measure it; variable frame rate needs nothing special (frames are
+    chosen by presentation time, never by index); a stream that cannot seek and has no timestamps (a raw
+    .h264 file) is decoded forward from the start, its frames taken as 1/fps apart.
 
     Give exactly one of `num_frames` (uniform: middle of N equal segments), `fps` (sampling rate, frames
     per second) or `timestamps_seconds` (seconds from the start of the stream, any order, repeats allowed).
     `threads`: FFmpeg's frame/slice threads; None (default) uses them for frames of at least
     THREADED_DECODE_MIN_PIXELS pixels, where they pay off (for small frames starting the threads costs
-    more than it saves: 10 ms instead of 15 ms per 8 frames of a 128 x 128 clip here).
+    more than it saves).
     Returns frames (T, H, W, 3) uint8 RGB in the order of the requested times, and metadata whose
     `timestamps_seconds` are the returned frames' true presentation times (seconds from the stream start).
     Raises `VideoLoadError` (a ValueError naming the file) for a missing, empty, corrupt or truncated file

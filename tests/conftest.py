@@ -17,7 +17,7 @@ def _seed():
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
-    from tpo.training.tiny import build_tiny_tokenizer
+    from tpo.tiny import build_tiny_tokenizer
 
     return build_tiny_tokenizer()
 

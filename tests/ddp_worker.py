@@ -20,7 +20,7 @@ def build_model():
     from transformers import LlavaForConditionalGeneration
 
     from tpo import TPOForConditionalGeneration
-    from tpo.training.tiny import build_tiny_tokenizer, tiny_llava_config
+    from tpo.tiny import build_tiny_tokenizer, tiny_llava_config
 
     torch.manual_seed(0)
     tokenizer = build_tiny_tokenizer()

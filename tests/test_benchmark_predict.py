@@ -20,7 +20,7 @@ from tpo import TPOForConditionalGeneration
 from tpo.processing.processing_tpo import TPOProcessor
 from tpo.processing.readers import read_spec
 from tpo.training.multiple_choice import answer_choices
-from tpo.training.tiny import build_tiny_tokenizer, tiny_llava_config, tiny_sam2_config
+from tpo.tiny import build_tiny_tokenizer, tiny_llava_config, tiny_sam2_config
 
 
 

@@ -22,7 +22,7 @@ from tpo.processing.processing_tpo import TPOProcessor, dense_clip_timestamps
 from tpo.processing.synthetic import IMAGE_SIZE as VIDEO_SIZE
 from tpo.processing.synthetic import _write_video as write_synthetic_video
 from tpo.training.metrics.temporal import temporal_iou
-from tpo.training.tiny import build_tiny_tokenizer, random_media, tiny_llava_config, tiny_llava_onevision_config
+from tpo.tiny import build_tiny_tokenizer, random_media, tiny_llava_config, tiny_llava_onevision_config
 
 SIZE = 32
 HEAD = {"d_model": 64, "num_heads": 4, "dim_feedforward": 128, "num_encoder_layers": 1, "dropout": 0.0,
@@ -165,7 +165,7 @@ def test_qwen2_vl_clips_go_through_its_image_path_with_their_grids(tokenizer):
     from transformers import Qwen2VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from tpo.training.tiny import tiny_qwen2_vl_config
+    from tpo.tiny import tiny_qwen2_vl_config
 
     torch.manual_seed(0)
     model = TPOForConditionalGeneration.from_mllm(

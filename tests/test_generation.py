@@ -20,7 +20,7 @@ from tpo.modeling_tpo.generation_tpo import append_to_left_padded, incomplete_sl
 from tpo.processing.collator_tpo import collate_encoded
 from tpo.processing.processing_tpo import TPOProcessor, decode_rle, encode_rle
 from tpo.training.evaluation import TaskEvaluator, compute_task_metrics
-from tpo.training.tiny import build_tiny_tokenizer, tiny_llava_config, tiny_qwen2_vl_config, tiny_sam2_config
+from tpo.tiny import build_tiny_tokenizer, tiny_llava_config, tiny_qwen2_vl_config, tiny_sam2_config
 
 SAM2_SIZE = 64
 FRAME_H, FRAME_W = 48, 64

@@ -17,7 +17,7 @@ from tpo import TPOForConditionalGeneration
 from tpo.processing.collator_tpo import collate_encoded
 from tpo.processing.processing_tpo import TPOProcessor, image_geometry
 from tpo.processing.schema import empty_sample
-from tpo.training.tiny import (
+from tpo.tiny import (
     TINY_ONEVISION_PINPOINTS,
     build_tiny_tokenizer,
     random_media,

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from transformers import Sam2VideoModel
 
 from tpo.modeling_tpo.mask_head import MaskHead, dice_loss, masks_to_boxes
-from tpo.training.tiny import tiny_sam2_config
+from tpo.tiny import tiny_sam2_config
 
 HIDDEN = 32
 

@@ -10,7 +10,7 @@ from transformers import LlavaForConditionalGeneration, Qwen2VLForConditionalGen
 
 from tpo import TPOConfig, TPOForConditionalGeneration
 from tpo.modeling_tpo.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, generalized_box_iou
-from tpo.training.tiny import build_tiny_tokenizer, tiny_llava_config, tiny_qwen2_vl_config
+from tpo.tiny import build_tiny_tokenizer, tiny_llava_config, tiny_qwen2_vl_config
 
 FAMILIES = {
     "llava": (tiny_llava_config, LlavaForConditionalGeneration),

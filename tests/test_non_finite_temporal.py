@@ -12,7 +12,7 @@ from tpo.modeling_tpo.matcher import SpanHungarianMatcher
 from tpo.processing.pipeline import TPODataCollator, encode_dataset
 from tpo.processing.processing_tpo import TPOProcessor
 from tpo.training.arguments import TPOTrainingArguments
-from tpo.training.tiny import build_tiny_tokenizer, random_media, tiny_llava_config
+from tpo.tiny import build_tiny_tokenizer, random_media, tiny_llava_config
 from tpo.training.trainer import NonFiniteLossError, TPOTrainer
 
 

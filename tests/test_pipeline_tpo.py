@@ -20,7 +20,7 @@ from tpo import TPOForConditionalGeneration
 from tpo.modeling_tpo.configuration_tpo import CUSTOM_PIPELINES
 from tpo.processing import pipeline_tpo
 from tpo.processing.processing_tpo import TPOProcessor, decode_rle
-from tpo.training.tiny import build_tiny_tokenizer, tiny_llava_config, tiny_sam2_config
+from tpo.tiny import build_tiny_tokenizer, tiny_llava_config, tiny_sam2_config
 
 VIDEO_SECONDS = 3.0
 

@@ -22,8 +22,8 @@ from tpo.processing.processing_tpo import TPOProcessor
 from tpo.processing.readers import read_spec
 from tpo.processing.synthetic import MASK_VIDEO_FRAMES, VIDEO_SECONDS, generate_synthetic_benchmark
 from tpo.training.metrics import as_mask, mask_iou_metrics
-from tpo.training.tiny import build_tiny_tokenizer, tiny_llava_config, tiny_sam2_config
-from tpo.training.visualization import PRED_COLORS
+from tpo.tiny import build_tiny_tokenizer, tiny_llava_config, tiny_sam2_config
+from tpo.visualization import PRED_COLORS
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "evaluate_tpo.py"
 IMAGE_SIZE = 128  # the synthetic benchmark's images and frames

@@ -25,7 +25,7 @@ from tpo.processing.processing_tpo import (
     sam2_pixel_values,
     uniform_timestamps,
 )
-from tpo.training.tiny import build_tiny_tokenizer, tiny_llava_config, tiny_qwen2_vl_config
+from tpo.tiny import build_tiny_tokenizer, tiny_llava_config, tiny_qwen2_vl_config
 
 
 def _build(family: str, **processor_kwargs):
@@ -316,3 +316,23 @@ def test_save_and_auto_processor_round_trip(tmp_path, llava):
         """
     )
     assert "PROCESSOR-OK" in run_clean_python(script, tmp_path / "env").stdout
+
+
+def test_call_returns_a_batch_feature_in_the_requested_tensors(llava):
+    from transformers import BatchFeature
+
+    _, processor = llava
+    media = [{"image": np.zeros((128, 96, 3), np.uint8)}, {"image": np.zeros((64, 64, 3), np.uint8)}]
+    expected = collate_encoded(processor, [processor.encode(s, mode="generate") for s in (REGION, TEXT)], media,
+                               padding_side="left")
+    pt = processor([REGION, TEXT], media)
+    assert isinstance(pt, BatchFeature) and set(pt) == set(expected)
+    assert pt["tpo_meta"] == expected["tpo_meta"]
+    for key, value in expected.items():
+        if key != "tpo_meta":
+            assert isinstance(pt[key], torch.Tensor) and torch.equal(pt[key], value), key
+    np_batch = processor([REGION, TEXT], media, return_tensors="np")
+    assert np_batch["tpo_meta"] == expected["tpo_meta"]
+    for key, value in expected.items():
+        if key != "tpo_meta":
+            assert isinstance(np_batch[key], np.ndarray) and np.array_equal(np_batch[key], value.numpy()), key

@@ -17,7 +17,7 @@ from tpo.modeling_tpo.region_head import RegionHead
 from tpo.modeling_tpo.temporal_loss import TemporalCriterion
 from tpo.training.arguments import TPOTrainingArguments
 from tpo.training.stages import apply_stage, lr_multipliers, stage_runs
-from tpo.training.tiny import build_tiny_tokenizer, tiny_llava_config, tiny_sam2_config
+from tpo.tiny import build_tiny_tokenizer, tiny_llava_config, tiny_sam2_config
 
 RELEASE_TEMPORAL = {k: PRESETS["release"]["temporal_head_config"][k]
                     for k in ("span_l1_reduction", "label_reduction", "saliency_loss", "eos_coef", "saliency_margin")}
@@ -237,7 +237,7 @@ def test_release_model_with_dense_clips_reloads_as_remote_code(tmp_path):
 
     from tpo.processing.pipeline import TPODataCollator, encode_dataset
     from tpo.processing.processing_tpo import TPOProcessor
-    from tpo.training.tiny import random_media
+    from tpo.tiny import random_media
 
     torch.manual_seed(0)
     tokenizer = build_tiny_tokenizer()

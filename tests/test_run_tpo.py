@@ -166,7 +166,7 @@ def _save_checkpoint(family: str, folder: Path):
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
-    from tpo.training import tiny
+    from tpo import tiny
 
     tokenizer = tiny.build_tiny_tokenizer()
     if family == "llava":
@@ -191,7 +191,7 @@ def test_pretrained_checkpoint_on_disk_is_wrapped_with_its_own_processor(family,
 
     from tpo.processing.collator_tpo import collate_encoded
     from tpo.processing.schema import empty_sample
-    from tpo.training.tiny import random_media
+    from tpo.tiny import random_media
 
     mllm = _save_checkpoint(family, tmp_path)
     model_args = run_tpo.ModelArguments(model_name_or_path=str(tmp_path), enabled_tasks=["temporal", "region"],

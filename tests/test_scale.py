@@ -14,7 +14,7 @@ from tiny_inputs import SampleSpec, make_batch
 from transformers import LlavaForConditionalGeneration
 
 from tpo import TPOForConditionalGeneration
-from tpo.training.tiny import build_tiny_tokenizer, tiny_llava_config
+from tpo.tiny import build_tiny_tokenizer, tiny_llava_config
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 

@@ -15,7 +15,7 @@ from tpo import TPOForConditionalGeneration
 from tpo.modeling_tpo.mask_head import MaskHead
 from tpo.processing.processing_tpo import TPOProcessor
 from tpo.processing.tracking_readers import read_got10k, read_lasot
-from tpo.training.tiny import build_tiny_tokenizer, tiny_llava_config, tiny_sam2_config
+from tpo.tiny import build_tiny_tokenizer, tiny_llava_config, tiny_sam2_config
 from tpo.training.tracking import TrackingConfig, first_frame_mask_logits, track_sequence, write_tracking_results
 
 SAM2_SIZE = 64

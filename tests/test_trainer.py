@@ -16,7 +16,7 @@ from tpo.processing.pipeline import MediaError, TPODataCollator, encode_dataset
 from tpo.processing.processing_tpo import TPOProcessor
 from tpo.training.arguments import TPOTrainingArguments
 from tpo.training.stages import parameter_group
-from tpo.training.tiny import build_tiny_tokenizer, random_media, tiny_llava_config
+from tpo.tiny import build_tiny_tokenizer, random_media, tiny_llava_config
 from tpo.training.trainer import NonFiniteLossError, TPOTrainer
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tpo.training import visualization as vis
+from tpo import visualization as vis
 from tpo.training.metrics import mask_to_rle
 
 GRAY = 128

@@ -5,10 +5,9 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from ..modeling_tpo.configuration_tpo import PRESETS
+from ..modeling_tpo.configuration_tpo import PRESETS, TASK_NAMES
 
 STAGES = ("assign", "task", "joint")
-TASKS = ("temporal", "region", "mask")
 # Published learning rates (REFERENCE.md section 3): stage 1 LoRA 2e-5; stage 2 heads 1e-4 and task
 # tokens 1e-4..2e-4; stage 3 2e-5. With learning_rate 2e-5 the multipliers below give them.
 DEFAULT_HEAD_LR_MULTIPLIER = 5.0
@@ -106,9 +105,9 @@ class TPOTrainingArguments(TrainingArguments):
         if self.stage not in STAGES:
             raise ValueError(f"Unknown stage {self.stage!r}; choose one of {list(STAGES)}.")
         if self.tasks is not None:
-            unknown = [t for t in self.tasks if t not in TASKS]
+            unknown = [t for t in self.tasks if t not in TASK_NAMES]
             if unknown:
-                raise ValueError(f"Unknown task(s) {unknown}; valid tasks are {list(TASKS)}.")
+                raise ValueError(f"Unknown task(s) {unknown}; valid tasks are {list(TASK_NAMES)}.")
         if self.llm_training not in ("lora", "full", "frozen"):
             raise ValueError(f"`llm_training` must be 'lora', 'full' or 'frozen', got {self.llm_training!r}.")
 

@@ -32,8 +32,9 @@ from pathlib import Path
 
 import torch
 
+from ..modeling_tpo.configuration_tpo import IGNORE_INDEX
 from ..processing.benchmark_readers import OPTION_LETTERS, choice_prompt
-from ..processing.collator_tpo import IGNORE_INDEX, collate_encoded
+from ..processing.collator_tpo import collate_encoded
 from ..processing.pipeline import MediaError, load_media, probe_media
 from .metrics import extract_option_letter, mcqa_accuracy
 

@@ -1,9 +1,10 @@
 """What each TPO stage trains and which losses it counts, as data; and the parameter groups.
 
-A parameter belongs to exactly one group, decided from its name:
-    task_tokens, heads (region/temporal/mask heads and the router), lora (peft adapters),
-    projector (the MLLM's vision-language connector), vision (the MLLM's vision encoder),
-    sam2_image_encoder, sam2 (SAM2's other parts), llm (the language model), other.
+A parameter belongs to exactly one group, decided from its name (`parameter_group`, first match wins):
+    lora (peft adapters), task_tokens, router, sam2_image_encoder, sam2_prompt_encoder (with SAM2's shared
+    image embedding), sam2_mask_decoder, sam2_memory (SAM2's other parts), task_heads (region, temporal and
+    mask heads), projector (the MLLM's vision-language connector), vision (the MLLM's vision encoder),
+    llm (the language model), other; and frozen_copy for peft's frozen `original_module` copies.
 """
 
 import logging

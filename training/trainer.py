@@ -1,12 +1,6 @@
 """TPOTrainer: transformers' Trainer with TPO's stages, per-term loss logging and task evaluation.
 
-Why `Trainer` and not TRL's `SFTTrainer`: what SFTTrainer adds (dataset formatting and
-tokenisation, packing, completion-only masking, chat-template handling) is exactly what
-`TPOProcessor` and the TPO collator do with task tokens and dense targets; SFTTrainer would have
-to be told to skip all of it (`skip_prepare_dataset`, `remove_unused_columns=False`, `max_length=None`)
-and it changes defaults a TPO run must not inherit (bf16, gradient checkpointing, overwriting the
-model's pad/bos/eos ids). Overriding `compute_loss`, `log`, `create_optimizer` and `evaluate` of
-`Trainer` is the smaller, clearer surface.
+Why `Trainer` and not TRL's `SFTTrainer`: README.md, "Training".
 """
 
 import json
@@ -17,6 +11,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 from transformers import Trainer, TrainerState
 from transformers.trainer_utils import TrainOutput
 
@@ -28,13 +23,12 @@ logger = logging.getLogger(__name__)
 
 
 def unwrap_tpo(model):
-    """The TPOForConditionalGeneration inside a peft / DDP wrapper."""
-    inner = model
-    for _ in range(4):
-        if hasattr(inner, "module") and not hasattr(inner, "task_tokens"):
-            inner = inner.module
-        if hasattr(inner, "get_base_model") and not hasattr(inner, "task_tokens"):
-            inner = inner.get_base_model()
+    """The TPOForConditionalGeneration inside its distributed (DDP, FSDP, DeepSpeed) and peft wrappers."""
+    from peft import PeftModel
+
+    inner = extract_model_from_parallel(model)
+    if isinstance(inner, PeftModel):
+        inner = inner.get_base_model()
     if not hasattr(inner, "task_tokens"):
         raise TypeError(f"{type(model).__name__} does not wrap a TPOForConditionalGeneration.")
     return inner

@@ -9,16 +9,16 @@
 Command line, each reading one JSON file (spans in seconds, boxes in pixels, masks as COCO RLE
 `{"size": [H, W], "counts": str}`):
 
-    python -m tpo.training.visualization timeline --input t.json --output timeline.png
+    python -m tpo.visualization timeline --input t.json --output timeline.png
         {"duration": 150, "query": "...", "pred_relevant_windows": [[s, e, score], ...],
          "relevant_windows": [[s, e], ...], "pred_saliency_scores": [one per 2-s clip] (optional),
          "relevant_clip_ids": [...], "saliency_scores": [[a1, a2, a3], ...] (optional, QVHighlights GT),
          "video": "clip.mp4" with "num_thumbnails": 8 (optional) or "frames": [{"time": 12.0,
          "image": "f.jpg"}, ...] (optional)}
-    python -m tpo.training.visualization boxes --input b.json --output boxes.png
+    python -m tpo.visualization boxes --input b.json --output boxes.png
         {"image": "img.jpg", "pred_boxes_xyxy": [[x0, y0, x1, y1], ...] or "pred_bbox": [x, y, w, h],
          "pred_scores": [...] (optional), "gt_boxes_xyxy": [...] or "gt_bbox": [x, y, w, h]}
-    python -m tpo.training.visualization masks --input m.json --output masks.png
+    python -m tpo.visualization masks --input m.json --output masks.png
         {"image": "img.jpg", "pred_mask": RLE, "gt_mask": RLE (optional)}   one image, or
         {"frames": ["00000.jpg", ...], "pred_masks": [RLE or null, ...], "gt_masks": [...] (optional),
          "columns": 4 (optional), "captions": ["frame 0", ...] (optional)}   a grid of video frames
@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .metrics.mask import as_mask, boundary_map
+from .training.metrics.mask import as_mask, boundary_map
 
 logger = logging.getLogger(__name__)
 
@@ -369,7 +369,7 @@ def _load_image(base: Path, path: str) -> Image.Image:
 def _gt_saliency_from_record(record: dict):
     if "saliency_scores" not in record:
         return None
-    from .metrics.qvhighlights import gt_clip_scores
+    from .training.metrics.qvhighlights import gt_clip_scores
 
     return gt_clip_scores(record)
 
@@ -377,7 +377,7 @@ def _gt_saliency_from_record(record: dict):
 def _timeline_from_json(record: dict, base: Path) -> Image.Image:
     frames, times = None, None
     if record.get("video"):
-        from ..processing.video import load_video
+        from .processing.video import load_video
 
         clip = load_video(_resolve(base, record["video"]), num_frames=int(record.get("num_thumbnails", 8)))
         frames, times = list(clip.frames), clip.metadata.timestamps_seconds
@@ -390,7 +390,7 @@ def _timeline_from_json(record: dict, base: Path) -> Image.Image:
 
 
 def _boxes_field(record: dict, prefix: str) -> np.ndarray:
-    from .metrics.region import xywh_to_xyxy
+    from .training.metrics.region import xywh_to_xyxy
 
     if f"{prefix}_boxes_xyxy" in record:
         return np.asarray(record[f"{prefix}_boxes_xyxy"], dtype=np.float64).reshape(-1, 4)
@@ -426,7 +426,7 @@ def render_record(kind: str, record: dict, base_dir: str | Path = ".") -> Image.
 
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     epilog="Input formats: see `python -c 'import tpo.training.visualization as v; help(v)'`.")
+                                     epilog="Input formats: see `python -c 'import tpo.visualization as v; help(v)'`.")
     parser.add_argument("kind", choices=sorted(RENDERERS))
     parser.add_argument("--input", required=True, help="JSON file describing what to draw (see the module docstring)")
     parser.add_argument("--output", required=True, help="PNG file to write")

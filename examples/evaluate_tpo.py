@@ -111,6 +111,7 @@ def _formats(function) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """One subcommand per benchmark (`handler=score`, `scorer=score_<benchmark>`) and `predict`."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     subparsers = parser.add_subparsers(dest="benchmark", required=True)
 
@@ -172,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Run the subcommand of `argv`, print its result as JSON (and write it to `--output`); returns it."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     metrics = json_ready(args.handler(args))

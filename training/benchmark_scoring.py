@@ -101,7 +101,8 @@ def score_qvhighlights(predictions: str, ground_truth: str, on_missing: str = "e
 
 
 def read_charades_lines(path: str) -> dict:
-    """{`charades-<VIDEOID>-<line>`: (line number, [start, end])} from a Charades-STA text file."""
+    """{`charades-<VIDEOID>-<line>`: (1-based line number, [start, end] in seconds)} from a Charades-STA text
+    file (lines `VIDEOID START END##query`; blank lines are skipped but counted)."""
     out = {}
     with open(path, encoding="utf-8") as handle:
         for line_number, line in enumerate(handle, 1):
@@ -230,8 +231,9 @@ def score_refcoco(predictions: str, ground_truth: str | None = None, refs: str |
 
 
 def read_reasonseg_folder(folder: str, all_texts: bool) -> dict:
-    """{`reasonseg-<name>-<text index>`: (target mask, ignore mask)} from a ReasonSeg folder, the ground
-    truth LISA's `get_mask_from_json` builds (`tpo.processing.reasonseg`) on the upright image size."""
+    """{`reasonseg-<name>-<text index>`: (target mask, ignore mask), each `(height, width)` bool} from a ReasonSeg
+    folder, the ground truth LISA's `get_mask_from_json` builds (`tpo.processing.reasonseg`) on the upright image
+    size; text 0 of each image only, unless `all_texts`."""
     from ..processing.images import image_size
     from ..processing.reasonseg import IGNORE, TARGET, read_labelme_json, reasonseg_label_map
 
@@ -286,7 +288,9 @@ def score_reasonseg(predictions: str, ground_truth: str, all_texts: bool = False
 
 
 def read_mevis_ground_truth(meta_path: str, mask_dict_path: str, dataset_name: str) -> dict:
-    """{`<dataset>-<video>-<expression>`: (frame names, per-frame merged masks)} from MeViS files."""
+    """{`<dataset_name>-<video>-<expression>`: (video id, expression id, frame names, per-frame masks)} from MeViS
+    files; each frame's mask is the union of the expression's objects, `(height, width)` bool (`(1, 1)` when no
+    object of the expression appears in the video)."""
     meta = json.loads(Path(meta_path).read_text(encoding="utf-8"))
     mask_dict = json.loads(Path(mask_dict_path).read_text(encoding="utf-8"))
     if "videos" not in meta:
@@ -449,7 +453,8 @@ def _records_by_name(path: str, boxes_key: str) -> dict:
 
 
 def read_tracking_ground_truth(root: str) -> dict:
-    """{sequence: TrackingSequence without predictions} from a LaSOT / GOT-10k folder or records file."""
+    """{sequence name: TrackingSequence without predictions} from a LaSOT / GOT-10k folder or a records file:
+    `gt_xywh` `(frames, 4)` pixels, `visible` `(frames,)` bool (or None), `resolution_wh` (or None)."""
     root_path = Path(root)
     if root_path.is_file():
         return {name: TrackingSequence(None, np.asarray(record["gt_xywh"], dtype=np.float64).reshape(-1, 4),
@@ -476,8 +481,9 @@ def _run_files(source: Path, name: str) -> list[Path]:
 
 
 def read_tracking_predictions(path: str, names: list) -> dict:
-    """{sequence: `(runs, n, 4)` boxes} from a records file or a results folder. Records naming no GT
-    sequence, or one twice, are refused; result files of no GT sequence are reported."""
+    """{sequence: `(runs, frames, 4)` x,y,w,h boxes in pixels} of the sequences `names`, from a records file or
+    a results folder. Records naming no GT sequence, or one twice, are refused; result files of no GT sequence
+    are reported (logged)."""
     source = Path(path)
     if source.is_file():
         out = {}

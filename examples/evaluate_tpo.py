@@ -78,14 +78,10 @@ metrics (`task/metric`, fractions in [0, 1], on the annotated samples predicted)
 record each was drawn from, re-drawable with `python -m tpo.training.visualization`)."""
 
 
-def _call(function, args: argparse.Namespace):
-    """`function` called with the parsed arguments named like its parameters (`--ground-truth` -> ground_truth)."""
-    return function(**{name: getattr(args, name) for name in inspect.signature(function).parameters})
-
-
 def score(args: argparse.Namespace) -> dict:
-    """The metrics of a scoring subcommand (%)."""
-    return _call(args.scorer, args)
+    """The metrics of a scoring subcommand (%): its `score_<benchmark>` function called with the parsed flags,
+    which are named like its parameters (`--ground-truth` -> ground_truth)."""
+    return args.scorer(**{name: getattr(args, name) for name in inspect.signature(args.scorer).parameters})
 
 
 def _score_arguments(arguments: list[str]) -> dict:
@@ -95,8 +91,13 @@ def _score_arguments(arguments: list[str]) -> dict:
 
 def predict(args: argparse.Namespace) -> dict:
     """`predict`: the summary of `tpo.training.predict.predict_dataset` (also in predict_summary.json)."""
-    return _call(predict_dataset, argparse.Namespace(
-        **vars(args), command_prefix=[Path(sys.executable).name, str(Path(__file__))], score_arguments=_score_arguments))
+    return predict_dataset(
+        args.model, args.data, args.output_dir, split=args.split, processor=args.processor, batch_size=args.batch_size,
+        max_samples=args.max_samples, max_new_tokens=args.max_new_tokens,
+        mask_frames_per_video=args.mask_frames_per_video, mask_video_mode=args.mask_video_mode,
+        tracking_first_frame=args.tracking_first_frame, tracking_lost_target=args.tracking_lost_target,
+        device=args.device, dtype=args.dtype, evaluate=args.evaluate, visualize=args.visualize,
+        command_prefix=[Path(sys.executable).name, str(Path(__file__))], score_arguments=_score_arguments)
 
 
 def _add_common(parser: argparse.ArgumentParser, ground_truth_required: bool = True) -> None:

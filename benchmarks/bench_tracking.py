@@ -11,7 +11,6 @@ contrast: the same frames decoded into one tensor and tracked by `MaskHead.track
 """
 
 import argparse
-import importlib.util
 import json
 import resource
 import subprocess
@@ -22,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 FRAME_HEIGHT, FRAME_WIDTH = 240, 320
 SAM2_IMAGE_SIZE = 128
 
@@ -67,13 +65,6 @@ def write_sequence(root: Path, name: str, count: int) -> Path:
     return folder
 
 
-def load_evaluate_tpo():
-    spec = importlib.util.spec_from_file_location("evaluate_tpo", REPO_ROOT / "examples" / "evaluate_tpo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
@@ -82,14 +73,14 @@ def measure_predict(model: str, root: str, output_dir: str, threads: int = 1) ->
     """One `predict` run over the LaSOT folder `root` (in this process): frames, seconds, frames per second."""
     import torch
 
+    from tpo.training.predict import predict_dataset
+
     torch.set_num_threads(threads)
-    cli = load_evaluate_tpo()
     data = Path(output_dir) / "data.json"
     data.parent.mkdir(parents=True, exist_ok=True)
     data.write_text(json.dumps([{"format": "lasot", "root": root}]))
     start = time.perf_counter()
-    summary = cli.predict(cli.build_parser().parse_args(
-        ["predict", "--model", model, "--data", str(data), "--output-dir", output_dir, "--device", "cpu"]))
+    summary = predict_dataset(model, str(data), output_dir, device="cpu")  # what `evaluate_tpo.py predict` runs
     wall = time.perf_counter() - start
     folder = Path(summary["files"][0]["path"])
     seconds = np.concatenate([np.atleast_1d(np.loadtxt(f)) for f in sorted(folder.glob("*_time.txt"))])

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tpo.training.benchmark_scoring import read_records
 from tpo.training.metrics import lasot_metrics, mask_to_rle, qvhighlights_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -264,11 +265,11 @@ def test_subcommand_help_documents_the_format(cli, capsys):
     assert "groundtruth.txt" in text and "--protocol" in text
 
 
-def test_bad_json_line_is_named(cli, tmp_path):
+def test_bad_json_line_is_named(tmp_path):
     bad = tmp_path / "p.jsonl"
     bad.write_text('{"qid": 1}\n{oops\n')
     with pytest.raises(ValueError, match=r"p.jsonl line 2: not valid JSON"):
-        cli.read_records(str(bad))
+        read_records(str(bad))
 
 
 def test_script_end_to_end_and_error_exit(tmp_path):
@@ -284,8 +285,8 @@ def test_script_end_to_end_and_error_exit(tmp_path):
 
 
 def test_scoring_subcommands_import_neither_torch_nor_transformers(tmp_path):
-    # The whole process of a scoring subcommand pays only for numpy and the metrics (issue: 8.1 s of
-    # imports for a 0.09 s metric); benchmarks/bench_scoring_cli.py measures the wall time.
+    # The whole process of a scoring subcommand pays only for numpy and the metrics;
+    # benchmarks/bench_scoring_cli.py measures the wall time.
     runs = [
         ["qvhighlights", "--predictions", _jsonl(tmp_path / "p.jsonl", QVH_PRED),
          "--ground-truth", _jsonl(tmp_path / "g.jsonl", QVH_GT)],

@@ -21,7 +21,9 @@ from tpo import TPOForConditionalGeneration
 from tpo.processing.processing_tpo import TPOProcessor
 from tpo.processing.readers import read_spec
 from tpo.processing.synthetic import MASK_VIDEO_FRAMES, VIDEO_SECONDS, generate_synthetic_benchmark
+from tpo.training.benchmark_scoring import read_records
 from tpo.training.metrics import as_mask, mask_iou_metrics
+from tpo.training.predict import read_data_specs
 from tpo.tiny import build_tiny_tokenizer, tiny_llava_config, tiny_sam2_config
 from tpo.visualization import PRED_COLORS
 
@@ -82,10 +84,6 @@ def _ids(spec: dict) -> list[str]:
     return read_spec(spec)["id"]
 
 
-def _records(cli, path: str) -> list[dict]:
-    return cli.read_records(path)
-
-
 def test_one_file_per_dataset_and_task_with_a_command(predicted):
     summary, files, output = predicted
     assert set(files) == {("qvhighlights", "temporal"), ("synthetic_refcoco", "region"), ("synthetic_refcoco", "mask"),
@@ -98,10 +96,10 @@ def test_one_file_per_dataset_and_task_with_a_command(predicted):
     assert json.loads((output / "predict_summary.json").read_text())["files"] == summary["files"]
 
 
-def test_qvhighlights_submission_records(cli, world, predicted):
+def test_qvhighlights_submission_records(world, predicted):
     _, files, _ = predicted
-    rows = _records(cli, files[("qvhighlights", "temporal")]["path"])
-    gt = _records(cli, world["test"]["temporal"]["jsonl"])
+    rows = read_records(files[("qvhighlights", "temporal")]["path"])
+    gt = read_records(world["test"]["temporal"]["jsonl"])
     assert [r["qid"] for r in rows] == [g["qid"] for g in gt]  # the original qids, in order, once each
     for row in rows:
         windows = np.array(row["pred_relevant_windows"])
@@ -112,9 +110,9 @@ def test_qvhighlights_submission_records(cli, world, predicted):
         assert len(row["pred_saliency_scores"]) == math.ceil(VIDEO_SECONDS / 2)  # one per 2-second clip
 
 
-def test_box_records_are_coco_boxes_inside_the_image(cli, world, predicted):
+def test_box_records_are_coco_boxes_inside_the_image(world, predicted):
     _, files, _ = predicted
-    rows = _records(cli, files[("synthetic_refcoco", "region")]["path"])
+    rows = read_records(files[("synthetic_refcoco", "region")]["path"])
     assert [r["id"] for r in rows] == _ids(world["test"]["region"])
     for row in rows:
         x, y, w, h = row["bbox"]
@@ -123,12 +121,12 @@ def test_box_records_are_coco_boxes_inside_the_image(cli, world, predicted):
         assert isinstance(row["image_id"], int)
 
 
-def test_mask_records(cli, world, predicted):
+def test_mask_records(world, predicted):
     _, files, _ = predicted
-    image_rows = _records(cli, files[("synthetic_refcoco", "mask")]["path"])
+    image_rows = read_records(files[("synthetic_refcoco", "mask")]["path"])
     assert [r["id"] for r in image_rows] == _ids(world["test"]["mask_image"])
     assert all(as_mask(r["mask"]).shape == (IMAGE_SIZE, IMAGE_SIZE) for r in image_rows)
-    video_rows = _records(cli, files[("synthetic_mevis", "mask")]["path"])
+    video_rows = read_records(files[("synthetic_mevis", "mask")]["path"])
     meta = json.loads(Path(world["test"]["mask_video"]["meta_expressions"]).read_text())
     expected = [(video, expression) for video, v in meta["videos"].items() for expression in v["expressions"]]
     assert [(r["video_id"], r["exp_id"]) for r in video_rows] == expected
@@ -138,9 +136,9 @@ def test_mask_records(cli, world, predicted):
         assert all(m is not None and as_mask(m).shape == (IMAGE_SIZE, IMAGE_SIZE) for m in row["masks"])
 
 
-def test_answer_records_use_the_conversation_ids(cli, world, predicted):
+def test_answer_records_use_the_conversation_ids(world, predicted):
     _, files, _ = predicted
-    rows = _records(cli, files[("llava", "text")]["path"])
+    rows = read_records(files[("llava", "text")]["path"])
     original = json.loads(Path(world["test"]["conversation"]["json"]).read_text())
     assert [r["id"] for r in rows] == [r["id"] for r in original]
     assert all(isinstance(r["prediction"], str) for r in rows)
@@ -168,7 +166,7 @@ def test_round_trip_through_the_evaluate_subcommands(cli, world, predicted):
     masks_file = files[("synthetic_refcoco", "mask")]
     masks = cli.main(["reasonseg", "--predictions", masks_file["path"], "--ground-truth", masks_file["ground_truth"]])
     truth = {row["id"]: row["masks_rle"][0] for row in read_spec(test["mask_image"])}
-    predictions = {r["id"]: r["mask"] for r in _records(cli, masks_file["path"])}
+    predictions = {r["id"]: r["mask"] for r in read_records(masks_file["path"])}
     assert masks == pytest.approx(mask_iou_metrics([predictions[k] for k in truth], list(truth.values())))
 
     mevis = cli.main(["mevis", "--predictions", files[("synthetic_mevis", "mask")]["path"], "--meta",
@@ -206,7 +204,7 @@ def test_max_samples_mask_frames_and_partial_qvhighlights(cli, world, tmp_path):
                         str(tmp_path), "--max-samples", "1", "--mask-frames-per-video", "2", "--device", "cpu"])
     files = {(f["source"], f["task"]): f for f in summary["files"]}
     assert all(f["records"] == 1 for f in files.values()) and "metrics" not in summary
-    video = _records(cli, files[("synthetic_mevis", "mask")]["path"])[0]["masks"]
+    video = read_records(files[("synthetic_mevis", "mask")]["path"])[0]["masks"]
     # 2 frames of 8, evenly spaced (the first and the last), at their frame index; the others null.
     assert [m is not None for m in video] == [True] + [False] * (MASK_VIDEO_FRAMES - 2) + [True]
     temporal = files[("qvhighlights", "temporal")]
@@ -233,10 +231,10 @@ def test_samples_without_annotations_are_predicted(cli, world, tmp_path):
     files = {f["source"]: f for f in summary["files"]}
     assert summary["annotated"] == 0 and summary["predicted"] == summary["samples"] == 2
     assert all(f["evaluate"] is None and "no annotations" in f["note"] for f in files.values())
-    rows = _records(cli, files["qvhighlights"]["path"])
+    rows = read_records(files["qvhighlights"]["path"])
     assert [r["qid"] for r in rows] == [900]
     assert all(0 <= w[0] <= w[1] <= VIDEO_SECONDS for r in rows for w in r["pred_relevant_windows"])
-    (video,) = _records(cli, files["mevis_valid"]["path"])
+    (video,) = read_records(files["mevis_valid"]["path"])
     assert video["id"] == "mevis_valid-test_00000-0" and len(video["masks"]) == MASK_VIDEO_FRAMES
     # Unannotated: every frame is a candidate; 3 of 8 evenly spaced (0, 4, 7) are segmented.
     assert [i for i, m in enumerate(video["masks"]) if m is not None] == [0, 4, 7]
@@ -266,16 +264,16 @@ def test_a_processor_with_other_task_token_ids_is_refused(cli, world, tmp_path):
                   "--output-dir", str(tmp_path / "o")])
 
 
-def test_data_file_errors(cli, world, tmp_path):
+def test_data_file_errors(world, tmp_path):
     with pytest.raises(ValueError, match=r"no split 'eval'; the file has \['test', 'train', 'val'\]"):
-        cli.read_data_specs(world["manifest_path"], "eval")
+        read_data_specs(world["manifest_path"], "eval")
     bad = tmp_path / "bad.yaml"
     bad.write_text("- {jsonl: x.jsonl}\n")
     with pytest.raises(ValueError, match="expected reader specs"):
-        cli.read_data_specs(str(bad))
+        read_data_specs(str(bad))
     single = tmp_path / "one.json"
     single.write_text(json.dumps(world["test"]["region"]))
-    assert cli.read_data_specs(str(single)) == [world["test"]["region"]]
+    assert read_data_specs(str(single)) == [world["test"]["region"]]
 
 
 def _readme_command(marker: str) -> list[str]:

@@ -28,6 +28,7 @@ TRACKING_SPEC_KEYS = ("format", "root", "sequences", "split", "dataset_name")
 
 
 def is_benchmark_spec(spec: dict) -> bool:
+    """Whether this module runs `spec` (a multiple-choice or tracking format) rather than `TaskEvaluator`."""
     return spec.get("format") in BENCHMARK_READERS or spec.get("format") in TRACKING_READERS
 
 

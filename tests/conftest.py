@@ -25,7 +25,7 @@ def tiny_tokenizer():
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """One torch thread for a module (`pytestmark = pytest.mark.usefixtures("one_torch_thread")`): SAM2's video
-    path is thousands of small ops, and two threads on two shared, busy cores ran it ~20x slower."""
+    path is thousands of small ops, which more threads on shared, busy cores slow down instead of speeding up."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -76,7 +76,7 @@ def _llava_frame_index(input_ids, tokenizer, config):
 
 def trainer_run(out_dir: Path, steps: int) -> None:
     from datasets import Dataset
-    from test_trainer import fake_media, samples
+    from tiny_inputs import fake_media, training_samples
     from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
     from tpo.processing.pipeline import TPODataCollator, encode_dataset
@@ -87,7 +87,7 @@ def trainer_run(out_dir: Path, steps: int) -> None:
     model, tokenizer = build_model()
     processor = TPOProcessor.from_model_config(model.config, SiglipImageProcessorPil(size={"height": 32, "width": 32}),
                                                tokenizer, num_frames=2)
-    dataset = encode_dataset(Dataset.from_list(samples(32)), processor)
+    dataset = encode_dataset(Dataset.from_list(training_samples(32)), processor)
     args = TPOTrainingArguments(output_dir=str(out_dir / "trainer"), stage="joint", llm_training="full",
                                 per_device_train_batch_size=4, max_steps=steps, learning_rate=1e-3, report_to=[],
                                 save_strategy="no", use_cpu=True, seed=0, dataloader_num_workers=0, disable_tqdm=True,

@@ -3,8 +3,17 @@ reload, merge_and_unload."""
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from test_model_core import build
-from tiny_inputs import SampleSpec, make_batch
+from tiny_inputs import (
+    MASK_IMAGE,
+    MASK_VIDEO,
+    MEDIA,
+    REGION,
+    TEMPORAL,
+    SampleSpec,
+    build_model,
+    build_model_and_processor,
+    make_batch,
+)
 
 from tpo import TPOForConditionalGeneration
 
@@ -17,7 +26,7 @@ def _outputs(model, batch):
 
 
 def test_lora_train_save_reload_and_merge(tmp_path):
-    model, tokenizer = build("llava")
+    model, tokenizer = build_model("llava")
     model.save_pretrained(tmp_path / "base")
     initial_head = model.region_head.fc1.weight.detach().clone()
     initial_tokens = model.task_tokens.embeddings["region"].detach().clone()
@@ -69,11 +78,10 @@ def test_lora_train_save_reload_and_merge(tmp_path):
 def test_lora_trains_every_head_with_mask_prompts_wrapped():
     """With all three heads in `modules_to_save` (peft wraps e.g. the mask head's prompt MLP), a mixed
     region / temporal / video-mask / image-mask batch trains: every head's saved copy gets a gradient."""
-    from test_generation import MASK_IMAGE, MASK_VIDEO, MEDIA, REGION, TEMPORAL, _build
 
     from tpo.processing.collator_tpo import collate_encoded
 
-    model, processor = _build("llava")
+    model, processor = build_model_and_processor("llava")
     names = model.task_module_names()
     assert "mask_head.prompt_mlp" in names
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=model.lora_target_regex(), modules_to_save=names)

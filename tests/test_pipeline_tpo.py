@@ -12,7 +12,7 @@ import pytest
 import torch
 from clean_env import run_clean_python
 from PIL import Image
-from test_readers import write_tiny_video
+from tiny_inputs import write_tiny_video
 from transformers import LlavaForConditionalGeneration, pipeline
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 

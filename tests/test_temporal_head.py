@@ -782,11 +782,11 @@ def test_a_nan_span_is_refused_and_does_not_hide_another_queries_bad_span():
 
 @pytest.mark.parametrize("span", [[0.6, 0.2], [0.2, 1.5], [float("nan"), 0.4]])
 def test_model_refuses_an_invalid_temporal_target_naming_the_sample(span):
-    from test_generation import MEDIA, REGION, TEMPORAL, _build
+    from tiny_inputs import MEDIA, REGION, TEMPORAL, build_model_and_processor
 
     from tpo.processing.collator_tpo import collate_encoded
 
-    model, processor = _build("llava", tasks=("temporal", "region"))
+    model, processor = build_model_and_processor("llava", tasks=("temporal", "region"))
     samples = [REGION, TEMPORAL]
     encoded = [processor.encode(sample, mode="train") for sample in samples]
     batch = collate_encoded(processor, encoded, [MEDIA[sample["id"]] for sample in samples])

@@ -3,7 +3,7 @@
 - Hand-built model inputs for tiny LLaVA and Qwen2-VL backbones (`SampleSpec`, `make_batch`: no processor
   involved), so that the model core is tested independently of the processing code.
 - Tiny models: `build_model` (model and tokenizer) and `build_model_and_processor` (model in eval mode and its
-  processor, SAM2 included when masks are a task).
+  processor, SAM2 included when masks are a task); `weighted_loss`, the total loss recomputed from its terms.
 - Sample records with their decoded media (`REGION`, `TEMPORAL`, `MASK_VIDEO`, `MASK_IMAGE`, `TEXT`,
   `TEXT_LONG`, `MEDIA` by id) and `generation_batch`, the processor's left-padded generation batch of them.
 - Training records (`training_samples`) and their media loader (`fake_media`).
@@ -165,6 +165,15 @@ def build_model_and_processor(family: str, tasks=("temporal", "region", "mask"))
     processor = TPOProcessor.from_model_config(model.config, image_processor, tokenizer, num_frames=4,
                                                sam2_image_size=SAM2_SIZE if sam2 else None)
     return model.eval(), processor
+
+
+LOSS_TERMS = ("lm", "assign", "temporal", "region", "mask")  # the terms the total loss sums
+
+
+def weighted_loss(model, out) -> torch.Tensor:
+    """The total loss by its definition: each top-level term of `out.loss_dict` times the model's weight for it."""
+    weights = model.loss_weights
+    return sum(weights[name] * out.loss_dict[name] for name in LOSS_TERMS if name in out.loss_dict)
 
 
 # ---------------------------------------------------------------------------------------------------

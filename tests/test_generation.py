@@ -139,10 +139,11 @@ def test_sampling_is_reproducible_and_is_the_mllm_with_the_task_processor(llava)
         runs.append(model.generate(**batch, **settings).sequences)
     assert torch.equal(runs[0], runs[1])
     assert not torch.equal(runs[0], runs[2])
-    torch.manual_seed(7)
-    reference = model.mllm.generate(**mllm_inputs, **settings,
-                                    logits_processor=LogitsProcessorList([model.task_token_logits_processor()]))
-    assert torch.equal(runs[0], reference)
+    for seed, run in ((7, runs[0]), (8, runs[2])):  # each seed's draw is the MLLM's own
+        torch.manual_seed(seed)
+        reference = model.mllm.generate(**mllm_inputs, **settings,
+                                        logits_processor=LogitsProcessorList([model.task_token_logits_processor()]))
+        assert torch.equal(run, reference)
 
 
 def test_num_return_sequences_with_heads_raises(llava):
@@ -349,6 +350,9 @@ def test_track_masks_gives_a_mask_and_box_per_frame_and_a_box_prompt_changes_the
     boxed = model.track_masks(frames, query_index, task_embeddings=embeddings,
                               initial_boxes=[torch.tensor([0.1, 0.2, 0.6, 0.7]), None])
     assert not torch.allclose(boxed[0]["mask_logits"], results[0]["mask_logits"])
+    # the box replaces the head's first-frame prompt: query 0 is tracked from the box alone
+    from_box = model.track_masks(frames[:3], initial_boxes=[torch.tensor([0.1, 0.2, 0.6, 0.7])])[0]
+    torch.testing.assert_close(boxed[0]["mask_logits"], from_box["mask_logits"])
     torch.testing.assert_close(boxed[1]["mask_logits"], results[1]["mask_logits"])  # no box: unchanged
 
 
@@ -489,6 +493,9 @@ def test_box_prompt_reads_the_frame_of_each_sam2_image_and_trains(box_prompted):
     assert boxes.shape == (4, 4) and bool((boxes[:, 2:] >= boxes[:, :2]).all())
     assert float(boxes.min()) >= 0 and float(boxes.max()) <= SAM2_SIZE
     assert not torch.allclose(moved["prompt_boxes_xyxy_sam2"][0], boxes[0])  # another frame's tokens
+    with torch.no_grad():  # image 0 reading image 1's head frame: image 1's box (same query, same view mapping)
+        shared = model(**{**batch, "mask_frame_index": torch.tensor([1, 1, 3, -1])}).mask_outputs
+    torch.testing.assert_close(shared["prompt_boxes_xyxy_sam2"][0], boxes[1])
     torch.testing.assert_close(moved["prompt_boxes_xyxy_sam2"][1:], boxes[1:])
 
 

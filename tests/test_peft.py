@@ -54,6 +54,9 @@ def test_lora_train_save_reload_and_merge(tmp_path):
         optimizer.zero_grad()
 
     expected = _outputs(peft_model, batch)
+    trained = peft_model.base_model.model
+    trained_head = trained.region_head.modules_to_save["default"].fc1.weight.detach().clone()
+    trained_tokens = trained.task_tokens.modules_to_save["default"].embeddings["region"].detach().clone()
     peft_model.save_pretrained(tmp_path / "adapter")
 
     base = TPOForConditionalGeneration.from_pretrained(tmp_path / "base")
@@ -69,6 +72,8 @@ def test_lora_train_save_reload_and_merge(tmp_path):
     # the trained (not the original) task tokens and heads survive the merge
     assert not torch.equal(merged.region_head.fc1.weight, initial_head)
     assert not torch.equal(merged.task_tokens.embeddings["region"], initial_tokens)
+    torch.testing.assert_close(merged.region_head.fc1.weight, trained_head, rtol=0, atol=0)
+    torch.testing.assert_close(merged.task_tokens.embeddings["region"], trained_tokens, rtol=0, atol=0)
     merged.save_pretrained(tmp_path / "merged")
     final = TPOForConditionalGeneration.from_pretrained(tmp_path / "merged")
     for got, want in zip(_outputs(final, batch), expected):

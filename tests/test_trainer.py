@@ -89,9 +89,13 @@ def test_stages_train_what_they_should_and_log_every_term(setup):
                          data_collator=collator)
     assert set(trainer.trainable_per_group) == {"task_heads", "task_tokens"}
     lora_before = {n: p.detach().clone() for n, p in peft_model.named_parameters() if "lora_" in n}
+    router_before = {n: p.detach().clone() for n, p in tpo.router.named_parameters()}
     trainer.train()
     assert all(torch.equal(p, lora_before[n]) for n, p in peft_model.named_parameters() if "lora_" in n)
     assert not torch.equal(tpo.region_head.modules_to_save["default"].fc1.weight, head_before)
+    # exactly the task parts train: the router stays, and PEFT's original head stays behind its trained copy
+    assert all(torch.equal(p, router_before[n]) for n, p in tpo.router.named_parameters())
+    assert torch.equal(tpo.region_head.original_module.fc1.weight, head_before)
 
     trainer = TPOTrainer(model=peft_model, args=make_args(tmp_path, "joint"), train_dataset=dataset,
                          data_collator=collator)

@@ -19,16 +19,13 @@ from tiny_inputs import (
     build_model_and_processor,
     generation_batch,
 )
-from transformers import LlavaForConditionalGeneration, LogitsProcessor, LogitsProcessorList
-from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+from transformers import LogitsProcessor, LogitsProcessorList
 
-from tpo import TPOForConditionalGeneration
 from tpo.modeling_tpo.box_ops import masks_to_boxes
 from tpo.modeling_tpo.generation_tpo import append_to_left_padded, incomplete_slot_runs
 from tpo.processing.collator_tpo import collate_encoded
-from tpo.processing.processing_tpo import TPOProcessor, decode_rle
+from tpo.processing.processing_tpo import decode_rle
 from tpo.training.evaluation import TaskEvaluator, compute_task_metrics
-from tpo.training.tiny import build_tiny_tokenizer, tiny_llava_config, tiny_sam2_config
 
 PER_TOKEN_FILL = {"frame_token_index": -1, "query_token_mask": False, "visual_token_xy": -1.0, "mm_token_type_ids": 0}
 MLLM_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "pixel_values_videos",
@@ -451,15 +448,8 @@ def test_initial_boxes_need_propagation_and_one_entry_per_prompt(llava):
 
 @pytest.fixture(scope="module")
 def box_prompted():
-    torch.manual_seed(0)
-    tokenizer = build_tiny_tokenizer()
-    mllm = LlavaForConditionalGeneration(tiny_llava_config(tokenizer))
-    model = TPOForConditionalGeneration.from_mllm(
-        mllm, tasks=["mask"], tokenizer=tokenizer, sam2_config=tiny_sam2_config(SAM2_SIZE),
-        mask_head_config={"box_prompt": True, "box_prompt_config": {"heatmap_dim": 16}})
-    processor = TPOProcessor.from_model_config(model.config, SiglipImageProcessorPil(size={"height": 32, "width": 32}),
-                                               tokenizer, num_frames=4, sam2_image_size=SAM2_SIZE)
-    return model.eval(), processor
+    return build_model_and_processor("llava", tasks=("mask",),
+                                     mask_head_config={"box_prompt": True, "box_prompt_config": {"heatmap_dim": 16}})
 
 
 def _box_batch(processor, modes, media, padding_side):

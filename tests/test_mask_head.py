@@ -55,9 +55,13 @@ def test_box_prompt_changes_the_mask(sam2_config):
     torch.manual_seed(0)
     head = MaskHead(HIDDEN, sam2_config).eval()
     embeddings, frame = torch.randn(1, 1, HIDDEN), torch.randn(1, 3, 128, 128)
-    plain = head(embeddings, sam2_pixel_values=frame)["pred_mask_logits"]
+    plain_out = head(embeddings, sam2_pixel_values=frame)
+    plain = plain_out["pred_mask_logits"]
     boxed = head(embeddings, sam2_pixel_values=frame, input_boxes=torch.tensor([[10.0, 20.0, 60.0, 90.0]]))
     assert not torch.allclose(plain, boxed["pred_mask_logits"])
+    # the box joins SAM2's prompts; the head's own prompts are those of the task embedding alone
+    assert boxed["pred_mask_logits"].shape == plain.shape == (1, 32, 32)
+    torch.testing.assert_close(boxed["prompt_embeddings"], plain_out["prompt_embeddings"], rtol=0, atol=0)
 
 
 def test_evaluation_segments_as_training_does_unless_the_fallback_is_asked_for(sam2_config):

@@ -150,7 +150,7 @@ def build_model(family: str, tasks=("temporal", "region")):
     return model, tokenizer
 
 
-def build_model_and_processor(family: str, tasks=("temporal", "region", "mask")):
+def build_model_and_processor(family: str, tasks=("temporal", "region", "mask"), mask_head_config: dict | None = None):
     """Seeded tiny model (eval mode; SAM2 at `SAM2_SIZE` when "mask" is a task) and its processor (4 frames)."""
     torch.manual_seed(0)
     tokenizer = build_tiny_tokenizer()
@@ -161,7 +161,8 @@ def build_model_and_processor(family: str, tasks=("temporal", "region", "mask"))
         mllm = Qwen2VLForConditionalGeneration(tiny_qwen2_vl_config(tokenizer))
         image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=56 * 56, patch_size=14, merge_size=2)
     sam2 = tiny_sam2_config(SAM2_SIZE) if "mask" in tasks else None
-    model = TPOForConditionalGeneration.from_mllm(mllm, tasks=list(tasks), tokenizer=tokenizer, sam2_config=sam2)
+    model = TPOForConditionalGeneration.from_mllm(mllm, tasks=list(tasks), tokenizer=tokenizer, sam2_config=sam2,
+                                                  **({"mask_head_config": mask_head_config} if mask_head_config else {}))
     processor = TPOProcessor.from_model_config(model.config, image_processor, tokenizer, num_frames=4,
                                                sam2_image_size=SAM2_SIZE if sam2 else None)
     return model.eval(), processor

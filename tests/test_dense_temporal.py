@@ -275,6 +275,7 @@ def train_and_score(tokenizer, clip_seconds: float, train_rows, test_rows, steps
     return sum(hits) / len(hits)
 
 
+@pytest.mark.slow
 def test_dense_clips_find_a_target_the_llm_frames_never_show(tokenizer, between_frames_data):
     train_rows, test_rows = between_frames_data
     with_clips = train_and_score(tokenizer, 1.0, train_rows, test_rows)

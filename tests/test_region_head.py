@@ -168,6 +168,7 @@ def _train_on_colour_scenes(head, steps: int = 200) -> float:
     return (centre_error < 0.06).float().mean().item()
 
 
+@pytest.mark.slow
 def test_query_text_lets_the_question_words_pick_the_token():
     """With `query_text` the instruction's words reach the token scores: the head finds the token of the asked
     colour although the task embedding carries nothing; without it the head can only guess (1 token in 16)."""

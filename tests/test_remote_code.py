@@ -127,6 +127,7 @@ CLEAN_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
 def test_reload_where_the_project_is_not_installed(tmp_path, family):
     model, tokenizer = build_model(family)
@@ -151,6 +152,7 @@ HEAD_OUTPUTS = ("temporal_outputs.pred_spans", "temporal_outputs.pred_logits", "
                 "mask_outputs.pred_mask_logits", "mask_outputs.iou_scores")
 
 
+@pytest.mark.slow
 def test_every_head_with_a_tiny_sam2_reloads_where_the_project_is_not_installed(tmp_path):
     """All three heads (SAM2 inside the mask head), a processor-built batch with a region, a temporal, an image
     mask, a video mask and a text sample, and every head's outputs and the loss compared after reloading."""

@@ -154,11 +154,11 @@ def build_model_and_processor(family: str, tasks=("temporal", "region", "mask"),
     """Seeded tiny model (eval mode; SAM2 at `SAM2_SIZE` when "mask" is a task) and its processor (4 frames)."""
     torch.manual_seed(0)
     tokenizer = build_tiny_tokenizer()
+    make_config, mllm_class = FAMILIES[family]
+    mllm = mllm_class(make_config(tokenizer))
     if family == "llava":
-        mllm = LlavaForConditionalGeneration(tiny_llava_config(tokenizer))
         image_processor = SiglipImageProcessorPil(size={"height": 32, "width": 32})
     else:
-        mllm = Qwen2VLForConditionalGeneration(tiny_qwen2_vl_config(tokenizer))
         image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=56 * 56, patch_size=14, merge_size=2)
     sam2 = tiny_sam2_config(SAM2_SIZE) if "mask" in tasks else None
     model = TPOForConditionalGeneration.from_mllm(mllm, tasks=list(tasks), tokenizer=tokenizer, sam2_config=sam2,

@@ -275,6 +275,11 @@ def test_task_stage_that_trains_the_llm_keeps_the_router_and_lm_terms(setup):
     assert {"router", "llm", "task_heads", "task_tokens"} <= set(guarded.trainable_per_group)
     router_before = model.router.state_dict()
     router_before = {k: v.clone() for k, v in router_before.items()}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
     guarded.train()
     assert any(not torch.equal(v, model.router.state_dict()[k]) for k, v in router_before.items())
+    # what trains is exactly the stage's groups: every parameter of another group (the vision tower) is as it was
+    frozen = {n for n in before if parameter_group(n) not in guarded.trainable_per_group}
+    assert any(parameter_group(n) == "vision" for n in frozen)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if n in frozen)
     assert any({"loss/lm", "loss/assign", "loss/region"} <= set(entry) for entry in logs.logs)

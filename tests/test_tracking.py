@@ -221,3 +221,6 @@ def test_tracking_benchmark_runs(tmp_path):
     result = bench.measure_predict(model, str(tmp_path / "lasot"), str(tmp_path / "out"))
     assert result["frames"] == 4
     assert all(math.isfinite(result[k]) and result[k] > 0 for k in ("tracking_fps", "wall_fps", "peak_rss_mib"))
+    assert result["tracking_fps"] == pytest.approx(4 / result["tracking_seconds"])
+    assert result["wall_fps"] == pytest.approx(4 / result["wall_seconds"])
+    assert result["tracking_seconds"] <= result["wall_seconds"]  # the frames' times are inside the run's

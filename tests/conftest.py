@@ -1,3 +1,4 @@
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -25,8 +26,18 @@ def tiny_tokenizer():
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """One torch thread for a module (`pytestmark = pytest.mark.usefixtures("one_torch_thread")`): SAM2's video
-    path is thousands of small ops, and two threads on two shared, busy cores ran it ~20x slower."""
+    path is thousands of small ops, which more threads on shared, busy cores slow down instead of speeding up."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def cli():
+    """examples/evaluate_tpo.py loaded as a module (the CLI tests call its `main`)."""
+    script = Path(__file__).resolve().parents[1] / "examples" / "evaluate_tpo.py"
+    spec = importlib.util.spec_from_file_location("evaluate_tpo", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -17,17 +17,25 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 
 def build_model():
-    from transformers import LlavaForConditionalGeneration
-
-    from tpo import TPOForConditionalGeneration
-    from tpo.tiny import build_tiny_tokenizer, tiny_llava_config
+    """The seeded tiny LLaVA with temporal and region heads, the same on every rank; (model, tokenizer)."""
+    from tiny_inputs import build_model as build_tiny_model
 
     torch.manual_seed(0)
-    tokenizer = build_tiny_tokenizer()
-    model = TPOForConditionalGeneration.from_mllm(
-        LlavaForConditionalGeneration(tiny_llava_config(tokenizer)), tasks=["temporal", "region"], tokenizer=tokenizer
-    )
-    return model, tokenizer
+    return build_tiny_model("llava", tasks=("temporal", "region"))
+
+
+def rank_batch(rank: int, tokenizer, config) -> dict:
+    """Rank 0's batch: two region samples; rank 1's: two temporal samples (4-frame videos, seeded by rank)."""
+    from tiny_inputs import SampleSpec, make_batch
+
+    task = "region" if rank == 0 else "temporal"
+    torch.manual_seed(100 + rank)
+    batch = make_batch(tokenizer, config, [SampleSpec(visual="video", task=task, num_frames=4)] * 2)
+    if task == "temporal":
+        batch["frame_token_index"] = _llava_frame_index(batch["input_ids"], tokenizer, config)
+        batch["temporal_spans"] = torch.tensor([[0.2, 0.6], [0.1, 0.4]])
+        batch["temporal_span_query_index"] = torch.tensor([0, 1])
+    return batch
 
 
 def checksum(model) -> str:
@@ -39,7 +47,6 @@ def checksum(model) -> str:
 
 
 def plain_ddp(out_dir: Path, steps: int) -> None:
-    from tiny_inputs import SampleSpec, make_batch
     from torch.nn.parallel import DistributedDataParallel
 
     rank = dist.get_rank()
@@ -49,13 +56,7 @@ def plain_ddp(out_dir: Path, steps: int) -> None:
     model.mllm.model.vision_tower.requires_grad_(False)
     ddp = DistributedDataParallel(model, find_unused_parameters=False)
     optimizer = torch.optim.AdamW(ddp.parameters(), lr=1e-3)
-    task = "region" if rank == 0 else "temporal"
-    torch.manual_seed(100 + rank)
-    batch = make_batch(tokenizer, model.config, [SampleSpec(visual="video", task=task, num_frames=4)] * 2)
-    if task == "temporal":
-        batch["frame_token_index"] = _llava_frame_index(batch["input_ids"], tokenizer, model.config)
-        batch["temporal_spans"] = torch.tensor([[0.2, 0.6], [0.1, 0.4]])
-        batch["temporal_span_query_index"] = torch.tensor([0, 1])
+    batch = rank_batch(rank, tokenizer, model.config)
     losses = []
     for _ in range(steps):
         optimizer.zero_grad()
@@ -76,7 +77,7 @@ def _llava_frame_index(input_ids, tokenizer, config):
 
 def trainer_run(out_dir: Path, steps: int) -> None:
     from datasets import Dataset
-    from test_trainer import fake_media, samples
+    from tiny_inputs import fake_media, training_samples
     from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
     from tpo.processing.pipeline import TPODataCollator, encode_dataset
@@ -87,7 +88,7 @@ def trainer_run(out_dir: Path, steps: int) -> None:
     model, tokenizer = build_model()
     processor = TPOProcessor.from_model_config(model.config, SiglipImageProcessorPil(size={"height": 32, "width": 32}),
                                                tokenizer, num_frames=2)
-    dataset = encode_dataset(Dataset.from_list(samples(32)), processor)
+    dataset = encode_dataset(Dataset.from_list(training_samples(32)), processor)
     args = TPOTrainingArguments(output_dir=str(out_dir / "trainer"), stage="joint", llm_training="full",
                                 per_device_train_batch_size=4, max_steps=steps, learning_rate=1e-3, report_to=[],
                                 save_strategy="no", use_cpu=True, seed=0, dataloader_num_workers=0, disable_tqdm=True,

@@ -20,6 +20,7 @@ import pytest
 import torch
 from datasets import Dataset
 from PIL import Image
+from tiny_inputs import write_tiny_video
 
 from tpo.processing.images import ImageFileError
 from tpo.processing.pipeline import MediaError, encode_dataset, load_media, probe_media
@@ -35,7 +36,6 @@ from tpo.processing.readers import (
 from tpo.processing.schema import empty_sample, mask_from_rle, rle_from_mask
 from tpo.processing.video import VideoLoadError, load_frame_folder, load_video, probe_video
 from tpo.training.script_inputs import check_model_source, parse_json_flag, read_yaml_file
-from test_readers import write_tiny_video
 
 
 @dataclass

@@ -10,9 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_predict_cli import cli  # noqa: F401  (the evaluate_tpo.py script as a module)
-from test_readers import write_tiny_video
-from test_tracking import write_got10k, write_lasot
+from tiny_inputs import write_got10k, write_lasot, write_tiny_video
 from transformers import LlavaForConditionalGeneration
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 

@@ -106,15 +106,24 @@ def test_reference_points_are_refined_layer_by_layer():
     for before, after in zip(layers[:-1], layers[1:]):  # each layer starts from the previous layer's spans
         torch.testing.assert_close(after["reference_points"], before["pred_spans"].detach())
     assert not torch.equal(layers[0]["pred_spans"], layers[-1]["pred_spans"])
+    for layer in layers:  # every layer's spans are (centre, width) pairs inside the video
+        assert layer["pred_spans"].shape == (3, 5, 2) and bool(((layer["pred_spans"] > 0) & (layer["pred_spans"] < 1)).all())
 
 
 def test_input_dropout_is_random_in_training_only_and_free_when_off():
     x = torch.randn(4, 8)
     assert input_dropout(x, 0.0, True) is x and input_dropout(x, 0.5, False) is x
+    dropped = input_dropout(x, 0.5, True)  # inverted dropout: each value zeroed or scaled by 1 / (1 - p)
+    assert bool(((dropped == 0) | (dropped == 2 * x)).all()) and 0 < int((dropped == 0).sum()) < x.numel()
     head = TemporalHead(HIDDEN, **SMALL, input_dropout=0.5)
     batch = head_inputs()
     head.train()
     assert not torch.equal(head(**batch)["pred_saliency"], head(**batch)["pred_saliency"])
+    runs = []
+    for _ in range(2):  # the only randomness is the random stream: the same seed, the same outputs
+        torch.manual_seed(3)
+        runs.append(head(**batch)["pred_saliency"])
+    torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
     head.eval()
     torch.testing.assert_close(head(**batch)["pred_saliency"], head(**batch)["pred_saliency"], rtol=0, atol=0)
 
@@ -138,6 +147,8 @@ def test_every_parameter_gets_a_finite_gradient():
     terms["temporal"].backward()
     missing = [name for name, p in head.named_parameters() if p.grad is None or not bool(torch.isfinite(p.grad).all())]
     assert not missing
+    zero = [name for name, p in head.named_parameters() if not bool(p.grad.any())]
+    assert not zero  # and every gradient carries signal
 
 
 def test_cgdetr_head_overfits_two_queries():

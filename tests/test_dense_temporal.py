@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset
+from tiny_inputs import weighted_loss
 from transformers import LlavaForConditionalGeneration
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
@@ -183,6 +184,8 @@ def test_qwen2_vl_clips_go_through_its_image_path_with_their_grids(tokenizer):
     assert clips.shape == (7, 2 * model.config.get_text_config().hidden_size)
     out = model(**batch)
     assert out.temporal_outputs["frame_mask"].sum(-1).tolist() == [3, 4] and torch.isfinite(out.loss)
+    assert "temporal" in out.loss_dict
+    torch.testing.assert_close(out.loss, weighted_loss(model, out))
 
 
 def test_generate_runs_the_dense_head_on_forced_temporal_queries(tokenizer):
@@ -272,6 +275,7 @@ def train_and_score(tokenizer, clip_seconds: float, train_rows, test_rows, steps
     return sum(hits) / len(hits)
 
 
+@pytest.mark.slow
 def test_dense_clips_find_a_target_the_llm_frames_never_show(tokenizer, between_frames_data):
     train_rows, test_rows = between_frames_data
     with_clips = train_and_score(tokenizer, 1.0, train_rows, test_rows)

@@ -8,7 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import ddp_worker
+import pytest
+import torch
+
 WORKER = Path(__file__).parent / "ddp_worker.py"
+
+pytestmark = pytest.mark.slow  # every test launches two processes
 
 
 def _free_port() -> int:
@@ -31,6 +37,16 @@ def test_ddp_region_rank_and_temporal_rank_stay_identical(tmp_path):
     assert ranks[0]["checksum"] == ranks[1]["checksum"]
     # the ranks saw different data (different losses) yet hold the same parameters
     assert ranks[0]["losses"] != ranks[1]["losses"]
+    # each rank's first loss is the undistributed model's loss on that rank's own batch, the span terms divided
+    # by the mean number of spans per process (as DETR does): (0 + 2) / 2 = 1, where one process alone divides by 2
+    model, tokenizer = ddp_worker.build_model()
+    model.mllm.model.vision_tower.requires_grad_(False)
+    temporal_loss = model.temporal_head.loss
+    model.temporal_head.loss = lambda outputs, targets, num_spans=None: temporal_loss(outputs, targets, 1.0)
+    for rank in range(2):
+        batch = ddp_worker.rank_batch(rank, tokenizer, model.config)
+        with torch.no_grad():
+            assert model(**batch).loss.item() == pytest.approx(ranks[rank]["losses"][0], rel=1e-5), rank
 
 
 def test_trainer_two_processes_mixed_batches(tmp_path):

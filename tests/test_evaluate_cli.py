@@ -1,6 +1,5 @@
 """examples/evaluate_tpo.py: every subcommand on small files in the benchmarks' formats."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -15,14 +14,6 @@ from tpo.training.metrics import lasot_metrics, mask_to_rle, qvhighlights_metric
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "evaluate_tpo.py"
-
-
-@pytest.fixture(scope="module")
-def cli():
-    spec = importlib.util.spec_from_file_location("evaluate_tpo", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _jsonl(path: Path, rows: list[dict]) -> str:
@@ -272,6 +263,7 @@ def test_bad_json_line_is_named(tmp_path):
         read_records(str(bad))
 
 
+@pytest.mark.slow
 def test_script_end_to_end_and_error_exit(tmp_path):
     output = tmp_path / "m.json"
     ok = subprocess.run([sys.executable, str(SCRIPT), "qvhighlights", "--predictions", _jsonl(tmp_path / "p.jsonl", QVH_PRED),
@@ -284,6 +276,7 @@ def test_script_end_to_end_and_error_exit(tmp_path):
     assert failed.returncode == 1 and "missing.jsonl: no such file" in failed.stderr
 
 
+@pytest.mark.slow
 def test_scoring_subcommands_import_neither_torch_nor_transformers(tmp_path):
     # The whole process of a scoring subcommand pays only for numpy and the metrics;
     # benchmarks/bench_scoring_cli.py measures the wall time.

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from test_generation import MEDIA, REGION, TEMPORAL, TEXT, _build
+from tiny_inputs import MASK_VIDEO, MEDIA, REGION, TEMPORAL, TEXT, build_model_and_processor, generation_batch
 
 from tpo.processing.pipeline import sample_mask_frames
 from tpo.processing.schema import empty_sample
@@ -126,7 +126,7 @@ def test_control_metrics_keep_the_named_task_and_the_table_shows_floors():
 # ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def llava():
-    return _build("llava")
+    return build_model_and_processor("llava")
 
 
 def _evaluate_with_boosted_token(model, processor, token_id: int | None) -> dict:
@@ -173,14 +173,13 @@ def test_the_logits_at_the_prompt_end_are_the_first_greedy_step(llava):
     """The grounding prompts' routing reads the LM's logits at the last prompt token of a force_task pass:
     that is the token greedy generation from the bare prompt emits first."""
     model, processor = llava
-    from test_generation import _batch
 
     for sample in (REGION, TEMPORAL):
-        forced = _batch(processor, [sample], modes=["force_task"])
+        forced = generation_batch(processor, [sample], modes=["force_task"])
         with torch.no_grad():
             logits = model(**{k: v for k, v in forced.items() if k not in ("labels", "task_labels")}).logits
         first = int(logits[0, forced["instruction_end_index"][0]].argmax())
-        bare = _batch(processor, [sample], modes=["generate"])
+        bare = generation_batch(processor, [sample], modes=["generate"])
         bare = {k: v for k, v in bare.items() if k not in ("labels", "task_labels", "region_boxes", "region_batch_index",
                                                              "temporal_spans", "temporal_span_query_index",
                                                              "temporal_saliency")}
@@ -206,7 +205,6 @@ def test_video_mask_frames_are_drawn_anew_in_time_order():
 
 
 def test_evaluation_scores_every_annotated_frame(llava):
-    from test_generation import MASK_VIDEO
 
     model, processor = llava
     processor.mask_frames_per_video = 1  # training's frames per step do not limit evaluation

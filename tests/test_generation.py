@@ -5,97 +5,36 @@ memory (`track_masks`, also in the evaluator), and bad input."""
 import numpy as np
 import pytest
 import torch
-from transformers import (
-    LlavaForConditionalGeneration,
-    LogitsProcessor,
-    LogitsProcessorList,
-    Qwen2VLForConditionalGeneration,
+from tiny_inputs import (
+    FRAME_H,
+    FRAME_W,
+    MASK_IMAGE,
+    MASK_VIDEO,
+    MEDIA,
+    REGION,
+    SAM2_SIZE,
+    TEMPORAL,
+    TEXT,
+    TEXT_LONG,
+    build_model_and_processor,
+    generation_batch,
 )
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+from transformers import LogitsProcessor, LogitsProcessorList
 
-from tpo import TPOForConditionalGeneration
 from tpo.modeling_tpo.box_ops import masks_to_boxes
 from tpo.modeling_tpo.generation_tpo import append_to_left_padded, incomplete_slot_runs
 from tpo.processing.collator_tpo import collate_encoded
-from tpo.processing.processing_tpo import TPOProcessor, decode_rle, encode_rle
+from tpo.processing.processing_tpo import decode_rle
 from tpo.training.evaluation import TaskEvaluator, compute_task_metrics
-from tpo.tiny import build_tiny_tokenizer, tiny_llava_config, tiny_qwen2_vl_config, tiny_sam2_config
 
-SAM2_SIZE = 64
-FRAME_H, FRAME_W = 48, 64
-_RNG = np.random.default_rng(0)
-
-REGION = dict(id="r1", task="region", media_type="image", media_path="x.png", query="red circle",
-              image_size=[128, 96], boxes_xyxy_pixels=[[12.0, 32.0, 48.0, 96.0]])
-TEMPORAL = dict(id="t1", task="temporal", media_type="video", media_path="v.mp4", query="blue square",
-                image_size=[56, 56], duration_seconds=8.0, spans_seconds=[[2.0, 5.0]],
-                saliency_clip_ids=[1, 2], saliency_scores=[[4, 4, 3], [2, 2, 2]])
-
-
-def _rect_rle(y0, y1, x0, x1):
-    mask = np.zeros((FRAME_H, FRAME_W), bool)
-    mask[y0:y1, x0:x1] = True
-    return encode_rle(mask)
-
-
-MASK_VIDEO = dict(id="mv1", task="mask", media_type="video", media_path="m.mp4", query="green triangle",
-                  image_size=[FRAME_H, FRAME_W], duration_seconds=4.0, mask_frame_indices=[0, 4, 8],
-                  masks_rle=[_rect_rle(10, 30, 10, 30), _rect_rle(12, 32, 14, 34), _rect_rle(14, 34, 18, 38)])
-MASK_IMAGE = dict(id="mi1", task="mask", media_type="image", media_path="y.png", query="red circle",
-                  image_size=[FRAME_H, FRAME_W], masks_rle=[_rect_rle(5, 25, 20, 50)])
-
-
-def _text(sample_id: str, question: str) -> dict:
-    return dict(id=sample_id, task="text", media_type="image", media_path="x.png", image_size=[64, 64],
-                conversations=[{"role": "user", "content": "<image>\n" + question}])
-
-
-TEXT = _text("c1", "What colour is it?")
-TEXT_LONG = _text("c2", "What colour is the shape that moves up first, answer with the option letter?")
-MEDIA = {
-    "r1": {"image": _RNG.integers(0, 255, (128, 96, 3), dtype=np.uint8)},
-    "t1": {"frames": _RNG.integers(0, 255, (4, 56, 56, 3), dtype=np.uint8), "timestamps": [1.0, 3.0, 5.0, 7.0]},
-    "mv1": {"frames": _RNG.integers(0, 255, (4, FRAME_H, FRAME_W, 3), dtype=np.uint8),
-            "timestamps": [0.5, 1.5, 2.5, 3.5],
-            "sam2_frames": _RNG.integers(0, 255, (3, FRAME_H, FRAME_W, 3), dtype=np.uint8)},
-    "mi1": {"image": _RNG.integers(0, 255, (FRAME_H, FRAME_W, 3), dtype=np.uint8)},
-    "c1": {"image": _RNG.integers(0, 255, (64, 64, 3), dtype=np.uint8)},
-    "c2": {"image": _RNG.integers(0, 255, (64, 64, 3), dtype=np.uint8)},
-}
 PER_TOKEN_FILL = {"frame_token_index": -1, "query_token_mask": False, "visual_token_xy": -1.0, "mm_token_type_ids": 0}
 MLLM_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "pixel_values_videos",
              "video_grid_thw", "mm_token_type_ids")
 
 
-def _build(family: str, tasks=("temporal", "region", "mask")):
-    torch.manual_seed(0)
-    tokenizer = build_tiny_tokenizer()
-    if family == "llava":
-        mllm = LlavaForConditionalGeneration(tiny_llava_config(tokenizer))
-        image_processor = SiglipImageProcessorPil(size={"height": 32, "width": 32})
-    else:
-        mllm = Qwen2VLForConditionalGeneration(tiny_qwen2_vl_config(tokenizer))
-        image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=56 * 56, patch_size=14, merge_size=2)
-    sam2 = tiny_sam2_config(SAM2_SIZE) if "mask" in tasks else None
-    model = TPOForConditionalGeneration.from_mllm(mllm, tasks=list(tasks), tokenizer=tokenizer, sam2_config=sam2)
-    processor = TPOProcessor.from_model_config(model.config, image_processor, tokenizer, num_frames=4,
-                                               sam2_image_size=SAM2_SIZE if sam2 else None)
-    return model.eval(), processor
-
-
 @pytest.fixture(scope="module")
 def llava():
-    return _build("llava")
-
-
-def _batch(processor, samples, modes=None) -> dict:
-    """Left-padded generation batch (the processor's layout), `tpo_meta` removed."""
-    modes = modes or ["generate"] * len(samples)
-    encoded = [processor.encode(s, mode=m) for s, m in zip(samples, modes)]
-    batch = collate_encoded(processor, encoded, [MEDIA[s["id"]] for s in samples], padding_side="left")
-    batch.pop("tpo_meta")
-    return batch
+    return build_model_and_processor("llava")
 
 
 def _ids(model, task: str) -> tuple[int, list[int]]:
@@ -172,8 +111,9 @@ def _right_padded(batch: dict, sequences: torch.Tensor, eos: int, pad: int) -> d
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
 def test_greedy_text_equals_the_wrapped_mllm_in_a_left_padded_batch(family, llava):
-    model, processor = llava if family == "llava" else _build("qwen2_vl", tasks=("temporal", "region"))
-    batch = _batch(processor, [TEXT, TEXT_LONG])
+    model, processor = (llava if family == "llava"
+                        else build_model_and_processor("qwen2_vl", tasks=("temporal", "region")))
+    batch = generation_batch(processor, [TEXT, TEXT_LONG])
     assert (batch["attention_mask"][0] == 0).any() and batch["attention_mask"][1].all()  # left padding
     mllm_inputs = {k: batch[k] for k in MLLM_KEYS if k in batch}
     expected = model.mllm.generate(**mllm_inputs, max_new_tokens=8, do_sample=False)
@@ -187,7 +127,7 @@ def test_greedy_text_equals_the_wrapped_mllm_in_a_left_padded_batch(family, llav
 
 def test_sampling_is_reproducible_and_is_the_mllm_with_the_task_processor(llava):
     model, processor = llava
-    batch = _batch(processor, [TEXT, TEXT_LONG])
+    batch = generation_batch(processor, [TEXT, TEXT_LONG])
     mllm_inputs = {k: batch[k] for k in MLLM_KEYS if k in batch}
     settings = dict(max_new_tokens=8, do_sample=True, temperature=1.0)
     runs = []
@@ -196,15 +136,16 @@ def test_sampling_is_reproducible_and_is_the_mllm_with_the_task_processor(llava)
         runs.append(model.generate(**batch, **settings).sequences)
     assert torch.equal(runs[0], runs[1])
     assert not torch.equal(runs[0], runs[2])
-    torch.manual_seed(7)
-    reference = model.mllm.generate(**mllm_inputs, **settings,
-                                    logits_processor=LogitsProcessorList([model.task_token_logits_processor()]))
-    assert torch.equal(runs[0], reference)
+    for seed, run in ((7, runs[0]), (8, runs[2])):  # each seed's draw is the MLLM's own
+        torch.manual_seed(seed)
+        reference = model.mllm.generate(**mllm_inputs, **settings,
+                                        logits_processor=LogitsProcessorList([model.task_token_logits_processor()]))
+        assert torch.equal(run, reference)
 
 
 def test_num_return_sequences_with_heads_raises(llava):
     model, processor = llava
-    batch = _batch(processor, [TEXT])
+    batch = generation_batch(processor, [TEXT])
     with pytest.raises(ValueError, match=r"one sequence per prompt; with num_return_sequences > 1 pass "
                                          r"run_task_heads=False"):
         model.generate(**batch, max_new_tokens=2, do_sample=True, num_return_sequences=2)
@@ -221,7 +162,7 @@ def mixed(llava):
     emit their task's begin token at different steps, row 4 asks for nothing."""
     model, processor = llava
     samples = [REGION, TEMPORAL, MASK_VIDEO, MASK_IMAGE, TEXT]
-    batch = _batch(processor, samples)
+    batch = generation_batch(processor, samples)
     eos = model.generation_config.eos_token_id
     plan = {0: {1: _ids(model, "region")[0]}, 1: {2: _ids(model, "temporal")[0]},
             2: {0: _ids(model, "mask")[0]}, 3: {1: _ids(model, "mask")[0]}}
@@ -296,8 +237,8 @@ def test_video_masks_are_tracked_and_image_masks_equal_a_plain_forward(mixed):
 
 
 def test_region_outputs_equal_a_plain_forward_with_qwen2_vl_positions():
-    model, processor = _build("qwen2_vl", tasks=("temporal", "region"))
-    batch = _batch(processor, [TEXT_LONG, REGION])
+    model, processor = build_model_and_processor("qwen2_vl", tasks=("temporal", "region"))
+    batch = generation_batch(processor, [TEXT_LONG, REGION])
     assert (batch["attention_mask"][1] == 0).any()  # the region prompt is left-padded
     eos, pad = model.generation_config.eos_token_id, model.generation_config.pad_token_id
     force = ForceTokens(batch["input_ids"].shape[1], {1: {2: _ids(model, "region")[0]}}, eos)
@@ -340,7 +281,7 @@ def test_force_task_prompt_and_force_task_argument_give_head_outputs(llava):
     model, processor = llava
     banned = LogitsProcessorList([NoTokens([_ids(model, t)[0] for t in ("region", "temporal", "mask")])])
     # 1. prompts encoded in the processor's "force_task" mode
-    forced_batch = _batch(processor, [REGION, TEXT], modes=["force_task", "generate"])
+    forced_batch = generation_batch(processor, [REGION, TEXT], modes=["force_task", "generate"])
     out = model.generate(**forced_batch, max_new_tokens=4, do_sample=False, logits_processor=banned)
     assert out.task_outputs[1] is None and set(out.task_outputs[0]) == {"region"}
     # the slot sees only the prompt (causal attention): the box is the forward's over the prompt alone
@@ -350,7 +291,7 @@ def test_force_task_prompt_and_force_task_argument_give_head_outputs(llava):
         reference = model(**prompt_only)
     torch.testing.assert_close(out.task_outputs[0]["region"]["boxes"], reference.pred_boxes)
     # 2. generate's force_task= on plain generation prompts appends the same tokens
-    plain_batch = _batch(processor, [REGION, TEXT])
+    plain_batch = generation_batch(processor, [REGION, TEXT])
     forced = model.generate(**plain_batch, max_new_tokens=4, do_sample=False, logits_processor=banned,
                             force_task=["region", None])
     begin, slots = _ids(model, "region")
@@ -406,6 +347,9 @@ def test_track_masks_gives_a_mask_and_box_per_frame_and_a_box_prompt_changes_the
     boxed = model.track_masks(frames, query_index, task_embeddings=embeddings,
                               initial_boxes=[torch.tensor([0.1, 0.2, 0.6, 0.7]), None])
     assert not torch.allclose(boxed[0]["mask_logits"], results[0]["mask_logits"])
+    # the box replaces the head's first-frame prompt: query 0 is tracked from the box alone
+    from_box = model.track_masks(frames[:3], initial_boxes=[torch.tensor([0.1, 0.2, 0.6, 0.7])])[0]
+    torch.testing.assert_close(boxed[0]["mask_logits"], from_box["mask_logits"])
     torch.testing.assert_close(boxed[1]["mask_logits"], results[1]["mask_logits"])  # no box: unchanged
 
 
@@ -428,7 +372,7 @@ def test_evaluator_tracks_video_masks(llava):
     assert len(video["pred"]) == 3 and all(m.shape == (FRAME_H, FRAME_W) for m in video["pred"])
     assert len(image["pred"]) == 1 and image["pred"][0].shape == (FRAME_H, FRAME_W) and "pred_boxes" not in image
     # the same as tracking by hand from the head's first-frame mask of a force_task forward pass
-    batch = _batch(processor, [MASK_VIDEO], modes=["force_task"])
+    batch = generation_batch(processor, [MASK_VIDEO], modes=["force_task"])
     sam2 = batch["sam2_pixel_values"]
     with torch.no_grad():
         first = model(**{k: v for k, v in batch.items() if k not in ("sam2_pixel_values", "mask_query_index",
@@ -451,7 +395,7 @@ def test_evaluator_per_frame_mode_prompts_every_video_frame(llava):
     video = TaskEvaluator(processor, [MASK_VIDEO], batch_size=1, media_loader=loader,
                           mask_video_mode="per_frame").predict(model).mask[0]
     assert not video["tracked"] and "pred_boxes" not in video and len(video["pred"]) == 3
-    batch = _batch(processor, [MASK_VIDEO], modes=["force_task"])
+    batch = generation_batch(processor, [MASK_VIDEO], modes=["force_task"])
     with torch.no_grad():
         logits = model(**{k: v for k, v in batch.items() if k not in ("mask_targets", "labels", "task_labels")}
                        ).mask_outputs["pred_mask_logits"]
@@ -483,7 +427,7 @@ def test_mask_query_without_sam2_frames_names_the_sample(mixed):
                                  [10.0, 5.0, 40.0, 30.0]])
 def test_initial_box_outside_the_frame_is_refused(llava, box):
     model, processor = llava
-    batch = _batch(processor, [TEXT, MASK_VIDEO])
+    batch = generation_batch(processor, [TEXT, MASK_VIDEO])
     with pytest.raises(ValueError, match=r"Sample 1: the initial box .* is outside the frame or empty"):
         model.generate(**batch, max_new_tokens=1, mask_initial_boxes=[None, torch.tensor(box)])
     with pytest.raises(ValueError, match=r"Sample 4: the initial box .* is outside the frame"):
@@ -492,7 +436,7 @@ def test_initial_box_outside_the_frame_is_refused(llava, box):
 
 def test_initial_boxes_need_propagation_and_one_entry_per_prompt(llava):
     model, processor = llava
-    batch = _batch(processor, [TEXT, MASK_VIDEO])
+    batch = generation_batch(processor, [TEXT, MASK_VIDEO])
     box = torch.tensor([0.1, 0.1, 0.5, 0.5])
     with pytest.raises(ValueError, match="tracking prompts: use them with mask_video_mode='propagate'"):
         model.generate(**batch, max_new_tokens=1, mask_video_mode="per_frame", mask_initial_boxes=[None, box])
@@ -504,15 +448,8 @@ def test_initial_boxes_need_propagation_and_one_entry_per_prompt(llava):
 
 @pytest.fixture(scope="module")
 def box_prompted():
-    torch.manual_seed(0)
-    tokenizer = build_tiny_tokenizer()
-    mllm = LlavaForConditionalGeneration(tiny_llava_config(tokenizer))
-    model = TPOForConditionalGeneration.from_mllm(
-        mllm, tasks=["mask"], tokenizer=tokenizer, sam2_config=tiny_sam2_config(SAM2_SIZE),
-        mask_head_config={"box_prompt": True, "box_prompt_config": {"heatmap_dim": 16}})
-    processor = TPOProcessor.from_model_config(model.config, SiglipImageProcessorPil(size={"height": 32, "width": 32}),
-                                               tokenizer, num_frames=4, sam2_image_size=SAM2_SIZE)
-    return model.eval(), processor
+    return build_model_and_processor("llava", tasks=("mask",),
+                                     mask_head_config={"box_prompt": True, "box_prompt_config": {"heatmap_dim": 16}})
 
 
 def _box_batch(processor, modes, media, padding_side):
@@ -546,6 +483,9 @@ def test_box_prompt_reads_the_frame_of_each_sam2_image_and_trains(box_prompted):
     assert boxes.shape == (4, 4) and bool((boxes[:, 2:] >= boxes[:, :2]).all())
     assert float(boxes.min()) >= 0 and float(boxes.max()) <= SAM2_SIZE
     assert not torch.allclose(moved["prompt_boxes_xyxy_sam2"][0], boxes[0])  # another frame's tokens
+    with torch.no_grad():  # image 0 reading image 1's head frame: image 1's box (same query, same view mapping)
+        shared = model(**{**batch, "mask_frame_index": torch.tensor([1, 1, 3, -1])}).mask_outputs
+    torch.testing.assert_close(shared["prompt_boxes_xyxy_sam2"][0], boxes[1])
     torch.testing.assert_close(moved["prompt_boxes_xyxy_sam2"][1:], boxes[1:])
 
 

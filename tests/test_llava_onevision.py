@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_inputs import weighted_loss
 from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
@@ -120,6 +121,7 @@ def test_image_placeholders_equal_the_models_features(vision_aspect_ratio):
         assert e.frame_token_index == [-1] * len(e.input_ids)
     out = model(**batch)  # no placeholder / feature mismatch
     assert torch.isfinite(out.loss)
+    torch.testing.assert_close(out.loss, weighted_loss(model, out))
 
 
 class BrightnessProbe(torch.nn.Module):
@@ -262,6 +264,7 @@ def test_forward_with_targets_reaches_both_heads(onevision):
     model.zero_grad()
     out = model(**batch)
     assert torch.isfinite(out.loss)
+    torch.testing.assert_close(out.loss, weighted_loss(model, out))
     assert out.pred_boxes.shape == (2, 4)
     for name in ("lm_loss", "assign_loss", "region_loss", "temporal_loss"):
         assert torch.isfinite(getattr(out, name)) and getattr(out, name) > 0, name
@@ -281,6 +284,8 @@ def test_heatmap_region_head_reads_the_onevision_tokens():
     encoded, batch = _batch(processor, samples)
     out = model(**batch)
     assert torch.isfinite(out.loss) and torch.isfinite(out.loss_dict["region_heatmap"])
+    assert out.loss_dict["region_heatmap"] >= 0  # a KL divergence
+    torch.testing.assert_close(out.loss, weighted_loss(model, out))
     out.loss.backward()
     assert all(p.grad is not None for p in model.region_head.parameters())
     # the boxes are the head's over exactly the tokens with a position: the image tokens, newlines excluded

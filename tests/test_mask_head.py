@@ -45,15 +45,23 @@ def test_frames_of_one_query_share_prompts(sam2_config):
     torch.testing.assert_close(out["prompt_embeddings"][0], out["prompt_embeddings"][2])
     torch.testing.assert_close(out["pred_mask_logits"][0], out["pred_mask_logits"][2])
     assert not torch.allclose(out["prompt_embeddings"][0], out["prompt_embeddings"][1])
+    for row, query in enumerate([1, 0, 1]):  # each frame gets its own query's prompts, as that query alone
+        alone = head(embeddings[query:query + 1], sam2_pixel_values=frame)
+        torch.testing.assert_close(out["prompt_embeddings"][row], alone["prompt_embeddings"][0])
+        torch.testing.assert_close(out["pred_mask_logits"][row], alone["pred_mask_logits"][0])
 
 
 def test_box_prompt_changes_the_mask(sam2_config):
     torch.manual_seed(0)
     head = MaskHead(HIDDEN, sam2_config).eval()
     embeddings, frame = torch.randn(1, 1, HIDDEN), torch.randn(1, 3, 128, 128)
-    plain = head(embeddings, sam2_pixel_values=frame)["pred_mask_logits"]
+    plain_out = head(embeddings, sam2_pixel_values=frame)
+    plain = plain_out["pred_mask_logits"]
     boxed = head(embeddings, sam2_pixel_values=frame, input_boxes=torch.tensor([[10.0, 20.0, 60.0, 90.0]]))
     assert not torch.allclose(plain, boxed["pred_mask_logits"])
+    # the box joins SAM2's prompts; the head's own prompts are those of the task embedding alone
+    assert boxed["pred_mask_logits"].shape == plain.shape == (1, 32, 32)
+    torch.testing.assert_close(boxed["prompt_embeddings"], plain_out["prompt_embeddings"], rtol=0, atol=0)
 
 
 def test_evaluation_segments_as_training_does_unless_the_fallback_is_asked_for(sam2_config):
@@ -92,6 +100,12 @@ def test_bce_and_dice_hand_computed(sam2_config):
     assert terms["mask"].item() == pytest.approx(2.0 * bce + 0.5 * expected_dice.item(), rel=1e-5)
     empty = head.loss({"pred_mask_logits": torch.randn(2, 8, 8)}, torch.zeros(2, 32, 32))
     assert all(torch.isfinite(v) for v in empty.values())
+    # empty targets by hand: constant logits -1 upsample to -1 everywhere (32 x 32 = 1024 pixels per mask)
+    empty = head.loss({"pred_mask_logits": torch.full((2, 8, 8), -1.0)}, torch.zeros(2, 32, 32))
+    bce, dice = math.log(1 + math.exp(-1.0)), 1 - 1 / (1024 / (1 + math.e) + 1)
+    assert empty["mask_bce"].item() == pytest.approx(bce, rel=1e-5)
+    assert empty["mask_dice"].item() == pytest.approx(dice, rel=1e-5)
+    assert empty["mask"].item() == pytest.approx(2.0 * bce + 0.5 * dice, rel=1e-5)
 
 
 def test_prompt_l1_against_sam2_box_embedding(sam2_config):

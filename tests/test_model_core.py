@@ -5,31 +5,17 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_inputs import SampleSpec, make_batch
-from transformers import LlavaForConditionalGeneration, Qwen2VLForConditionalGeneration
+from tiny_inputs import SampleSpec, build_model, make_batch
+from transformers import LlavaForConditionalGeneration
 
 from tpo import TPOConfig, TPOForConditionalGeneration
 from tpo.modeling_tpo.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, generalized_box_iou
-from tpo.tiny import build_tiny_tokenizer, tiny_llava_config, tiny_qwen2_vl_config
-
-FAMILIES = {
-    "llava": (tiny_llava_config, LlavaForConditionalGeneration),
-    "qwen2_vl": (tiny_qwen2_vl_config, Qwen2VLForConditionalGeneration),
-}
-
-
-def build(family: str, tasks=("temporal", "region")):
-    tokenizer = build_tiny_tokenizer()
-    make_config, mllm_class = FAMILIES[family]
-    mllm = mllm_class(make_config(tokenizer))
-    model = TPOForConditionalGeneration.from_mllm(mllm, tasks=list(tasks), tokenizer=tokenizer)
-    return model, tokenizer
-
+from tpo.tiny import build_tiny_tokenizer, tiny_llava_config
 
 @pytest.fixture(scope="module")
 def llava():
     torch.manual_seed(0)
-    return build("llava")
+    return build_model("llava")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -55,7 +41,7 @@ def test_config_validates_and_round_trips(llava):
 
 
 def test_heads_exist_only_for_enabled_tasks():
-    model, _ = build("llava", tasks=("temporal",))
+    model, _ = build_model("llava", tasks=("temporal",))
     assert model.region_head is None
     assert set(model.task_tokens.embeddings) == {"temporal"}
     names = [n for n, _ in model.named_parameters()]
@@ -108,10 +94,16 @@ def test_loss_is_weighted_sum_and_terms_match_reference(llava):
     b, p = (batch["input_ids"] == slot).nonzero(as_tuple=True)
     pred = model.region_head(hidden[b, p][:, None])
     l1 = (pred - box_xyxy_to_cxcywh(target)).abs().sum(-1).mean()
-    giou = (1 - generalized_box_iou(box_cxcywh_to_xyxy(pred), target)).mean()
     torch.testing.assert_close(out.loss_dict["region_l1"], l1.detach())
-    torch.testing.assert_close(out.region_loss, 2.0 * l1 + 0.2 * giou)
+    torch.testing.assert_close(out.region_loss, _region_loss(pred, target))
     model.config.loss_weights = {**model.config.loss_weights, "assign": 1.0, "region": 1.0}
+
+
+def _region_loss(pred_boxes_cxcywh, target_boxes_xyxy):
+    """The region head's loss by hand: 2 x L1 on (cx, cy, w, h) + 0.2 x (1 - GIoU), means over boxes."""
+    l1 = (pred_boxes_cxcywh - box_xyxy_to_cxcywh(target_boxes_xyxy)).abs().sum(-1).mean()
+    giou = (1 - generalized_box_iou(box_cxcywh_to_xyxy(pred_boxes_cxcywh), target_boxes_xyxy)).mean()
+    return 2.0 * l1 + 0.2 * giou
 
 
 def test_output_shapes(llava):
@@ -148,7 +140,7 @@ def test_batch_without_region_gives_zero_region_loss_but_gradients(monkeypatch):
     a single process leaves it out of the graph (cheaper), with the same loss."""
     from tpo.modeling_tpo import modeling_tpo
 
-    model, tokenizer = build("llava")
+    model, tokenizer = build_model("llava")
     batch = make_batch(tokenizer, model.config, [SampleSpec(task=None), SampleSpec(task=None, visual="none")])
     single = model(**batch)
     single.loss.backward()
@@ -175,29 +167,37 @@ def test_task_token_replaces_slot_embedding(llava):
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
 @pytest.mark.parametrize("visual", ["image", "video"])
 def test_backbone_families_with_images_and_video(family, visual):
-    model, tokenizer = build(family)
+    model, tokenizer = build_model(family)
     specs = [SampleSpec(visual=visual, task="region", num_frames=4), SampleSpec(visual=visual, task=None, num_frames=2)]
     batch = make_batch(tokenizer, model.config, specs, family=family)
     out = model(**batch)
     assert torch.isfinite(out.loss)
+    w = model.config.loss_weights
+    torch.testing.assert_close(out.loss, w["lm"] * out.lm_loss + w["assign"] * out.assign_loss + w["region"] * out.region_loss)
+    torch.testing.assert_close(out.assign_loss, F.cross_entropy(out.router_logits.float(), batch["task_labels"]))
     assert out.pred_boxes.shape == (1, 4)
     out.loss.backward()
     assert model.task_tokens.embeddings["region"].grad.abs().sum() > 0
 
 
 def test_bf16_forward_on_cpu():
-    model, tokenizer = build("llava")
-    model.to(torch.bfloat16)
+    model, tokenizer = build_model("llava")
     batch = make_batch(tokenizer, model.config, [SampleSpec()])
+    with torch.no_grad():
+        full = model(**batch)
+    model.to(torch.bfloat16)
     batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
     out = model(**batch)
     assert out.logits.dtype == torch.bfloat16
     assert out.pred_boxes.dtype == torch.bfloat16
     assert torch.isfinite(out.loss) and out.loss.dtype == torch.float32
+    # the same model in float32: the same loss and boxes up to bfloat16's precision
+    torch.testing.assert_close(out.loss, full.loss, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(out.pred_boxes.float(), full.pred_boxes, rtol=0, atol=2e-2)
 
 
 def test_gradient_checkpointing_matches_plain_backward():
-    model, tokenizer = build("llava")
+    model, tokenizer = build_model("llava")
     batch = make_batch(tokenizer, model.config, [SampleSpec(), SampleSpec(task=None)])
     model.train()
     for module in model.modules():  # dropout-free comparison
@@ -270,6 +270,10 @@ def test_region_targets_out_of_sample_order_are_matched_to_their_slots(llava):
     swapped = {**batch, "region_boxes": batch["region_boxes"][permutation]}
     swapped.pop("region_batch_index")
     assert not torch.allclose(model(**swapped).loss_dict["region"], ordered.loss_dict["region"])
+    # ... exactly the loss of the slots' boxes against the targets in the listed order
+    pred = box_xyxy_to_cxcywh(ordered.pred_boxes)  # (3, 4), the slots in (sample, position) order
+    torch.testing.assert_close(model(**swapped).loss_dict["region"], _region_loss(pred, batch["region_boxes"][permutation]))
+    torch.testing.assert_close(ordered.loss_dict["region"], _region_loss(pred, batch["region_boxes"]))
     model.train()
 
 
@@ -283,6 +287,8 @@ def test_router_loss_ignores_unlabelled_samples_and_is_zero_without_labels(llava
     model.zero_grad()
     out = model(**batch)
     assert out.assign_loss.item() == 0.0 and torch.isfinite(out.loss)
+    w = model.config.loss_weights  # the loss is the other terms alone
+    torch.testing.assert_close(out.loss, w["lm"] * out.lm_loss + w["region"] * out.region_loss)
     out.loss.backward()
     assert all(p.grad is not None and torch.count_nonzero(p.grad) == 0 for p in model.router.parameters())
 

@@ -3,8 +3,17 @@ reload, merge_and_unload."""
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from test_model_core import build
-from tiny_inputs import SampleSpec, make_batch
+from tiny_inputs import (
+    MASK_IMAGE,
+    MASK_VIDEO,
+    MEDIA,
+    REGION,
+    TEMPORAL,
+    SampleSpec,
+    build_model,
+    build_model_and_processor,
+    make_batch,
+)
 
 from tpo import TPOForConditionalGeneration
 
@@ -17,7 +26,7 @@ def _outputs(model, batch):
 
 
 def test_lora_train_save_reload_and_merge(tmp_path):
-    model, tokenizer = build("llava")
+    model, tokenizer = build_model("llava")
     model.save_pretrained(tmp_path / "base")
     initial_head = model.region_head.fc1.weight.detach().clone()
     initial_tokens = model.task_tokens.embeddings["region"].detach().clone()
@@ -45,6 +54,9 @@ def test_lora_train_save_reload_and_merge(tmp_path):
         optimizer.zero_grad()
 
     expected = _outputs(peft_model, batch)
+    trained = peft_model.base_model.model
+    trained_head = trained.region_head.modules_to_save["default"].fc1.weight.detach().clone()
+    trained_tokens = trained.task_tokens.modules_to_save["default"].embeddings["region"].detach().clone()
     peft_model.save_pretrained(tmp_path / "adapter")
 
     base = TPOForConditionalGeneration.from_pretrained(tmp_path / "base")
@@ -60,6 +72,8 @@ def test_lora_train_save_reload_and_merge(tmp_path):
     # the trained (not the original) task tokens and heads survive the merge
     assert not torch.equal(merged.region_head.fc1.weight, initial_head)
     assert not torch.equal(merged.task_tokens.embeddings["region"], initial_tokens)
+    torch.testing.assert_close(merged.region_head.fc1.weight, trained_head, rtol=0, atol=0)
+    torch.testing.assert_close(merged.task_tokens.embeddings["region"], trained_tokens, rtol=0, atol=0)
     merged.save_pretrained(tmp_path / "merged")
     final = TPOForConditionalGeneration.from_pretrained(tmp_path / "merged")
     for got, want in zip(_outputs(final, batch), expected):
@@ -69,11 +83,10 @@ def test_lora_train_save_reload_and_merge(tmp_path):
 def test_lora_trains_every_head_with_mask_prompts_wrapped():
     """With all three heads in `modules_to_save` (peft wraps e.g. the mask head's prompt MLP), a mixed
     region / temporal / video-mask / image-mask batch trains: every head's saved copy gets a gradient."""
-    from test_generation import MASK_IMAGE, MASK_VIDEO, MEDIA, REGION, TEMPORAL, _build
 
     from tpo.processing.collator_tpo import collate_encoded
 
-    model, processor = _build("llava")
+    model, processor = build_model_and_processor("llava")
     names = model.task_module_names()
     assert "mask_head.prompt_mlp" in names
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=model.lora_target_regex(), modules_to_save=names)

@@ -1,7 +1,6 @@
 """examples/evaluate_tpo.py predict: a saved tiny TPO checkpoint over the small synthetic benchmark, the files
 it writes (one record per sample, right ids, values in range), and the round trip predict -> evaluate."""
 
-import importlib.util
 import json
 import math
 import os
@@ -30,14 +29,6 @@ from tpo.visualization import PRED_COLORS
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "evaluate_tpo.py"
 IMAGE_SIZE = 128  # the synthetic benchmark's images and frames
 PROCESSOR_MASK_FRAMES = 2  # video mask frames the saved processor gives SAM2 (predict uses all by default)
-
-
-@pytest.fixture(scope="module")
-def cli():
-    spec = importlib.util.spec_from_file_location("evaluate_tpo", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _tiny_tpo(tokenizer):
@@ -288,6 +279,7 @@ def _readme_command(marker: str) -> list[str]:
     return shlex.split(command)
 
 
+@pytest.mark.slow
 def test_the_readmes_predict_command_runs_as_written(tmp_path):
     """The README's `predict` command, word for word, in a folder laid out as the default run leaves it (its
     checkpoint has the mask head's box prompt, as the default's does), with video masks tracked through SAM2's

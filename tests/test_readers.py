@@ -4,11 +4,11 @@ and the schema helpers."""
 import json
 import logging
 
-import av
 import numpy as np
 import pytest
 from datasets import Dataset
 from PIL import Image
+from tiny_inputs import write_tiny_video
 
 from tpo.processing.readers import (
     read_activitynet_captions,
@@ -127,18 +127,6 @@ def test_qvhighlights_broken_json_names_the_line(tmp_path):
     path = write_jsonl(tmp_path / "bad.jsonl", [{"qid": 1, "query": "q", "duration": 5, "vid": "v"}, "{not json"])
     with pytest.raises(ValueError, match=r"bad.jsonl line 2: not valid JSON"):
         read_qvhighlights(path, tmp_path, cache_dir=str(tmp_path / "cache"))
-
-
-def write_tiny_video(path, seconds: float, fps: int = 10):
-    container = av.open(str(path), "w")
-    stream = container.add_stream("mpeg4", rate=fps)
-    stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
-    for _ in range(int(seconds * fps)):
-        for packet in stream.encode(av.VideoFrame.from_ndarray(np.zeros((32, 32, 3), np.uint8), format="rgb24")):
-            container.mux(packet)
-    for packet in stream.encode():
-        container.mux(packet)
-    container.close()
 
 
 def test_charades_sta(tmp_path, caplog):

@@ -168,6 +168,7 @@ def _train_on_colour_scenes(head, steps: int = 200) -> float:
     return (centre_error < 0.06).float().mean().item()
 
 
+@pytest.mark.slow
 def test_query_text_lets_the_question_words_pick_the_token():
     """With `query_text` the instruction's words reach the token scores: the head finds the token of the asked
     colour although the task embedding carries nothing; without it the head can only guess (1 token in 16)."""
@@ -192,6 +193,9 @@ def test_query_text_without_text_tokens_is_the_task_embedding_alone():
     torch.testing.assert_close(masked, alone)
     head.loss(masked, torch.tensor([[0.1, 0.2, 0.5, 0.6]] * 2), scores_masked, xy)["region"].backward()
     assert all(torch.isfinite(p.grad).all() for p in head.parameters() if p.grad is not None)
+    # no valid text token: nothing flows to the text projection, the token scoring trains
+    assert all(p.grad is None or not bool(p.grad.any()) for p in head.text_query.parameters())
+    assert all(p.grad is not None and bool(p.grad.any()) for p in (*head.key.parameters(), *head.query.parameters()))
     _, scores_text = head.forward_with_heatmap(task, features, xy, query_features=text,
                                                query_mask=torch.tensor([[True, False, False], [True, True, True]]))
     assert not torch.allclose(scores_text, scores_alone)

@@ -271,6 +271,7 @@ def test_release_model_with_dense_clips_reloads_as_remote_code(tmp_path):
     torch.testing.assert_close(got.loss, expected.loss, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_run_tpo_with_preset_release_runs_the_papers_schedule_end_to_end(tmp_path):
     """`--preset release` is the one switch of examples/run_tpo.py: the release heads (dense 2-second clips decoded
     from the synthetic benchmark's mp4s), the task stage once per task, evaluation and a reloadable final model."""

@@ -17,8 +17,18 @@ import pytest
 import torch
 from clean_env import run_clean_python
 from safetensors.torch import save_file
-from test_model_core import build
-from tiny_inputs import SampleSpec, make_batch
+from tiny_inputs import (
+    MASK_IMAGE,
+    MASK_VIDEO,
+    MEDIA,
+    REGION,
+    TEMPORAL,
+    TEXT,
+    SampleSpec,
+    build_model,
+    build_model_and_processor,
+    make_batch,
+)
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
 
 from tpo import TPOForConditionalGeneration
@@ -49,7 +59,7 @@ def _reference(model, batch) -> dict:
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
 def test_save_and_reload_in_process(tmp_path, family):
-    model, tokenizer = build(family)
+    model, tokenizer = build_model(family)
     batch = make_batch(tokenizer, model.config, [SampleSpec(visual="video"), SampleSpec(task=None)], family=family)
     expected = _reference(model, batch)
     model.save_pretrained(tmp_path)
@@ -117,9 +127,10 @@ CLEAN_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
 def test_reload_where_the_project_is_not_installed(tmp_path, family):
-    model, tokenizer = build(family)
+    model, tokenizer = build_model(family)
     batch = make_batch(tokenizer, model.config, [SampleSpec(visual="video"), SampleSpec(task=None)], family=family)
     expected = _reference(model, batch)
     checkpoint, data = tmp_path / "checkpoint", tmp_path / "data"
@@ -141,14 +152,14 @@ HEAD_OUTPUTS = ("temporal_outputs.pred_spans", "temporal_outputs.pred_logits", "
                 "mask_outputs.pred_mask_logits", "mask_outputs.iou_scores")
 
 
+@pytest.mark.slow
 def test_every_head_with_a_tiny_sam2_reloads_where_the_project_is_not_installed(tmp_path):
     """All three heads (SAM2 inside the mask head), a processor-built batch with a region, a temporal, an image
     mask, a video mask and a text sample, and every head's outputs and the loss compared after reloading."""
-    from test_generation import MASK_IMAGE, MASK_VIDEO, MEDIA, REGION, TEMPORAL, TEXT, _build
 
     from tpo.processing.collator_tpo import collate_encoded
 
-    model, processor = _build("llava")
+    model, processor = build_model_and_processor("llava")
     samples = [REGION, TEMPORAL, MASK_IMAGE, MASK_VIDEO, TEXT]
     encoded = [processor.encode(sample, mode="train") for sample in samples]
     batch = collate_encoded(processor, encoded, [MEDIA[sample["id"]] for sample in samples])
@@ -175,7 +186,7 @@ def test_every_head_with_a_tiny_sam2_reloads_where_the_project_is_not_installed(
 
 
 def test_config_loads_with_auto_config(tmp_path):
-    model, _ = build("llava")
+    model, _ = build_model("llava")
     model.config.save_pretrained(tmp_path)
     config = AutoConfig.from_pretrained(tmp_path, trust_remote_code=True)
     loaded, original = config.to_dict(), model.config.to_dict()

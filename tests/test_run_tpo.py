@@ -110,6 +110,7 @@ def test_data_config_rejects_unknown_keys(tmp_path):
         run_tpo.load_data(run_tpo.ScriptArguments(data_config=str(config)))
 
 
+@pytest.mark.slow
 def test_three_stages_end_to_end_with_stage_data(tmp_path, caplog):
     """A few steps per stage on the small synthetic benchmark, through a data config whose joint stage has
     its own data: every stage trains, the metrics file has the required keys, the final model reloads."""
@@ -188,6 +189,7 @@ def _save_checkpoint(family: str, folder: Path):
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl", "llava_onevision"])
 def test_pretrained_checkpoint_on_disk_is_wrapped_with_its_own_processor(family, tmp_path):
     import torch
+    from tiny_inputs import weighted_loss
 
     from tpo.processing.collator_tpo import collate_encoded
     from tpo.processing.schema import empty_sample
@@ -213,6 +215,7 @@ def test_pretrained_checkpoint_on_disk_is_wrapped_with_its_own_processor(family,
     batch.pop("tpo_meta")
     out = model(**batch)
     assert torch.isfinite(out.loss) and {"lm", "assign", "region", "temporal"} <= set(out.loss_dict)
+    torch.testing.assert_close(out.loss, weighted_loss(model, out))
 
 
 def test_stage_names_are_checked_before_any_work(tmp_path, monkeypatch):
@@ -223,6 +226,7 @@ def test_stage_names_are_checked_before_any_work(tmp_path, monkeypatch):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_warmup_runs_one_task_alone_before_the_task_stage(tmp_path, caplog):
     """--task_warmup_tasks region: a run on region samples alone between the assign and task stages, in its own
     stage folder; a warm-up task the model does not enable, or a warm-up without a task stage, is dropped with a

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_inputs import SampleSpec, make_batch
+from tiny_inputs import SampleSpec, make_batch, weighted_loss
 from transformers import LlavaForConditionalGeneration
 
 from tpo import TPOForConditionalGeneration
@@ -219,6 +219,7 @@ def _reference(model) -> dict:
     return kept
 
 
+@pytest.mark.slow
 def test_qwen2_5_vl_7b_widths_in_bf16(scale, tmp_path):
     mllm, image_processor = scale.build_mllm("qwen2.5-vl-7b", tmp_path / "mllm", 1, 1, torch.bfloat16)
     tokenizer = scale.stand_in_tokenizer("qwen2.5-vl-7b")
@@ -251,6 +252,7 @@ def test_qwen2_5_vl_7b_widths_in_bf16(scale, tmp_path):
     assert torch.equal(embedded["out"][row, position], model.task_tokens.embeddings["region"][0])
     assert out.pred_boxes.dtype == torch.bfloat16 and out.temporal_outputs["pred_spans"].dtype == torch.bfloat16
     assert {"lm", "assign", "region", "temporal"} <= set(out.loss_dict) and torch.isfinite(out.loss)
+    torch.testing.assert_close(out.loss, weighted_loss(model, out))
     out.loss.backward()
     assert model.task_tokens.embeddings["region"].grad.abs().sum() > 0
     assert model.task_tokens.embeddings["temporal"].grad.abs().sum() > 0
@@ -278,6 +280,7 @@ def test_qwen2_5_vl_7b_widths_in_bf16(scale, tmp_path):
     torch.testing.assert_close(again.loss, expected.loss, rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.slow
 def test_onevision_7b_vocabulary_resize_at_152k_rows(scale, tmp_path):
     """A tokenizer that fills the 152,128 rows: the task tokens grow both (untied) embeddings by 6 rows at the mean
     and every pretrained row stays as it was."""
@@ -317,7 +320,9 @@ def test_llava_processor_needs_no_video_token(scale):
     assert (batch["input_ids"] == 32000).sum(-1).tolist() == [3 * per_image, per_image]
     assert batch["frame_token_index"][0].max() == 2 and (batch["frame_token_index"][0] >= 0).sum() == 3 * per_image
     assert batch["pixel_values"].shape[0] == 4  # three frames and one image
-    assert torch.isfinite(model(**batch).loss)
+    out = model(**batch)
+    assert torch.isfinite(out.loss) and {"lm", "assign", "region", "temporal"} <= set(out.loss_dict)
+    torch.testing.assert_close(out.loss, weighted_loss(model, out))
 
 
 # ------------------------------------------------------------------------------------------------

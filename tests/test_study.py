@@ -178,6 +178,7 @@ def study_run(tmp_path_factory):
     return root, argv, study_tpo.main(argv)
 
 
+@pytest.mark.slow
 def test_every_arm_trains_and_is_scored(study_run):
     root, _, results = study_run
     arms = results["arms"]
@@ -202,6 +203,7 @@ def test_every_arm_trains_and_is_scored(study_run):
     assert Image.open(folder / study_tpo.CHART_FILE).size[0] > 300
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_runs_and_refuses_other_settings(study_run, caplog, monkeypatch):
     root, argv, _ = study_run
     path = root / "out" / "quick" / study_tpo.RESULTS_FILE

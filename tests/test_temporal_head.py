@@ -299,6 +299,12 @@ def test_two_frames_single_query_and_aux_shapes():
         assert aux["pred_spans"].shape == (1, 5, 2) and aux["pred_logits"].shape == (1, 5, 2)
     terms = head.loss(out, [{"spans": torch.tensor([[0.0, 0.5]]), "saliency": torch.tensor([1.0, 0.0])}])
     assert {"temporal_label_1", "temporal_span_l1_1"} <= set(terms) and torch.isfinite(terms["temporal"])
+    # the total: each span term weighted, summed over the last and the 2 auxiliary layers, plus saliency
+    weights, names = head.criterion.weights, {k[len("temporal_"):-2] for k in terms if k.endswith("_0")}
+    assert names == {"label", "span_l1", "span_giou"}
+    expected = sum(weights[n] * (terms[f"temporal_{n}"] + terms[f"temporal_{n}_0"] + terms[f"temporal_{n}_1"])
+                   for n in names) + weights["saliency"] * terms["temporal_saliency"]
+    torch.testing.assert_close(terms["temporal"], expected)
     windows = head.predict_windows(out, top_k=3)[0]
     assert len(windows) == 3 and [w[2] for w in windows] == sorted((w[2] for w in windows), reverse=True)
     assert all(0 <= start <= end <= 1 for start, end, _ in windows)
@@ -782,16 +788,18 @@ def test_a_nan_span_is_refused_and_does_not_hide_another_queries_bad_span():
 
 @pytest.mark.parametrize("span", [[0.6, 0.2], [0.2, 1.5], [float("nan"), 0.4]])
 def test_model_refuses_an_invalid_temporal_target_naming_the_sample(span):
-    from test_generation import MEDIA, REGION, TEMPORAL, _build
+    from tiny_inputs import MEDIA, REGION, TEMPORAL, build_model_and_processor, weighted_loss
 
     from tpo.processing.collator_tpo import collate_encoded
 
-    model, processor = _build("llava", tasks=("temporal", "region"))
+    model, processor = build_model_and_processor("llava", tasks=("temporal", "region"))
     samples = [REGION, TEMPORAL]
     encoded = [processor.encode(sample, mode="train") for sample in samples]
     batch = collate_encoded(processor, encoded, [MEDIA[sample["id"]] for sample in samples])
     batch.pop("tpo_meta")
-    assert torch.isfinite(model(**batch).loss)  # the batch as the collator made it is fine
+    out = model(**batch)  # the batch as the collator made it is fine
+    assert torch.isfinite(out.loss) and {"lm", "region", "temporal"} <= set(out.loss_dict)
+    torch.testing.assert_close(out.loss, weighted_loss(model, out))
     batch["temporal_spans"] = torch.tensor([span])
     with pytest.raises(ValueError, match=r"Temporal span \[.*\] of sample 1 is invalid"):
         model(**batch)

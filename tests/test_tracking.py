@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_inputs import TRACK_HEIGHT, TRACK_WIDTH, write_got10k, write_lasot
 from transformers import LlavaForConditionalGeneration
 from transformers.models.sam2_video.modeling_sam2_video import Sam2VideoInferenceSession
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
@@ -19,7 +20,7 @@ from tpo.tiny import build_tiny_tokenizer, tiny_llava_config, tiny_sam2_config
 from tpo.training.tracking import TrackingConfig, first_frame_mask_logits, track_sequence, write_tracking_results
 
 SAM2_SIZE = 64
-HEIGHT, WIDTH = 48, 64
+HEIGHT, WIDTH = TRACK_HEIGHT, TRACK_WIDTH  # the LaSOT / GOT-10k fixtures' frames
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -92,45 +93,6 @@ def test_stream_boxes_are_the_masks_boxes_and_prompts_are_checked(head):
 # ---------------------------------------------------------------------------------------------------
 # Readers
 # ---------------------------------------------------------------------------------------------------
-def _frames(folder, boxes_xywh, extension=".jpg"):
-    folder.mkdir(parents=True, exist_ok=True)
-    for index, (x, y, w, h) in enumerate(boxes_xywh):
-        image = np.zeros((HEIGHT, WIDTH, 3), np.uint8)
-        image[int(y): int(y + h), int(x): int(x + w)] = 255
-        Image.fromarray(image).save(folder / f"{index + 1:08d}{extension}")
-
-
-def _boxes(count, start=4):
-    return [[start + i, 10, 16, 20] for i in range(count)]
-
-
-def write_lasot(root, name="airplane-1", count=8, occluded=(), out_of_view=()):
-    folder = root / name.rsplit("-", 1)[0] / name
-    boxes = _boxes(count)
-    _frames(folder / "img", boxes)
-    (folder / "groundtruth.txt").write_text("".join(",".join(str(v) for v in b) + "\n" for b in boxes))
-    (folder / "full_occlusion.txt").write_text(",".join("1" if i in occluded else "0" for i in range(count)))
-    (folder / "out_of_view.txt").write_text(",".join("1" if i in out_of_view else "0" for i in range(count)))
-    (folder / "nlp.txt").write_text("white rectangle moving right\n")
-    return folder
-
-
-def write_got10k(root, name="GOT-10k_Val_000001", count=10, first_only=False):
-    folder = root / name
-    boxes = _boxes(count)
-    _frames(folder, boxes)
-    rows = boxes[:1] if first_only else boxes
-    (folder / "groundtruth.txt").write_text("".join(",".join(f"{v:.4f}" for v in b) + "\n" for b in rows))
-    if not first_only:
-        (folder / "absence.label").write_text("".join("1\n" if i == 3 else "0\n" for i in range(count)))
-        (folder / "cover.label").write_text("".join("0\n" if i == 3 else "8\n" for i in range(count)))
-    (folder / "meta_info.ini").write_text(f"[METAINFO]\nurl: https://youtu.be/x\nobject_class: ant\n"
-                                          f"motion_class: walking\nresolution: ({WIDTH}, {HEIGHT})\n")
-    with open(root / "list.txt", "a") as listing:
-        listing.write(name + "\n")
-    return folder
-
-
 def test_lasot_reader(tmp_path):
     write_lasot(tmp_path, "airplane-1", occluded=(2,), out_of_view=(5,))
     write_lasot(tmp_path, "bird-3", count=6)
@@ -259,3 +221,6 @@ def test_tracking_benchmark_runs(tmp_path):
     result = bench.measure_predict(model, str(tmp_path / "lasot"), str(tmp_path / "out"))
     assert result["frames"] == 4
     assert all(math.isfinite(result[k]) and result[k] > 0 for k in ("tracking_fps", "wall_fps", "peak_rss_mib"))
+    assert result["tracking_fps"] == pytest.approx(4 / result["tracking_seconds"])
+    assert result["wall_fps"] == pytest.approx(4 / result["wall_seconds"])
+    assert result["tracking_seconds"] <= result["wall_seconds"]  # the frames' times are inside the run's

@@ -7,42 +7,18 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset
+from tiny_inputs import fake_media, training_samples
 from peft import LoraConfig
 from transformers import LlavaForConditionalGeneration, TrainerCallback
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
 from tpo import TPOForConditionalGeneration
-from tpo.processing.pipeline import MediaError, TPODataCollator, encode_dataset
+from tpo.processing.pipeline import TPODataCollator, encode_dataset
 from tpo.processing.processing_tpo import TPOProcessor
 from tpo.training.arguments import TPOTrainingArguments
 from tpo.training.stages import parameter_group
-from tpo.tiny import build_tiny_tokenizer, random_media, tiny_llava_config
+from tpo.tiny import build_tiny_tokenizer, tiny_llava_config
 from tpo.training.trainer import NonFiniteLossError, TPOTrainer
-
-
-def fake_media(plan: dict, targets: dict) -> dict:
-    """Deterministic random pixels per media path; a path containing 'broken' fails like a corrupt file."""
-    if "broken" in plan.get("path", ""):
-        raise MediaError(f"Cannot read {plan['path']!r}")
-    return random_media(plan)
-
-
-def samples(n: int = 24) -> list[dict]:
-    rows = []
-    for i in range(n):
-        kind = i % 3
-        base = dict(id=f"s{i}", source="test", split="train", media_path=f"img{i}.png", query="red circle",
-                    image_size=[32, 32], conversations=[], boxes_xyxy_pixels=[], spans_seconds=[],
-                    duration_seconds=0.0, media_type="image", task="region", saliency_clip_ids=[], saliency_scores=[])
-        if kind == 0:
-            rows.append({**base, "boxes_xyxy_pixels": [[4.0 + i % 5, 6.0, 20.0, 28.0]]})
-        elif kind == 1:
-            rows.append({**base, "task": "temporal", "media_type": "video", "media_path": f"vid{i}.mp4",
-                         "duration_seconds": 8.0, "spans_seconds": [[2.0, 6.0]]})
-        else:
-            rows.append({**base, "task": "text", "conversations": [
-                {"role": "user", "content": "<image>\nWhat colour is it?"}, {"role": "assistant", "content": "red"}]})
-    return rows
 
 
 @pytest.fixture()
@@ -54,7 +30,7 @@ def setup(tmp_path):
     )
     processor = TPOProcessor.from_model_config(model.config, SiglipImageProcessorPil(size={"height": 32, "width": 32}),
                                                tokenizer, num_frames=2)
-    dataset = encode_dataset(Dataset.from_list(samples()), processor)
+    dataset = encode_dataset(Dataset.from_list(training_samples()), processor)
     return model, processor, dataset, tmp_path
 
 
@@ -113,9 +89,13 @@ def test_stages_train_what_they_should_and_log_every_term(setup):
                          data_collator=collator)
     assert set(trainer.trainable_per_group) == {"task_heads", "task_tokens"}
     lora_before = {n: p.detach().clone() for n, p in peft_model.named_parameters() if "lora_" in n}
+    router_before = {n: p.detach().clone() for n, p in tpo.router.named_parameters()}
     trainer.train()
     assert all(torch.equal(p, lora_before[n]) for n, p in peft_model.named_parameters() if "lora_" in n)
     assert not torch.equal(tpo.region_head.modules_to_save["default"].fc1.weight, head_before)
+    # exactly the task parts train: the router stays, and PEFT's original head stays behind its trained copy
+    assert all(torch.equal(p, router_before[n]) for n, p in tpo.router.named_parameters())
+    assert torch.equal(tpo.region_head.original_module.fc1.weight, head_before)
 
     trainer = TPOTrainer(model=peft_model, args=make_args(tmp_path, "joint"), train_dataset=dataset,
                          data_collator=collator)
@@ -212,7 +192,7 @@ def test_labels_all_ignored_say_so_instead_of_blaming_the_learning_rate(setup):
 
 def test_broken_media_is_skipped_counted_and_training_goes_on(setup):
     model, processor, dataset, tmp_path = setup
-    rows = samples(8)
+    rows = training_samples(8)
     rows[4]["media_path"] = "broken.png"
     encoded = encode_dataset(Dataset.from_list(rows), processor)
     logs = LogCollector()
@@ -225,7 +205,7 @@ def test_broken_media_is_skipped_counted_and_training_goes_on(setup):
 
 def test_invalid_samples_are_dropped_by_encode(setup, caplog):
     _, processor, _, _ = setup
-    rows = samples(3)
+    rows = training_samples(3)
     rows[1]["spans_seconds"] = [[6.0, 12.0]]  # past the 8 s video
     with caplog.at_level("WARNING"):
         encoded = encode_dataset(Dataset.from_list(rows), processor)
@@ -233,8 +213,8 @@ def test_invalid_samples_are_dropped_by_encode(setup, caplog):
     assert "Dropping sample 's1'" in caplog.text and "invalid for a video of 8.000 s" in caplog.text
     with pytest.raises(ValueError, match="invalid for a video"):
         encode_dataset(Dataset.from_list(rows), processor, strict=True, load_from_cache_file=False)
-    first = encode_dataset(Dataset.from_list(samples(3)), processor)
-    again = encode_dataset(Dataset.from_list(samples(3)), processor)
+    first = encode_dataset(Dataset.from_list(training_samples(3)), processor)
+    again = encode_dataset(Dataset.from_list(training_samples(3)), processor)
     assert first._fingerprint == again._fingerprint
     assert json.loads(first[0]["media_plan"])["kind"] == "image"
 
@@ -295,6 +275,11 @@ def test_task_stage_that_trains_the_llm_keeps_the_router_and_lm_terms(setup):
     assert {"router", "llm", "task_heads", "task_tokens"} <= set(guarded.trainable_per_group)
     router_before = model.router.state_dict()
     router_before = {k: v.clone() for k, v in router_before.items()}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
     guarded.train()
     assert any(not torch.equal(v, model.router.state_dict()[k]) for k, v in router_before.items())
+    # what trains is exactly the stage's groups: every parameter of another group (the vision tower) is as it was
+    frozen = {n for n in before if parameter_group(n) not in guarded.trainable_per_group}
+    assert any(parameter_group(n) == "vision" for n in frozen)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if n in frozen)
     assert any({"loss/lm", "loss/assign", "loss/region"} <= set(entry) for entry in logs.logs)

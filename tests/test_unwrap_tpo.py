@@ -3,13 +3,13 @@
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from test_model_core import build
+from tiny_inputs import build_model
 
 from tpo.training.trainer import unwrap_tpo
 
 
 def test_unwrap_tpo_through_data_parallel_and_peft():
-    model, _ = build("llava")
+    model, _ = build_model("llava")
     assert unwrap_tpo(model) is model
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=model.lora_target_regex()))
     assert unwrap_tpo(peft_model) is model

@@ -27,7 +27,7 @@ from .box_ops import masks_to_boxes
 from .configuration_tpo import CUSTOM_PIPELINES, IGNORE_INDEX, ROUTER_CLASSES, TASK_NAMES, TPOConfig
 from .features import dense_clip_frames, gather_token_features, normalised_frame_times, pool_frame_features
 from .generation_tpo import TPOGenerationMixin, _cache_argument, cache_of
-from .inputs_tpo import DENSE_PREFIX
+from .inputs_tpo import DENSE_PREFIX, MaskInputs, RegionInputs, TemporalInputs
 from .region_head import RegionHead
 from .targets_tpo import TPOTargetsMixin
 from .task_tokens import TaskRouter, TaskTokens
@@ -392,6 +392,9 @@ class TPOForConditionalGeneration(TPOGenerationMixin, TPOTargetsMixin, TPOPreTra
         **kwargs,
     ) -> TPOOutput:
         r"""
+        The TPO inputs below are declared once, with their shapes and kinds, in `inputs_tpo.py` (`SharedInputs`,
+        `LMTargets`, `RegionInputs`, `TemporalInputs`, `MaskInputs`); each head gets its own dataclass.
+
         Args:
             input_ids, attention_mask, position_ids, cache (or past_key_values before transformers 5.24),
                 inputs_embeds, and any other
@@ -488,18 +491,22 @@ class TPOForConditionalGeneration(TPOGenerationMixin, TPOTargetsMixin, TPOPreTra
             frame_token_index=frame_token_index, frame_timestamps=frame_timestamps, video_durations=video_durations,
             computing_loss=computing_loss, visual_token_xy=visual_token_xy, dense_inputs=dense_inputs or None,
         )
-        targets = {
-            "region": (region_boxes, region_batch_index),
-            "temporal": (temporal_spans, temporal_span_query_index, temporal_saliency),
-            "mask": (sam2_pixel_values, mask_query_index, mask_targets, mask_frame_index, mask_view_to_sam2),
+        head_inputs = {
+            "region": RegionInputs(region_boxes=region_boxes, region_batch_index=region_batch_index),
+            "temporal": TemporalInputs(temporal_spans=temporal_spans, temporal_span_query_index=temporal_span_query_index,
+                                       temporal_saliency=temporal_saliency),
+            "mask": MaskInputs(sam2_pixel_values=sam2_pixel_values, mask_query_index=mask_query_index,
+                               mask_targets=mask_targets, mask_frame_index=mask_frame_index,
+                               mask_view_to_sam2=mask_view_to_sam2),
         }
+        heads = {"region": self._region_outputs, "temporal": self._temporal_outputs, "mask": self._mask_outputs}
         predictions: dict[str, dict] = {}
         untouched = []
         for task in self._tasks:
             if computing_loss and weights[task] == 0:  # not trained in this stage: skip the head
                 untouched.append(task)
                 continue
-            task_predictions, task_terms = getattr(self, f"_{task}_outputs")(context, *targets[task])
+            task_predictions, task_terms = heads[task](context, head_inputs[task])
             predictions[task] = task_predictions
             if task_terms:
                 terms[task] = task_terms.pop(task)
@@ -543,8 +550,9 @@ class TPOForConditionalGeneration(TPOGenerationMixin, TPOTargetsMixin, TPOPreTra
     # ----------------------------------------------------------------------------------------------
     # Heads
     # ----------------------------------------------------------------------------------------------
-    def _region_outputs(self, context: "_HeadContext", region_boxes, region_batch_index):
+    def _region_outputs(self, context: "_HeadContext", inputs: RegionInputs):
         """Region predictions (normalised xyxy boxes, one per query) and, with targets, loss terms."""
+        region_boxes, region_batch_index = inputs.region_boxes, inputs.region_batch_index
         queries = context.queries.get("region")
         has_queries = queries is not None and queries.batch_index.numel() > 0
         predictions, terms = {}, {}
@@ -570,12 +578,14 @@ class TPOForConditionalGeneration(TPOGenerationMixin, TPOTargetsMixin, TPOPreTra
                 terms = self.region_head.loss(boxes_cxcywh, matched, token_scores, visual.get("visual_xy"))
         return predictions, terms
 
-    def _temporal_outputs(self, context: "_HeadContext", spans, span_query_index, saliency):
+    def _temporal_outputs(self, context: "_HeadContext", inputs: TemporalInputs):
         """Temporal predictions for the temporal queries and, with targets, loss terms.
 
         Frame features are the means of each frame's visual-token hidden states; the query features are
         the hidden states of the instruction's text tokens of the query's sample.
         """
+        spans, span_query_index = inputs.temporal_spans, inputs.temporal_span_query_index
+        saliency = inputs.temporal_saliency
         queries = context.queries.get("temporal")
         has_queries = queries is not None and queries.batch_index.numel() > 0
         num_spans = None
@@ -627,9 +637,11 @@ class TPOForConditionalGeneration(TPOGenerationMixin, TPOTargetsMixin, TPOPreTra
         targets = self._temporal_targets(queries, spans, span_query_index, saliency, num_frames)
         return predictions, self.temporal_head.loss(outputs, targets, num_spans)
 
-    def _mask_outputs(self, context: "_HeadContext", sam2_pixel_values, mask_query_index, mask_targets,
-                      mask_frame_index=None, mask_view_to_sam2=None):
+    def _mask_outputs(self, context: "_HeadContext", inputs: MaskInputs):
         """Mask logits for every SAM2 image of the mask queries and, with targets, loss terms."""
+        sam2_pixel_values, mask_query_index, mask_targets = (inputs.sam2_pixel_values, inputs.mask_query_index,
+                                                             inputs.mask_targets)
+        mask_frame_index, mask_view_to_sam2 = inputs.mask_frame_index, inputs.mask_view_to_sam2
         queries = context.queries.get("mask")
         has_queries = queries is not None and queries.batch_index.numel() > 0
         if not has_queries:

@@ -15,7 +15,7 @@ from torch import nn
 from transformers.generation import LogitsProcessor, LogitsProcessorList
 from transformers.modeling_outputs import ModelOutput
 
-from .box_ops import masks_to_boxes
+from .box_ops import NORMALISED_TOLERANCE, masks_to_boxes
 from .configuration_tpo import ROUTER_CLASSES, TASK_NAMES
 from .inputs_tpo import (
     DENSE_PREFIX,
@@ -158,7 +158,7 @@ def incomplete_slot_runs(tokens: torch.Tensor, slot_ids: list[int]) -> torch.Ten
 def check_normalised_box(box: torch.Tensor, where: str) -> None:
     """Refuse a tracking box that is not (x0, y0, x1, y1) inside the frame, normalised to [0, 1]."""
     values = box.detach().float().reshape(-1)
-    tolerance = 1e-4
+    tolerance = NORMALISED_TOLERANCE
     if values.numel() != 4 or not bool(torch.isfinite(values).all()):
         raise ValueError(f"{where}: the initial box {values.tolist()} must be 4 finite numbers (x0, y0, x1, y1).")
     x0, y0, x1, y1 = values.tolist()

@@ -31,6 +31,7 @@ from .inputs_tpo import DENSE_PREFIX, MaskInputs, RegionInputs, TemporalInputs
 from .region_head import RegionHead
 from .targets_tpo import TPOTargetsMixin
 from .task_tokens import TaskRouter, TaskTokens
+from .temporal_loss import mean_spans_per_process
 
 logger = logging.getLogger(__name__)
 
@@ -592,10 +593,8 @@ class TPOForConditionalGeneration(TPOGenerationMixin, TPOTargetsMixin, TPOPreTra
         if context.computing_loss and torch.distributed.is_available() and torch.distributed.is_initialized():
             # Every process computes this at every training step (with or without temporal samples),
             # so the collective always matches across processes.
-            local = float(spans.shape[0]) if (spans is not None and has_queries) else 0.0
-            num_spans = torch.tensor(local, device=context.hidden_states.device)
-            torch.distributed.all_reduce(num_spans)
-            num_spans = num_spans / torch.distributed.get_world_size()
+            local = spans.shape[0] if (spans is not None and has_queries) else 0
+            num_spans = mean_spans_per_process(local, context.hidden_states.device)
         if not has_queries:
             if spans is not None and spans.numel() > 0:
                 raise ValueError(f"The batch has {spans.shape[0]} temporal target span(s) but no temporal slot "

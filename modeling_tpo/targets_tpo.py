@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .box_ops import invalid_box_rows, invalid_span_rows
 from .configuration_tpo import IGNORE_INDEX, ROUTER_CLASSES, TASK_NAMES
 
 
@@ -22,17 +23,6 @@ class TaskQueries:
     def gather(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """(batch, seq, hidden) -> task embeddings (num_queries, num_task_tokens, hidden)."""
         return hidden_states[self.batch_index[:, None], self.positions]
-
-
-BOX_TOLERANCE = 1e-4  # normalised box coordinates may exceed [0, 1] by this much (rounding)
-
-
-def _invalid_box_rows(boxes: torch.Tensor) -> torch.Tensor:
-    """(n,) bool: the rows of (n, 4) (x0, y0, x1, y1) boxes that are not finite, ordered and within [0, 1]
-    (+- BOX_TOLERANCE)."""
-    boxes = boxes.float()
-    excess = torch.cat([boxes[:, :2] - boxes[:, 2:], (boxes - 0.5).abs() - (0.5 + BOX_TOLERANCE)], dim=-1)
-    return ~(excess <= 0).all(-1)  # NaN compares false: invalid
 
 
 class TPOTargetsMixin:
@@ -85,7 +75,7 @@ class TPOTargetsMixin:
             # reorders or names the faulty sample.
             in_order = (target_batch_index.to(queries.batch_index.device) == queries.batch_index).all()
             if task == "region":
-                in_order = in_order & ~_invalid_box_rows(targets).any().to(in_order.device)
+                in_order = in_order & ~invalid_box_rows(targets).any().to(in_order.device)
             if bool(in_order):
                 return targets
         slot = self.config.task_token_strings[task]["slots"][0]
@@ -117,7 +107,7 @@ class TPOTargetsMixin:
         return targets
 
     def _check_boxes(self, boxes: torch.Tensor, queries: TaskQueries | None) -> None:
-        bad = _invalid_box_rows(boxes)
+        bad = invalid_box_rows(boxes)
         if bool(bad.any()):
             j = int(bad.nonzero()[0])
             sample = int(queries.batch_index[j]) if queries is not None and queries.batch_index.numel() > j else "?"
@@ -199,7 +189,7 @@ class TPOTargetsMixin:
                 f"The batch has {num_queries} temporal slot(s) (samples {samples}) but spans for queries "
                 f"{sorted(set(span_query_index.tolist()))}; every temporal slot needs at least one target span."
             )
-        bad = (spans[:, 0] >= spans[:, 1]) | (spans < -1e-4).any(-1) | (spans > 1 + 1e-4).any(-1) | spans.isnan().any(-1)
+        bad = invalid_span_rows(spans)
         if bool(bad.any()):
             j = int(bad.nonzero()[0])
             sample = int(queries.batch_index[span_query_index[j]])

@@ -25,7 +25,7 @@ import math
 import torch
 from torch import nn
 
-from .box_ops import span_cw_to_se
+from .box_ops import invalid_span_rows, span_cw_to_se
 from .matcher import SpanHungarianMatcher
 from .temporal_layers import MLP, AnchorDecoder, QueryAwareFrames, input_dropout, time_encoding
 from .temporal_loss import DenseTemporalCriterion, TemporalCriterion
@@ -317,7 +317,7 @@ def _targets_pass_quick_check(targets: list[dict], num_frames: int) -> bool:
         return True
     device = targets[0]["spans"].device
     spans = torch.cat([t["spans"].to(device) for t in targets])  # (total spans, 2), none empty
-    bad = (spans[:, 0] >= spans[:, 1]).any() | ((spans < -1e-4) | (spans > 1 + 1e-4) | spans.isnan()).any()
+    bad = invalid_span_rows(spans).any()
     scores = torch.cat([s.to(device) for s in saliency]) if saliency else spans.new_zeros(0)
     if scores.numel():
         lowest, highest = scores.aminmax()
@@ -331,7 +331,7 @@ def _first_target_error(targets: list[dict], num_frames: int) -> str | None:
         spans = target["spans"]
         if spans.numel() == 0:
             return f"Temporal query {i} has no target span; every temporal sample needs one."
-        bad = (spans[:, 0] >= spans[:, 1]) | (spans < -1e-4).any(-1) | (spans > 1 + 1e-4).any(-1) | spans.isnan().any(-1)
+        bad = invalid_span_rows(spans)
         if bool(bad.any()):
             return (f"Temporal query {i}: span {spans[bad][0].tolist()} must satisfy "
                     "0 <= start < end <= 1 (normalised by the video duration).")

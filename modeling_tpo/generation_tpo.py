@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from transformers.generation import LogitsProcessor, LogitsProcessorList
 from transformers.modeling_outputs import ModelOutput
+from transformers.utils.deprecation import deprecate_kwarg
 
 from .box_ops import NORMALISED_TOLERANCE, masks_to_boxes
 from .configuration_tpo import ROUTER_CLASSES, TASK_NAMES
@@ -27,6 +28,29 @@ from .inputs_tpo import (
 )
 
 logger = logging.getLogger(__name__)
+
+
+# ---- The KV cache's name: `cache` since transformers 5.24, `past_key_values` before (the one shim) ----------------
+CACHE_RENAMED_IN = "5.24.0"
+# `forward(past_key_values=...)` is taken as `cache=...` (silently from 5.24 on; with a FutureWarning before)
+accepts_past_key_values = deprecate_kwarg("past_key_values", version=CACHE_RENAMED_IN, new_name="cache")
+# `outputs.past_key_values` of TPO's outputs reads their `cache`
+past_key_values_alias = property(lambda self: self.cache,
+                                 doc="The KV cache under its name before transformers 5.24 (`cache` since).")
+
+
+def cache_argument(module: nn.Module) -> str:
+    """The name under which `module.forward` takes the KV cache: `cache` (transformers >= 5.24) or
+    `past_key_values` (earlier releases)."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+def cache_of(outputs: ModelOutput):
+    """The KV cache of a transformers output, whichever name the installed release gives it."""
+    for name in ("cache", "past_key_values"):
+        if name in outputs.keys():
+            return outputs[name]
+    return None
 
 
 class TaskTokenLogitsProcessor(LogitsProcessor):
@@ -93,10 +117,7 @@ class TPOGenerateOutput(ModelOutput):
     hidden_states: tuple | None = None
     cache: object | None = None
 
-    @property
-    def past_key_values(self):
-        """The KV cache under its name before transformers 5.24 (`cache` since)."""
-        return self.cache
+    past_key_values = past_key_values_alias
 
 
 def right_align(tensor: torch.Tensor, shift: torch.Tensor, fill) -> torch.Tensor:
@@ -196,20 +217,6 @@ class _MaskPlan:
     frames: list = field(default_factory=list)
     tracked: list = field(default_factory=list)
     initial_boxes: list = field(default_factory=list)
-
-
-def _cache_argument(module: nn.Module) -> str:
-    """The name under which `module.forward` takes the KV cache: `cache` (transformers >= 5.24) or
-    `past_key_values` (earlier releases)."""
-    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
-
-
-def cache_of(outputs: ModelOutput):
-    """The KV cache of a transformers output, whichever name the installed release gives it."""
-    for name in ("cache", "past_key_values"):
-        if name in outputs.keys():
-            return outputs[name]
-    return None
 
 
 def _per_frame_masks(mask_logits: torch.Tensor, threshold: float = 0.0) -> dict:

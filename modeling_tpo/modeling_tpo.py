@@ -26,7 +26,7 @@ from transformers.modeling_utils import slice_logits_to_keep
 from .box_ops import masks_to_boxes
 from .configuration_tpo import CUSTOM_PIPELINES, IGNORE_INDEX, ROUTER_CLASSES, TASK_NAMES, TPOConfig
 from .features import dense_clip_frames, gather_token_features, normalised_frame_times, pool_frame_features
-from .generation_tpo import TPOGenerationMixin, _cache_argument, cache_of
+from .generation_tpo import TPOGenerationMixin, accepts_past_key_values, cache_argument, cache_of, past_key_values_alias
 from .inputs_tpo import DENSE_PREFIX, MaskInputs, RegionInputs, TemporalInputs
 from .region_head import RegionHead
 from .targets_tpo import TPOTargetsMixin
@@ -78,10 +78,7 @@ class TPOOutput(ModelOutput):
     hidden_states: tuple | None = None
     attentions: tuple | None = None
 
-    @property
-    def past_key_values(self):
-        """The KV cache under its name before transformers 5.24 (`cache` since)."""
-        return self.cache
+    past_key_values = past_key_values_alias
 
 
 @dataclass
@@ -360,12 +357,12 @@ class TPOForConditionalGeneration(TPOGenerationMixin, TPOTargetsMixin, TPOPreTra
     # ----------------------------------------------------------------------------------------
     # Forward
     # ----------------------------------------------------------------------------------------
+    @accepts_past_key_values
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
         cache=None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
@@ -444,7 +441,7 @@ class TPOForConditionalGeneration(TPOGenerationMixin, TPOTargetsMixin, TPOPreTra
         if task_labels is not None:
             self._check_task_labels(task_labels)
         if input_ids is not None and backbone_hidden_states is None:
-            self._check_visual_inputs(input_ids, kwargs, cache if cache is not None else past_key_values)
+            self._check_visual_inputs(input_ids, kwargs, cache)
 
         if backbone_hidden_states is not None:
             backbone_outputs = BaseModelOutputWithPast(last_hidden_state=backbone_hidden_states)
@@ -453,7 +450,7 @@ class TPOForConditionalGeneration(TPOGenerationMixin, TPOTargetsMixin, TPOPreTra
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                cache=cache if cache is not None else past_key_values,
+                cache=cache,
                 inputs_embeds=inputs_embeds,
                 use_cache=use_cache,
                 **kwargs,
@@ -748,7 +745,7 @@ class TPOForConditionalGeneration(TPOGenerationMixin, TPOTargetsMixin, TPOPreTra
         the per-sample placeholder counts, so that the faulty sample can be found.
         """
         if cache is not None:
-            inputs[_cache_argument(self.mllm.base_model)] = cache
+            inputs[cache_argument(self.mllm.base_model)] = cache
         try:
             return self.mllm.base_model(input_ids=input_ids, **inputs)
         except ValueError as error:

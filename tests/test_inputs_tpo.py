@@ -9,7 +9,7 @@ from tpo.modeling_tpo import inputs_tpo
 from tpo.modeling_tpo.inputs_tpo import HEAD_INPUTS, declared_fields
 
 # the forward's own arguments that are not TPO inputs: the MLLM's and the call's controls
-NOT_DECLARED = {"input_ids", "attention_mask", "position_ids", "past_key_values", "cache", "inputs_embeds", "use_cache",
+NOT_DECLARED = {"input_ids", "attention_mask", "position_ids", "cache", "inputs_embeds", "use_cache",
                 "logits_to_keep", "backbone_hidden_states", "kwargs"}
 
 
@@ -59,3 +59,27 @@ def test_the_collator_gives_only_declared_inputs_and_the_mllm_s():
     for cls in HEAD_INPUTS.values():
         forward_fields = {f.name for f in dataclasses.fields(cls) if f.metadata["forward"]}
         assert forward_fields <= set(batch), cls.__name__
+
+
+def test_past_key_values_is_taken_as_cache_and_outputs_answer_to_both_names(monkeypatch):
+    """The one KV-cache shim (generation_tpo.py): `forward(past_key_values=...)` reaches the backbone as `cache`,
+    and `outputs.past_key_values` reads `outputs.cache`."""
+    from test_model_core import build
+    from tiny_inputs import SampleSpec, make_batch
+    from transformers import DynamicCache
+
+    model, tokenizer = build("llava")
+    batch = make_batch(tokenizer, model.config, [SampleSpec(task=None, visual="none")])
+    seen = {}
+    run_backbone = model._run_backbone
+
+    def spy(input_ids, cache=None, **inputs):
+        seen["cache"] = cache
+        return run_backbone(input_ids, cache=cache, **inputs)
+
+    monkeypatch.setattr(model, "_run_backbone", spy)
+    given = DynamicCache(config=model.config.get_text_config())
+    batch.pop("labels", None)
+    out = model(**batch, past_key_values=given, use_cache=True)
+    assert seen["cache"] is given
+    assert out.cache is given and out.past_key_values is out.cache

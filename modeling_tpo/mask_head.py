@@ -1,24 +1,5 @@
 """Mask head: the task embedding prompts SAM2 (transformers' `Sam2VideoModel`).
-
-An MLP turns each task embedding into K sparse prompt embeddings in SAM2's prompt space (the
-release's hidden -> hidden -> 3 x 256); SAM2's mask decoder reads them with SAM2's own image
-embeddings of the frame. For videos, the first frame's predicted mask (or a user-given box) prompts
-SAM2's video memory, which propagates through the remaining frames (tracking).
-
-Losses: sigmoid BCE + Dice on the masks (the release defines but never calls a mask loss; it trains
-only an L1 between the predicted prompt embedding and SAM2's prompt embedding of the GT box, kept
-here as `prompt_l1_weight`, and an L1 on a box regressed from the task embedding, `box_l1_weight`: an MLP
-hidden -> hidden -> 4 giving raw (x0, y0, x1, y1) normalised to SAM2's input, as the release's region head
-regresses boxes; both 0 by default, both on in the release preset). The GT box of each image is the box of
-its GT mask; images whose mask is empty take no part in these two L1s.
-
-Box prompt (`box_prompt=True`, off by default; not in the release): a localiser (the region head's
-"heatmap" mode) reads the MLLM's visual tokens of the frame with the task embedding and predicts the
-object's box, which SAM2's own prompt encoder embeds as a box prompt next to the task-embedding
-prompts. The release's L1 asks the MLP to *produce* SAM2's box embedding; here the box itself is
-predicted (L1 + GIoU + heatmap KL against the GT mask's box, `box_loss_weight`) and embedded exactly,
-which grounds the mask where the MLLM looks. The box enters SAM2 detached: the mask loss trains the
-decoder to use it, the box loss trains the localiser.
+Losses and the optional box prompt: `MaskHead`; README.md, "The model".
 
 Remote code: torch and transformers only.
 """
@@ -48,6 +29,26 @@ def dice_loss(logits: torch.Tensor, targets: torch.Tensor, smooth: float = 1.0) 
 class MaskHead(nn.Module):
     """Task embedding -> SAM2 sparse prompts -> SAM2 masks.
 
+    An MLP turns each task embedding into K sparse prompt embeddings in SAM2's prompt space (the
+    release's hidden -> hidden -> 3 x 256); SAM2's mask decoder reads them with SAM2's own image
+    embeddings of the frame. For videos, the first frame's predicted mask (or a user-given box) prompts
+    SAM2's video memory, which propagates through the remaining frames (tracking).
+
+    Losses: sigmoid BCE + Dice on the masks (the release defines but never calls a mask loss; it trains
+    only an L1 between the predicted prompt embedding and SAM2's prompt embedding of the GT box, kept
+    here as `prompt_l1_weight`, and an L1 on a box regressed from the task embedding, `box_l1_weight`: an MLP
+    hidden -> hidden -> 4 giving raw (x0, y0, x1, y1) normalised to SAM2's input, as the release's region head
+    regresses boxes; both 0 by default, both on in the release preset). The GT box of each image is the box of
+    its GT mask; images whose mask is empty take no part in these two L1s.
+
+    Box prompt (`box_prompt=True`, off by default; not in the release): a localiser (the region head's
+    "heatmap" mode) reads the MLLM's visual tokens of the frame with the task embedding and predicts the
+    object's box, which SAM2's own prompt encoder embeds as a box prompt next to the task-embedding
+    prompts. The release's L1 asks the MLP to *produce* SAM2's box embedding; here the box itself is
+    predicted (L1 + GIoU + heatmap KL against the GT mask's box, `box_loss_weight`) and embedded exactly,
+    which grounds the mask where the MLLM looks. The box enters SAM2 detached: the mask loss trains the
+    decoder to use it, the box loss trains the localiser.
+
     Args:
         hidden_size: the LLM's hidden size.
         sam2_config: a `Sam2VideoConfig`.
@@ -60,8 +61,7 @@ class MaskHead(nn.Module):
         stability_fallback: SAM2's own inference-time switch (`dynamic_multimask_via_stability`) from its single
             mask to the best of its 3 multimask outputs when the single mask's logits are unstable. Training never
             takes it (transformers applies it only in eval mode), so with a mask decoder trained here on the single
-            mask it swaps in untrained outputs at evaluation (measured: masks over 80 % of the image, mIoU 0.007,
-            where the same weights in training mode reach 0.3). None (default): on exactly when the mask decoder
+            mask it swaps in untrained outputs at evaluation. None (default): on exactly when the mask decoder
             is frozen (`freeze_mask_decoder`, a pretrained SAM2 as released), off when it trains.
         box_prompt: add the localiser's predicted box as a SAM2 box prompt (see the module docstring);
         box_prompt_config: the localiser's settings (keys of `DEFAULT_BOX_PROMPT`);

@@ -109,7 +109,7 @@ def _query_text_features(context: "_HeadContext", samples: torch.Tensor) -> tupl
 def _unused_heads_need_gradients() -> bool:
     """Only data-parallel training (DDP, FSDP, DeepSpeed: torch.distributed initialised) needs every
     trainable parameter to get a gradient at every step; a single process skips the zero-touch term, which
-    costs one small op per parameter (~12 ms a step with SAM2 on a CPU)."""
+    costs one small op per parameter."""
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
@@ -245,10 +245,9 @@ class TPOForConditionalGeneration(TPOGenerationMixin, TPOTargetsMixin, TPOPreTra
 
         transformers hooks the input embeddings of every sub-model, the vision tower's patch embedding included: a
         frozen vision tower then builds a graph, keeps its activations and, checkpointed, is recomputed and
-        back-propagated at every step for nothing (a 5.6 s backward of a 1-layer Qwen2.5-VL tower over 4 frames
-        on a CPU, out of a 60 s step). Here each hook first checks that some `GradientCheckpointingLayer` of its
-        sub-model trains (LoRA in the LLM, `train_vision_tower`), so that reentrant checkpointing still gives those
-        layers their gradients.
+        back-propagated at every step for nothing. Here each hook first checks that some
+        `GradientCheckpointingLayer` of its sub-model trains (LoRA in the LLM, `train_vision_tower`), so that
+        reentrant checkpointing still gives those layers their gradients.
         """
         self.disable_input_require_grads()
         hooks, seen = [], set()
@@ -295,7 +294,7 @@ class TPOForConditionalGeneration(TPOGenerationMixin, TPOTargetsMixin, TPOPreTra
         match = input_ids.unsqueeze(-1) == slot_ids  # (..., num_slots)
         task_embeddings = self.task_tokens.stacked(self._tasks).to(device=output.device, dtype=output.dtype)
         # A product, not a select broadcasting the (num_slots, hidden) rows: the select's backward reduces a
-        # (..., hidden) gradient over the batch dimensions, which measured ~1 ms per step on a 4.6 M LLaVA.
+        # (..., hidden) gradient over the batch dimensions.
         replacement = match.to(output.dtype) @ task_embeddings  # (..., hidden)
         return torch.where(match.any(-1, keepdim=True), replacement, output)
 

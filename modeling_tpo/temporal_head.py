@@ -1,21 +1,5 @@
 """Temporal head: a DETR-style moment localiser over the MLLM's own per-frame features.
-
-Inputs are what the MLLM already computed: the task embedding(s) (the last hidden states at the task
-slot tokens), per-frame features (the last hidden states of each frame's visual tokens, pooled),
-and the instruction's text-token features. A transformer encoder mixes frames with the query tokens
-and the task embedding (which enters as extra text tokens, as in the release); learned moment
-queries decode (center, width) spans and foreground logits; per-frame saliency is the similarity of
-each encoded frame with the encoded task embedding.
-
-Optional parts, each a setting (`DEFAULT_TEMPORAL_HEAD`):
-- CG-DETR's query-aware parts (see `temporal_layers.py`): dummy tokens and text-to-video layers before the
-  encoder (the text then reaches the frames through them: the encoder mixes the query-aware frames with the task
-  embedding), reference-point refinement in the decoder, dropout on the inputs; with dummy tokens the head also
-  returns each frame's text-to-video relevance and, in training with `negative_pairs`, the saliency and
-  relevance of each video paired with another sample's query (rolled within the batch).
-- dense clip features (`dense_clip_seconds` > 0): the head's frames are clips of the video sampled at that
-  rate, each the MLLM's vision-tower features of its frame (`clip_features`, computed without gradient by the
-  model) plus the LLM's hidden states of the LLM frame nearest in time, so saliency and spans come per clip.
+Optional parts: `TemporalHead`; README.md, "The model" and "Dense temporal features".
 
 Remote code: torch only.
 """
@@ -35,6 +19,23 @@ NO_SALIENCY = -1e4  # saliency given to padded frames
 
 class TemporalHead(nn.Module):
     """Moment retrieval and highlight detection from an MLLM's hidden states.
+
+    Inputs are what the MLLM already computed: the task embedding(s) (the last hidden states at the task
+    slot tokens), per-frame features (the last hidden states of each frame's visual tokens, pooled),
+    and the instruction's text-token features. A transformer encoder mixes frames with the query tokens
+    and the task embedding (which enters as extra text tokens, as in the release); learned moment
+    queries decode (center, width) spans and foreground logits; per-frame saliency is the similarity of
+    each encoded frame with the encoded task embedding.
+
+    Optional parts, each a setting (`DEFAULT_TEMPORAL_HEAD`):
+    - CG-DETR's query-aware parts (see `temporal_layers.py`): dummy tokens and text-to-video layers before the
+      encoder (the text then reaches the frames through them: the encoder mixes the query-aware frames with the task
+      embedding), reference-point refinement in the decoder, dropout on the inputs; with dummy tokens the head also
+      returns each frame's text-to-video relevance and, in training with `negative_pairs`, the saliency and
+      relevance of each video paired with another sample's query (rolled within the batch).
+    - dense clip features (`dense_clip_seconds` > 0): the head's frames are clips of the video sampled at that
+      rate, each the MLLM's vision-tower features of its frame (`clip_features`, computed without gradient by the
+      model) plus the LLM's hidden states of the LLM frame nearest in time, so saliency and spans come per clip.
 
     Args:
         hidden_size: the LLM's hidden size. The other arguments are `DEFAULT_TEMPORAL_HEAD`'s keys.

@@ -1,45 +1,7 @@
-"""Criterion of the temporal head: matched span L1 and gIoU, foreground classification, saliency.
-
-Saliency loss choice. The release (CG-DETR style) trains saliency with a margin ranking loss between
-a more and a less salient clip, a rank-aware contrastive term, and a BCE on negative pairs. We keep
-the two ranking terms as the default (`saliency_loss="ranking"`):
-  - margin ranking: for every pair of valid frames (i, j) with target_i > target_j, hinge
-    max(0, margin - (s_i - s_j)), averaged over such pairs;
-  - rank-aware contrastive: for each saliency level r present in the targets, the frames at or above r
-    are positives of an InfoNCE over all valid frames, temperature tau = 0.5.
-Ranking only needs the ORDER of saliency targets, which is what annotators agree on (QVHighlights'
-0-4 scores); the scores' absolute values stay free for the evaluator's rankings. `saliency_loss="bce"`
-gives a plain per-frame BCE against targets clipped to [0, 1] (useful when targets are probabilities).
-A sample whose targets are all equal (all zero) carries no ranking signal and contributes 0.
-
-`saliency_loss="release"`: the release's (CG-DETR's) terms, as `release_*` below compute them, averaged over the
-queries with saliency targets:
-  - margin ranking (margin 0.2) on clip pairs: with graded targets, the hard pair (the highest- against the
-    lowest-scored relevant clip) plus a relevant against an irrelevant clip, with binary targets (windows only)
-    twice a clip inside against one outside. The release draws the random pairs in its data loader; here their
-    expectation is taken (the mean over all such pairs), so the numbers are the release's in expectation;
-  - rank-contrastive (tau = 0.5) over the levels 1..11 of the summed three-annotator scores (0-12; our targets
-    are that / 12): at level r the clips >= r are positives, -mean of their log-softmax over the video's clips
-    (and the negative pair's, which are never positives), each row's terms summed over levels / 12;
-  - negative-pair BCE: every clip of a video paired with another sample's query is pushed to 0,
-    sum over clips of -log(1 - sigmoid(score)).
-The release averages the rank-contrastive term separately over the queries with and without a negative partner
-and adds the two means; here every query counts once in one mean (the same when all or none have a partner).
-Negative pairs (`negative_pairs`) roll the query text within the batch at the head (the LLM runs once).
-
-With CG-DETR's dummy tokens the head also returns each frame's text-to-video relevance (the attention mass on
-the real text against the dummies, in [0, 1]); `temporal_t2v_saliency` supervises it with the same family of terms
-("release": margin ranking, rank-contrastive, negative-pair -log(1 - relevance), and a BCE of the relevance
-against the binarised targets), weighted by `t2v_saliency_weight` inside the saliency weight, as CG-DETR does.
-
-Span normaliser: the number of GT spans, averaged over processes when torch.distributed is
-initialised, clamped to >= 1 (`mean_spans_per_process`).
-
-Cost. Every term is computed for all queries (and, for the DETR decoder, all decoder layers) at once:
-per-query saliency rows and target windows are padded into (n, frames) / (n, windows) tensors with
-masks, the decoder layers' predictions are stacked so the Hungarian matcher runs once (one copy of
-the cost matrix to the host). The number of torch ops does not grow with the number of queries or
-saliency levels, and no term reads a value back from the device.
+"""Criteria of the temporal head: matched span L1 and gIoU, foreground classification and saliency, for the
+DETR decoder (`TemporalCriterion`) and the dense decoder (`DenseTemporalCriterion`), which both hold a
+`SaliencyCriterion`. The terms and their differences from the release: README.md, "The model" and "The release
+preset and every difference from the paper and the release".
 
 Remote code: torch only.
 """
@@ -276,8 +238,41 @@ def dense_frame_targets(times: torch.Tensor, valid: torch.Tensor, spans: torch.T
 
 
 class SaliencyCriterion:
-    """The saliency terms of both temporal criteria (see the module docstring): `temporal_saliency` and, with
-    dummy tokens, `temporal_t2v_saliency`, and their weighted sum."""
+    """The saliency terms of both temporal criteria: `temporal_saliency` and, with dummy tokens,
+    `temporal_t2v_saliency`, and their weighted sum.
+
+    Saliency loss choice. The release (CG-DETR style) trains saliency with a margin ranking loss between
+    a more and a less salient clip, a rank-aware contrastive term, and a BCE on negative pairs. We keep
+    the two ranking terms as the default (`saliency_loss="ranking"`):
+      - margin ranking: for every pair of valid frames (i, j) with target_i > target_j, hinge
+        max(0, margin - (s_i - s_j)), averaged over such pairs;
+      - rank-aware contrastive: for each saliency level r present in the targets, the frames at or above r
+        are positives of an InfoNCE over all valid frames, temperature tau = 0.5.
+    Ranking only needs the ORDER of saliency targets, which is what annotators agree on (QVHighlights'
+    0-4 scores); the scores' absolute values stay free for the evaluator's rankings. `saliency_loss="bce"`
+    gives a plain per-frame BCE against targets clipped to [0, 1] (useful when targets are probabilities).
+    A sample whose targets are all equal (all zero) carries no ranking signal and contributes 0.
+
+    `saliency_loss="release"`: the release's (CG-DETR's) terms, as `release_*` below compute them, averaged over the
+    queries with saliency targets:
+      - margin ranking (margin 0.2) on clip pairs: with graded targets, the hard pair (the highest- against the
+        lowest-scored relevant clip) plus a relevant against an irrelevant clip, with binary targets (windows only)
+        twice a clip inside against one outside. The release draws the random pairs in its data loader; here their
+        expectation is taken (the mean over all such pairs), so the numbers are the release's in expectation;
+      - rank-contrastive (tau = 0.5) over the levels 1..11 of the summed three-annotator scores (0-12; our targets
+        are that / 12): at level r the clips >= r are positives, -mean of their log-softmax over the video's clips
+        (and the negative pair's, which are never positives), each row's terms summed over levels / 12;
+      - negative-pair BCE: every clip of a video paired with another sample's query is pushed to 0,
+        sum over clips of -log(1 - sigmoid(score)).
+    The release averages the rank-contrastive term separately over the queries with and without a negative partner
+    and adds the two means; here every query counts once in one mean (the same when all or none have a partner).
+    Negative pairs (`negative_pairs`) roll the query text within the batch at the head (the LLM runs once).
+
+    With CG-DETR's dummy tokens the head also returns each frame's text-to-video relevance (the attention mass on
+    the real text against the dummies, in [0, 1]); `temporal_t2v_saliency` supervises it with the same family of terms
+    ("release": margin ranking, rank-contrastive, negative-pair -log(1 - relevance), and a BCE of the relevance
+    against the binarised targets), weighted by `t2v_saliency_weight` inside the saliency weight, as CG-DETR does.
+    """
 
     def __init__(self, saliency_weight: float = 4.0, saliency_margin: float = 0.2, saliency_loss: str = "ranking",
                  t2v_saliency_weight: float = 1.0):
@@ -345,7 +340,17 @@ class SaliencyCriterion:
 
 
 class TemporalCriterion(nn.Module):
-    """Named temporal losses on the final and auxiliary decoder outputs (DETR decoder)."""
+    """Named temporal losses on the final and auxiliary decoder outputs (DETR decoder).
+
+    Span normaliser: the number of GT spans, averaged over processes when torch.distributed is
+    initialised, clamped to >= 1 (`mean_spans_per_process`).
+
+    Cost. Every term is computed for all queries (and, for the DETR decoder, all decoder layers) at once:
+    per-query saliency rows and target windows are padded into (n, frames) / (n, windows) tensors with
+    masks, the decoder layers' predictions are stacked so the Hungarian matcher runs once (one copy of
+    the cost matrix to the host). The number of torch ops does not grow with the number of queries or
+    saliency levels, and no term reads a value back from the device.
+    """
 
     def __init__(self, matcher: SpanHungarianMatcher, span_l1_weight: float = 10.0, span_giou_weight: float = 1.0,
                  label_weight: float = 4.0, saliency_weight: float = 4.0, eos_coef: float = 0.1,

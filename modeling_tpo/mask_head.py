@@ -11,6 +11,7 @@ from transformers import Sam2VideoModel
 from transformers.models.sam2_video.modeling_sam2_video import Sam2VideoInferenceSession
 
 from .box_ops import masks_to_boxes
+from .configuration_tpo import DEFAULT_MASK_HEAD as _DEFAULTS
 from .region_head import RegionHead
 
 DEFAULT_BOX_PROMPT = {"heatmap_dim": 256, "l1_weight": 2.0, "giou_weight": 0.2, "heatmap_weight": 1.0,
@@ -68,11 +69,18 @@ class MaskHead(nn.Module):
         box_loss_weight: weight of its loss (`mask_box`) inside the `mask` term.
     """
 
-    def __init__(self, hidden_size: int, sam2_config, num_prompt_tokens: int = 3, bce_weight: float = 2.0,
-                 dice_weight: float = 0.5, prompt_l1_weight: float = 0.0, freeze_image_encoder: bool = True,
-                 freeze_prompt_encoder: bool = True, freeze_mask_decoder: bool = False, multimask_output: bool = False,
-                 stability_fallback: bool | None = None, box_prompt: bool = False,
-                 box_prompt_config: dict | None = None, box_loss_weight: float = 1.0, box_l1_weight: float = 0.0):
+    def __init__(self, hidden_size: int, sam2_config, num_prompt_tokens: int = _DEFAULTS["num_prompt_tokens"],
+                 bce_weight: float = _DEFAULTS["bce_weight"], dice_weight: float = _DEFAULTS["dice_weight"],
+                 prompt_l1_weight: float = _DEFAULTS["prompt_l1_weight"],
+                 freeze_image_encoder: bool = _DEFAULTS["freeze_image_encoder"],
+                 freeze_prompt_encoder: bool = _DEFAULTS["freeze_prompt_encoder"],
+                 freeze_mask_decoder: bool = _DEFAULTS["freeze_mask_decoder"],
+                 multimask_output: bool = _DEFAULTS["multimask_output"],
+                 stability_fallback: bool | None = _DEFAULTS["stability_fallback"],
+                 box_prompt: bool = _DEFAULTS["box_prompt"],
+                 box_prompt_config: dict | None = _DEFAULTS["box_prompt_config"],
+                 box_loss_weight: float = _DEFAULTS["box_loss_weight"],
+                 box_l1_weight: float = _DEFAULTS["box_l1_weight"]):
         super().__init__()
         self.sam2 = Sam2VideoModel(sam2_config)
         self.prompt_dim = sam2_config.prompt_encoder_config.hidden_size

@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from .box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, generalized_box_iou, l1_and_giou_losses
+from .configuration_tpo import DEFAULT_REGION_HEAD as _DEFAULTS
 
 
 class RegionHead(nn.Module):
@@ -34,10 +35,12 @@ class RegionHead(nn.Module):
     BOX_FORMATS = ("cxcywh_sigmoid", "xyxy_raw")
     L1_REDUCTIONS = ("coordinate_sum", "mean")
 
-    def __init__(self, hidden_size: int, mode: str = "mlp", hidden_ratio: float = 0.5, l1_weight: float = 2.0,
-                 giou_weight: float = 0.2, heatmap_dim: int = 256, heatmap_weight: float = 1.0,
-                 box_format: str = "cxcywh_sigmoid", l1_reduction: str = "coordinate_sum",
-                 heatmap_score: str = "additive", query_text: bool = False):
+    def __init__(self, hidden_size: int, mode: str = _DEFAULTS["mode"],
+                 hidden_ratio: float = _DEFAULTS["hidden_ratio"], l1_weight: float = _DEFAULTS["l1_weight"],
+                 giou_weight: float = _DEFAULTS["giou_weight"], heatmap_dim: int = _DEFAULTS["heatmap_dim"],
+                 heatmap_weight: float = _DEFAULTS["heatmap_weight"], box_format: str = _DEFAULTS["box_format"],
+                 l1_reduction: str = _DEFAULTS["l1_reduction"], heatmap_score: str = _DEFAULTS["heatmap_score"],
+                 query_text: bool = _DEFAULTS["query_text"]):
         super().__init__()
         if heatmap_score not in self.HEATMAP_SCORES:
             raise ValueError(f"Unknown region head heatmap_score {heatmap_score!r}; use one of {self.HEATMAP_SCORES}.")

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .box_ops import invalid_span_rows, span_cw_to_se
+from .configuration_tpo import DEFAULT_TEMPORAL_HEAD as _DEFAULTS
 from .matcher import SpanHungarianMatcher
 from .temporal_layers import MLP, AnchorDecoder, QueryAwareFrames, input_dropout, time_encoding
 from .temporal_loss import DenseTemporalCriterion, TemporalCriterion
@@ -41,18 +42,31 @@ class TemporalHead(nn.Module):
         hidden_size: the LLM's hidden size. The other arguments are `DEFAULT_TEMPORAL_HEAD`'s keys.
     """
 
-    def __init__(self, hidden_size: int, d_model: int = 256, num_heads: int = 8, num_encoder_layers: int = 2,
-                 num_decoder_layers: int = 2, dim_feedforward: int = 1024, dropout: float = 0.1, num_queries: int = 10,
-                 max_frames: int = 512, use_query_tokens: bool = True, aux_loss: bool = True,
-                 span_l1_weight: float = 10.0, span_giou_weight: float = 1.0, label_weight: float = 4.0,
-                 saliency_weight: float = 4.0, eos_coef: float = 0.1, saliency_margin: float = 0.2,
-                 saliency_loss: str = "ranking", match_cost_span: float = 10.0, match_cost_giou: float = 1.0,
-                 match_cost_class: float = 4.0, frame_pooling: str = "mean_max", decoder: str = "detr",
-                 nms_iou: float = 0.7, span_l1_reduction: str = "coordinate_sum",
-                 label_reduction: str = "weight_normalised", num_dummies: int = 0, dummy_layers: int = 2,
-                 t2v_layers: int = 0, t2v_saliency_weight: float = 1.0, negative_pairs: bool = False,
-                 reference_points: bool = False, input_dropout: float = 0.0, dense_clip_seconds: float = 0.0,
-                 dense_max_clips: int = 256):
+    def __init__(self, hidden_size: int, d_model: int = _DEFAULTS["d_model"],
+                 num_heads: int = _DEFAULTS["num_heads"], num_encoder_layers: int = _DEFAULTS["num_encoder_layers"],
+                 num_decoder_layers: int = _DEFAULTS["num_decoder_layers"],
+                 dim_feedforward: int = _DEFAULTS["dim_feedforward"], dropout: float = _DEFAULTS["dropout"],
+                 num_queries: int = _DEFAULTS["num_queries"], max_frames: int = _DEFAULTS["max_frames"],
+                 use_query_tokens: bool = _DEFAULTS["use_query_tokens"], aux_loss: bool = _DEFAULTS["aux_loss"],
+                 span_l1_weight: float = _DEFAULTS["span_l1_weight"],
+                 span_giou_weight: float = _DEFAULTS["span_giou_weight"],
+                 label_weight: float = _DEFAULTS["label_weight"],
+                 saliency_weight: float = _DEFAULTS["saliency_weight"], eos_coef: float = _DEFAULTS["eos_coef"],
+                 saliency_margin: float = _DEFAULTS["saliency_margin"],
+                 saliency_loss: str = _DEFAULTS["saliency_loss"],
+                 match_cost_span: float = _DEFAULTS["match_cost_span"],
+                 match_cost_giou: float = _DEFAULTS["match_cost_giou"],
+                 match_cost_class: float = _DEFAULTS["match_cost_class"],
+                 frame_pooling: str = _DEFAULTS["frame_pooling"], decoder: str = _DEFAULTS["decoder"],
+                 nms_iou: float = _DEFAULTS["nms_iou"], span_l1_reduction: str = _DEFAULTS["span_l1_reduction"],
+                 label_reduction: str = _DEFAULTS["label_reduction"], num_dummies: int = _DEFAULTS["num_dummies"],
+                 dummy_layers: int = _DEFAULTS["dummy_layers"], t2v_layers: int = _DEFAULTS["t2v_layers"],
+                 t2v_saliency_weight: float = _DEFAULTS["t2v_saliency_weight"],
+                 negative_pairs: bool = _DEFAULTS["negative_pairs"],
+                 reference_points: bool = _DEFAULTS["reference_points"],
+                 input_dropout: float = _DEFAULTS["input_dropout"],
+                 dense_clip_seconds: float = _DEFAULTS["dense_clip_seconds"],
+                 dense_max_clips: int = _DEFAULTS["dense_max_clips"]):
         super().__init__()
         if frame_pooling not in ("mean", "mean_max"):
             raise ValueError(f"frame_pooling must be 'mean' or 'mean_max', got {frame_pooling!r}.")

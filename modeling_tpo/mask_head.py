@@ -4,10 +4,13 @@ Losses and the optional box prompt: `MaskHead`; README.md, "The model".
 Remote code: torch and transformers only.
 """
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import Sam2VideoModel
+from transformers.modeling_outputs import ModelOutput
 from transformers.models.sam2_video.modeling_sam2_video import Sam2VideoInferenceSession
 
 from .box_ops import masks_to_boxes
@@ -25,6 +28,32 @@ def dice_loss(logits: torch.Tensor, targets: torch.Tensor, smooth: float = 1.0) 
     numerator = 2 * (probabilities * targets).sum(-1) + smooth
     denominator = probabilities.sum(-1) + targets.sum(-1) + smooth
     return (1 - numerator / denominator).mean()
+
+
+
+@dataclass
+class MaskHeadOutput(ModelOutput):
+    r"""
+    The mask head's outputs per SAM2 image (m) (see `MaskHead.forward`); in `TPOOutput.mask_outputs` also the
+    mask queries' `query_index`, `batch_index`, `task_embeddings` and, with the box prompt, `prompt_boxes_xyxy_sam2`.
+
+    pred_mask_logits (`(m, h, w)`): low-resolution logits (h = S / 4); iou_scores (`(m,)`); object_score_logits
+        (`(m,)`); prompt_embeddings (`(m, k * K, prompt_dim)`); pred_boxes_xyxy (`(m, 4)`): with the box regressor,
+        raw (x0, y0, x1, y1) normalised to SAM2's input.
+    query_index (`(m,)`): the mask query of each SAM2 image; batch_index (`(q,)`): the sample of each mask query;
+    task_embeddings (`(q, k, hidden)`): the mask queries' task embeddings (for `track_masks`);
+    prompt_boxes_xyxy_sam2 (`(m, 4)`): the box prompts in SAM2 input pixels (box prompt only).
+    """
+
+    pred_mask_logits: torch.FloatTensor | None = None
+    iou_scores: torch.FloatTensor | None = None
+    object_score_logits: torch.FloatTensor | None = None
+    prompt_embeddings: torch.FloatTensor | None = None
+    pred_boxes_xyxy: torch.FloatTensor | None = None
+    query_index: torch.LongTensor | None = None
+    batch_index: torch.LongTensor | None = None
+    task_embeddings: torch.FloatTensor | None = None
+    prompt_boxes_xyxy_sam2: torch.FloatTensor | None = None
 
 
 class MaskHead(nn.Module):
@@ -64,7 +93,7 @@ class MaskHead(nn.Module):
             takes it (transformers applies it only in eval mode), so with a mask decoder trained here on the single
             mask it swaps in untrained outputs at evaluation. None (default): on exactly when the mask decoder
             is frozen (`freeze_mask_decoder`, a pretrained SAM2 as released), off when it trains.
-        box_prompt: add the localiser's predicted box as a SAM2 box prompt (see the module docstring);
+        box_prompt: add the localiser's predicted box as a SAM2 box prompt (see above);
         box_prompt_config: the localiser's settings (keys of `DEFAULT_BOX_PROMPT`);
         box_loss_weight: weight of its loss (`mask_box`) inside the `mask` term.
     """
@@ -157,7 +186,7 @@ class MaskHead(nn.Module):
 
     def forward(self, task_embeddings: torch.Tensor, sam2_pixel_values: torch.Tensor | None = None,
                 image_embeddings: list[torch.Tensor] | None = None, query_index: torch.Tensor | None = None,
-                input_boxes: torch.Tensor | None = None, input_masks: torch.Tensor | None = None) -> dict:
+                input_boxes: torch.Tensor | None = None, input_masks: torch.Tensor | None = None) -> MaskHeadOutput:
         """
         Args:
             task_embeddings: (n, k, hidden).
@@ -208,12 +237,12 @@ class MaskHead(nn.Module):
             logits, iou = low_res[rows, best], iou_scores[rows, best]
         else:
             logits, iou = low_res[:, 0], iou_scores[:, 0]
-        outputs = {"pred_mask_logits": logits, "iou_scores": iou, "object_score_logits": object_scores.reshape(m),
-                   "prompt_embeddings": prompts}
+        boxes = None
         if self.box_regressor is not None:
             query = task_embeddings.mean(1).to(next(self.box_regressor.parameters()).dtype)
-            outputs["pred_boxes_xyxy"] = self.box_regressor(query)[query_index.to(task_embeddings.device)]
-        return outputs
+            boxes = self.box_regressor(query)[query_index.to(task_embeddings.device)]
+        return MaskHeadOutput(pred_mask_logits=logits, iou_scores=iou, object_score_logits=object_scores.reshape(m),
+                              prompt_embeddings=prompts, pred_boxes_xyxy=boxes)
 
     # ---- loss -------------------------------------------------------------------------------------
     def loss(self, outputs: dict, target_masks: torch.Tensor, target_boxes: torch.Tensor | None = None,

@@ -28,9 +28,10 @@ from .configuration_tpo import CUSTOM_PIPELINES, IGNORE_INDEX, ROUTER_CLASSES, T
 from .features import dense_clip_frames, gather_token_features, normalised_frame_times, pool_frame_features
 from .generation_tpo import TPOGenerationMixin, accepts_past_key_values, cache_argument, cache_of, past_key_values_alias
 from .inputs_tpo import DENSE_PREFIX, MaskInputs, RegionInputs, TemporalInputs
-from .region_head import RegionHead
+from .region_head import RegionHead, RegionHeadOutput
 from .targets_tpo import TPOTargetsMixin
 from .task_tokens import TaskRouter, TaskTokens
+from .temporal_head import TemporalHead, TemporalHeadOutput
 from .temporal_loss import mean_spans_per_process
 
 logger = logging.getLogger(__name__)
@@ -53,10 +54,10 @@ class TPOOutput(ModelOutput):
     pred_boxes (`torch.FloatTensor` of shape `(num_region_queries, 4)`): normalised
         (x0, y0, x1, y1) boxes, one per region query, queries in (sample, position) order.
     pred_boxes_batch_index (`torch.LongTensor` of shape `(num_region_queries,)`): sample of each box.
-    temporal_outputs (`dict`): the temporal head's outputs for the temporal queries (see
+    temporal_outputs (`TemporalHeadOutput`): the temporal head's outputs for the temporal queries (see
         `TemporalHead.forward`: `pred_spans` (q, num_moments, 2) normalised (center, width),
         `pred_logits`, `pred_saliency` (q, frames)) plus `batch_index` (q,) and `frame_mask`.
-    mask_outputs (`dict`): the mask head's outputs (`pred_mask_logits` (m, h, w) per SAM2 image,
+    mask_outputs (`MaskHeadOutput`): the mask head's outputs (`pred_mask_logits` (m, h, w) per SAM2 image,
         `iou_scores`) plus `query_index` (m,), `batch_index` (q,) and `task_embeddings` (q, k, hidden)
         of the mask queries (the latter for `track_masks`).
     """
@@ -72,8 +73,8 @@ class TPOOutput(ModelOutput):
     router_logits: torch.FloatTensor | None = None
     pred_boxes: torch.FloatTensor | None = None
     pred_boxes_batch_index: torch.LongTensor | None = None
-    temporal_outputs: dict | None = None
-    mask_outputs: dict | None = None
+    temporal_outputs: TemporalHeadOutput | None = None
+    mask_outputs: ModelOutput | None = None  # MaskHeadOutput (mask_head.py loads with the mask task only)
     cache: object | None = None
     hidden_states: tuple | None = None
     attentions: tuple | None = None
@@ -166,8 +167,6 @@ class TPOForConditionalGeneration(TPOGenerationMixin, TPOTargetsMixin, TPOPreTra
         self.region_head = RegionHead(hidden_size, **config.region_head_config) if "region" in config.tasks else None
         self.temporal_head = None
         if "temporal" in config.tasks:
-            from .temporal_head import TemporalHead
-
             self.temporal_head = TemporalHead(hidden_size, **config.temporal_head_config)
         self.mask_head = None
         if "mask" in config.tasks:
@@ -523,7 +522,7 @@ class TPOForConditionalGeneration(TPOGenerationMixin, TPOTargetsMixin, TPOPreTra
             if not torch.is_tensor(loss):
                 loss = torch.zeros((), device=hidden_states.device)
         loss_dict = {name: value.detach() for name, value in {**terms, **finer}.items()}
-        region = predictions.get("region", {})
+        region = predictions.get("region") or RegionHeadOutput()
 
         return TPOOutput(
             loss=loss,
@@ -568,7 +567,8 @@ class TPOForConditionalGeneration(TPOGenerationMixin, TPOTargetsMixin, TPOPreTra
                     visual["query_features"], visual["query_mask"] = _query_text_features(context, queries.batch_index)
             boxes_cxcywh, token_scores = self.region_head.forward_with_heatmap(queries.gather(context.hidden_states),
                                                                                **visual)
-            predictions = {"pred_boxes": _cxcywh_to_clamped_xyxy(boxes_cxcywh), "batch_index": queries.batch_index}
+            predictions = RegionHeadOutput(pred_boxes=_cxcywh_to_clamped_xyxy(boxes_cxcywh),
+                                           batch_index=queries.batch_index)
         if region_boxes is not None:
             matched = self._match_targets("region", queries, region_boxes, region_batch_index)
             if has_queries:
@@ -626,7 +626,8 @@ class TPOForConditionalGeneration(TPOGenerationMixin, TPOTargetsMixin, TPOPreTra
         query_features, query_mask = _query_text_features(context, sample)
         outputs = self.temporal_head(queries.gather(context.hidden_states), frame_features, frame_mask, frame_times,
                                      query_features, query_mask, clip_features=clip_features, query_groups=sample)
-        predictions = {**outputs, "batch_index": sample, "frame_mask": frame_mask, "frame_times": frame_times}
+        predictions = TemporalHeadOutput(**{**outputs, "batch_index": sample, "frame_mask": frame_mask,
+                                            "frame_times": frame_times})
         if spans is None:
             return predictions, {}
         targets = self._temporal_targets(queries, spans, span_query_index, saliency, num_frames)
@@ -634,6 +635,8 @@ class TPOForConditionalGeneration(TPOGenerationMixin, TPOTargetsMixin, TPOPreTra
 
     def _mask_outputs(self, context: "_HeadContext", inputs: MaskInputs):
         """Mask logits for every SAM2 image of the mask queries and, with targets, loss terms."""
+        from .mask_head import MaskHeadOutput  # the mask head's module (SAM2) loads only with the mask task
+
         sam2_pixel_values, mask_query_index, mask_targets = (inputs.sam2_pixel_values, inputs.mask_query_index,
                                                              inputs.mask_targets)
         mask_frame_index, mask_view_to_sam2 = inputs.mask_frame_index, inputs.mask_view_to_sam2
@@ -668,10 +671,8 @@ class TPOForConditionalGeneration(TPOGenerationMixin, TPOTargetsMixin, TPOPreTra
                                                                mask_query_index, mask_frame_index, mask_view_to_sam2)
         outputs = self.mask_head(task_embeddings, sam2_pixel_values=sam2_pixel_values,
                                  query_index=mask_query_index, input_boxes=input_boxes)
-        predictions = {**outputs, "query_index": mask_query_index, "batch_index": queries.batch_index,
-                       "task_embeddings": task_embeddings}
-        if input_boxes is not None:
-            predictions["prompt_boxes_xyxy_sam2"] = input_boxes
+        predictions = MaskHeadOutput(**{**outputs, "query_index": mask_query_index, "batch_index": queries.batch_index,
+                                        "task_embeddings": task_embeddings, "prompt_boxes_xyxy_sam2": input_boxes})
         if mask_targets is None:
             return predictions, {}
         if mask_targets.shape[0] != sam2_pixel_values.shape[0]:

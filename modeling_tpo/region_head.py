@@ -1,10 +1,28 @@
 """Region head: task embedding -> one normalised box per region query."""
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
+from transformers.modeling_outputs import ModelOutput
 
 from .box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, generalized_box_iou, l1_and_giou_losses
 from .configuration_tpo import DEFAULT_REGION_HEAD as _DEFAULTS
+
+
+
+@dataclass
+class RegionHeadOutput(ModelOutput):
+    r"""
+    The region predictions of a forward pass's region queries.
+
+    pred_boxes (`torch.FloatTensor` of shape `(num_region_queries, 4)`): normalised (x0, y0, x1, y1) boxes,
+        clamped to [0, 1], queries in (sample, position) order.
+    batch_index (`torch.LongTensor` of shape `(num_region_queries,)`): the sample of each box.
+    """
+
+    pred_boxes: torch.FloatTensor | None = None
+    batch_index: torch.LongTensor | None = None
 
 
 class RegionHead(nn.Module):

@@ -5,9 +5,11 @@ Remote code: torch only.
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.modeling_outputs import ModelOutput
 
 from .box_ops import invalid_span_rows, span_cw_to_se
 from .configuration_tpo import DEFAULT_TEMPORAL_HEAD as _DEFAULTS
@@ -16,6 +18,38 @@ from .temporal_layers import MLP, AnchorDecoder, QueryAwareFrames, input_dropout
 from .temporal_loss import DenseTemporalCriterion, TemporalCriterion
 
 NO_SALIENCY = -1e4  # saliency given to padded frames
+
+
+
+@dataclass
+class TemporalHeadOutput(ModelOutput):
+    r"""
+    The temporal head's outputs (see `TemporalHead.forward`); in `TPOOutput.temporal_outputs` also `batch_index`.
+
+    pred_spans (`(n, num_queries, 2)`): normalised (center, width); pred_logits (`(n, num_queries, 2)`): 0
+        foreground, 1 no object; pred_saliency (`(n, F)`): padded frames NO_SALIENCY.
+    frame_mask (`(n, F)` bool), frame_times (`(n, F)` normalised): the head's frames.
+    aux_outputs (`list[dict]`): `pred_spans`, `pred_logits` of every decoder layer but the last (`aux_loss`).
+    pred_offsets (`(n, F, 2)`): the dense decoder's distances to each frame's moment start and end.
+    pred_t2v_relevance (`(n, F)` in [0, 1]): with dummy tokens; pred_saliency_neg, pred_t2v_relevance_neg (`(n, F)`)
+        and negative_mask (`(n,)` bool): negative pairs, in training.
+    reference_points (`(n, num_queries, 2)`): the last decoder layer's anchors (reference points).
+    batch_index (`(n,)`): the sample of each temporal query (set by the model).
+    """
+
+    pred_spans: torch.FloatTensor | None = None
+    pred_logits: torch.FloatTensor | None = None
+    pred_saliency: torch.FloatTensor | None = None
+    frame_mask: torch.BoolTensor | None = None
+    frame_times: torch.FloatTensor | None = None
+    aux_outputs: list | None = None
+    pred_offsets: torch.FloatTensor | None = None
+    pred_t2v_relevance: torch.FloatTensor | None = None
+    pred_saliency_neg: torch.FloatTensor | None = None
+    pred_t2v_relevance_neg: torch.FloatTensor | None = None
+    negative_mask: torch.BoolTensor | None = None
+    reference_points: torch.FloatTensor | None = None
+    batch_index: torch.LongTensor | None = None
 
 
 class TemporalHead(nn.Module):
@@ -150,7 +184,7 @@ class TemporalHead(nn.Module):
     def forward(self, task_embeddings: torch.Tensor, frame_features: torch.Tensor, frame_mask: torch.Tensor,
                 frame_times: torch.Tensor, query_features: torch.Tensor | None = None,
                 query_mask: torch.Tensor | None = None, clip_features: torch.Tensor | None = None,
-                query_groups: torch.Tensor | None = None) -> dict:
+                query_groups: torch.Tensor | None = None) -> TemporalHeadOutput:
         """
         Args:
             task_embeddings: (n, k, hidden), hidden states at the k task slot tokens.
@@ -206,7 +240,7 @@ class TemporalHead(nn.Module):
         if self.negative_pairs and self.training and n >= 2:
             common.update(self._negative_pairs(frames, frame_mask, text, text_mask, task, task_mask, query_groups))
         if self.decoder_type == "dense":
-            return {**self._predict_dense(tokens[:, :num_frames], frame_times, frame_mask), **common}
+            return TemporalHeadOutput(**self._predict_dense(tokens[:, :num_frames], frame_times, frame_mask), **common)
         if self.anchor_decoder is not None:
             outputs = self.anchor_decoder(tokens, valid, self.span_head, self.class_head)
         else:
@@ -219,7 +253,7 @@ class TemporalHead(nn.Module):
         result = {**outputs[-1], **common}
         if self.aux_loss:
             result["aux_outputs"] = outputs[:-1]
-        return result
+        return TemporalHeadOutput(**result)
 
     def _project(self, projection: nn.Sequential, features: torch.Tensor) -> torch.Tensor:
         """LayerNorm, input dropout (CG-DETR's, `input_dropout`), linear: one input projection."""

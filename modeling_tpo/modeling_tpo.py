@@ -434,12 +434,7 @@ class TPOForConditionalGeneration(TPOGenerationMixin, TPOTargetsMixin, TPOPreTra
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         dense_inputs = {key: kwargs.pop(key) for key in list(kwargs) if key.startswith(DENSE_PREFIX)}
         self._attach_task_token_hook()
-        if input_ids is not None:
-            self._check_task_tokens(input_ids)
-        if task_labels is not None:
-            self._check_task_labels(task_labels)
-        if input_ids is not None and backbone_hidden_states is None:
-            self._check_visual_inputs(input_ids, kwargs, cache)
+        self._check_inputs(input_ids, task_labels, kwargs, cache, backbone_given=backbone_hidden_states is not None)
 
         if backbone_hidden_states is not None:
             backbone_outputs = BaseModelOutputWithPast(last_hidden_state=backbone_hidden_states)
@@ -454,18 +449,11 @@ class TPOForConditionalGeneration(TPOGenerationMixin, TPOTargetsMixin, TPOPreTra
                 **kwargs,
             )
         hidden_states = backbone_outputs.last_hidden_state  # (batch, seq, hidden)
-        lm_targets = {}
-        every_position = isinstance(logits_to_keep, int) and not logits_to_keep
-        if labels is not None and self.config.labelled_logits_only and every_position:
-            labelled_hidden, lm_targets["shift_labels"] = _labelled_positions(hidden_states, labels)
-            logits = self.mllm.get_output_embeddings()(labelled_hidden)  # (num_labelled, vocab)
-        else:
-            logits = self.mllm.get_output_embeddings()(slice_logits_to_keep(hidden_states, logits_to_keep))
+        logits, lm_targets = self._lm_logits(hidden_states, labels, logits_to_keep)
 
         weights = self.loss_weights
         computing_loss = labels is not None or task_labels is not None
         terms: dict[str, torch.Tensor] = {}
-        finer: dict[str, torch.Tensor] = {}
         if labels is not None and weights["lm"] != 0:
             terms["lm"] = self.loss_function(
                 logits=logits,
@@ -495,32 +483,9 @@ class TPOForConditionalGeneration(TPOGenerationMixin, TPOTargetsMixin, TPOPreTra
                                mask_targets=mask_targets, mask_frame_index=mask_frame_index,
                                mask_view_to_sam2=mask_view_to_sam2),
         }
-        heads = {"region": self._region_outputs, "temporal": self._temporal_outputs, "mask": self._mask_outputs}
-        predictions: dict[str, dict] = {}
-        untouched = []
-        for task in self._tasks:
-            if computing_loss and weights[task] == 0:  # not trained in this stage: skip the head
-                untouched.append(task)
-                continue
-            task_predictions, task_terms = heads[task](context, head_inputs[task])
-            predictions[task] = task_predictions
-            if task_terms:
-                terms[task] = task_terms.pop(task)
-                finer.update(task_terms)
-            else:
-                untouched.append(task)
-
-        loss = None
-        if computing_loss or terms:
-            loss = sum(weights[name] * value.float() for name, value in terms.items())
-            # Under data parallelism, heads without samples in this batch still get (zero) gradients: DDP
-            # needs no `find_unused_parameters` for mixed-task batches.
-            touch = None
-            if _unused_heads_need_gradients():
-                touch = _zero_touch(*(getattr(self, f"{task}_head") for task in untouched))
-            loss = loss + touch if touch is not None else loss
-            if not torch.is_tensor(loss):
-                loss = torch.zeros((), device=hidden_states.device)
+        predictions, head_terms, finer, untouched = self._run_heads(context, head_inputs)
+        terms.update(head_terms)
+        loss = self._total_loss(terms, untouched, computing_loss, hidden_states.device)
         loss_dict = {name: value.detach() for name, value in {**terms, **finer}.items()}
         region = predictions.get("region") or RegionHeadOutput()
 
@@ -542,6 +507,61 @@ class TPOForConditionalGeneration(TPOGenerationMixin, TPOTargetsMixin, TPOPreTra
             hidden_states=getattr(backbone_outputs, "hidden_states", None),
             attentions=getattr(backbone_outputs, "attentions", None),
         )
+
+    def _check_inputs(self, input_ids, task_labels, mllm_inputs: dict, cache, backbone_given: bool) -> None:
+        """Refuse disabled tasks' tokens, invalid task labels and placeholders without pixels (see `targets_tpo`)."""
+        if input_ids is not None:
+            self._check_task_tokens(input_ids)
+        if task_labels is not None:
+            self._check_task_labels(task_labels)
+        if input_ids is not None and not backbone_given:
+            self._check_visual_inputs(input_ids, mllm_inputs, cache)
+
+    def _lm_logits(self, hidden_states: torch.Tensor, labels, logits_to_keep) -> tuple[torch.Tensor, dict]:
+        """The LM head's logits, and the LM loss's extra targets: with `labels` and `config.labelled_logits_only`,
+        only at the positions that predict a label (`shift_labels` then given)."""
+        lm_targets = {}
+        every_position = isinstance(logits_to_keep, int) and not logits_to_keep
+        if labels is not None and self.config.labelled_logits_only and every_position:
+            labelled_hidden, lm_targets["shift_labels"] = _labelled_positions(hidden_states, labels)
+            return self.mllm.get_output_embeddings()(labelled_hidden), lm_targets  # (num_labelled, vocab)
+        return self.mllm.get_output_embeddings()(slice_logits_to_keep(hidden_states, logits_to_keep)), lm_targets
+
+    def _run_heads(self, context: "_HeadContext", head_inputs: dict) -> tuple[dict, dict, dict, list]:
+        """Each enabled head on its typed inputs: {task: predictions}, {task: its loss term}, the finer terms, and
+        the tasks whose head gave no loss term (or was skipped: weight 0 in this training stage)."""
+        heads = {"region": self._region_outputs, "temporal": self._temporal_outputs, "mask": self._mask_outputs}
+        weights = self.loss_weights
+        predictions, terms, finer, untouched = {}, {}, {}, []
+        for task in self._tasks:
+            if context.computing_loss and weights[task] == 0:  # not trained in this stage: skip the head
+                untouched.append(task)
+                continue
+            task_predictions, task_terms = heads[task](context, head_inputs[task])
+            predictions[task] = task_predictions
+            if task_terms:
+                terms[task] = task_terms.pop(task)
+                finer.update(task_terms)
+            else:
+                untouched.append(task)
+        return predictions, terms, finer, untouched
+
+    def _total_loss(self, terms: dict, untouched: list, computing_loss: bool, device) -> torch.Tensor | None:
+        """The weighted sum of the loss terms (None when nothing is computed)."""
+        if not (computing_loss or terms):
+            return None
+        weights = self.loss_weights
+        loss = sum(weights[name] * value.float() for name, value in terms.items())
+        # Under data parallelism, heads without samples in this batch still get (zero) gradients: DDP
+        # needs no `find_unused_parameters` for mixed-task batches.
+        touch = None
+        if _unused_heads_need_gradients():
+            heads = {"region": self.region_head, "temporal": self.temporal_head, "mask": self.mask_head}
+            touch = _zero_touch(*(heads[task] for task in untouched))
+        loss = loss + touch if touch is not None else loss
+        if not torch.is_tensor(loss):
+            loss = torch.zeros((), device=device)
+        return loss
 
     # ----------------------------------------------------------------------------------------------
     # Heads

@@ -24,6 +24,7 @@ from .inputs_tpo import (
     MASK_IMAGE_KEYS,
     NOT_PER_TOKEN,
     PER_TOKEN_FILL,
+    SAM2_IMAGE_INPUTS,
     TRAINING_TARGETS,
 )
 
@@ -464,7 +465,7 @@ class TPOGenerationMixin:
         if mask_queries is not None and mask_queries.batch_index.numel():
             plan = self._plan_generated_masks(mask_queries.batch_index, inputs, mask_request)
         else:
-            for key in ("sam2_pixel_values", "mask_query_index", "sam2_batch_index", *MASK_IMAGE_KEYS):
+            for key in SAM2_IMAGE_INPUTS:  # no mask query: no SAM2 image
                 inputs.pop(key, None)
         hidden = self._decoded_hidden_states(decoded_hidden_states, sequences, input_ids.shape[1],
                                              inputs.pop("_shift"))

@@ -7,6 +7,23 @@ return an (N, M) matrix; the others compare row i with row i.
 
 import torch
 
+NORMALISED_TOLERANCE = 1e-4  # normalised coordinates may exceed [0, 1] by this much (rounding)
+
+
+def invalid_box_rows(boxes: torch.Tensor) -> torch.Tensor:
+    """(n,) bool: the rows of (n, 4) (x0, y0, x1, y1) boxes that are not finite, ordered and within [0, 1]
+    (+- NORMALISED_TOLERANCE)."""
+    boxes = boxes.float()
+    excess = torch.cat([boxes[:, :2] - boxes[:, 2:], (boxes - 0.5).abs() - (0.5 + NORMALISED_TOLERANCE)], dim=-1)
+    return ~(excess <= 0).all(-1)  # NaN compares false: invalid
+
+
+def invalid_span_rows(spans: torch.Tensor) -> torch.Tensor:
+    """(n,) bool: the rows of (n, 2) normalised (start, end) spans that break 0 <= start < end <= 1
+    (+- NORMALISED_TOLERANCE) or hold NaN."""
+    return ((spans[:, 0] >= spans[:, 1]) | (spans < -NORMALISED_TOLERANCE).any(-1)
+            | (spans > 1 + NORMALISED_TOLERANCE).any(-1) | spans.isnan().any(-1))
+
 
 def box_cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
     """(..., 4) cxcywh -> (..., 4) xyxy."""

@@ -40,6 +40,7 @@ DEFAULT_SLOT_TOKENS = {"temporal": "<temp>", "region": "<boxes>", "mask": "<mask
 #   on the masks (weights as LISA: BCE 2.0, Dice 0.5) and SAM2's mask decoder; the release freezes all of SAM2 and
 #   trains only an L1 to SAM2's prompt embedding of the GT box plus an L1 on a box (`prompt_l1_weight`,
 #   `box_l1_weight`, 0 here).
+# The one definition of each head's defaults: the head classes' constructors take theirs from these dicts.
 DEFAULT_REGION_HEAD = {"mode": "mlp", "hidden_ratio": 0.5, "l1_weight": 2.0, "giou_weight": 0.2, "heatmap_dim": 256,
                        "heatmap_weight": 1.0, "box_format": "cxcywh_sigmoid", "l1_reduction": "coordinate_sum",
                        "heatmap_score": "additive", "query_text": False}

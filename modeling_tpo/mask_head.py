@@ -1,35 +1,20 @@
 """Mask head: the task embedding prompts SAM2 (transformers' `Sam2VideoModel`).
-
-An MLP turns each task embedding into K sparse prompt embeddings in SAM2's prompt space (the
-release's hidden -> hidden -> 3 x 256); SAM2's mask decoder reads them with SAM2's own image
-embeddings of the frame. For videos, the first frame's predicted mask (or a user-given box) prompts
-SAM2's video memory, which propagates through the remaining frames (tracking).
-
-Losses: sigmoid BCE + Dice on the masks (the release defines but never calls a mask loss; it trains
-only an L1 between the predicted prompt embedding and SAM2's prompt embedding of the GT box, kept
-here as `prompt_l1_weight`, and an L1 on a box regressed from the task embedding, `box_l1_weight`: an MLP
-hidden -> hidden -> 4 giving raw (x0, y0, x1, y1) normalised to SAM2's input, as the release's region head
-regresses boxes; both 0 by default, both on in the release preset). The GT box of each image is the box of
-its GT mask; images whose mask is empty take no part in these two L1s.
-
-Box prompt (`box_prompt=True`, off by default; not in the release): a localiser (the region head's
-"heatmap" mode) reads the MLLM's visual tokens of the frame with the task embedding and predicts the
-object's box, which SAM2's own prompt encoder embeds as a box prompt next to the task-embedding
-prompts. The release's L1 asks the MLP to *produce* SAM2's box embedding; here the box itself is
-predicted (L1 + GIoU + heatmap KL against the GT mask's box, `box_loss_weight`) and embedded exactly,
-which grounds the mask where the MLLM looks. The box enters SAM2 detached: the mask loss trains the
-decoder to use it, the box loss trains the localiser.
+Losses and the optional box prompt: `MaskHead`; README.md, "The model".
 
 Remote code: torch and transformers only.
 """
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import Sam2VideoModel
+from transformers.modeling_outputs import ModelOutput
 from transformers.models.sam2_video.modeling_sam2_video import Sam2VideoInferenceSession
 
 from .box_ops import masks_to_boxes
+from .configuration_tpo import DEFAULT_MASK_HEAD as _DEFAULTS
 from .region_head import RegionHead
 
 DEFAULT_BOX_PROMPT = {"heatmap_dim": 256, "l1_weight": 2.0, "giou_weight": 0.2, "heatmap_weight": 1.0,
@@ -45,8 +30,54 @@ def dice_loss(logits: torch.Tensor, targets: torch.Tensor, smooth: float = 1.0) 
     return (1 - numerator / denominator).mean()
 
 
+
+@dataclass
+class MaskHeadOutput(ModelOutput):
+    r"""
+    The mask head's outputs per SAM2 image (m) (see `MaskHead.forward`); in `TPOOutput.mask_outputs` also the
+    mask queries' `query_index`, `batch_index`, `task_embeddings` and, with the box prompt, `prompt_boxes_xyxy_sam2`.
+
+    pred_mask_logits (`(m, h, w)`): low-resolution logits (h = S / 4); iou_scores (`(m,)`); object_score_logits
+        (`(m,)`); prompt_embeddings (`(m, k * K, prompt_dim)`); pred_boxes_xyxy (`(m, 4)`): with the box regressor,
+        raw (x0, y0, x1, y1) normalised to SAM2's input.
+    query_index (`(m,)`): the mask query of each SAM2 image; batch_index (`(q,)`): the sample of each mask query;
+    task_embeddings (`(q, k, hidden)`): the mask queries' task embeddings (for `track_masks`);
+    prompt_boxes_xyxy_sam2 (`(m, 4)`): the box prompts in SAM2 input pixels (box prompt only).
+    """
+
+    pred_mask_logits: torch.FloatTensor | None = None
+    iou_scores: torch.FloatTensor | None = None
+    object_score_logits: torch.FloatTensor | None = None
+    prompt_embeddings: torch.FloatTensor | None = None
+    pred_boxes_xyxy: torch.FloatTensor | None = None
+    query_index: torch.LongTensor | None = None
+    batch_index: torch.LongTensor | None = None
+    task_embeddings: torch.FloatTensor | None = None
+    prompt_boxes_xyxy_sam2: torch.FloatTensor | None = None
+
+
 class MaskHead(nn.Module):
     """Task embedding -> SAM2 sparse prompts -> SAM2 masks.
+
+    An MLP turns each task embedding into K sparse prompt embeddings in SAM2's prompt space (the
+    release's hidden -> hidden -> 3 x 256); SAM2's mask decoder reads them with SAM2's own image
+    embeddings of the frame. For videos, the first frame's predicted mask (or a user-given box) prompts
+    SAM2's video memory, which propagates through the remaining frames (tracking).
+
+    Losses: sigmoid BCE + Dice on the masks (the release defines but never calls a mask loss; it trains
+    only an L1 between the predicted prompt embedding and SAM2's prompt embedding of the GT box, kept
+    here as `prompt_l1_weight`, and an L1 on a box regressed from the task embedding, `box_l1_weight`: an MLP
+    hidden -> hidden -> 4 giving raw (x0, y0, x1, y1) normalised to SAM2's input, as the release's region head
+    regresses boxes; both 0 by default, both on in the release preset). The GT box of each image is the box of
+    its GT mask; images whose mask is empty take no part in these two L1s.
+
+    Box prompt (`box_prompt=True`, off by default; not in the release): a localiser (the region head's
+    "heatmap" mode) reads the MLLM's visual tokens of the frame with the task embedding and predicts the
+    object's box, which SAM2's own prompt encoder embeds as a box prompt next to the task-embedding
+    prompts. The release's L1 asks the MLP to *produce* SAM2's box embedding; here the box itself is
+    predicted (L1 + GIoU + heatmap KL against the GT mask's box, `box_loss_weight`) and embedded exactly,
+    which grounds the mask where the MLLM looks. The box enters SAM2 detached: the mask loss trains the
+    decoder to use it, the box loss trains the localiser.
 
     Args:
         hidden_size: the LLM's hidden size.
@@ -60,19 +91,25 @@ class MaskHead(nn.Module):
         stability_fallback: SAM2's own inference-time switch (`dynamic_multimask_via_stability`) from its single
             mask to the best of its 3 multimask outputs when the single mask's logits are unstable. Training never
             takes it (transformers applies it only in eval mode), so with a mask decoder trained here on the single
-            mask it swaps in untrained outputs at evaluation (measured: masks over 80 % of the image, mIoU 0.007,
-            where the same weights in training mode reach 0.3). None (default): on exactly when the mask decoder
+            mask it swaps in untrained outputs at evaluation. None (default): on exactly when the mask decoder
             is frozen (`freeze_mask_decoder`, a pretrained SAM2 as released), off when it trains.
-        box_prompt: add the localiser's predicted box as a SAM2 box prompt (see the module docstring);
+        box_prompt: add the localiser's predicted box as a SAM2 box prompt (see above);
         box_prompt_config: the localiser's settings (keys of `DEFAULT_BOX_PROMPT`);
         box_loss_weight: weight of its loss (`mask_box`) inside the `mask` term.
     """
 
-    def __init__(self, hidden_size: int, sam2_config, num_prompt_tokens: int = 3, bce_weight: float = 2.0,
-                 dice_weight: float = 0.5, prompt_l1_weight: float = 0.0, freeze_image_encoder: bool = True,
-                 freeze_prompt_encoder: bool = True, freeze_mask_decoder: bool = False, multimask_output: bool = False,
-                 stability_fallback: bool | None = None, box_prompt: bool = False,
-                 box_prompt_config: dict | None = None, box_loss_weight: float = 1.0, box_l1_weight: float = 0.0):
+    def __init__(self, hidden_size: int, sam2_config, num_prompt_tokens: int = _DEFAULTS["num_prompt_tokens"],
+                 bce_weight: float = _DEFAULTS["bce_weight"], dice_weight: float = _DEFAULTS["dice_weight"],
+                 prompt_l1_weight: float = _DEFAULTS["prompt_l1_weight"],
+                 freeze_image_encoder: bool = _DEFAULTS["freeze_image_encoder"],
+                 freeze_prompt_encoder: bool = _DEFAULTS["freeze_prompt_encoder"],
+                 freeze_mask_decoder: bool = _DEFAULTS["freeze_mask_decoder"],
+                 multimask_output: bool = _DEFAULTS["multimask_output"],
+                 stability_fallback: bool | None = _DEFAULTS["stability_fallback"],
+                 box_prompt: bool = _DEFAULTS["box_prompt"],
+                 box_prompt_config: dict | None = _DEFAULTS["box_prompt_config"],
+                 box_loss_weight: float = _DEFAULTS["box_loss_weight"],
+                 box_l1_weight: float = _DEFAULTS["box_l1_weight"]):
         super().__init__()
         self.sam2 = Sam2VideoModel(sam2_config)
         self.prompt_dim = sam2_config.prompt_encoder_config.hidden_size
@@ -149,7 +186,7 @@ class MaskHead(nn.Module):
 
     def forward(self, task_embeddings: torch.Tensor, sam2_pixel_values: torch.Tensor | None = None,
                 image_embeddings: list[torch.Tensor] | None = None, query_index: torch.Tensor | None = None,
-                input_boxes: torch.Tensor | None = None, input_masks: torch.Tensor | None = None) -> dict:
+                input_boxes: torch.Tensor | None = None, input_masks: torch.Tensor | None = None) -> MaskHeadOutput:
         """
         Args:
             task_embeddings: (n, k, hidden).
@@ -200,12 +237,12 @@ class MaskHead(nn.Module):
             logits, iou = low_res[rows, best], iou_scores[rows, best]
         else:
             logits, iou = low_res[:, 0], iou_scores[:, 0]
-        outputs = {"pred_mask_logits": logits, "iou_scores": iou, "object_score_logits": object_scores.reshape(m),
-                   "prompt_embeddings": prompts}
+        boxes = None
         if self.box_regressor is not None:
             query = task_embeddings.mean(1).to(next(self.box_regressor.parameters()).dtype)
-            outputs["pred_boxes_xyxy"] = self.box_regressor(query)[query_index.to(task_embeddings.device)]
-        return outputs
+            boxes = self.box_regressor(query)[query_index.to(task_embeddings.device)]
+        return MaskHeadOutput(pred_mask_logits=logits, iou_scores=iou, object_score_logits=object_scores.reshape(m),
+                              prompt_embeddings=prompts, pred_boxes_xyxy=boxes)
 
     # ---- loss -------------------------------------------------------------------------------------
     def loss(self, outputs: dict, target_masks: torch.Tensor, target_boxes: torch.Tensor | None = None,

@@ -1,9 +1,28 @@
 """Region head: task embedding -> one normalised box per region query."""
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
+from transformers.modeling_outputs import ModelOutput
 
 from .box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, generalized_box_iou, l1_and_giou_losses
+from .configuration_tpo import DEFAULT_REGION_HEAD as _DEFAULTS
+
+
+
+@dataclass
+class RegionHeadOutput(ModelOutput):
+    r"""
+    The region predictions of a forward pass's region queries.
+
+    pred_boxes (`torch.FloatTensor` of shape `(num_region_queries, 4)`): normalised (x0, y0, x1, y1) boxes,
+        clamped to [0, 1], queries in (sample, position) order.
+    batch_index (`torch.LongTensor` of shape `(num_region_queries,)`): the sample of each box.
+    """
+
+    pred_boxes: torch.FloatTensor | None = None
+    batch_index: torch.LongTensor | None = None
 
 
 class RegionHead(nn.Module):
@@ -34,10 +53,12 @@ class RegionHead(nn.Module):
     BOX_FORMATS = ("cxcywh_sigmoid", "xyxy_raw")
     L1_REDUCTIONS = ("coordinate_sum", "mean")
 
-    def __init__(self, hidden_size: int, mode: str = "mlp", hidden_ratio: float = 0.5, l1_weight: float = 2.0,
-                 giou_weight: float = 0.2, heatmap_dim: int = 256, heatmap_weight: float = 1.0,
-                 box_format: str = "cxcywh_sigmoid", l1_reduction: str = "coordinate_sum",
-                 heatmap_score: str = "additive", query_text: bool = False):
+    def __init__(self, hidden_size: int, mode: str = _DEFAULTS["mode"],
+                 hidden_ratio: float = _DEFAULTS["hidden_ratio"], l1_weight: float = _DEFAULTS["l1_weight"],
+                 giou_weight: float = _DEFAULTS["giou_weight"], heatmap_dim: int = _DEFAULTS["heatmap_dim"],
+                 heatmap_weight: float = _DEFAULTS["heatmap_weight"], box_format: str = _DEFAULTS["box_format"],
+                 l1_reduction: str = _DEFAULTS["l1_reduction"], heatmap_score: str = _DEFAULTS["heatmap_score"],
+                 query_text: bool = _DEFAULTS["query_text"]):
         super().__init__()
         if heatmap_score not in self.HEATMAP_SCORES:
             raise ValueError(f"Unknown region head heatmap_score {heatmap_score!r}; use one of {self.HEATMAP_SCORES}.")

@@ -1,31 +1,18 @@
 """Temporal head: a DETR-style moment localiser over the MLLM's own per-frame features.
-
-Inputs are what the MLLM already computed: the task embedding(s) (the last hidden states at the task
-slot tokens), per-frame features (the last hidden states of each frame's visual tokens, pooled),
-and the instruction's text-token features. A transformer encoder mixes frames with the query tokens
-and the task embedding (which enters as extra text tokens, as in the release); learned moment
-queries decode (center, width) spans and foreground logits; per-frame saliency is the similarity of
-each encoded frame with the encoded task embedding.
-
-Optional parts, each a setting (`DEFAULT_TEMPORAL_HEAD`):
-- CG-DETR's query-aware parts (see `temporal_layers.py`): dummy tokens and text-to-video layers before the
-  encoder (the text then reaches the frames through them: the encoder mixes the query-aware frames with the task
-  embedding), reference-point refinement in the decoder, dropout on the inputs; with dummy tokens the head also
-  returns each frame's text-to-video relevance and, in training with `negative_pairs`, the saliency and
-  relevance of each video paired with another sample's query (rolled within the batch).
-- dense clip features (`dense_clip_seconds` > 0): the head's frames are clips of the video sampled at that
-  rate, each the MLLM's vision-tower features of its frame (`clip_features`, computed without gradient by the
-  model) plus the LLM's hidden states of the LLM frame nearest in time, so saliency and spans come per clip.
+Optional parts: `TemporalHead`; README.md, "The model" and "Dense temporal features".
 
 Remote code: torch only.
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.modeling_outputs import ModelOutput
 
-from .box_ops import span_cw_to_se
+from .box_ops import invalid_span_rows, span_cw_to_se
+from .configuration_tpo import DEFAULT_TEMPORAL_HEAD as _DEFAULTS
 from .matcher import SpanHungarianMatcher
 from .temporal_layers import MLP, AnchorDecoder, QueryAwareFrames, input_dropout, time_encoding
 from .temporal_loss import DenseTemporalCriterion, TemporalCriterion
@@ -33,25 +20,87 @@ from .temporal_loss import DenseTemporalCriterion, TemporalCriterion
 NO_SALIENCY = -1e4  # saliency given to padded frames
 
 
+
+@dataclass
+class TemporalHeadOutput(ModelOutput):
+    r"""
+    The temporal head's outputs (see `TemporalHead.forward`); in `TPOOutput.temporal_outputs` also `batch_index`.
+
+    pred_spans (`(n, num_queries, 2)`): normalised (center, width); pred_logits (`(n, num_queries, 2)`): 0
+        foreground, 1 no object; pred_saliency (`(n, F)`): padded frames NO_SALIENCY.
+    frame_mask (`(n, F)` bool), frame_times (`(n, F)` normalised): the head's frames.
+    aux_outputs (`list[dict]`): `pred_spans`, `pred_logits` of every decoder layer but the last (`aux_loss`).
+    pred_offsets (`(n, F, 2)`): the dense decoder's distances to each frame's moment start and end.
+    pred_t2v_relevance (`(n, F)` in [0, 1]): with dummy tokens; pred_saliency_neg, pred_t2v_relevance_neg (`(n, F)`)
+        and negative_mask (`(n,)` bool): negative pairs, in training.
+    reference_points (`(n, num_queries, 2)`): the last decoder layer's anchors (reference points).
+    batch_index (`(n,)`): the sample of each temporal query (set by the model).
+    """
+
+    pred_spans: torch.FloatTensor | None = None
+    pred_logits: torch.FloatTensor | None = None
+    pred_saliency: torch.FloatTensor | None = None
+    frame_mask: torch.BoolTensor | None = None
+    frame_times: torch.FloatTensor | None = None
+    aux_outputs: list | None = None
+    pred_offsets: torch.FloatTensor | None = None
+    pred_t2v_relevance: torch.FloatTensor | None = None
+    pred_saliency_neg: torch.FloatTensor | None = None
+    pred_t2v_relevance_neg: torch.FloatTensor | None = None
+    negative_mask: torch.BoolTensor | None = None
+    reference_points: torch.FloatTensor | None = None
+    batch_index: torch.LongTensor | None = None
+
+
 class TemporalHead(nn.Module):
     """Moment retrieval and highlight detection from an MLLM's hidden states.
+
+    Inputs are what the MLLM already computed: the task embedding(s) (the last hidden states at the task
+    slot tokens), per-frame features (the last hidden states of each frame's visual tokens, pooled),
+    and the instruction's text-token features. A transformer encoder mixes frames with the query tokens
+    and the task embedding (which enters as extra text tokens, as in the release); learned moment
+    queries decode (center, width) spans and foreground logits; per-frame saliency is the similarity of
+    each encoded frame with the encoded task embedding.
+
+    Optional parts, each a setting (`DEFAULT_TEMPORAL_HEAD`):
+    - CG-DETR's query-aware parts (see `temporal_layers.py`): dummy tokens and text-to-video layers before the
+      encoder (the text then reaches the frames through them: the encoder mixes the query-aware frames with the task
+      embedding), reference-point refinement in the decoder, dropout on the inputs; with dummy tokens the head also
+      returns each frame's text-to-video relevance and, in training with `negative_pairs`, the saliency and
+      relevance of each video paired with another sample's query (rolled within the batch).
+    - dense clip features (`dense_clip_seconds` > 0): the head's frames are clips of the video sampled at that
+      rate, each the MLLM's vision-tower features of its frame (`clip_features`, computed without gradient by the
+      model) plus the LLM's hidden states of the LLM frame nearest in time, so saliency and spans come per clip.
 
     Args:
         hidden_size: the LLM's hidden size. The other arguments are `DEFAULT_TEMPORAL_HEAD`'s keys.
     """
 
-    def __init__(self, hidden_size: int, d_model: int = 256, num_heads: int = 8, num_encoder_layers: int = 2,
-                 num_decoder_layers: int = 2, dim_feedforward: int = 1024, dropout: float = 0.1, num_queries: int = 10,
-                 max_frames: int = 512, use_query_tokens: bool = True, aux_loss: bool = True,
-                 span_l1_weight: float = 10.0, span_giou_weight: float = 1.0, label_weight: float = 4.0,
-                 saliency_weight: float = 4.0, eos_coef: float = 0.1, saliency_margin: float = 0.2,
-                 saliency_loss: str = "ranking", match_cost_span: float = 10.0, match_cost_giou: float = 1.0,
-                 match_cost_class: float = 4.0, frame_pooling: str = "mean_max", decoder: str = "detr",
-                 nms_iou: float = 0.7, span_l1_reduction: str = "coordinate_sum",
-                 label_reduction: str = "weight_normalised", num_dummies: int = 0, dummy_layers: int = 2,
-                 t2v_layers: int = 0, t2v_saliency_weight: float = 1.0, negative_pairs: bool = False,
-                 reference_points: bool = False, input_dropout: float = 0.0, dense_clip_seconds: float = 0.0,
-                 dense_max_clips: int = 256):
+    def __init__(self, hidden_size: int, d_model: int = _DEFAULTS["d_model"],
+                 num_heads: int = _DEFAULTS["num_heads"], num_encoder_layers: int = _DEFAULTS["num_encoder_layers"],
+                 num_decoder_layers: int = _DEFAULTS["num_decoder_layers"],
+                 dim_feedforward: int = _DEFAULTS["dim_feedforward"], dropout: float = _DEFAULTS["dropout"],
+                 num_queries: int = _DEFAULTS["num_queries"], max_frames: int = _DEFAULTS["max_frames"],
+                 use_query_tokens: bool = _DEFAULTS["use_query_tokens"], aux_loss: bool = _DEFAULTS["aux_loss"],
+                 span_l1_weight: float = _DEFAULTS["span_l1_weight"],
+                 span_giou_weight: float = _DEFAULTS["span_giou_weight"],
+                 label_weight: float = _DEFAULTS["label_weight"],
+                 saliency_weight: float = _DEFAULTS["saliency_weight"], eos_coef: float = _DEFAULTS["eos_coef"],
+                 saliency_margin: float = _DEFAULTS["saliency_margin"],
+                 saliency_loss: str = _DEFAULTS["saliency_loss"],
+                 match_cost_span: float = _DEFAULTS["match_cost_span"],
+                 match_cost_giou: float = _DEFAULTS["match_cost_giou"],
+                 match_cost_class: float = _DEFAULTS["match_cost_class"],
+                 frame_pooling: str = _DEFAULTS["frame_pooling"], decoder: str = _DEFAULTS["decoder"],
+                 nms_iou: float = _DEFAULTS["nms_iou"], span_l1_reduction: str = _DEFAULTS["span_l1_reduction"],
+                 label_reduction: str = _DEFAULTS["label_reduction"], num_dummies: int = _DEFAULTS["num_dummies"],
+                 dummy_layers: int = _DEFAULTS["dummy_layers"], t2v_layers: int = _DEFAULTS["t2v_layers"],
+                 t2v_saliency_weight: float = _DEFAULTS["t2v_saliency_weight"],
+                 negative_pairs: bool = _DEFAULTS["negative_pairs"],
+                 reference_points: bool = _DEFAULTS["reference_points"],
+                 input_dropout: float = _DEFAULTS["input_dropout"],
+                 dense_clip_seconds: float = _DEFAULTS["dense_clip_seconds"],
+                 dense_max_clips: int = _DEFAULTS["dense_max_clips"]):
         super().__init__()
         if frame_pooling not in ("mean", "mean_max"):
             raise ValueError(f"frame_pooling must be 'mean' or 'mean_max', got {frame_pooling!r}.")
@@ -135,7 +184,7 @@ class TemporalHead(nn.Module):
     def forward(self, task_embeddings: torch.Tensor, frame_features: torch.Tensor, frame_mask: torch.Tensor,
                 frame_times: torch.Tensor, query_features: torch.Tensor | None = None,
                 query_mask: torch.Tensor | None = None, clip_features: torch.Tensor | None = None,
-                query_groups: torch.Tensor | None = None) -> dict:
+                query_groups: torch.Tensor | None = None) -> TemporalHeadOutput:
         """
         Args:
             task_embeddings: (n, k, hidden), hidden states at the k task slot tokens.
@@ -191,7 +240,7 @@ class TemporalHead(nn.Module):
         if self.negative_pairs and self.training and n >= 2:
             common.update(self._negative_pairs(frames, frame_mask, text, text_mask, task, task_mask, query_groups))
         if self.decoder_type == "dense":
-            return {**self._predict_dense(tokens[:, :num_frames], frame_times, frame_mask), **common}
+            return TemporalHeadOutput(**self._predict_dense(tokens[:, :num_frames], frame_times, frame_mask), **common)
         if self.anchor_decoder is not None:
             outputs = self.anchor_decoder(tokens, valid, self.span_head, self.class_head)
         else:
@@ -204,7 +253,7 @@ class TemporalHead(nn.Module):
         result = {**outputs[-1], **common}
         if self.aux_loss:
             result["aux_outputs"] = outputs[:-1]
-        return result
+        return TemporalHeadOutput(**result)
 
     def _project(self, projection: nn.Sequential, features: torch.Tensor) -> torch.Tensor:
         """LayerNorm, input dropout (CG-DETR's, `input_dropout`), linear: one input projection."""
@@ -317,7 +366,7 @@ def _targets_pass_quick_check(targets: list[dict], num_frames: int) -> bool:
         return True
     device = targets[0]["spans"].device
     spans = torch.cat([t["spans"].to(device) for t in targets])  # (total spans, 2), none empty
-    bad = (spans[:, 0] >= spans[:, 1]).any() | ((spans < -1e-4) | (spans > 1 + 1e-4) | spans.isnan()).any()
+    bad = invalid_span_rows(spans).any()
     scores = torch.cat([s.to(device) for s in saliency]) if saliency else spans.new_zeros(0)
     if scores.numel():
         lowest, highest = scores.aminmax()
@@ -331,7 +380,7 @@ def _first_target_error(targets: list[dict], num_frames: int) -> str | None:
         spans = target["spans"]
         if spans.numel() == 0:
             return f"Temporal query {i} has no target span; every temporal sample needs one."
-        bad = (spans[:, 0] >= spans[:, 1]) | (spans < -1e-4).any(-1) | (spans > 1 + 1e-4).any(-1) | spans.isnan().any(-1)
+        bad = invalid_span_rows(spans)
         if bool(bad.any()):
             return (f"Temporal query {i}: span {spans[bad][0].tolist()} must satisfy "
                     "0 <= start < end <= 1 (normalised by the video duration).")

@@ -1,45 +1,7 @@
-"""Criterion of the temporal head: matched span L1 and gIoU, foreground classification, saliency.
-
-Saliency loss choice. The release (CG-DETR style) trains saliency with a margin ranking loss between
-a more and a less salient clip, a rank-aware contrastive term, and a BCE on negative pairs. We keep
-the two ranking terms as the default (`saliency_loss="ranking"`):
-  - margin ranking: for every pair of valid frames (i, j) with target_i > target_j, hinge
-    max(0, margin - (s_i - s_j)), averaged over such pairs;
-  - rank-aware contrastive: for each saliency level r present in the targets, the frames at or above r
-    are positives of an InfoNCE over all valid frames, temperature tau = 0.5.
-Ranking only needs the ORDER of saliency targets, which is what annotators agree on (QVHighlights'
-0-4 scores); the scores' absolute values stay free for the evaluator's rankings. `saliency_loss="bce"`
-gives a plain per-frame BCE against targets clipped to [0, 1] (useful when targets are probabilities).
-A sample whose targets are all equal (all zero) carries no ranking signal and contributes 0.
-
-`saliency_loss="release"`: the release's (CG-DETR's) terms, as `release_*` below compute them, averaged over the
-queries with saliency targets:
-  - margin ranking (margin 0.2) on clip pairs: with graded targets, the hard pair (the highest- against the
-    lowest-scored relevant clip) plus a relevant against an irrelevant clip, with binary targets (windows only)
-    twice a clip inside against one outside. The release draws the random pairs in its data loader; here their
-    expectation is taken (the mean over all such pairs), so the numbers are the release's in expectation;
-  - rank-contrastive (tau = 0.5) over the levels 1..11 of the summed three-annotator scores (0-12; our targets
-    are that / 12): at level r the clips >= r are positives, -mean of their log-softmax over the video's clips
-    (and the negative pair's, which are never positives), each row's terms summed over levels / 12;
-  - negative-pair BCE: every clip of a video paired with another sample's query is pushed to 0,
-    sum over clips of -log(1 - sigmoid(score)).
-The release averages the rank-contrastive term separately over the queries with and without a negative partner
-and adds the two means; here every query counts once in one mean (the same when all or none have a partner).
-Negative pairs (`negative_pairs`) roll the query text within the batch at the head (the LLM runs once).
-
-With CG-DETR's dummy tokens the head also returns each frame's text-to-video relevance (the attention mass on
-the real text against the dummies, in [0, 1]); `temporal_t2v_saliency` supervises it with the same family of terms
-("release": margin ranking, rank-contrastive, negative-pair -log(1 - relevance), and a BCE of the relevance
-against the binarised targets), weighted by `t2v_saliency_weight` inside the saliency weight, as CG-DETR does.
-
-Span normaliser: the number of GT spans, averaged over processes when torch.distributed is
-initialised, clamped to >= 1 (`mean_spans_per_process`).
-
-Cost. Every term is computed for all queries (and, for the DETR decoder, all decoder layers) at once:
-per-query saliency rows and target windows are padded into (n, frames) / (n, windows) tensors with
-masks, the decoder layers' predictions are stacked so the Hungarian matcher runs once (one copy of
-the cost matrix to the host). The number of torch ops does not grow with the number of queries or
-saliency levels, and no term reads a value back from the device.
+"""Criteria of the temporal head: matched span L1 and gIoU, foreground classification and saliency, for the
+DETR decoder (`TemporalCriterion`) and the dense decoder (`DenseTemporalCriterion`), which both hold a
+`SaliencyCriterion`. The terms and their differences from the release: README.md, "The model" and "The release
+preset and every difference from the paper and the release".
 
 Remote code: torch only.
 """
@@ -275,16 +237,129 @@ def dense_frame_targets(times: torch.Tensor, valid: torch.Tensor, spans: torch.T
     return positive, spans.gather(1, choice[..., None].expand(-1, -1, 2))
 
 
+class SaliencyCriterion:
+    """The saliency terms of both temporal criteria: `temporal_saliency` and, with dummy tokens,
+    `temporal_t2v_saliency`, and their weighted sum.
+
+    Saliency loss choice. The release (CG-DETR style) trains saliency with a margin ranking loss between
+    a more and a less salient clip, a rank-aware contrastive term, and a BCE on negative pairs. We keep
+    the two ranking terms as the default (`saliency_loss="ranking"`):
+      - margin ranking: for every pair of valid frames (i, j) with target_i > target_j, hinge
+        max(0, margin - (s_i - s_j)), averaged over such pairs;
+      - rank-aware contrastive: for each saliency level r present in the targets, the frames at or above r
+        are positives of an InfoNCE over all valid frames, temperature tau = 0.5.
+    Ranking only needs the ORDER of saliency targets, which is what annotators agree on (QVHighlights'
+    0-4 scores); the scores' absolute values stay free for the evaluator's rankings. `saliency_loss="bce"`
+    gives a plain per-frame BCE against targets clipped to [0, 1] (useful when targets are probabilities).
+    A sample whose targets are all equal (all zero) carries no ranking signal and contributes 0.
+
+    `saliency_loss="release"`: the release's (CG-DETR's) terms, as `release_*` below compute them, averaged over the
+    queries with saliency targets:
+      - margin ranking (margin 0.2) on clip pairs: with graded targets, the hard pair (the highest- against the
+        lowest-scored relevant clip) plus a relevant against an irrelevant clip, with binary targets (windows only)
+        twice a clip inside against one outside. The release draws the random pairs in its data loader; here their
+        expectation is taken (the mean over all such pairs), so the numbers are the release's in expectation;
+      - rank-contrastive (tau = 0.5) over the levels 1..11 of the summed three-annotator scores (0-12; our targets
+        are that / 12): at level r the clips >= r are positives, -mean of their log-softmax over the video's clips
+        (and the negative pair's, which are never positives), each row's terms summed over levels / 12;
+      - negative-pair BCE: every clip of a video paired with another sample's query is pushed to 0,
+        sum over clips of -log(1 - sigmoid(score)).
+    The release averages the rank-contrastive term separately over the queries with and without a negative partner
+    and adds the two means; here every query counts once in one mean (the same when all or none have a partner).
+    Negative pairs (`negative_pairs`) roll the query text within the batch at the head (the LLM runs once).
+
+    With CG-DETR's dummy tokens the head also returns each frame's text-to-video relevance (the attention mass on
+    the real text against the dummies, in [0, 1]); `temporal_t2v_saliency` supervises it with the same family of terms
+    ("release": margin ranking, rank-contrastive, negative-pair -log(1 - relevance), and a BCE of the relevance
+    against the binarised targets), weighted by `t2v_saliency_weight` inside the saliency weight, as CG-DETR does.
+    """
+
+    def __init__(self, saliency_weight: float = 4.0, saliency_margin: float = 0.2, saliency_loss: str = "ranking",
+                 t2v_saliency_weight: float = 1.0):
+        if saliency_loss not in SALIENCY_LOSSES:
+            raise ValueError(f"saliency_loss must be one of {SALIENCY_LOSSES}, got {saliency_loss!r}.")
+        self.weight = saliency_weight
+        self.margin = saliency_margin
+        self.loss = saliency_loss
+        self.t2v_weight = t2v_saliency_weight
+
+    def term(self, scores: torch.Tensor, frame_mask: torch.Tensor, targets: list[dict],
+             negative_scores: torch.Tensor | None = None, negative_mask: torch.Tensor | None = None,
+             probabilities: bool = False) -> torch.Tensor:
+        """scores (batch, frames) logits (or, with `probabilities`, text-to-video relevance in [0, 1]); targets[i]
+        ["saliency"] (frames,) >= 0 or None; negative_scores (batch, frames) of each video with another query and
+        negative_mask (batch,) which queries have one (negative pairs). Ours ("ranking", "bce"): the mean over the
+        queries with a ranking signal (see `saliency_rows`), plus the negative-pair term; "release": the release's
+        terms averaged over the queries with saliency targets. 0 when no query has a signal."""
+        scores = scores.float()
+        saliency, saliency_mask = pack_saliency(targets, scores.shape[1], scores.device)
+        if saliency is None or saliency.shape[1] < 2:
+            return scores.sum() * 0.0
+        rows = saliency_rows(scores, frame_mask, saliency, saliency_mask)
+        width = saliency.shape[1]
+        negatives = None
+        if negative_scores is not None and negative_mask is not None and bool(negative_mask.any()):
+            negatives = negative_scores.float()[:, :width].masked_fill(~rows["valid"], 0.0)
+        if self.loss == "release":
+            per_query = release_ranking_per_query(rows, self.margin)
+            per_query = per_query + release_contrastive_per_query(rows, negatives, negative_mask)
+            if probabilities:
+                per_query = per_query + binary_relevance_bce_per_query(rows)
+            counted = rows["valid"].any(1)
+        else:
+            if self.loss == "bce":
+                logit_rows = {**rows, "scores": torch.logit(rows["scores"].clamp(1e-6, 1 - 1e-6))} if probabilities else rows
+                per_query = bce_per_query(logit_rows)
+            else:
+                per_query = ranking_per_query(rows, self.margin) + contrastive_per_query(rows)
+            counted = rows["active"]
+        total = (per_query * counted).sum() / counted.sum().clamp(min=1)  # per_query is finite everywhere
+        if negatives is not None:
+            paired = negative_mask.to(scores.device) & rows["valid"].any(1)
+            negative = negative_pair_per_query(negatives, rows["valid"], probabilities)
+            total = total + (negative * paired).sum() / paired.sum().clamp(min=1)
+        return total
+
+    def terms(self, outputs: dict, targets: list[dict]) -> dict[str, torch.Tensor]:
+        """`temporal_saliency` and, with dummy tokens, `temporal_t2v_saliency` (see the module docstring)."""
+        negative_mask = outputs.get("negative_mask")
+        terms = {"temporal_saliency": self.term(outputs["pred_saliency"], outputs["frame_mask"], targets,
+                                                         outputs.get("pred_saliency_neg"), negative_mask)}
+        if outputs.get("pred_t2v_relevance") is not None:
+            terms["temporal_t2v_saliency"] = self.term(
+                outputs["pred_t2v_relevance"], outputs["frame_mask"], targets, outputs.get("pred_t2v_relevance_neg"),
+                negative_mask, probabilities=True)
+        return terms
+
+    def weighted(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        """saliency weight x (saliency + t2v_saliency_weight x t2v saliency)."""
+        total = terms["temporal_saliency"]
+        if "temporal_t2v_saliency" in terms:
+            total = total + self.t2v_weight * terms["temporal_t2v_saliency"]
+        return self.weight * total
+
+
 class TemporalCriterion(nn.Module):
-    """Named temporal losses on the final and auxiliary decoder outputs (DETR decoder)."""
+    """Named temporal losses on the final and auxiliary decoder outputs (DETR decoder).
+
+    Span normaliser: the number of GT spans, averaged over processes when torch.distributed is
+    initialised, clamped to >= 1 (`mean_spans_per_process`).
+
+    Cost. Every term is computed for all queries (and, for the DETR decoder, all decoder layers) at once:
+    per-query saliency rows and target windows are padded into (n, frames) / (n, windows) tensors with
+    masks, the decoder layers' predictions are stacked so the Hungarian matcher runs once (one copy of
+    the cost matrix to the host). The number of torch ops does not grow with the number of queries or
+    saliency levels, and no term reads a value back from the device.
+    """
 
     def __init__(self, matcher: SpanHungarianMatcher, span_l1_weight: float = 10.0, span_giou_weight: float = 1.0,
                  label_weight: float = 4.0, saliency_weight: float = 4.0, eos_coef: float = 0.1,
                  saliency_margin: float = 0.2, saliency_loss: str = "ranking", span_l1_reduction: str = "coordinate_sum",
                  label_reduction: str = "weight_normalised", t2v_saliency_weight: float = 1.0):
         super().__init__()
-        self._set_saliency(span_l1_weight, span_giou_weight, label_weight, saliency_weight, saliency_margin,
-                           saliency_loss, t2v_saliency_weight)
+        self.saliency = SaliencyCriterion(saliency_weight, saliency_margin, saliency_loss, t2v_saliency_weight)
+        self.weights = {"span_l1": span_l1_weight, "span_giou": span_giou_weight, "label": label_weight,
+                        "saliency": saliency_weight}
         if span_l1_reduction not in SPAN_L1_REDUCTIONS:
             raise ValueError(f"span_l1_reduction must be one of {SPAN_L1_REDUCTIONS}, got {span_l1_reduction!r}.")
         if label_reduction not in LABEL_REDUCTIONS:
@@ -294,15 +369,9 @@ class TemporalCriterion(nn.Module):
         self.span_l1_reduction = span_l1_reduction
         self.label_reduction = label_reduction
 
-    def _set_saliency(self, span_l1_weight, span_giou_weight, label_weight, saliency_weight, saliency_margin,
-                      saliency_loss, t2v_saliency_weight) -> None:
-        if saliency_loss not in SALIENCY_LOSSES:
-            raise ValueError(f"saliency_loss must be one of {SALIENCY_LOSSES}, got {saliency_loss!r}.")
-        self.weights = {"span_l1": span_l1_weight, "span_giou": span_giou_weight, "label": label_weight,
-                        "saliency": saliency_weight}
-        self.saliency_margin = saliency_margin
-        self.saliency_loss = saliency_loss
-        self.t2v_saliency_weight = t2v_saliency_weight
+    def saliency_term(self, *args, **kwargs) -> torch.Tensor:
+        """`SaliencyCriterion.term` (one saliency term of per-frame scores)."""
+        return self.saliency.term(*args, **kwargs)
 
     # ---- span and label terms (all decoder layers together) --------------------------------------------
     def layer_span_terms(self, layers: list[dict], spans: list[torch.Tensor], all_spans: torch.Tensor,
@@ -345,62 +414,6 @@ class TemporalCriterion(nn.Module):
         per_layer = self.layer_span_terms([outputs], spans, all_spans, num_spans)
         return {name: values[0] for name, values in per_layer.items()}
 
-    # ---- saliency -----------------------------------------------------------------------------------
-    def saliency_term(self, scores: torch.Tensor, frame_mask: torch.Tensor, targets: list[dict],
-                      negative_scores: torch.Tensor | None = None, negative_mask: torch.Tensor | None = None,
-                      probabilities: bool = False) -> torch.Tensor:
-        """scores (batch, frames) logits (or, with `probabilities`, text-to-video relevance in [0, 1]); targets[i]
-        ["saliency"] (frames,) >= 0 or None; negative_scores (batch, frames) of each video with another query and
-        negative_mask (batch,) which queries have one (negative pairs). Ours ("ranking", "bce"): the mean over the
-        queries with a ranking signal (see `saliency_rows`), plus the negative-pair term; "release": the release's
-        terms averaged over the queries with saliency targets. 0 when no query has a signal."""
-        scores = scores.float()
-        saliency, saliency_mask = pack_saliency(targets, scores.shape[1], scores.device)
-        if saliency is None or saliency.shape[1] < 2:
-            return scores.sum() * 0.0
-        rows = saliency_rows(scores, frame_mask, saliency, saliency_mask)
-        width = saliency.shape[1]
-        negatives = None
-        if negative_scores is not None and negative_mask is not None and bool(negative_mask.any()):
-            negatives = negative_scores.float()[:, :width].masked_fill(~rows["valid"], 0.0)
-        if self.saliency_loss == "release":
-            per_query = release_ranking_per_query(rows, self.saliency_margin)
-            per_query = per_query + release_contrastive_per_query(rows, negatives, negative_mask)
-            if probabilities:
-                per_query = per_query + binary_relevance_bce_per_query(rows)
-            counted = rows["valid"].any(1)
-        else:
-            if self.saliency_loss == "bce":
-                logit_rows = {**rows, "scores": torch.logit(rows["scores"].clamp(1e-6, 1 - 1e-6))} if probabilities else rows
-                per_query = bce_per_query(logit_rows)
-            else:
-                per_query = ranking_per_query(rows, self.saliency_margin) + contrastive_per_query(rows)
-            counted = rows["active"]
-        total = (per_query * counted).sum() / counted.sum().clamp(min=1)  # per_query is finite everywhere
-        if negatives is not None:
-            paired = negative_mask.to(scores.device) & rows["valid"].any(1)
-            negative = negative_pair_per_query(negatives, rows["valid"], probabilities)
-            total = total + (negative * paired).sum() / paired.sum().clamp(min=1)
-        return total
-
-    def saliency_terms(self, outputs: dict, targets: list[dict]) -> dict[str, torch.Tensor]:
-        """`temporal_saliency` and, with dummy tokens, `temporal_t2v_saliency` (see the module docstring)."""
-        negative_mask = outputs.get("negative_mask")
-        terms = {"temporal_saliency": self.saliency_term(outputs["pred_saliency"], outputs["frame_mask"], targets,
-                                                         outputs.get("pred_saliency_neg"), negative_mask)}
-        if outputs.get("pred_t2v_relevance") is not None:
-            terms["temporal_t2v_saliency"] = self.saliency_term(
-                outputs["pred_t2v_relevance"], outputs["frame_mask"], targets, outputs.get("pred_t2v_relevance_neg"),
-                negative_mask, probabilities=True)
-        return terms
-
-    def weighted_saliency(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
-        """saliency weight x (saliency + t2v_saliency_weight x t2v saliency)."""
-        total = terms["temporal_saliency"]
-        if "temporal_t2v_saliency" in terms:
-            total = total + self.t2v_saliency_weight * terms["temporal_t2v_saliency"]
-        return self.weights["saliency"] * total
-
     # ---- everything ----------------------------------------------------------------------------------
     def forward(self, outputs: dict, targets: list[dict], num_spans: torch.Tensor | float | None = None) -> dict[str, torch.Tensor]:
         """Named terms and their weighted sum `temporal`.
@@ -415,18 +428,18 @@ class TemporalCriterion(nn.Module):
         num_spans = span_normaliser(num_spans, all_spans.shape[0], all_spans.device)
         layers = [outputs, *(outputs.get("aux_outputs") or [])]
         per_layer = self.layer_span_terms(layers, spans, all_spans, num_spans)  # name -> (layers,)
-        saliency = self.saliency_terms(outputs, targets)
+        saliency = self.saliency.terms(outputs, targets)
         by_layer = {name: values.unbind(0) for name, values in per_layer.items()}
         terms = {f"temporal_{name}": values[0] for name, values in by_layer.items()}
         terms.update(saliency)
         for layer in range(1, len(layers)):  # auxiliary layers, suffixed by their index
             terms.update({f"temporal_{name}_{layer - 1}": values[layer] for name, values in by_layer.items()})
         terms["temporal"] = sum((self.weights[name] * values.sum() for name, values in per_layer.items()),
-                                self.weighted_saliency(saliency))
+                                self.saliency.weighted(saliency))
         return terms
 
 
-class DenseTemporalCriterion(TemporalCriterion):
+class DenseTemporalCriterion(nn.Module):
     """Losses of the dense (frame-anchored) decoder: every frame inside a GT window is a positive whose
     target is that window (the shortest, if several contain it; a window containing no frame takes
     the frame nearest its centre):
@@ -441,9 +454,14 @@ class DenseTemporalCriterion(TemporalCriterion):
     def __init__(self, span_l1_weight: float = 10.0, span_giou_weight: float = 1.0, label_weight: float = 4.0,
                  saliency_weight: float = 4.0, saliency_margin: float = 0.2, saliency_loss: str = "ranking",
                  t2v_saliency_weight: float = 1.0):
-        nn.Module.__init__(self)
-        self._set_saliency(span_l1_weight, span_giou_weight, label_weight, saliency_weight, saliency_margin,
-                           saliency_loss, t2v_saliency_weight)
+        super().__init__()
+        self.saliency = SaliencyCriterion(saliency_weight, saliency_margin, saliency_loss, t2v_saliency_weight)
+        self.weights = {"span_l1": span_l1_weight, "span_giou": span_giou_weight, "label": label_weight,
+                        "saliency": saliency_weight}
+
+    def saliency_term(self, *args, **kwargs) -> torch.Tensor:
+        """`SaliencyCriterion.term` (one saliency term of per-frame scores)."""
+        return self.saliency.term(*args, **kwargs)
 
     @staticmethod
     def frame_targets(times: torch.Tensor, valid: torch.Tensor, spans: torch.Tensor):
@@ -470,7 +488,7 @@ class DenseTemporalCriterion(TemporalCriterion):
         giou_loss = torch.where(positive, 1 - giou, 0.0).sum() / normaliser
         terms = {"temporal_span_l1": l1, "temporal_span_giou": giou_loss, "temporal_label": label}
         total = sum(self.weights[k.removeprefix("temporal_")] * v for k, v in terms.items())
-        saliency = self.saliency_terms(outputs, targets)
+        saliency = self.saliency.terms(outputs, targets)
         terms.update(saliency)
-        terms["temporal"] = total + self.weighted_saliency(saliency)
+        terms["temporal"] = total + self.saliency.weighted(saliency)
         return terms

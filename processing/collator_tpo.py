@@ -6,7 +6,7 @@ Copied next to checkpoints with the processor (remote code): numpy and torch onl
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100
+from .processing_tpo import IGNORE_INDEX
 
 
 def _pad(rows: list[list], value, padding_side: str) -> tuple[torch.Tensor, list[int]]:

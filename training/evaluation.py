@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..modeling_tpo.modeling_tpo import SAM2_IMAGE_INPUTS
+from ..modeling_tpo.inputs_tpo import SAM2_IMAGE_INPUTS
 from ..processing.collator_tpo import collate_encoded
 from ..processing.pipeline import MediaError, load_media, probe_media
 from ..processing.processing_tpo import TASK_LABELS, decode_rle

@@ -23,13 +23,11 @@ What is measured
 """
 
 import argparse
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from transformers import LlavaForConditionalGeneration
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil

@@ -61,7 +61,8 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
 
     run_tpo = load_run_tpo()
-    from tpo.processing.pipeline import TPODataCollator, encode_dataset
+    from tpo.processing.data_collator import TPODataCollator
+    from tpo.processing.pipeline import encode_dataset
     from tpo.training.trainer import TPOTrainer
 
     script, model_args, training_args = run_tpo.parse_arguments([])

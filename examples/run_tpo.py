@@ -30,7 +30,8 @@ from transformers import AutoModelForImageTextToText, HfArgumentParser, set_seed
 
 from tpo import TPOForConditionalGeneration
 from tpo.modeling_tpo.configuration_tpo import ROUTER_CLASSES
-from tpo.processing.pipeline import TPODataCollator, encode_dataset
+from tpo.processing.data_collator import TPODataCollator
+from tpo.processing.pipeline import encode_dataset
 from tpo.processing.processing_tpo import DEFAULT_PROMPT_TEMPLATES, TPOProcessor
 from tpo.processing.readers import read_spec, read_specs
 from tpo.processing.synthetic import generate_synthetic_benchmark

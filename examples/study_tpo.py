@@ -51,7 +51,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # run_tpo.py, beside t
 import run_tpo  # noqa: E402
 from run_tpo import ModelArguments, ScriptArguments  # noqa: E402
 
-from tpo.processing.pipeline import TPODataCollator, encode_dataset, load_media  # noqa: E402
+from tpo.processing.data_collator import TPODataCollator  # noqa: E402
+from tpo.processing.pipeline import encode_dataset, load_media  # noqa: E402
 from tpo.processing.synthetic import load_controls, load_split  # noqa: E402
 from tpo.training.arguments import STAGES, TPOTrainingArguments  # noqa: E402
 from tpo.training.evaluation import TaskEvaluator  # noqa: E402

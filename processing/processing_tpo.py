@@ -1225,7 +1225,7 @@ class TPOProcessor(ProcessorMixin):
                  return_tensors: str = "pt", **kwargs):
         """Encode samples of the common schema with their decoded media for inference and return a
         padded batch (left padding for generation). `media[i]`: {"image": (h, w, 3)} or {"frames":
-        (T, h, w, 3), "timestamps": [...]}. See `tpo.processing.pipeline.TPODataCollator` for training.
+        (T, h, w, 3), "timestamps": [...]}. See `tpo.processing.data_collator.TPODataCollator` for training.
         Returns a `BatchFeature` of `return_tensors` tensors ("pt", "np"; None: as collated, torch) plus the
         per-sample metadata `tpo_meta`, which is left unconverted."""
         from .collator_tpo import collate_encoded

@@ -80,7 +80,8 @@ def trainer_run(out_dir: Path, steps: int) -> None:
     from tiny_inputs import fake_media, training_samples
     from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
-    from tpo.processing.pipeline import TPODataCollator, encode_dataset
+    from tpo.processing.data_collator import TPODataCollator
+    from tpo.processing.pipeline import encode_dataset
     from tpo.processing.processing_tpo import TPOProcessor
     from tpo.training.arguments import TPOTrainingArguments
     from tpo.training.trainer import TPOTrainer

@@ -18,7 +18,8 @@ from tpo import TPOForConditionalGeneration
 from tpo.modeling_tpo import features
 from tpo.modeling_tpo.features import nearest_frame_index, vision_clip_features
 from tpo.processing.collator_tpo import collate_encoded
-from tpo.processing.pipeline import TPODataCollator, encode_dataset, load_media
+from tpo.processing.data_collator import TPODataCollator
+from tpo.processing.pipeline import encode_dataset, load_media
 from tpo.processing.processing_tpo import TPOProcessor, dense_clip_timestamps
 from tpo.processing.synthetic import IMAGE_SIZE as VIDEO_SIZE
 from tpo.processing.synthetic import _write_video as write_synthetic_video

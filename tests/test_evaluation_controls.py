@@ -9,7 +9,7 @@ import pytest
 import torch
 from tiny_inputs import MASK_VIDEO, MEDIA, REGION, TEMPORAL, TEXT, build_model_and_processor, generation_batch
 
-from tpo.processing.pipeline import sample_mask_frames
+from tpo.processing.data_collator import sample_mask_frames
 from tpo.processing.schema import empty_sample
 from tpo.processing.synthetic import generate_synthetic_benchmark, load_split
 from tpo.training.evaluation import (

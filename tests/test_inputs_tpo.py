@@ -42,11 +42,11 @@ def test_key_lists_follow_the_declarations():
 
 
 def test_the_collator_gives_only_declared_inputs_and_the_mllm_s():
-    from test_generation import MASK_IMAGE, MASK_VIDEO, MEDIA, REGION, TEMPORAL, TEXT, _build
+    from tiny_inputs import MASK_IMAGE, MASK_VIDEO, MEDIA, REGION, TEMPORAL, TEXT, build_model_and_processor
 
     from tpo.processing.collator_tpo import collate_encoded
 
-    model, processor = _build("llava")
+    model, processor = build_model_and_processor("llava")
     samples = [REGION, TEMPORAL, MASK_IMAGE, MASK_VIDEO, TEXT]
     batch = collate_encoded(processor, [processor.encode(s, mode="train") for s in samples],
                             [MEDIA[s["id"]] for s in samples])
@@ -64,11 +64,10 @@ def test_the_collator_gives_only_declared_inputs_and_the_mllm_s():
 def test_past_key_values_is_taken_as_cache_and_outputs_answer_to_both_names(monkeypatch):
     """The one KV-cache shim (generation_tpo.py): `forward(past_key_values=...)` reaches the backbone as `cache`,
     and `outputs.past_key_values` reads `outputs.cache`."""
-    from test_model_core import build
-    from tiny_inputs import SampleSpec, make_batch
+    from tiny_inputs import SampleSpec, build_model, make_batch
     from transformers import DynamicCache
 
-    model, tokenizer = build("llava")
+    model, tokenizer = build_model("llava")
     batch = make_batch(tokenizer, model.config, [SampleSpec(task=None, visual="none")])
     seen = {}
     run_backbone = model._run_backbone

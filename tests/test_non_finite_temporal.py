@@ -9,7 +9,8 @@ from transformers.models.siglip.image_processing_pil_siglip import SiglipImagePr
 
 from tpo import TPOForConditionalGeneration
 from tpo.modeling_tpo.matcher import SpanHungarianMatcher
-from tpo.processing.pipeline import TPODataCollator, encode_dataset
+from tpo.processing.data_collator import TPODataCollator
+from tpo.processing.pipeline import encode_dataset
 from tpo.processing.processing_tpo import TPOProcessor
 from tpo.training.arguments import TPOTrainingArguments
 from tpo.tiny import build_tiny_tokenizer, random_media, tiny_llava_config

@@ -235,7 +235,8 @@ def test_release_model_with_dense_clips_reloads_as_remote_code(tmp_path):
     from transformers import AutoModel
     from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
-    from tpo.processing.pipeline import TPODataCollator, encode_dataset
+    from tpo.processing.data_collator import TPODataCollator
+    from tpo.processing.pipeline import encode_dataset
     from tpo.processing.processing_tpo import TPOProcessor
     from tpo.tiny import random_media
 

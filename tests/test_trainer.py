@@ -13,7 +13,8 @@ from transformers import LlavaForConditionalGeneration, TrainerCallback
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
 from tpo import TPOForConditionalGeneration
-from tpo.processing.pipeline import TPODataCollator, encode_dataset
+from tpo.processing.data_collator import TPODataCollator
+from tpo.processing.pipeline import encode_dataset
 from tpo.processing.processing_tpo import TPOProcessor
 from tpo.training.arguments import TPOTrainingArguments
 from tpo.training.stages import parameter_group

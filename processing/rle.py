@@ -4,9 +4,9 @@ An RLE is `{"size": [h, w], "counts": ...}`: column-major runs, alternately back
 as COCO's compressed string (or bytes) or a list of run lengths. `check_rle` refuses runs that do not
 cover h * w exactly, naming where the RLE came from, before pycocotools decodes anything.
 
-The decoding and encoding functions are the processor's (`processing_tpo.py`, remote code, which imports
-nothing from the project), copied here so that the scoring CLI stays free of torch; a test checks that
-the copies are identical. numpy only at import; pycocotools where masks are encoded or decoded.
+The one implementation: the processor (`processing_tpo.py`) imports it, so `save_pretrained` copies this file
+with the processor as remote code; the scoring CLI uses it without torch. Imports nothing from the project;
+numpy only at import, pycocotools where masks are encoded or decoded.
 """
 
 import numpy as np

@@ -58,7 +58,7 @@ def test_the_checkpoint_names_and_ships_the_pipeline(world):
     config = json.loads((world["checkpoint"] / "config.json").read_text())
     assert config["custom_pipelines"] == CUSTOM_PIPELINES
     assert CUSTOM_PIPELINES[pipeline_tpo.PIPELINE_TASK]["impl"] == f"pipeline_tpo.{pipeline_tpo.TPOPipeline.__name__}"
-    assert {"pipeline_tpo.py", "video.py", "collator_tpo.py", "processing_tpo.py"} <= {
+    assert {"pipeline_tpo.py", "video.py", "collator_tpo.py", "processing_tpo.py", "rle.py"} <= {
         p.name for p in world["checkpoint"].iterdir()}
     pipe = world["pipe"]
     assert type(pipe).__name__ == "TPOPipeline" and type(pipe).__module__.startswith("transformers_modules")

@@ -201,7 +201,7 @@ REMOTE_CODE_IMPORTS = {
 }
 README_REMOTE_CODE_SENTENCE = (
     "`modeling_tpo/` imports torch and transformers (and the standard library) at module level and scipy only "
-    "where the Hungarian matcher runs (training the temporal head); `processing_tpo.py` and `collator_tpo.py` "
+    "where the Hungarian matcher runs (training the temporal head); `processing_tpo.py`, `collator_tpo.py` and `rle.py` "
     "add numpy and Pillow at module level (transformers' image processors need them too) and pycocotools "
     "only where masks are encoded or decoded"
 )
@@ -226,7 +226,7 @@ def _third_party_imports(path: Path) -> tuple[set, set]:
 def test_remote_code_imports_what_the_readme_says():
     root = Path(__file__).resolve().parents[1]
     files = {"modeling_tpo": sorted((root / "modeling_tpo").glob("*.py")),
-             "processing": [root / "processing" / "processing_tpo.py", root / "processing" / "collator_tpo.py"]}
+             "processing": [root / "processing" / name for name in ("processing_tpo.py", "collator_tpo.py", "rle.py")]}
     for part, paths in files.items():
         top = set().union(*(_third_party_imports(p)[0] for p in paths))
         lazy = set().union(*(_third_party_imports(p)[1] for p in paths)) - top

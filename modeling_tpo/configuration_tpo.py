@@ -50,7 +50,8 @@ class _HeadSettings:
         """The settings of `config` (an instance, a dict of settings, or None for the defaults) with `overrides`."""
         if config is None:
             given = {}
-        elif isinstance(config, cls):
+        elif dataclasses.is_dataclass(config) and not isinstance(config, type):
+            # (not isinstance(config, cls): remote code may load this module twice, under two names)
             given = dataclasses.asdict(config)
         elif isinstance(config, dict):
             given = dict(config)
@@ -359,8 +360,8 @@ class TPOConfig(PreTrainedConfig):
         # the head settings stay plain dicts here (config.json), a typed instance given is stored as its dict
         for name, settings_class in HEAD_CONFIG_CLASSES.items():
             given = getattr(self, name)
-            if isinstance(given, _HeadSettings):
-                given = given.to_dict()
+            if dataclasses.is_dataclass(given) and not isinstance(given, type):
+                given = dataclasses.asdict(given)
             setattr(self, name, _merge_defaults(name, settings_class().to_dict(), given, preset.get(name)))
         self.loss_weights = _merge_defaults("loss_weights", DEFAULT_LOSS_WEIGHTS, self.loss_weights,
                                             preset.get("loss_weights"))

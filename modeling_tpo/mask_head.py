@@ -92,9 +92,8 @@ class MaskHead(nn.Module):
         self.sam2 = Sam2VideoModel(sam2_config)
         self.prompt_dim = sam2_config.prompt_encoder_config.hidden_size
         self.num_prompt_tokens = s.num_prompt_tokens
-        self.prompt_mlp = nn.Sequential(
-            nn.Linear(hidden_size, hidden_size), nn.GELU(), nn.Linear(hidden_size, s.num_prompt_tokens * self.prompt_dim)
-        )
+        self.prompt_mlp = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.GELU(),
+                                        nn.Linear(hidden_size, s.num_prompt_tokens * self.prompt_dim))
         self.weights = {"bce": s.bce_weight, "dice": s.dice_weight, "prompt_l1": s.prompt_l1_weight,
                         "box": s.box_loss_weight, "box_l1": s.box_l1_weight}
         self.localiser = None

@@ -62,7 +62,8 @@ class RegionHead(nn.Module):
         super().__init__()
         s = self.settings = RegionHeadConfig.build(config, **settings)
         if s.heatmap_score not in self.HEATMAP_SCORES:
-            raise ValueError(f"Unknown region head heatmap_score {s.heatmap_score!r}; use one of {self.HEATMAP_SCORES}.")
+            raise ValueError(f"Unknown region head heatmap_score {s.heatmap_score!r}; use one of "
+                             f"{self.HEATMAP_SCORES}.")
         if s.mode not in self.MODES:
             raise ValueError(f"Unknown region head mode {s.mode!r}; use one of {self.MODES}.")
         if s.box_format not in self.BOX_FORMATS:

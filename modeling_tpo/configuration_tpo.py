@@ -5,6 +5,7 @@ optional imported at module level.
 """
 
 import copy
+import dataclasses
 from typing import Any
 
 from transformers import AutoConfig, PreTrainedConfig
@@ -21,83 +22,167 @@ IGNORE_INDEX = -100
 DEFAULT_BEGIN_TOKENS = {"temporal": "<time_begin>", "region": "<box_begin>", "mask": "<mask_begin>"}
 DEFAULT_SLOT_TOKENS = {"temporal": "<temp>", "region": "<boxes>", "mask": "<masks>"}
 
-# Head defaults: the project's own choices. Where they differ from the public release (REFERENCE.md section 2),
+# Head settings: the project's own choices. Where they differ from the public release (REFERENCE.md section 2),
 # `PRESETS["release"]` below switches to the release and README.md ("Differences from the paper and the release")
 # lists every difference with the option that switches it.
-# - region: 2-layer MLP hidden -> hidden/2 -> 4 ("mlp"; "heatmap" is our soft-argmax variant over the visual
-#   tokens, for MLLMs trained from scratch, with a heatmap KL term `heatmap_weight`); loss 2 * L1 + GIoU / 5. Ours
-#   regresses sigmoid (cx, cy, w, h) with the L1 summed over the 4 coordinates ("cxcywh_sigmoid", "coordinate_sum");
-#   the release regresses raw (x0, y0, x1, y1) with the L1 averaged over N x 4 ("xyxy_raw", "mean").
-# - temporal: DETR moment localiser, 10 moment queries, matching costs span L1 10, gIoU 1, class 4; loss weights
-#   span L1 10, gIoU 1, CE 4 (no-object weight 0.1), saliency 4, the whole temporal sum scaled by 0.05
-#   (`loss_weights["temporal"]`). Ours: span L1 summed over (centre, width) ("coordinate_sum"), the CE a weighted
-#   mean divided by the sum of the class weights ("weight_normalised"), ranking + contrastive saliency ("ranking"),
-#   2 + 2 plain layers. CG-DETR's query-aware parts (dummy tokens, text-to-video layers, reference points, input
-#   dropout) are off by default and on in the release preset. `decoder="dense"` is our frame-anchored alternative,
-#   fast to train from scratch. `dense_clip_seconds` > 0 reads per-clip features from the MLLM's vision tower
-#   (frozen) at that rate instead of only the LLM's frames (see `TemporalHead` and README "Dense temporal features").
-# - mask: task embedding -> MLP hidden -> hidden -> K x prompt_dim sparse SAM2 prompts (K=3). Ours trains BCE + Dice
-#   on the masks (weights as LISA: BCE 2.0, Dice 0.5) and SAM2's mask decoder; the release freezes all of SAM2 and
-#   trains only an L1 to SAM2's prompt embedding of the GT box plus an L1 on a box (`prompt_l1_weight`,
-#   `box_l1_weight`, 0 here).
-# The one definition of each head's defaults: the head classes' constructors take theirs from these dicts.
-DEFAULT_REGION_HEAD = {"mode": "mlp", "hidden_ratio": 0.5, "l1_weight": 2.0, "giou_weight": 0.2, "heatmap_dim": 256,
-                       "heatmap_weight": 1.0, "box_format": "cxcywh_sigmoid", "l1_reduction": "coordinate_sum",
-                       "heatmap_score": "additive", "query_text": False}
-DEFAULT_TEMPORAL_HEAD = {
-    "d_model": 256,
-    "num_heads": 8,
-    "num_encoder_layers": 2,
-    "num_decoder_layers": 2,
-    "dim_feedforward": 1024,
-    "dropout": 0.1,
-    "num_queries": 10,
-    "max_frames": 512,
-    "use_query_tokens": True,
-    "aux_loss": True,
-    "span_l1_weight": 10.0,
-    "span_giou_weight": 1.0,
-    "label_weight": 4.0,
-    "saliency_weight": 4.0,
-    "eos_coef": 0.1,
-    "saliency_margin": 0.2,
-    "saliency_loss": "ranking",
-    "match_cost_span": 10.0,
-    "match_cost_giou": 1.0,
-    "match_cost_class": 4.0,
-    "frame_pooling": "mean_max",
-    "decoder": "detr",
-    "nms_iou": 0.7,
-    "span_l1_reduction": "coordinate_sum",
-    "label_reduction": "weight_normalised",
-    "num_dummies": 0,
-    "dummy_layers": 2,
-    "t2v_layers": 0,
-    "t2v_saliency_weight": 1.0,
-    "negative_pairs": False,
-    "reference_points": False,
-    "input_dropout": 0.0,
-    "dense_clip_seconds": 0.0,
-    "dense_max_clips": 256,
-}
-DEFAULT_MASK_HEAD = {
-    "num_prompt_tokens": 3,
-    "bce_weight": 2.0,
-    "dice_weight": 0.5,
-    "prompt_l1_weight": 0.0,
-    "box_l1_weight": 0.0,
-    "freeze_image_encoder": True,
-    "freeze_prompt_encoder": True,
-    "freeze_mask_decoder": False,
-    "multimask_output": False,
-    # SAM2's fallback, at inference, from its single mask to the best of its 3 multimask outputs when the single
-    # mask is unstable: None follows `freeze_mask_decoder` (on for a frozen pretrained decoder, as released; off
-    # for a decoder trained here on the single mask only, whose multimask outputs stay untrained)
-    "stability_fallback": None,
-    "box_prompt": False,  # not in the release: a localised box as an extra SAM2 prompt (see mask_head.py)
-    "box_prompt_config": None,
-    "box_loss_weight": 1.0,
-}
+# The one definition of each head's settings and their defaults is its dataclass below (`RegionHeadConfig`,
+# `TemporalHeadConfig`, `MaskHeadConfig`, `BoxPromptConfig`): the heads take an instance, `TPOConfig` keeps the
+# same settings as plain dicts (`*_head_config`, in config.json), and `DEFAULT_*_HEAD` are the dataclasses' dicts.
+
+
+def _refuse_unknown_keys(name: str, given, valid) -> None:
+    """Raise a ValueError naming the keys of `given` not in `valid` (likely typos), and the valid ones."""
+    unknown = sorted(set(given) - set(valid))
+    if unknown:
+        raise ValueError(f"Unknown key(s) {unknown} in `{name}`; valid keys are {sorted(valid)}.")
+
+
+class _HeadSettings:
+    """What the head settings share: building from a dict (or overrides) and refusing keys they do not know."""
+
+    @classmethod
+    def check_keys(cls, given, name: str | None = None) -> None:
+        """Raise a ValueError naming every key of `given` that is not a setting, and the valid ones."""
+        _refuse_unknown_keys(name or cls.__name__, given, [f.name for f in dataclasses.fields(cls)])
+
+    @classmethod
+    def build(cls, config=None, name: str | None = None, **overrides):
+        """The settings of `config` (an instance, a dict of settings, or None for the defaults) with `overrides`."""
+        if config is None:
+            given = {}
+        elif dataclasses.is_dataclass(config) and not isinstance(config, type):
+            # (not isinstance(config, cls): remote code may load this module twice, under two names)
+            given = dataclasses.asdict(config)
+        elif isinstance(config, dict):
+            given = dict(config)
+        else:
+            raise TypeError(f"`{name or cls.__name__}` must be a {cls.__name__}, a dict or None, got "
+                            f"{type(config).__name__}.")
+        given.update(overrides)
+        cls.check_keys(given, name)
+        return cls(**given)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class RegionHeadConfig(_HeadSettings):
+    """Settings of the region head (`RegionHead`): task embedding -> one normalised box.
+
+    Ours regresses sigmoid (cx, cy, w, h) with the L1 summed over the 4 coordinates; the release regresses raw
+    (x0, y0, x1, y1) with the L1 averaged over N x 4. Loss: `l1_weight` * L1 + `giou_weight` * GIoU (2 * L1 + GIoU / 5).
+    """
+
+    # "mlp": the release's 2-layer MLP hidden -> hidden * hidden_ratio -> 4 on the task embedding alone; "heatmap":
+    # our soft-argmax over the visual tokens scored by the task embedding, for MLLMs trained from scratch
+    mode: str = "mlp"
+    hidden_ratio: float = 0.5  # the MLP's inner width as a fraction of the LLM's hidden size
+    l1_weight: float = 2.0  # weight of the box L1
+    giou_weight: float = 0.2  # weight of the box GIoU loss
+    heatmap_dim: int = 256  # "heatmap": width of the key / query projections of the visual tokens' scores
+    heatmap_weight: float = 1.0  # "heatmap": weight of the KL term from a Gaussian at the GT centre to the scores
+    # what the "mlp" mode regresses: "cxcywh_sigmoid" (ours, always a valid box) or "xyxy_raw" (the release)
+    box_format: str = "cxcywh_sigmoid"
+    # the L1: "coordinate_sum" (ours: summed over the 4 coordinates, mean over boxes) or "mean" (the release: N x 4)
+    l1_reduction: str = "coordinate_sum"
+    # "heatmap": "additive" scores or "additive_dot" (plus the scaled dot product of the same projections)
+    heatmap_score: str = "additive"
+    query_text: bool = False  # "heatmap": the instruction's text tokens, attention-pooled, join the query
+
+
+@dataclasses.dataclass(frozen=True)
+class TemporalHeadConfig(_HeadSettings):
+    """Settings of the temporal head (`TemporalHead`): a DETR moment localiser over the MLLM's per-frame features.
+
+    Ours: span L1 summed over (centre, width), the CE a weighted mean divided by the sum of the class weights,
+    ranking + contrastive saliency, 2 + 2 plain layers. CG-DETR's query-aware parts (dummy tokens, text-to-video
+    layers, reference points, input dropout) are off here and on in the release preset. The whole temporal loss is
+    scaled by `loss_weights["temporal"]` (0.05).
+    """
+
+    d_model: int = 256  # width of the head's transformer
+    num_heads: int = 8  # attention heads of every layer
+    num_encoder_layers: int = 2  # encoder layers over frames, query text and task embedding
+    num_decoder_layers: int = 2  # decoder layers of the moment queries
+    dim_feedforward: int = 1024  # feed-forward width of every layer
+    dropout: float = 0.1  # dropout inside the layers
+    num_queries: int = 10  # moment queries (predicted spans per temporal query)
+    max_frames: int = 512  # most frames the head reads
+    use_query_tokens: bool = True  # the instruction's text tokens enter the encoder
+    aux_loss: bool = True  # losses on every decoder layer's predictions, not only the last
+    span_l1_weight: float = 10.0  # loss weight of the span L1
+    span_giou_weight: float = 1.0  # loss weight of the span gIoU
+    label_weight: float = 4.0  # loss weight of the foreground / no-object CE
+    saliency_weight: float = 4.0  # loss weight of the saliency terms
+    eos_coef: float = 0.1  # class weight of "no object" in the CE
+    saliency_margin: float = 0.2  # margin of the saliency ranking loss
+    saliency_loss: str = "ranking"  # "ranking" (ours: all ordered pairs + contrastive) or "release" (CG-DETR's)
+    match_cost_span: float = 10.0  # Hungarian matching cost of the span L1
+    match_cost_giou: float = 1.0  # matching cost of the span gIoU
+    match_cost_class: float = 4.0  # matching cost of the foreground probability
+    frame_pooling: str = "mean_max"  # pooling of each frame's visual tokens: "mean" or "mean_max" (concatenated)
+    decoder: str = "detr"  # "detr" (moment queries) or "dense" (ours: frame-anchored, fast to train from scratch)
+    nms_iou: float = 0.7  # IoU above which predicted moments are suppressed at inference
+    span_l1_reduction: str = "coordinate_sum"  # "coordinate_sum" (ours) or "mean" (the release)
+    label_reduction: str = "weight_normalised"  # "weight_normalised" (ours) or "mean" (the release)
+    num_dummies: int = 0  # CG-DETR's dummy tokens, keys of the text-to-video layers (needs t2v_layers)
+    dummy_layers: int = 2  # encoder layers of the dummy tokens
+    t2v_layers: int = 0  # CG-DETR's text-to-video layers before the encoder
+    t2v_saliency_weight: float = 1.0  # weight of the saliency terms on the text-to-video relevance
+    negative_pairs: bool = False  # in training, each video is also paired with another sample's query (needs t2v)
+    reference_points: bool = False  # the DETR decoder refines anchors layer by layer (decoder "detr" only)
+    input_dropout: float = 0.0  # dropout on the head's inputs, in [0, 1)
+    # > 0: per-clip features from the MLLM's vision tower (frozen), one clip per that many seconds, instead of only
+    # the LLM's frames (README "Dense temporal features"); 0: off
+    dense_clip_seconds: float = 0.0
+    dense_max_clips: int = 256  # most clips read with dense_clip_seconds (at least 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class BoxPromptConfig(_HeadSettings):
+    """Settings of the mask head's box-prompt localiser (a `RegionHead` in "heatmap" mode; `MaskHeadConfig.box_prompt`).
+    The fields are the region head's, with the same meaning."""
+
+    heatmap_dim: int = 256
+    l1_weight: float = 2.0
+    giou_weight: float = 0.2
+    heatmap_weight: float = 1.0
+    heatmap_score: str = "additive"
+    query_text: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskHeadConfig(_HeadSettings):
+    """Settings of the mask head (`MaskHead`): task embedding -> MLP hidden -> hidden -> K x prompt_dim sparse SAM2
+    prompts. Ours trains BCE + Dice on the masks (weights as LISA) and SAM2's mask decoder; the release freezes all
+    of SAM2 and trains only an L1 to SAM2's prompt embedding of the GT box plus an L1 on a box (0 here)."""
+
+    num_prompt_tokens: int = 3  # K sparse prompt tokens per task token
+    bce_weight: float = 2.0  # loss weight of the sigmoid BCE on the masks
+    dice_weight: float = 0.5  # loss weight of the Dice loss on the masks
+    prompt_l1_weight: float = 0.0  # the release's L1 from the prompt embedding to SAM2's embedding of the GT box
+    box_l1_weight: float = 0.0  # the release's L1 on a box regressed from the task embedding (a regressor when > 0)
+    freeze_image_encoder: bool = True  # SAM2's image encoder is frozen (and runs without building a graph)
+    freeze_prompt_encoder: bool = True  # SAM2's prompt encoder is frozen
+    freeze_mask_decoder: bool = False  # SAM2's mask decoder is frozen
+    multimask_output: bool = False  # SAM2 predicts 3 masks and the one of highest predicted IoU is kept
+    # SAM2's fallback (`dynamic_multimask_via_stability`), at inference only, from its single mask to the best of its
+    # 3 multimask outputs when the single mask is unstable: None follows `freeze_mask_decoder` (on for a frozen
+    # pretrained decoder, as released; off for a decoder trained here on the single mask only, whose multimask
+    # outputs stay untrained and would be swapped in at evaluation)
+    stability_fallback: bool | None = None
+    box_prompt: bool = False  # not in the release: a localised box as an extra SAM2 prompt (see mask_head.py)
+    box_prompt_config: dict | None = None  # the localiser's settings (`BoxPromptConfig`'s keys), None: its defaults
+    box_loss_weight: float = 1.0  # weight of the localiser's loss (`mask_box`) inside the `mask` term
+
+
+DEFAULT_REGION_HEAD = RegionHeadConfig().to_dict()
+DEFAULT_TEMPORAL_HEAD = TemporalHeadConfig().to_dict()
+DEFAULT_MASK_HEAD = MaskHeadConfig().to_dict()
+DEFAULT_BOX_PROMPT = BoxPromptConfig().to_dict()
+HEAD_CONFIG_CLASSES = {"region_head_config": RegionHeadConfig, "temporal_head_config": TemporalHeadConfig,
+                       "mask_head_config": MaskHeadConfig}
 # `pipeline(model=checkpoint, trust_remote_code=True)`: the config names the pipeline class, whose file
 # (pipeline_tpo.py) the processor saves with its own code
 CUSTOM_PIPELINES = {"tpo": {"impl": "pipeline_tpo.TPOPipeline", "pt": ["AutoModel"], "type": "multimodal"}}
@@ -131,9 +216,7 @@ PRESETS = {
 def _merge_defaults(name: str, defaults: dict, given: dict | None, preset: dict | None = None) -> dict:
     """Fill `given` with `preset`, then `defaults`, refusing keys the defaults do not know (likely typos)."""
     given = dict(given or {})
-    unknown = sorted(set(given) - set(defaults))
-    if unknown:
-        raise ValueError(f"Unknown key(s) {unknown} in `{name}`; valid keys are {sorted(defaults)}.")
+    _refuse_unknown_keys(name, given, defaults)
     return {**copy.deepcopy(defaults), **copy.deepcopy(preset or {}), **given}
 
 
@@ -194,8 +277,10 @@ class TPOConfig(PreTrainedConfig):
             [`TPOForConditionalGeneration.from_mllm`]; required to build a model.
         router_hidden_size (`int`, *optional*):
             Hidden width of the task router MLP; `None` gives a single linear layer.
-        region_head_config, temporal_head_config, mask_head_config (`dict`, *optional*):
-            Head settings and their internal loss weights; defaults in `DEFAULT_*_HEAD`.
+        region_head_config, temporal_head_config, mask_head_config (`dict`, `RegionHeadConfig`, ..., *optional*):
+            Head settings and their internal loss weights: keys (and defaults) of `RegionHeadConfig`,
+            `TemporalHeadConfig` and `MaskHeadConfig`; stored as plain dicts. The model builds each head from the
+            typed settings (`head_settings`).
         loss_weights (`dict`, *optional*):
             Weights of `lm`, `assign`, `temporal`, `region` and `mask` in the total loss.
         initializer_range (`float`, defaults to 0.02):
@@ -224,9 +309,9 @@ class TPOConfig(PreTrainedConfig):
     task_token_strings: dict | None = None
     task_token_ids: dict | None = None
     router_hidden_size: int | None = None
-    region_head_config: dict | None = None
-    temporal_head_config: dict | None = None
-    mask_head_config: dict | None = None
+    region_head_config: dict | RegionHeadConfig | None = None
+    temporal_head_config: dict | TemporalHeadConfig | None = None
+    mask_head_config: dict | MaskHeadConfig | None = None
     loss_weights: dict | None = None
     initializer_range: float = 0.02
     preset: str | None = None
@@ -272,9 +357,14 @@ class TPOConfig(PreTrainedConfig):
             raise ValueError(f"Unknown `preset` {self.preset!r}; valid presets are {sorted(PRESETS)} (or None for the "
                              "project's defaults).")
         preset = PRESETS.get(self.preset, {})
-        for name, defaults in (("region_head_config", DEFAULT_REGION_HEAD), ("temporal_head_config", DEFAULT_TEMPORAL_HEAD),
-                               ("mask_head_config", DEFAULT_MASK_HEAD), ("loss_weights", DEFAULT_LOSS_WEIGHTS)):
-            setattr(self, name, _merge_defaults(name, defaults, getattr(self, name), preset.get(name)))
+        # the head settings stay plain dicts here (config.json), a typed instance given is stored as its dict
+        for name, settings_class in HEAD_CONFIG_CLASSES.items():
+            given = getattr(self, name)
+            if dataclasses.is_dataclass(given) and not isinstance(given, type):
+                given = dataclasses.asdict(given)
+            setattr(self, name, _merge_defaults(name, settings_class().to_dict(), given, preset.get(name)))
+        self.loss_weights = _merge_defaults("loss_weights", DEFAULT_LOSS_WEIGHTS, self.loss_weights,
+                                            preset.get("loss_weights"))
 
     def _check_token_table(self, name: str, table: dict, value_type: type) -> None:
         missing = [task for task in TASK_NAMES if task not in table]
@@ -298,6 +388,11 @@ class TPOConfig(PreTrainedConfig):
         if len(set(flat)) != len(flat):
             raise ValueError(f"`{name}` repeats a token: {table}.")
 
+    def head_settings(self, task: str) -> "RegionHeadConfig | TemporalHeadConfig | MaskHeadConfig":
+        """The typed settings of a task's head (`"region"`, `"temporal"` or `"mask"`), from `{task}_head_config`."""
+        name = f"{task}_head_config"
+        return HEAD_CONFIG_CLASSES[name].build(getattr(self, name), name=name)
+
     def get_text_config(self, decoder=None, encoder=None) -> PreTrainedConfig:
         """The wrapped MLLM's text configuration (generation and embedding resizing read it)."""
         return self.mllm_config.get_text_config(decoder=decoder, encoder=encoder)
@@ -310,6 +405,6 @@ class TPOConfig(PreTrainedConfig):
         return [v for entry in self.task_token_ids.values() for v in [entry["begin"], *entry["slots"]]]
 
 
-__all__ = ["TPOConfig"]
+__all__ = ["BoxPromptConfig", "MaskHeadConfig", "RegionHeadConfig", "TemporalHeadConfig", "TPOConfig"]
 
 TPOConfig.register_for_auto_class()

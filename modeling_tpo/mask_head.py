@@ -14,11 +14,8 @@ from transformers.modeling_outputs import ModelOutput
 from transformers.models.sam2_video.modeling_sam2_video import Sam2VideoInferenceSession
 
 from .box_ops import masks_to_boxes
-from .configuration_tpo import DEFAULT_MASK_HEAD as _DEFAULTS
+from .configuration_tpo import BoxPromptConfig, MaskHeadConfig
 from .region_head import RegionHead
-
-DEFAULT_BOX_PROMPT = {"heatmap_dim": 256, "l1_weight": 2.0, "giou_weight": 0.2, "heatmap_weight": 1.0,
-                      "heatmap_score": "additive", "query_text": False}
 
 
 def dice_loss(logits: torch.Tensor, targets: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
@@ -82,67 +79,45 @@ class MaskHead(nn.Module):
     Args:
         hidden_size: the LLM's hidden size.
         sam2_config: a `Sam2VideoConfig`.
-        num_prompt_tokens: K prompt tokens per task token.
-        bce_weight, dice_weight, prompt_l1_weight, box_l1_weight: loss weights (a box regressor exists only with
-            box_l1_weight > 0).
-        freeze_image_encoder, freeze_prompt_encoder, freeze_mask_decoder: frozen SAM2 parts
-            (`requires_grad=False`; a frozen image encoder runs without building a graph).
-        multimask_output: let SAM2 predict 3 masks and keep the one of highest predicted IoU.
-        stability_fallback: SAM2's own inference-time switch (`dynamic_multimask_via_stability`) from its single
-            mask to the best of its 3 multimask outputs when the single mask's logits are unstable. Training never
-            takes it (transformers applies it only in eval mode), so with a mask decoder trained here on the single
-            mask it swaps in untrained outputs at evaluation. None (default): on exactly when the mask decoder
-            is frozen (`freeze_mask_decoder`, a pretrained SAM2 as released), off when it trains.
-        box_prompt: add the localiser's predicted box as a SAM2 box prompt (see above);
-        box_prompt_config: the localiser's settings (keys of `DEFAULT_BOX_PROMPT`);
-        box_loss_weight: weight of its loss (`mask_box`) inside the `mask` term.
+        config: the settings (`MaskHeadConfig`, or a dict of its fields; None: the defaults), kept as `settings`:
+            loss weights (a box regressor exists only with `box_l1_weight` > 0), frozen SAM2 parts
+            (`requires_grad=False`), `multimask_output`, `stability_fallback`, and the box prompt (`box_prompt`,
+            the localiser's `box_prompt_config` (`BoxPromptConfig`'s keys) and its loss weight `box_loss_weight`).
+        **settings: `MaskHeadConfig` fields set over `config` (`MaskHead(64, sam2_config, bce_weight=1.0)`).
     """
 
-    def __init__(self, hidden_size: int, sam2_config, num_prompt_tokens: int = _DEFAULTS["num_prompt_tokens"],
-                 bce_weight: float = _DEFAULTS["bce_weight"], dice_weight: float = _DEFAULTS["dice_weight"],
-                 prompt_l1_weight: float = _DEFAULTS["prompt_l1_weight"],
-                 freeze_image_encoder: bool = _DEFAULTS["freeze_image_encoder"],
-                 freeze_prompt_encoder: bool = _DEFAULTS["freeze_prompt_encoder"],
-                 freeze_mask_decoder: bool = _DEFAULTS["freeze_mask_decoder"],
-                 multimask_output: bool = _DEFAULTS["multimask_output"],
-                 stability_fallback: bool | None = _DEFAULTS["stability_fallback"],
-                 box_prompt: bool = _DEFAULTS["box_prompt"],
-                 box_prompt_config: dict | None = _DEFAULTS["box_prompt_config"],
-                 box_loss_weight: float = _DEFAULTS["box_loss_weight"],
-                 box_l1_weight: float = _DEFAULTS["box_l1_weight"]):
+    def __init__(self, hidden_size: int, sam2_config, config: MaskHeadConfig | dict | None = None, **settings):
         super().__init__()
+        s = self.settings = MaskHeadConfig.build(config, **settings)
         self.sam2 = Sam2VideoModel(sam2_config)
         self.prompt_dim = sam2_config.prompt_encoder_config.hidden_size
-        self.num_prompt_tokens = num_prompt_tokens
-        self.prompt_mlp = nn.Sequential(
-            nn.Linear(hidden_size, hidden_size), nn.GELU(), nn.Linear(hidden_size, num_prompt_tokens * self.prompt_dim)
-        )
-        self.weights = {"bce": bce_weight, "dice": dice_weight, "prompt_l1": prompt_l1_weight, "box": box_loss_weight,
-                        "box_l1": box_l1_weight}
+        self.num_prompt_tokens = s.num_prompt_tokens
+        self.prompt_mlp = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.GELU(),
+                                        nn.Linear(hidden_size, s.num_prompt_tokens * self.prompt_dim))
+        self.weights = {"bce": s.bce_weight, "dice": s.dice_weight, "prompt_l1": s.prompt_l1_weight,
+                        "box": s.box_loss_weight, "box_l1": s.box_l1_weight}
         self.localiser = None
-        if box_prompt:
-            unknown = sorted(set(box_prompt_config or {}) - set(DEFAULT_BOX_PROMPT))
-            if unknown:
-                raise ValueError(f"Unknown box_prompt_config key(s) {unknown}; valid: {sorted(DEFAULT_BOX_PROMPT)}.")
-            settings = {**DEFAULT_BOX_PROMPT, **(box_prompt_config or {})}
-            self.localiser = RegionHead(hidden_size, mode="heatmap", **settings)
-        self.freeze_image_encoder = freeze_image_encoder
-        self.multimask_output = multimask_output
+        if s.box_prompt:
+            box_settings = BoxPromptConfig.build(s.box_prompt_config, name="box_prompt_config")
+            self.localiser = RegionHead(hidden_size, mode="heatmap", **box_settings.to_dict())
+        self.freeze_image_encoder = s.freeze_image_encoder
+        self.multimask_output = s.multimask_output
         self.image_size = int(sam2_config.image_size)
-        self.sam2.vision_encoder.requires_grad_(not freeze_image_encoder)
+        self.sam2.vision_encoder.requires_grad_(not s.freeze_image_encoder)
         for module in (self.sam2.prompt_encoder, self.sam2.shared_image_embedding):
-            module.requires_grad_(not freeze_prompt_encoder)
-        self.sam2.mask_decoder.requires_grad_(not freeze_mask_decoder)
-        self.stability_fallback = freeze_mask_decoder if stability_fallback is None else bool(stability_fallback)
+            module.requires_grad_(not s.freeze_prompt_encoder)
+        self.sam2.mask_decoder.requires_grad_(not s.freeze_mask_decoder)
+        self.stability_fallback = (s.freeze_mask_decoder if s.stability_fallback is None
+                                   else bool(s.stability_fallback))
         self.sam2.mask_decoder.dynamic_multimask_via_stability = (
             self.stability_fallback and bool(sam2_config.mask_decoder_config.dynamic_multimask_via_stability))
         for name, module in self.sam2.named_children():  # video memory: used at inference only
             if name not in ("vision_encoder", "prompt_encoder", "shared_image_embedding", "mask_decoder"):
                 module.requires_grad_(False)
         for name, parameter in self.sam2.named_parameters(recurse=False):
-            parameter.requires_grad_(name == "no_memory_embedding" and not freeze_image_encoder)
+            parameter.requires_grad_(name == "no_memory_embedding" and not s.freeze_image_encoder)
         self.box_regressor = None
-        if box_l1_weight:
+        if s.box_l1_weight:
             self.box_regressor = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.ReLU(), nn.Linear(hidden_size, 4))
 
     def load_sam2(self, sam2_model_or_path) -> None:

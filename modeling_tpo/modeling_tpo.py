@@ -164,15 +164,18 @@ class TPOForConditionalGeneration(TPOGenerationMixin, TPOTargetsMixin, TPOPreTra
         hidden_size = config.get_text_config().hidden_size
         self.task_tokens = TaskTokens(config.tasks, config.num_task_tokens, hidden_size)
         self.router = TaskRouter(hidden_size, config.tasks, config.router_hidden_size)
-        self.region_head = RegionHead(hidden_size, **config.region_head_config) if "region" in config.tasks else None
+        # each head from its typed settings (`RegionHeadConfig`, ...), which the config keeps as plain dicts
+        self.region_head = None
+        if "region" in config.tasks:
+            self.region_head = RegionHead(hidden_size, config.head_settings("region"))
         self.temporal_head = None
         if "temporal" in config.tasks:
-            self.temporal_head = TemporalHead(hidden_size, **config.temporal_head_config)
+            self.temporal_head = TemporalHead(hidden_size, config.head_settings("temporal"))
         self.mask_head = None
         if "mask" in config.tasks:
             from .mask_head import MaskHead
 
-            self.mask_head = MaskHead(hidden_size, config.sam2_config, **config.mask_head_config)
+            self.mask_head = MaskHead(hidden_size, config.sam2_config, config.head_settings("mask"))
 
         # Plain lists, not buffers: from_pretrained does not restore non-persistent buffers.
         self.slot_token_id_list = [i for task in config.tasks for i in config.task_token_ids[task]["slots"]]

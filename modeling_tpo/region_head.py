@@ -7,7 +7,7 @@ from torch import nn
 from transformers.modeling_outputs import ModelOutput
 
 from .box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, generalized_box_iou, l1_and_giou_losses
-from .configuration_tpo import DEFAULT_REGION_HEAD as _DEFAULTS
+from .configuration_tpo import RegionHeadConfig
 
 
 
@@ -46,6 +46,11 @@ class RegionHead(nn.Module):
     Input: task embeddings (num_queries, num_task_tokens, hidden_size), averaged over the task tokens;
     for "heatmap" also visual features (q, V, hidden), their centres (q, V, 2) and mask (q, V).
     Output: boxes (num_queries, 4) as normalised (cx, cy, w, h) (in (0, 1) but for "xyxy_raw").
+
+    Args:
+        hidden_size: the LLM's hidden size.
+        config: the settings (`RegionHeadConfig`, or a dict of its fields; None: the defaults), kept as `settings`.
+        **settings: `RegionHeadConfig` fields set over `config` (`RegionHead(64, mode="heatmap")`).
     """
 
     MODES = ("mlp", "heatmap")
@@ -53,46 +58,43 @@ class RegionHead(nn.Module):
     BOX_FORMATS = ("cxcywh_sigmoid", "xyxy_raw")
     L1_REDUCTIONS = ("coordinate_sum", "mean")
 
-    def __init__(self, hidden_size: int, mode: str = _DEFAULTS["mode"],
-                 hidden_ratio: float = _DEFAULTS["hidden_ratio"], l1_weight: float = _DEFAULTS["l1_weight"],
-                 giou_weight: float = _DEFAULTS["giou_weight"], heatmap_dim: int = _DEFAULTS["heatmap_dim"],
-                 heatmap_weight: float = _DEFAULTS["heatmap_weight"], box_format: str = _DEFAULTS["box_format"],
-                 l1_reduction: str = _DEFAULTS["l1_reduction"], heatmap_score: str = _DEFAULTS["heatmap_score"],
-                 query_text: bool = _DEFAULTS["query_text"]):
+    def __init__(self, hidden_size: int, config: RegionHeadConfig | dict | None = None, **settings):
         super().__init__()
-        if heatmap_score not in self.HEATMAP_SCORES:
-            raise ValueError(f"Unknown region head heatmap_score {heatmap_score!r}; use one of {self.HEATMAP_SCORES}.")
-        if mode not in self.MODES:
-            raise ValueError(f"Unknown region head mode {mode!r}; use one of {self.MODES}.")
-        if box_format not in self.BOX_FORMATS:
-            raise ValueError(f"Unknown region head box_format {box_format!r}; use one of {self.BOX_FORMATS}.")
-        if mode == "heatmap" and box_format != "cxcywh_sigmoid":
+        s = self.settings = RegionHeadConfig.build(config, **settings)
+        if s.heatmap_score not in self.HEATMAP_SCORES:
+            raise ValueError(f"Unknown region head heatmap_score {s.heatmap_score!r}; use one of "
+                             f"{self.HEATMAP_SCORES}.")
+        if s.mode not in self.MODES:
+            raise ValueError(f"Unknown region head mode {s.mode!r}; use one of {self.MODES}.")
+        if s.box_format not in self.BOX_FORMATS:
+            raise ValueError(f"Unknown region head box_format {s.box_format!r}; use one of {self.BOX_FORMATS}.")
+        if s.mode == "heatmap" and s.box_format != "cxcywh_sigmoid":
             raise ValueError("region head box_format 'xyxy_raw' is the released MLP's: use it with mode 'mlp' (the "
                              "'heatmap' mode predicts bounded (cx, cy, w, h)).")
-        if l1_reduction not in self.L1_REDUCTIONS:
-            raise ValueError(f"Unknown region head l1_reduction {l1_reduction!r}; use one of {self.L1_REDUCTIONS}.")
-        self.mode = mode
-        self.heatmap_score = heatmap_score
-        self.query_text = query_text and mode == "heatmap"  # the MLP reads the task embedding alone
-        self.box_format = box_format
-        self.l1_reduction = l1_reduction
-        if mode == "mlp":
-            inner = max(1, int(round(hidden_size * hidden_ratio)))
+        if s.l1_reduction not in self.L1_REDUCTIONS:
+            raise ValueError(f"Unknown region head l1_reduction {s.l1_reduction!r}; use one of {self.L1_REDUCTIONS}.")
+        self.mode = s.mode
+        self.heatmap_score = s.heatmap_score
+        self.query_text = s.query_text and s.mode == "heatmap"  # the MLP reads the task embedding alone
+        self.box_format = s.box_format
+        self.l1_reduction = s.l1_reduction
+        if s.mode == "mlp":
+            inner = max(1, int(round(hidden_size * s.hidden_ratio)))
             self.fc1 = nn.Linear(hidden_size, inner)
             self.act = nn.ReLU()
             self.fc2 = nn.Linear(inner, 4)
         else:
-            self.key = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, heatmap_dim))
-            self.query = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, heatmap_dim))
-            self.score = nn.Sequential(nn.ReLU(), nn.Linear(heatmap_dim, 1))
+            self.key = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, s.heatmap_dim))
+            self.query = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, s.heatmap_dim))
+            self.score = nn.Sequential(nn.ReLU(), nn.Linear(s.heatmap_dim, 1))
             # per token: centre offset from its patch centre (tanh-bounded) and box size, both query-aware
-            self.token_box = nn.Sequential(nn.ReLU(), nn.Linear(heatmap_dim, 4))
+            self.token_box = nn.Sequential(nn.ReLU(), nn.Linear(s.heatmap_dim, 4))
             if self.query_text:  # the instruction's words, attention-pooled, join the task embedding in the query
                 self.text_score = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, 1))
-                self.text_query = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, heatmap_dim))
-        self.heatmap_weight = heatmap_weight
-        self.l1_weight = l1_weight
-        self.giou_weight = giou_weight
+                self.text_query = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, s.heatmap_dim))
+        self.heatmap_weight = s.heatmap_weight
+        self.l1_weight = s.l1_weight
+        self.giou_weight = s.giou_weight
 
     @property
     def needs_visual_tokens(self) -> bool:

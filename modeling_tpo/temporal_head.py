@@ -12,7 +12,7 @@ from torch import nn
 from transformers.modeling_outputs import ModelOutput
 
 from .box_ops import invalid_span_rows, span_cw_to_se
-from .configuration_tpo import DEFAULT_TEMPORAL_HEAD as _DEFAULTS
+from .configuration_tpo import TemporalHeadConfig
 from .matcher import SpanHungarianMatcher
 from .temporal_layers import MLP, AnchorDecoder, QueryAwareFrames, input_dropout, time_encoding
 from .temporal_loss import DenseTemporalCriterion, TemporalCriterion
@@ -62,7 +62,7 @@ class TemporalHead(nn.Module):
     queries decode (center, width) spans and foreground logits; per-frame saliency is the similarity of
     each encoded frame with the encoded task embedding.
 
-    Optional parts, each a setting (`DEFAULT_TEMPORAL_HEAD`):
+    Optional parts, each a setting (`TemporalHeadConfig`):
     - CG-DETR's query-aware parts (see `temporal_layers.py`): dummy tokens and text-to-video layers before the
       encoder (the text then reaches the frames through them: the encoder mixes the query-aware frames with the task
       embedding), reference-point refinement in the decoder, dropout on the inputs; with dummy tokens the head also
@@ -73,107 +73,88 @@ class TemporalHead(nn.Module):
       model) plus the LLM's hidden states of the LLM frame nearest in time, so saliency and spans come per clip.
 
     Args:
-        hidden_size: the LLM's hidden size. The other arguments are `DEFAULT_TEMPORAL_HEAD`'s keys.
+        hidden_size: the LLM's hidden size.
+        config: the settings (`TemporalHeadConfig`, or a dict of its fields; None: the defaults), kept as `settings`.
+        **settings: `TemporalHeadConfig` fields set over `config` (`TemporalHead(64, d_model=32, num_heads=2)`).
     """
 
-    def __init__(self, hidden_size: int, d_model: int = _DEFAULTS["d_model"],
-                 num_heads: int = _DEFAULTS["num_heads"], num_encoder_layers: int = _DEFAULTS["num_encoder_layers"],
-                 num_decoder_layers: int = _DEFAULTS["num_decoder_layers"],
-                 dim_feedforward: int = _DEFAULTS["dim_feedforward"], dropout: float = _DEFAULTS["dropout"],
-                 num_queries: int = _DEFAULTS["num_queries"], max_frames: int = _DEFAULTS["max_frames"],
-                 use_query_tokens: bool = _DEFAULTS["use_query_tokens"], aux_loss: bool = _DEFAULTS["aux_loss"],
-                 span_l1_weight: float = _DEFAULTS["span_l1_weight"],
-                 span_giou_weight: float = _DEFAULTS["span_giou_weight"],
-                 label_weight: float = _DEFAULTS["label_weight"],
-                 saliency_weight: float = _DEFAULTS["saliency_weight"], eos_coef: float = _DEFAULTS["eos_coef"],
-                 saliency_margin: float = _DEFAULTS["saliency_margin"],
-                 saliency_loss: str = _DEFAULTS["saliency_loss"],
-                 match_cost_span: float = _DEFAULTS["match_cost_span"],
-                 match_cost_giou: float = _DEFAULTS["match_cost_giou"],
-                 match_cost_class: float = _DEFAULTS["match_cost_class"],
-                 frame_pooling: str = _DEFAULTS["frame_pooling"], decoder: str = _DEFAULTS["decoder"],
-                 nms_iou: float = _DEFAULTS["nms_iou"], span_l1_reduction: str = _DEFAULTS["span_l1_reduction"],
-                 label_reduction: str = _DEFAULTS["label_reduction"], num_dummies: int = _DEFAULTS["num_dummies"],
-                 dummy_layers: int = _DEFAULTS["dummy_layers"], t2v_layers: int = _DEFAULTS["t2v_layers"],
-                 t2v_saliency_weight: float = _DEFAULTS["t2v_saliency_weight"],
-                 negative_pairs: bool = _DEFAULTS["negative_pairs"],
-                 reference_points: bool = _DEFAULTS["reference_points"],
-                 input_dropout: float = _DEFAULTS["input_dropout"],
-                 dense_clip_seconds: float = _DEFAULTS["dense_clip_seconds"],
-                 dense_max_clips: int = _DEFAULTS["dense_max_clips"]):
+    def __init__(self, hidden_size: int, config: TemporalHeadConfig | dict | None = None, **settings):
         super().__init__()
-        if frame_pooling not in ("mean", "mean_max"):
-            raise ValueError(f"frame_pooling must be 'mean' or 'mean_max', got {frame_pooling!r}.")
-        if decoder not in ("detr", "dense"):
-            raise ValueError(f"decoder must be 'detr' or 'dense', got {decoder!r}.")
-        if num_dummies < 0 or t2v_layers < 0 or (num_dummies and not t2v_layers):
-            raise ValueError(f"temporal head num_dummies={num_dummies}, t2v_layers={t2v_layers}: dummy tokens are keys "
-                             "of the text-to-video layers; set t2v_layers >= 1 with num_dummies > 0.")
-        if negative_pairs and not t2v_layers:
+        s = self.settings = TemporalHeadConfig.build(config, **settings)
+        if s.frame_pooling not in ("mean", "mean_max"):
+            raise ValueError(f"frame_pooling must be 'mean' or 'mean_max', got {s.frame_pooling!r}.")
+        if s.decoder not in ("detr", "dense"):
+            raise ValueError(f"decoder must be 'detr' or 'dense', got {s.decoder!r}.")
+        if s.num_dummies < 0 or s.t2v_layers < 0 or (s.num_dummies and not s.t2v_layers):
+            raise ValueError(f"temporal head num_dummies={s.num_dummies}, t2v_layers={s.t2v_layers}: dummy tokens are "
+                             "keys of the text-to-video layers; set t2v_layers >= 1 with num_dummies > 0.")
+        if s.negative_pairs and not s.t2v_layers:
             raise ValueError("temporal head negative_pairs needs the text-to-video layers (t2v_layers >= 1): a video "
                              "meets another sample's query there.")
-        if reference_points and decoder != "detr":
+        if s.reference_points and s.decoder != "detr":
             raise ValueError("temporal head reference_points refine the DETR decoder's anchors; use decoder='detr'.")
-        if not 0.0 <= input_dropout < 1.0:
-            raise ValueError(f"temporal head input_dropout must be in [0, 1), got {input_dropout}.")
-        if dense_clip_seconds < 0 or dense_max_clips < 2:
+        if not 0.0 <= s.input_dropout < 1.0:
+            raise ValueError(f"temporal head input_dropout must be in [0, 1), got {s.input_dropout}.")
+        if s.dense_clip_seconds < 0 or s.dense_max_clips < 2:
             raise ValueError(f"temporal head dense_clip_seconds must be >= 0 (0: off) and dense_max_clips >= 2, got "
-                             f"{dense_clip_seconds} and {dense_max_clips}.")
-        self.frame_pooling = frame_pooling
-        self.decoder_type = decoder
-        self.nms_iou = nms_iou
-        self.d_model = d_model
-        self.max_frames = max_frames
-        self.use_query_tokens = use_query_tokens
-        self.aux_loss = aux_loss
-        self.input_dropout = input_dropout
-        self.negative_pairs = negative_pairs
-        self.dense_clip_seconds = dense_clip_seconds
-        frame_size = hidden_size * (2 if frame_pooling == "mean_max" else 1)
-        self.frame_proj = nn.Sequential(nn.LayerNorm(frame_size), nn.Linear(frame_size, d_model))
-        self.text_proj = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, d_model))
-        self.task_proj = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, d_model))
-        self.type_embedding = nn.Embedding(3, d_model)  # 0 frame, 1 query text, 2 task embedding
+                             f"{s.dense_clip_seconds} and {s.dense_max_clips}.")
+        self.frame_pooling = s.frame_pooling
+        self.decoder_type = s.decoder
+        self.nms_iou = s.nms_iou
+        self.d_model = s.d_model
+        self.max_frames = s.max_frames
+        self.use_query_tokens = s.use_query_tokens
+        self.aux_loss = s.aux_loss
+        self.input_dropout = s.input_dropout
+        self.negative_pairs = s.negative_pairs
+        self.dense_clip_seconds = s.dense_clip_seconds
+        frame_size = hidden_size * (2 if s.frame_pooling == "mean_max" else 1)
+        self.frame_proj = nn.Sequential(nn.LayerNorm(frame_size), nn.Linear(frame_size, s.d_model))
+        self.text_proj = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, s.d_model))
+        self.task_proj = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, s.d_model))
+        self.type_embedding = nn.Embedding(3, s.d_model)  # 0 frame, 1 query text, 2 task embedding
         self.encoder = nn.ModuleList(
-            nn.TransformerEncoderLayer(d_model, num_heads, dim_feedforward, dropout, batch_first=True, norm_first=True)
-            for _ in range(num_encoder_layers)
+            nn.TransformerEncoderLayer(s.d_model, s.num_heads, s.dim_feedforward, s.dropout, batch_first=True,
+                                       norm_first=True)
+            for _ in range(s.num_encoder_layers)
         )
-        self.encoder_norm = nn.LayerNorm(d_model)
-        if decoder == "detr":
-            if not reference_points:  # (with reference points, the anchor decoder below)
-                self.query_embedding = nn.Embedding(num_queries, d_model)
+        self.encoder_norm = nn.LayerNorm(s.d_model)
+        if s.decoder == "detr":
+            if not s.reference_points:  # (with reference points, the anchor decoder below)
+                self.query_embedding = nn.Embedding(s.num_queries, s.d_model)
                 self.decoder = nn.ModuleList(
-                    nn.TransformerDecoderLayer(d_model, num_heads, dim_feedforward, dropout, batch_first=True,
+                    nn.TransformerDecoderLayer(s.d_model, s.num_heads, s.dim_feedforward, s.dropout, batch_first=True,
                                                norm_first=True)
-                    for _ in range(num_decoder_layers)
+                    for _ in range(s.num_decoder_layers)
                 )
-                self.decoder_norm = nn.LayerNorm(d_model)
-            self.span_head = MLP(d_model, d_model, 2, 3)
-            self.class_head = nn.Linear(d_model, 2)
+                self.decoder_norm = nn.LayerNorm(s.d_model)
+            self.span_head = MLP(s.d_model, s.d_model, 2, 3)
+            self.class_head = nn.Linear(s.d_model, 2)
         else:  # dense: every frame predicts whether it lies in a moment and the distances to its ends
-            self.frame_class = nn.Linear(d_model, 1)
-            self.frame_offsets = MLP(d_model, d_model, 2, 2)
-        self.saliency_frame = nn.Linear(d_model, d_model)
-        self.saliency_task = nn.Linear(d_model, d_model)
+            self.frame_class = nn.Linear(s.d_model, 1)
+            self.frame_offsets = MLP(s.d_model, s.d_model, 2, 2)
+        self.saliency_frame = nn.Linear(s.d_model, s.d_model)
+        self.saliency_task = nn.Linear(s.d_model, s.d_model)
         # optional parts, created after the others so that the default head initialises as before
         self.query_aware = None
-        if t2v_layers:
-            self.query_aware = QueryAwareFrames(d_model, num_heads, dim_feedforward, dropout, num_dummies, dummy_layers,
-                                                t2v_layers)
+        if s.t2v_layers:
+            self.query_aware = QueryAwareFrames(s.d_model, s.num_heads, s.dim_feedforward, s.dropout, s.num_dummies,
+                                                s.dummy_layers, s.t2v_layers)
         self.anchor_decoder = None
-        if reference_points:
-            self.anchor_decoder = AnchorDecoder(d_model, num_heads, dim_feedforward, dropout, num_queries,
-                                                num_decoder_layers)
+        if s.reference_points:
+            self.anchor_decoder = AnchorDecoder(s.d_model, s.num_heads, s.dim_feedforward, s.dropout, s.num_queries,
+                                                s.num_decoder_layers)
         self.clip_proj = None
-        if dense_clip_seconds:
-            self.clip_proj = nn.Sequential(nn.LayerNorm(frame_size), nn.Linear(frame_size, d_model))
-        weights = dict(span_l1_weight=span_l1_weight, span_giou_weight=span_giou_weight, label_weight=label_weight,
-                       saliency_weight=saliency_weight, saliency_margin=saliency_margin, saliency_loss=saliency_loss,
-                       t2v_saliency_weight=t2v_saliency_weight)
-        if decoder == "detr":
-            self.criterion = TemporalCriterion(SpanHungarianMatcher(match_cost_span, match_cost_giou, match_cost_class),
-                                               eos_coef=eos_coef, span_l1_reduction=span_l1_reduction,
-                                               label_reduction=label_reduction, **weights)
+        if s.dense_clip_seconds:
+            self.clip_proj = nn.Sequential(nn.LayerNorm(frame_size), nn.Linear(frame_size, s.d_model))
+        weights = dict(span_l1_weight=s.span_l1_weight, span_giou_weight=s.span_giou_weight,
+                       label_weight=s.label_weight, saliency_weight=s.saliency_weight,
+                       saliency_margin=s.saliency_margin, saliency_loss=s.saliency_loss,
+                       t2v_saliency_weight=s.t2v_saliency_weight)
+        if s.decoder == "detr":
+            matcher = SpanHungarianMatcher(s.match_cost_span, s.match_cost_giou, s.match_cost_class)
+            self.criterion = TemporalCriterion(matcher, eos_coef=s.eos_coef, span_l1_reduction=s.span_l1_reduction,
+                                               label_reduction=s.label_reduction, **weights)
         else:
             self.criterion = DenseTemporalCriterion(**weights)
 

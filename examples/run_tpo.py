@@ -115,9 +115,9 @@ class ModelArguments:
     tiny_sam2_image_size: int = field(default=128, metadata={"help": "Tiny SAM2: input size."})
     freeze_sam2_image_encoder: bool = field(default=True, metadata={"help": "Keep SAM2's image encoder frozen."})
     temporal_head_config: str | None = field(default=None, metadata={"help": "JSON of temporal head settings "
-                                                                             "(keys of DEFAULT_TEMPORAL_HEAD)."})
-    region_head_config: str | None = field(default=None, metadata={"help": "JSON of region head settings."})
-    mask_head_config: str | None = field(default=None, metadata={"help": "JSON of mask head settings."})
+                                                                             "(fields of TemporalHeadConfig)."})
+    region_head_config: str | None = field(default=None, metadata={"help": "JSON of region head settings (fields of RegionHeadConfig)."})
+    mask_head_config: str | None = field(default=None, metadata={"help": "JSON of mask head settings (fields of MaskHeadConfig)."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank (llm_training=lora), as released: 16."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha, as released: 32."})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})

@@ -1,4 +1,3 @@
-import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -36,8 +35,6 @@ def one_torch_thread():
 @pytest.fixture(scope="module")
 def cli():
     """examples/evaluate_tpo.py loaded as a module (the CLI tests call its `main`)."""
-    script = Path(__file__).resolve().parents[1] / "examples" / "evaluate_tpo.py"
-    spec = importlib.util.spec_from_file_location("evaluate_tpo", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from script_loader import load_script
+
+    return load_script("examples/evaluate_tpo.py")

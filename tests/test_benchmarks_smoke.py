@@ -1,26 +1,18 @@
 """The benchmarks still run: each measurement function on the micro size for one step returns positive,
 finite figures (the figures themselves are the benchmarks' business, not CI's)."""
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from script_loader import load_script
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def _load(name: str):
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    return load_script(f"benchmarks/{name}.py")
 
 
 def _positive_finite(*values: float) -> bool:

@@ -2,9 +2,6 @@
 while the LLM sees its N frames; the processor and collator plan and decode the clips (PyAV seek sampling),
 saliency comes per clip on the official clip grid; the head finds a target the LLM's frames never show."""
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +11,7 @@ from tiny_inputs import weighted_loss
 from transformers import LlavaForConditionalGeneration
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
+from script_loader import load_script
 from tpo import TPOForConditionalGeneration
 from tpo.modeling_tpo import features
 from tpo.modeling_tpo.features import nearest_frame_index, vision_clip_features
@@ -286,14 +284,7 @@ def test_dense_clips_find_a_target_the_llm_frames_never_show(tokenizer, between_
 
 
 def test_dense_benchmark_runs():
-    folder = Path(__file__).resolve().parents[1] / "benchmarks"
-    sys.path.insert(0, str(folder))
-    try:
-        spec = importlib.util.spec_from_file_location("bench_dense_temporal", folder / "bench_dense_temporal.py")
-        bench = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(bench)
-    finally:
-        sys.path.remove(str(folder))
+    bench = load_script("benchmarks/bench_dense_temporal.py")
     plain = bench.measure_step("micro", 0.0, batch_size=1, steps=1, warmup=0)
     dense = bench.measure_step("micro", 2.0, batch_size=1, steps=1, warmup=0)
     assert dense["clips"] == 75 and plain["clips"] == 0

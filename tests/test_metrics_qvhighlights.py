@@ -1,11 +1,10 @@
 """QVHighlights official protocol against hand-computed cases (and a per-query loop on random data)."""
 
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from script_loader import load_script
 from tpo.training.metrics import (
     gt_clip_scores,
     highlight_metrics,
@@ -167,11 +166,7 @@ def test_bad_input_names_the_query():
 
 
 def _load_benchmark():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_qvhighlights_eval.py"
-    spec = importlib.util.spec_from_file_location("bench_qvhighlights_eval", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/bench_qvhighlights_eval.py")
 
 
 def test_vectorised_equals_the_per_query_loop_on_random_data():

@@ -276,7 +276,7 @@ def test_release_model_with_dense_clips_reloads_as_remote_code(tmp_path):
 def test_run_tpo_with_preset_release_runs_the_papers_schedule_end_to_end(tmp_path):
     """`--preset release` is the one switch of examples/run_tpo.py: the release heads (dense 2-second clips decoded
     from the synthetic benchmark's mp4s), the task stage once per task, evaluation and a reloadable final model."""
-    import importlib.util
+    from script_loader import load_script
     import json
     from pathlib import Path
 
@@ -285,9 +285,7 @@ def test_run_tpo_with_preset_release_runs_the_papers_schedule_end_to_end(tmp_pat
     from tpo.processing.synthetic import generate_synthetic_benchmark
 
     root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("run_tpo", root / "examples" / "run_tpo.py")
-    run_tpo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(run_tpo)
+    run_tpo = load_script("examples/run_tpo.py")
     splits = generate_synthetic_benchmark(tmp_path / "synthetic", size="small", seed=0)["splits"]
     data = {"train": list(splits["train"].values()), "test": list(splits["test"].values())}
     (tmp_path / "data.yaml").write_text(yaml.safe_dump(data), encoding="utf-8")

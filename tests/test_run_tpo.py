@@ -1,7 +1,6 @@
 """examples/run_tpo.py: argument parsing (YAML + overrides), the shipped configs, per-stage data, resume
 points, and a short end-to-end run (three stages, evaluation, metrics file, reloadable final model)."""
 
-import importlib.util
 import json
 import logging
 import os
@@ -10,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from script_loader import load_script
 from tpo.processing.readers import check_spec
 from tpo.training.evaluation import REQUIRED_KEYS
 
@@ -18,10 +18,7 @@ CONFIGS = REPO_ROOT / "examples" / "configs"
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("run_tpo", REPO_ROOT / "examples" / "run_tpo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("examples/run_tpo.py")
 
 
 run_tpo = _load_script()

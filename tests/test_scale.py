@@ -4,8 +4,6 @@ fixes those shapes called for (task tokens inside a padded vocabulary, frozen vi
 checkpointing, LM logits on the labelled positions only)."""
 
 import gc
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +11,7 @@ import torch
 from tiny_inputs import SampleSpec, make_batch, weighted_loss
 from transformers import LlavaForConditionalGeneration
 
+from script_loader import load_script
 from tpo import TPOForConditionalGeneration
 from tpo.tiny import build_tiny_tokenizer, tiny_llava_config
 
@@ -22,14 +21,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 @pytest.fixture(scope="module")
 def scale():
     """benchmarks/bench_scale.py as a module (the published configurations and builders live there)."""
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        spec = importlib.util.spec_from_file_location("bench_scale", BENCHMARKS / "bench_scale.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    return load_script("benchmarks/bench_scale.py")
 
 
 @pytest.fixture(autouse=True)

@@ -1,7 +1,6 @@
 """examples/study_tpo.py and what it needs: the text-coordinate answer format (processor, evaluation), the
 conversation metrics and floors, every arm training a few steps, resuming, and the report writer."""
 
-import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from script_loader import load_script
 from tpo.processing.processing_tpo import (
     TASK_LABELS,
     format_box_text,
@@ -25,10 +25,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("study_tpo", REPO_ROOT / "examples" / "study_tpo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("examples/study_tpo.py")
 
 
 study_tpo = _load_script()

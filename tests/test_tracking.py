@@ -208,14 +208,11 @@ def test_lost_target_boxes_and_result_files(tmp_path):
 
 def test_tracking_benchmark_runs(tmp_path):
     """benchmarks/bench_tracking.py's measurement on a 4-frame sequence gives positive, finite figures."""
-    import importlib.util
     import math
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_tracking.py"
-    spec = importlib.util.spec_from_file_location("bench_tracking", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    from script_loader import load_script
+
+    bench = load_script("benchmarks/bench_tracking.py")
     model = bench.build_checkpoint(tmp_path / "checkpoint")
     bench.write_sequence(tmp_path / "lasot", "square-1", 4)
     result = bench.measure_predict(model, str(tmp_path / "lasot"), str(tmp_path / "out"))

@@ -41,7 +41,7 @@ OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
 HELD_OUT_PAIRS = (("yellow", "star"), ("cyan", "triangle"), ("magenta", "square"), ("green", "circle"))
 NUMBER_WORDS = ("zero", "one", "two", "three", "four")
 SPLITS = ("train", "val", "test")
-FORMAT_VERSION = 7
+FORMAT_VERSION = 8
 
 # Images / videos per split (train, val, test) for each part, by size. Training images and videos are asked
 # about every object they hold; evaluation ones about one object (plus one query-swap control each).
@@ -795,6 +795,10 @@ def generate_synthetic_benchmark(out_dir: str | os.PathLike, size: str = "defaul
         if split != "train":
             controls[split]["region_query_swap"] = {"format": "refcoco", **refcoco, "split": f"{split}_swap",
                                                     "tasks": ["region"], "dataset_name": "synthetic_refcoco"}
+            # the same swapped queries answered with masks, as many as the split's image-mask queries
+            controls[split]["mask_query_swap"] = {"format": "refcoco", **refcoco, "split": f"{split}_swap",
+                                                  "tasks": ["mask"], "dataset_name": "synthetic_refcoco",
+                                                  "max_samples": max(1, counts["region"][split] // 2)}
     manifest = {"version": FORMAT_VERSION, "size": size, "seed": seed, "share": list(share), "splits": splits,
                 "controls": controls,
                 "held_out_pairs": [list(p) for p in HELD_OUT_PAIRS]}

@@ -20,8 +20,9 @@ from tpo.training.evaluation import (
     control_metrics,
     format_table,
 )
-from tpo.training.metrics import as_mask
+from tpo.training.metrics import as_mask, mask_to_rle
 from tpo.training.metrics.floors import (
+    mask_object_choice,
     mask_query_blind_miou,
     region_query_blind_accuracy,
     temporal_query_blind_recall,
@@ -115,6 +116,9 @@ def test_control_metrics_keep_the_named_task_and_the_table_shows_floors():
     metrics = {"region/acc@0.5": 0.8, "region/miou": 0.7, "temporal/r1@0.5": 0.1, "router/accuracy": 1.0}
     assert control_metrics("region_query_swap", metrics) == {"control/region_query_swap_acc@0.5": 0.8,
                                                              "control/region_query_swap_miou": 0.7}
+    masks = {"mask/miou": 0.3, "mask/j&f": 0.4, "region/acc@0.5": 0.9}
+    assert control_metrics("mask_query_swap", masks) == {"control/mask_query_swap_miou": 0.3,
+                                                         "control/mask_query_swap_j&f": 0.4}
     table = format_table({"region/acc@0.5": 0.8, FLOORS["region/acc@0.5"]: 0.35, "control/region_query_swap_acc@0.5": 0.7})
     row = next(line for line in table.splitlines() if line.startswith("region/acc@0.5"))
     assert "0.8000  0.3500  +0.450" in row
@@ -214,3 +218,38 @@ def test_evaluation_scores_every_annotated_frame(llava):
     finally:
         processor.mask_frames_per_video = 4
     assert video["frames"] == [0, 4, 8] and len(video["pred"]) == len(video["gt"]) == 3
+
+
+def _squares() -> tuple[np.ndarray, np.ndarray]:
+    """Two disjoint 2x2 objects of an 8x8 frame: A on the left, B on the right."""
+    left, right = np.zeros((8, 8), dtype=bool), np.zeros((8, 8), dtype=bool)
+    left[2:4, 1:3] = True
+    right[2:4, 5:7] = True
+    return left, right
+
+
+def test_mask_object_choice_by_hand():
+    a, b = _squares()
+    both, empty = a | b, np.zeros_like(a)
+    choice = mask_object_choice(
+        pred_masks=[[a], [both], [empty, a]],
+        gt_masks=[[a], [b], [a, None]],  # the last sample's second frame has no asked object: not scored
+        alternative_masks=[[[a], [b]], [[a], [b]], [[a, a], [None, b]]],  # B is not visible on that frame 0
+    )
+    # first: A exactly (1); A and B together ties A with B (0); an empty mask overlaps nothing (0)
+    assert choice["asked_first"] == pytest.approx(1 / 3)
+    assert choice["asked_first_chance"] == pytest.approx((1 / 2 + 1 / 2 + 1) / 3)
+    # IoU with the union of the visible objects: 4 / 8, 8 / 8, 0 / 4
+    assert choice["union_miou"] == pytest.approx((0.5 + 1.0 + 0.0) / 3)
+    assert mask_object_choice([[empty]], [[None]], [[[a]]]) == {}
+
+
+def test_mask_metrics_report_the_object_choice_beside_its_chance():
+    a, b = _squares()
+    rle = {name: mask_to_rle(m) for name, m in (("a", a), ("b", b), ("ab", a | b))}
+    masks = [{"id": "x", "pred": [rle["ab"]], "gt": [rle["a"]], "video": False, "alternatives": [[rle["a"]], [rle["b"]]]},
+             {"id": "y", "pred": [rle["b"]], "gt": [rle["b"]], "video": False, "alternatives": [[rle["a"]], [rle["b"]]]}]
+    metrics = compute_task_metrics(Predictions(mask=masks))
+    assert metrics["mask/asked_first"] == 0.5 and metrics[FLOORS["mask/asked_first"]] == 0.5
+    assert metrics["mask/union_miou"] == pytest.approx((1.0 + 0.5) / 2)
+    assert metrics["mask/miou"] == pytest.approx((0.5 + 1.0) / 2)

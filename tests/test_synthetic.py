@@ -212,6 +212,15 @@ def test_query_swap_controls_ask_about_another_visible_object(bench, splits):
         (a,), (b,) = target["boxes_xyxy_pixels"], row["boxes_xyxy_pixels"]
         assert refcoco_iou(a, b) <= SWAP_MAX_IOU  # different answers
         assert (b[2] - b[0]) * (b[3] - b[1]) > 0  # a visible object
+    # the mask control: the same swapped queries answered with the asked object's mask, on the same images
+    swapped = {json.loads(r["meta"])["image_id"]: r for r in controls["region_query_swap"]}
+    assert 1 <= len(controls["mask_query_swap"]) <= len(controls["region_query_swap"])
+    for row in controls["mask_query_swap"]:
+        box_row, target = swapped[json.loads(row["meta"])["image_id"]], targets[json.loads(row["meta"])["image_id"]]
+        assert row["task"] == "mask" and row["media_path"] == target["media_path"]
+        assert row["query"] == box_row["query"] != target["query"]
+        ys, xs = np.nonzero(mask_from_rle(row["masks_rle"][0]))
+        assert box_row["boxes_xyxy_pixels"] == [[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]]
     videos = {json.loads(r["meta"])["vid"]: r for r in splits["test"]["temporal"]}
     for row in controls["temporal_query_swap"]:
         target = videos[json.loads(row["meta"])["vid"]]

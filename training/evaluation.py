@@ -43,6 +43,7 @@ from .metrics import (
     to_submission,
 )
 from .metrics.floors import (
+    mask_object_choice,
     mask_query_blind_j_and_f,
     mask_query_blind_miou,
     mcqa_chance_accuracy,
@@ -56,7 +57,8 @@ REQUIRED_KEYS = ("temporal/r1@0.5", "temporal/miou", "highlight/hit@1", "region/
                  "router/end_to_end_accuracy", "router/accuracy", "mcqa/accuracy")
 # A metric and the question-blind floor printed beside it.
 FLOORS = {"region/acc@0.5": "floor/region_query_blind_acc@0.5", "temporal/r1@0.5": "floor/temporal_query_blind_r1@0.5",
-          "mask/miou": "floor/mask_query_blind_miou", "mask/j&f": "floor/mask_query_blind_j&f"}
+          "mask/miou": "floor/mask_query_blind_miou", "mask/j&f": "floor/mask_query_blind_j&f",
+          "mask/asked_first": "floor/mask_asked_first_chance"}
 # Floors that need no objects: multiple-choice accuracy beside always answering the most frequent letter.
 ANSWER_FLOORS = {"mcqa/accuracy": "floor/mcqa_majority_letter"}
 # What each metric means where the name alone does not say it (printed with the table).
@@ -67,6 +69,9 @@ NOTES = {
     "mask/j&f_first_frame": "the first annotated frame of each video",
     "control/region_query_swap_acc@0.5": "the same image asked about another of its objects",
     "control/temporal_query_swap_r1@0.5": "the same video asked about another of its shapes",
+    "control/mask_query_swap_miou": "the same image asked about another of its objects, answered with a mask",
+    "mask/asked_first": "frames whose mask overlaps the asked object more than any other object (floor: chance)",
+    "mask/union_miou": "IoU with the union of the visible objects: near 1 when every object is segmented",
     "mcqa/accuracy": "floor: always the most frequent answer letter of these questions",
 }
 
@@ -473,8 +478,13 @@ def _mask_metrics(masks: list[dict]) -> dict[str, float]:
     out["mask/miou"], out["mask/ciou"] = ious["gIoU"] / 100, ious["cIoU"] / 100
     with_objects = all(p.get("alternatives") for p in scored)
     if with_objects:
-        out[FLOORS["mask/miou"]] = mask_query_blind_miou(
-            [p["gt"] for p in scored], [[[_decoded(m) for m in obj] for obj in p["alternatives"]] for p in scored])
+        objects = [[[_decoded(m) for m in obj] for obj in p["alternatives"]] for p in scored]
+        out[FLOORS["mask/miou"]] = mask_query_blind_miou([p["gt"] for p in scored], objects)
+        choice = mask_object_choice([[_decoded(m) for m in p["pred"][: len(p["gt"])]] for p in scored],
+                                    [[_decoded(m) for m in p["gt"]] for p in scored], objects)
+        if choice:
+            out["mask/asked_first"], out["mask/union_miou"] = choice["asked_first"], choice["union_miou"]
+            out[FLOORS["mask/asked_first"]] = choice["asked_first_chance"]
     videos = [p for p in scored if p["video"]]
     if videos:
         out["mask/j&f"] = j_and_f([p["pred"][: len(p["gt"])] for p in videos], [p["gt"] for p in videos])["J&F"] / 100

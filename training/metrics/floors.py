@@ -69,6 +69,42 @@ def mask_query_blind_j_and_f(gt_videos: list[list], alternative_masks: list[list
     return float(np.mean(scores))
 
 
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 1.0
+
+
+def mask_object_choice(pred_masks: list[list], gt_masks: list[list], alternative_masks: list[list[list]]) -> dict:
+    """Which of the media's objects predicted masks cover, over every frame whose asked object is visible.
+
+    pred_masks, gt_masks: per sample its per-frame bool (H, W) masks (None: empty); alternative_masks: per sample,
+    per object, its masks on the same frames (the asked object among them). Returns fractions:
+    `asked_first`: frames where the prediction's IoU with the asked object beats its IoU with every other object;
+    `asked_first_chance`: the same for a random visible object's exact mask (1 / visible objects, averaged);
+    `union_miou`: mean IoU of the prediction with the union of the visible objects (near 1 for a model that
+    segments every object whatever the question).
+    """
+    first, chance, union_ious = [], [], []
+    for preds, gts, objects in zip(pred_masks, gt_masks, alternative_masks, strict=True):
+        for frame, gt in enumerate(gts):
+            if gt is None or not gt.any():
+                continue
+            visible = [obj[frame] for obj in objects if obj[frame] is not None and obj[frame].any()]
+            if not visible:
+                continue
+            pred = preds[frame] if frame < len(preds) and preds[frame] is not None else np.zeros_like(gt)
+            asked = int(np.argmax([_iou(mask, gt) for mask in visible]))
+            ious = [_iou(pred, mask) for mask in visible]
+            others = ious[:asked] + ious[asked + 1:]
+            first.append(float(ious[asked] > 0 and all(ious[asked] > iou for iou in others)))
+            chance.append(1.0 / len(visible))
+            union_ious.append(_iou(pred, np.logical_or.reduce(visible)))
+    if not first:
+        return {}
+    return {"asked_first": float(np.mean(first)), "asked_first_chance": float(np.mean(chance)),
+            "union_miou": float(np.mean(union_ious))}
+
+
 def mcqa_chance_accuracy(options: list[list[str]]) -> float:
     """Expected multiple-choice accuracy (a fraction) of picking an option uniformly at random."""
     return float(np.mean([1.0 / len(o) for o in options]))

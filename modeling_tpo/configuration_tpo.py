@@ -175,6 +175,9 @@ class MaskHeadConfig(_HeadSettings):
     box_prompt: bool = False  # not in the release: a localised box as an extra SAM2 prompt (see mask_head.py)
     box_prompt_config: dict | None = None  # the localiser's settings (`BoxPromptConfig`'s keys), None: its defaults
     box_loss_weight: float = 1.0  # weight of the localiser's loss (`mask_box`) inside the `mask` term
+    # training only: the share of SAM2 images (showing the object) prompted with their GT mask's box instead of the
+    # localiser's, so that SAM2's decoder learns to follow a box prompt (the localiser learns from its own loss)
+    box_prompt_teacher_forcing: float = 0.0
 
 
 DEFAULT_REGION_HEAD = RegionHeadConfig().to_dict()

@@ -692,6 +692,9 @@ class TPOForConditionalGeneration(TPOGenerationMixin, TPOTargetsMixin, TPOPreTra
         if self.mask_head.localiser is not None:
             localisation, input_boxes = self._mask_box_prompts(context, task_embeddings, queries.batch_index,
                                                                mask_query_index, mask_frame_index, mask_view_to_sam2)
+        forcing = self.mask_head.settings.box_prompt_teacher_forcing
+        if input_boxes is not None and mask_targets is not None and self.training and forcing > 0:
+            input_boxes = self._teacher_forced_boxes(input_boxes, mask_targets, forcing)
         outputs = self.mask_head(task_embeddings, sam2_pixel_values=sam2_pixel_values,
                                  query_index=mask_query_index, input_boxes=input_boxes)
         predictions = MaskHeadOutput(**{**outputs, "query_index": mask_query_index, "batch_index": queries.batch_index,
@@ -742,6 +745,17 @@ class TPOForConditionalGeneration(TPOGenerationMixin, TPOTargetsMixin, TPOPreTra
         scale, offset = _xyxy_scale_offset(transform)
         sam2_boxes = (boxes * scale + offset).clamp(0.0, 1.0) * self.mask_head.image_size
         return localisation, sam2_boxes
+
+    def _teacher_forced_boxes(self, boxes: torch.Tensor, mask_targets: torch.Tensor, rate: float) -> torch.Tensor:
+        """`boxes` (m, 4) SAM2 input pixels with each image that shows its object replaced, with probability `rate`,
+        by its GT mask's box (`mask_targets` (m, S, S), the same frame of reference scaled to SAM2's input)."""
+        binary = mask_targets > 0.5
+        height, width = binary.shape[-2:]
+        scale = torch.tensor([width, height, width, height], device=boxes.device, dtype=boxes.dtype)
+        gt = masks_to_boxes(binary).to(boxes.device, boxes.dtype) / scale * self.mask_head.image_size
+        chosen = torch.rand(boxes.shape[0], device=boxes.device) < rate
+        use = chosen & binary.flatten(1).any(-1).to(boxes.device)
+        return torch.where(use[:, None], gt, boxes)
 
     @staticmethod
     def _mask_box_targets(mask_targets: torch.Tensor, view_to_sam2: torch.Tensor) -> dict:

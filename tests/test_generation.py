@@ -2,6 +2,8 @@
 plain forward over the same sequences), forced tasks, post-processing, video masks tracked through SAM2's
 memory (`track_masks`, also in the evaluator), and bad input."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -487,6 +489,40 @@ def test_box_prompt_reads_the_frame_of_each_sam2_image_and_trains(box_prompted):
         shared = model(**{**batch, "mask_frame_index": torch.tensor([1, 1, 3, -1])}).mask_outputs
     torch.testing.assert_close(shared["prompt_boxes_xyxy_sam2"][0], boxes[1])
     torch.testing.assert_close(moved["prompt_boxes_xyxy_sam2"][1:], boxes[1:])
+
+
+def test_box_prompt_teacher_forcing_gives_sam2_the_gt_box_in_training_only(box_prompted):
+    """`box_prompt_teacher_forcing: 1.0`: in training every SAM2 image showing its object is prompted with its GT
+    mask's box (SAM2 input pixels); evaluation, and a rate of 0, keep the localiser's boxes."""
+    model, processor = box_prompted
+    batch = _box_batch(processor, ["train", "train"], BOX_MEDIA, "right")
+    binary = batch["mask_targets"] > 0.5
+    height, width = binary.shape[-2:]
+    expected = masks_to_boxes(binary).float() / torch.tensor([width, height, width, height]) * SAM2_SIZE
+    shows = binary.flatten(1).any(-1)
+    assert bool(shows.any())
+    settings = model.mask_head.settings
+    try:
+        model.eval()
+        with torch.no_grad():
+            localised = model(**batch).mask_outputs["prompt_boxes_xyxy_sam2"]
+        model.train()
+        model.mask_head.settings = dataclasses.replace(settings, box_prompt_teacher_forcing=1.0)
+        with torch.no_grad():
+            forced = model(**batch).mask_outputs["prompt_boxes_xyxy_sam2"]
+        torch.testing.assert_close(forced[shows], expected[shows])
+        torch.testing.assert_close(forced[~shows], localised[~shows])
+        assert not torch.allclose(localised[shows], expected[shows])  # the untrained localiser's boxes differ
+        model.mask_head.settings = dataclasses.replace(settings, box_prompt_teacher_forcing=0.0)
+        with torch.no_grad():
+            torch.testing.assert_close(model(**batch).mask_outputs["prompt_boxes_xyxy_sam2"], localised)
+        model.eval()
+        model.mask_head.settings = dataclasses.replace(settings, box_prompt_teacher_forcing=1.0)
+        with torch.no_grad():
+            torch.testing.assert_close(model(**batch).mask_outputs["prompt_boxes_xyxy_sam2"], localised)
+    finally:
+        model.mask_head.settings = settings
+        model.eval()
 
 
 def test_box_prompt_maps_view_coordinates_to_sam2(box_prompted):

@@ -358,8 +358,7 @@ class TemporalCriterion(nn.Module):
                  label_reduction: str = "weight_normalised", t2v_saliency_weight: float = 1.0):
         super().__init__()
         self.saliency = SaliencyCriterion(saliency_weight, saliency_margin, saliency_loss, t2v_saliency_weight)
-        self.weights = {"span_l1": span_l1_weight, "span_giou": span_giou_weight, "label": label_weight,
-                        "saliency": saliency_weight}
+        self.weights = {"span_l1": span_l1_weight, "span_giou": span_giou_weight, "label": label_weight}
         if span_l1_reduction not in SPAN_L1_REDUCTIONS:
             raise ValueError(f"span_l1_reduction must be one of {SPAN_L1_REDUCTIONS}, got {span_l1_reduction!r}.")
         if label_reduction not in LABEL_REDUCTIONS:
@@ -368,10 +367,6 @@ class TemporalCriterion(nn.Module):
         self.eos_coef = eos_coef
         self.span_l1_reduction = span_l1_reduction
         self.label_reduction = label_reduction
-
-    def saliency_term(self, *args, **kwargs) -> torch.Tensor:
-        """`SaliencyCriterion.term` (one saliency term of per-frame scores)."""
-        return self.saliency.term(*args, **kwargs)
 
     # ---- span and label terms (all decoder layers together) --------------------------------------------
     def layer_span_terms(self, layers: list[dict], spans: list[torch.Tensor], all_spans: torch.Tensor,
@@ -456,12 +451,7 @@ class DenseTemporalCriterion(nn.Module):
                  t2v_saliency_weight: float = 1.0):
         super().__init__()
         self.saliency = SaliencyCriterion(saliency_weight, saliency_margin, saliency_loss, t2v_saliency_weight)
-        self.weights = {"span_l1": span_l1_weight, "span_giou": span_giou_weight, "label": label_weight,
-                        "saliency": saliency_weight}
-
-    def saliency_term(self, *args, **kwargs) -> torch.Tensor:
-        """`SaliencyCriterion.term` (one saliency term of per-frame scores)."""
-        return self.saliency.term(*args, **kwargs)
+        self.weights = {"span_l1": span_l1_weight, "span_giou": span_giou_weight, "label": label_weight}
 
     @staticmethod
     def frame_targets(times: torch.Tensor, valid: torch.Tensor, spans: torch.Tensor):

@@ -127,7 +127,7 @@ def contrastive(scores: list[float], labels: list[int], extra: list[float] = ())
 def test_release_saliency_graded_targets_hand_computed():
     labels = [0, 3, 6, 12, 0, 0]  # summed scores of three annotators
     targets = [{"spans": None, "saliency": torch.tensor([label / 12 for label in labels])}]
-    value = release_criterion().saliency_term(torch.tensor([SCORES]), torch.ones(1, 6, dtype=torch.bool), targets)
+    value = release_criterion().saliency.term(torch.tensor([SCORES]), torch.ones(1, 6, dtype=torch.bool), targets)
     hard = hinge(SCORES[3], SCORES[1])  # the highest (12) against the lowest (3) relevant clip
     easy = sum(hinge(SCORES[i], SCORES[j]) for i in (1, 2, 3) for j in (0, 4, 5)) / 9  # relevant vs irrelevant
     assert value.item() == pytest.approx(hard + easy + contrastive(SCORES, labels), rel=1e-5)
@@ -137,7 +137,7 @@ def test_release_saliency_windows_only_with_a_negative_pair_hand_computed():
     labels = [0, 12, 12, 0, 0, 0]  # binary targets (from a window): inside = 1
     negative = [0.2, -0.1, 0.4, 0.0, 0.3, -0.5]  # the same video's clips with another query
     targets = [{"spans": None, "saliency": torch.tensor([label / 12 for label in labels])}]
-    value = release_criterion().saliency_term(torch.tensor([SCORES]), torch.ones(1, 6, dtype=torch.bool), targets,
+    value = release_criterion().saliency.term(torch.tensor([SCORES]), torch.ones(1, 6, dtype=torch.bool), targets,
                                               torch.tensor([negative]), torch.tensor([True]))
     ranking = 2 * sum(hinge(SCORES[i], SCORES[j]) for i in (1, 2) for j in (0, 3, 4, 5)) / 8
     negative_pair = sum(softplus(s) for s in negative)  # -log(1 - sigmoid(s)) summed over clips
@@ -152,7 +152,7 @@ def test_release_t2v_relevance_terms_hand_computed_and_the_weighted_sum():
     targets = [{"spans": torch.tensor([[0.2, 0.6]]), "saliency": torch.tensor([label / 12 for label in labels])}]
     mask = torch.ones(1, 6, dtype=torch.bool)
     criterion = release_criterion(t2v_saliency_weight=1.0, saliency_weight=4.0)
-    value = criterion.saliency_term(torch.tensor([relevance]), mask, targets, torch.tensor([negative]),
+    value = criterion.saliency.term(torch.tensor([relevance]), mask, targets, torch.tensor([negative]),
                                     torch.tensor([True]), probabilities=True)
     hard = hinge(relevance[3], relevance[1])
     easy = sum(hinge(relevance[i], relevance[j]) for i in (1, 2, 3) for j in (0, 4, 5)) / 9

@@ -97,18 +97,18 @@ def test_known_offset_gives_known_l1_and_giou():
 def test_saliency_all_zero_is_zero_and_misranking_costs():
     criterion = _criterion(saliency_margin=0.2)
     mask = torch.ones(1, 4, dtype=torch.bool)
-    zero = criterion.saliency_term(torch.randn(1, 4), mask, [{"spans": None, "saliency": torch.zeros(4)}])
+    zero = criterion.saliency.term(torch.randn(1, 4), mask, [{"spans": None, "saliency": torch.zeros(4)}])
     assert zero.item() == 0.0
     target = torch.tensor([0.0, 1.0, 0.5, 0.0])
-    good = criterion.saliency_term(torch.tensor([[-3.0, 3.0, 1.0, -3.0]]), mask, [{"saliency": target}])
-    bad = criterion.saliency_term(torch.tensor([[3.0, -3.0, 1.0, 3.0]]), mask, [{"saliency": target}])
+    good = criterion.saliency.term(torch.tensor([[-3.0, 3.0, 1.0, -3.0]]), mask, [{"saliency": target}])
+    bad = criterion.saliency.term(torch.tensor([[3.0, -3.0, 1.0, 3.0]]), mask, [{"saliency": target}])
     assert bad.item() > good.item() > 0
     # a ranking that satisfies every margin leaves only the contrastive term
     scores = torch.tensor([[-3.0, 3.0, 1.0, -3.0]])
     log_probs = F.log_softmax(scores[0] / 0.5, dim=0)
     contrastive = (-torch.logsumexp(log_probs[target >= 0.5], 0) - torch.logsumexp(log_probs[target >= 1.0], 0)) / 2
     assert good.item() == pytest.approx(contrastive.item(), rel=1e-5)
-    bce = _criterion(saliency_loss="bce").saliency_term(torch.zeros(1, 4), mask, [{"saliency": target}])
+    bce = _criterion(saliency_loss="bce").saliency.term(torch.zeros(1, 4), mask, [{"saliency": target}])
     assert bce.item() == pytest.approx(math.log(2), rel=1e-5)
 
 
@@ -303,7 +303,7 @@ def test_two_frames_single_query_and_aux_shapes():
     weights, names = head.criterion.weights, {k[len("temporal_"):-2] for k in terms if k.endswith("_0")}
     assert names == {"label", "span_l1", "span_giou"}
     expected = sum(weights[n] * (terms[f"temporal_{n}"] + terms[f"temporal_{n}_0"] + terms[f"temporal_{n}_1"])
-                   for n in names) + weights["saliency"] * terms["temporal_saliency"]
+                   for n in names) + head.criterion.saliency.weight * terms["temporal_saliency"]
     torch.testing.assert_close(terms["temporal"], expected)
     windows = head.predict_windows(out, top_k=3)[0]
     assert len(windows) == 3 and [w[2] for w in windows] == sorted((w[2] for w in windows), reverse=True)
@@ -644,7 +644,7 @@ def test_batched_losses_equal_the_per_query_reference(seed):
     longer = [{**t, "saliency": None if t["saliency"] is None else F.pad(t["saliency"], (0, 2), value=4.0)}
               for t in case["targets"]]
     scores, frame_mask = case["outputs"]["pred_saliency"], case["outputs"]["frame_mask"]
-    torch.testing.assert_close(head.criterion.saliency_term(scores, frame_mask, longer),
+    torch.testing.assert_close(head.criterion.saliency.term(scores, frame_mask, longer),
                                _reference_saliency(scores, frame_mask, longer, settings["saliency_loss"],
                                                    settings["saliency_margin"]), rtol=1e-6, atol=1e-7)
 

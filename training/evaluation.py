@@ -469,29 +469,30 @@ def _routing_metrics(routing: list[dict]) -> dict[str, float]:
 
 def _mask_metrics(masks: list[dict]) -> dict[str, float]:
     """gIoU / cIoU over every scored frame (images and video frames alike), J&F over the videos (all annotated
-    frames, and the first frame alone), and the floors where every sample lists its media's objects."""
-    scored = [p for p in masks if p["gt"]]
+    frames, and the first frame alone), and the floors where every sample lists its media's objects. Every mask
+    is decoded once."""
+    scored = [{"pred": [_decoded(m) for m in p["pred"][: len(p["gt"])]], "gt": [_decoded(m) for m in p["gt"]],
+               "video": p["video"], "objects": [[_decoded(m) for m in obj] for obj in p.get("alternatives") or []]}
+              for p in masks if p["gt"]]
     out: dict[str, float] = {}
     if not scored:
         return out
-    ious = mask_iou_metrics([m for p in scored for m in p["pred"][: len(p["gt"])]], [m for p in scored for m in p["gt"]])
+    ious = mask_iou_metrics([m for p in scored for m in p["pred"]], [m for p in scored for m in p["gt"]])
     out["mask/miou"], out["mask/ciou"] = ious["gIoU"] / 100, ious["cIoU"] / 100
-    with_objects = all(p.get("alternatives") for p in scored)
+    with_objects = all(p["objects"] for p in scored)
     if with_objects:
-        objects = [[[_decoded(m) for m in obj] for obj in p["alternatives"]] for p in scored]
-        out[FLOORS["mask/miou"]] = mask_query_blind_miou([p["gt"] for p in scored], objects)
-        choice = mask_object_choice([[_decoded(m) for m in p["pred"][: len(p["gt"])]] for p in scored],
-                                    [[_decoded(m) for m in p["gt"]] for p in scored], objects)
+        out[FLOORS["mask/miou"]] = mask_query_blind_miou([p["gt"] for p in scored], [p["objects"] for p in scored])
+        choice = mask_object_choice([p["pred"] for p in scored], [p["gt"] for p in scored],
+                                    [p["objects"] for p in scored])
         if choice:
             out["mask/asked_first"], out["mask/union_miou"] = choice["asked_first"], choice["union_miou"]
             out[FLOORS["mask/asked_first"]] = choice["asked_first_chance"]
     videos = [p for p in scored if p["video"]]
     if videos:
-        out["mask/j&f"] = j_and_f([p["pred"][: len(p["gt"])] for p in videos], [p["gt"] for p in videos])["J&F"] / 100
+        out["mask/j&f"] = j_and_f([p["pred"] for p in videos], [p["gt"] for p in videos])["J&F"] / 100
         out["mask/j&f_first_frame"] = j_and_f([p["pred"][:1] for p in videos], [p["gt"][:1] for p in videos])["J&F"] / 100
         if with_objects:
-            out[FLOORS["mask/j&f"]] = mask_query_blind_j_and_f(
-                [p["gt"] for p in videos], [[[_decoded(m) for m in obj] for obj in p["alternatives"]] for p in videos])
+            out[FLOORS["mask/j&f"]] = mask_query_blind_j_and_f([p["gt"] for p in videos], [p["objects"] for p in videos])
     return out
 
 

@@ -39,6 +39,7 @@ import logging
 import math
 import sys
 import time
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -230,28 +231,65 @@ def epoch_steps(samples: int, epochs: float, training) -> int:
     return max(1, math.ceil(epochs * per_epoch))
 
 
+def training_runs(arm: ArmSpec, script) -> list[tuple[str, str, str | None]]:
+    """(run name, stage, warm-up task or None) of every training run in order, as `run_tpo.training_runs`: the
+    stages, with one warm-up run per `script.task_warmup_tasks` entry right before the task stage (the default's
+    half epoch of region samples). Matched arms run every warm-up (on that task's samples, in text coordinates or
+    with a head, or on their task-stage data when they have none of it, so that their steps stay tpo's); a
+    single_task arm runs only the warm-ups of its own task."""
+    warmups = [task for task in script.task_warmup_tasks if arm.matched_steps or task in arm.tasks]
+    runs = []
+    for stage in script.stages:
+        if stage == "task":
+            runs += [(f"task-warmup-{task}", "task", task) for task in warmups]
+        runs.append((stage, stage, None))
+    return runs
+
+
+def warmup_size(task: str, arm: ArmSpec, data: dict, script) -> int:
+    """Training samples of the warm-up run of `task`: its samples plus `task_stage_conversations` times as many
+    conversations (as `run_tpo.task_stage_samples`)."""
+    grounding = sum(len(data["train"][part]) for part in GROUNDING_PARTS[task]) if task in arm.tasks else 0
+    return stage_sizes(grounding, len(data["train"]["conversation"]), script.task_stage_conversations)["task"]
+
+
 def arm_steps(arm: ArmSpec, data: dict, script, training) -> dict[str, int]:
-    """Optimiser steps per stage: tpo's (its data, the stages' epochs) for matched arms, else the stages' epochs
-    over the arm's own data."""
+    """Optimiser steps per training run (`training_runs`): tpo's (its data, the stages' epochs) for matched arms,
+    else the stages' epochs over the arm's own data."""
     reference = ARMS["tpo"] if arm.matched_steps else arm
     grounding = sum(len(data["train"][part]) for part in grounding_parts(reference))
     sizes = stage_sizes(grounding, len(data["train"]["conversation"]), script.task_stage_conversations)
-    return {stage: epoch_steps(sizes[stage], getattr(script, f"{stage}_epochs"), training) for stage in script.stages}
+    steps = {}
+    for name, stage, warmup in training_runs(arm, script):
+        if warmup:
+            steps[name] = epoch_steps(warmup_size(warmup, reference, data, script), script.task_warmup_epochs, training)
+        else:
+            steps[name] = epoch_steps(sizes[stage], getattr(script, f"{stage}_epochs"), training)
+    return steps
 
 
 def stage_datasets(arm: ArmSpec, data: dict, processor, script, seed: int) -> dict:
-    """Encoded training data of each stage (see `stage_sizes`)."""
+    """Encoded training data of each training run (see `stage_sizes`, `training_runs`)."""
     from datasets import concatenate_datasets
 
     conversations = encode_dataset(data["train"]["conversation"], processor, num_proc=script.num_proc)
-    parts = [encode_dataset(data["train"][part], processor, num_proc=script.num_proc) for part in grounding_parts(arm)]
-    if not parts:
-        return {stage: conversations for stage in STAGES}
-    grounding = concatenate_datasets(parts)
-    everything = concatenate_datasets([grounding, conversations])
-    count = min(len(conversations), int(round(script.task_stage_conversations * len(grounding))))
-    task = concatenate_datasets([grounding, conversations.shuffle(seed=seed).select(range(count))]) if count else grounding
-    return {"assign": everything, "task": task, "joint": everything}
+
+    def with_conversations(grounding):
+        count = min(len(conversations), int(round(script.task_stage_conversations * len(grounding))))
+        return concatenate_datasets([grounding, conversations.shuffle(seed=seed).select(range(count))]) if count else grounding
+
+    encoded = {task: concatenate_datasets([encode_dataset(data["train"][part], processor, num_proc=script.num_proc)
+                                           for part in GROUNDING_PARTS[task]]) for task in arm.tasks}
+    if not encoded:
+        datasets = {stage: conversations for stage in STAGES}
+    else:
+        grounding = concatenate_datasets(list(encoded.values()))
+        everything = concatenate_datasets([grounding, conversations])
+        datasets = {"assign": everything, "task": with_conversations(grounding), "joint": everything}
+    for name, _, warmup in training_runs(arm, script):
+        if warmup:  # the task's samples, or the task stage's data for an arm without them
+            datasets[name] = with_conversations(encoded[warmup]) if warmup in encoded else datasets["task"]
+    return datasets
 
 
 def evaluation_samples(arm: ArmSpec, data: dict) -> tuple:
@@ -281,14 +319,17 @@ def run_arm(name: str, seed: int, data: dict, script, base_model: ModelArguments
     collator = TPODataCollator(processor, media_loader=media_loader)
     peft_config = run_tpo.lora_config(model_args, model) if base_training.llm_training == "lora" else None
     trained = model
-    for stage in script.stages:
-        overrides = {"stage": stage, "output_dir": str(run_dir / f"stage-{stage}"), "max_steps": steps[stage],
+    for run_name, stage, warmup in training_runs(arm, script):
+        overrides = {"stage": stage, "output_dir": str(run_dir / f"stage-{run_name}"), "max_steps": steps[run_name],
                      "seed": seed, "data_seed": seed, "save_strategy": "no", "eval_strategy": "no"}
+        if warmup in arm.head_tasks:  # a warm-up trains that head alone, as run_tpo's
+            overrides["tasks"] = [warmup]
         if getattr(script, f"{stage}_learning_rate") is not None:
             overrides["learning_rate"] = getattr(script, f"{stage}_learning_rate")
         stage_args = dataclasses.replace(base_training, **overrides)
-        logger.info("%s seed %d, stage %s: %d steps over %d samples", name, seed, stage, steps[stage], len(stages[stage]))
-        trainer = TPOTrainer(model=trained, args=stage_args, peft_config=peft_config, train_dataset=stages[stage],
+        logger.info("%s seed %d, %s: %d steps over %d samples", name, seed, run_name, steps[run_name],
+                    len(stages[run_name]))
+        trainer = TPOTrainer(model=trained, args=stage_args, peft_config=peft_config, train_dataset=stages[run_name],
                              data_collator=collator, processing_class=processor)
         trainer.train()
         trained, peft_config = trainer.model, None
@@ -315,6 +356,8 @@ def load_results(path: Path, fingerprint: str) -> dict:
     if results.get("settings_fingerprint") != fingerprint:
         raise ValueError(f"{path} holds runs with other settings (fingerprint {results.get('settings_fingerprint')}, "
                          f"now {fingerprint}); choose another --output_dir or move that file away.")
+    order = [name for name in ARMS if name in results["arms"]] + sorted(set(results["arms"]) - set(ARMS))
+    results["arms"] = {name: results["arms"][name] for name in order}
     return results
 
 
@@ -498,32 +541,70 @@ def write_outputs(results: dict, folder: Path) -> None:
 # ------------------------------------------------------------------------------------------------------
 # Main
 # ------------------------------------------------------------------------------------------------------
+@contextmanager
+def results_lock(folder: Path, wait_seconds: float = 600.0):
+    """Hold `<folder>/.results/.tpo_run.lock` while the results file is read, merged and rewritten, so that
+    several study processes can share one folder (e.g. one per seed); waits while another live process holds it."""
+    deadline = time.monotonic() + wait_seconds
+    with ExitStack() as stack:
+        while True:
+            try:
+                stack.enter_context(run_tpo.output_dir_lock(folder / ".results", take_over=False))
+                break
+            except RuntimeError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        yield
+
+
+def recorded(folder: Path, fingerprint: str) -> dict:
+    with results_lock(folder):
+        return load_results(folder / RESULTS_FILE, fingerprint)
+
+
 def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     study, script, model_args, training = parse_study_arguments(sys.argv[1:] if argv is None else argv)
     folder = Path(training.output_dir) / ("quick" if study.quick else "full")
-    with run_tpo.output_dir_lock(folder, script.overwrite_output_dir):
-        fingerprint = settings_fingerprint(study, script, model_args, training)
-        results = load_results(folder / RESULTS_FILE, fingerprint)
-        results["description"] = (f"{'Quick' if study.quick else 'Full'} study: seeds {study.seeds}, "
-                                  f"{study.train_fraction:g} of the training data, {study.test_per_task} test samples "
-                                  "per grounding part and control, every test conversation.")
-        data = load_study_data(script, study)
-        logger.info("Training parts: %s", {part: len(rows) for part, rows in data["train"].items()})
-        for name in study.arms:
-            for seed in study.seeds:
-                if str(seed) in results["arms"].get(name, {}).get("runs", {}):
-                    logger.info("%s seed %d: already in %s, skipped", name, seed, folder / RESULTS_FILE)
+    folder.mkdir(parents=True, exist_ok=True)
+    fingerprint = settings_fingerprint(study, script, model_args, training)
+    recorded(folder, fingerprint)  # refuses a results file of other settings before any work
+    data = load_study_data(script, study)
+    logger.info("Training parts: %s", {part: len(rows) for part, rows in data["train"].items()})
+    for name in study.arms:
+        for seed in study.seeds:
+            if str(seed) in recorded(folder, fingerprint)["arms"].get(name, {}).get("runs", {}):
+                logger.info("%s seed %d: already in %s, skipped", name, seed, folder / RESULTS_FILE)
+                continue
+            run_dir = folder / name.replace("/", "-") / f"seed-{seed}"
+            with ExitStack() as stack:
+                try:
+                    stack.enter_context(run_tpo.output_dir_lock(run_dir, script.overwrite_output_dir))
+                except RuntimeError as error:  # a live process holds the run's folder
+                    logger.info("%s seed %d: another study process is running it (%s), skipped", name, seed, error)
                     continue
-                run = run_arm(name, seed, data, script, model_args, training, folder / name.replace("/", "-") / f"seed-{seed}")
+                run = run_arm(name, seed, data, script, model_args, training, run_dir)
+            with results_lock(folder):  # merged into what other processes recorded meanwhile
+                results = load_results(folder / RESULTS_FILE, fingerprint)
+                results["description"] = describe(study)
                 record_run(results, name, seed, run)
                 write_outputs(results, folder)
-                logger.info("%s seed %d done in %.0f s: %s", name, seed, run["wall_seconds"],
-                            {k: round(v, 3) for k, v in run["metrics"].items() if k in dict(TABLE_METRICS)})
+            logger.info("%s seed %d done in %.0f s: %s", name, seed, run["wall_seconds"],
+                        {k: round(v, 3) for k, v in run["metrics"].items() if k in dict(TABLE_METRICS)})
+    with results_lock(folder):
+        results = load_results(folder / RESULTS_FILE, fingerprint)
+        results["description"] = describe(study)
         write_outputs(results, folder)
     print((folder / REPORT_FILE).read_text(encoding="utf-8"))
     print(f"\nresults: {folder / RESULTS_FILE}   report: {folder / REPORT_FILE}   chart: {folder / CHART_FILE}")
     return results
+
+
+def describe(study: StudyArguments) -> str:
+    return (f"{'Quick' if study.quick else 'Full'} study: {study.train_fraction:g} of the training data, "
+            f"{study.test_per_task} test samples per grounding part and control, every test conversation; the "
+            "seeds of each arm are in the tables.")
 
 
 if __name__ == "__main__":

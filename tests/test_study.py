@@ -218,6 +218,64 @@ def test_rerun_skips_finished_runs_and_refuses_other_settings(study_run, caplog,
         study_tpo.main([*argv, "--joint_epochs", "0.2"])
 
 
+def test_parallel_processes_share_a_folder(study_run, caplog, monkeypatch):
+    """A run whose folder a live process holds is left to it; a run finished meanwhile by another process is
+    merged into the results file, not overwritten."""
+    import os
+    import socket
+
+    root, argv, _ = study_run
+    folder = root / "out" / "quick"
+    path = folder / study_tpo.RESULTS_FILE
+    results = json.loads(path.read_text(encoding="utf-8"))
+    tpo_run = results["arms"]["tpo"]["runs"]["0"]
+    for arm in ("text_prior", "conversation_only"):
+        del results["arms"][arm]
+    path.write_text(json.dumps(results), encoding="utf-8")
+    busy = folder / "text_prior" / "seed-0"
+    busy.mkdir(parents=True, exist_ok=True)
+    (busy / ".tpo_run.lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+
+    def another_process_finishes_tpo_seed_1(name, seed, *args):
+        with study_tpo.results_lock(folder):
+            shared = json.loads(path.read_text(encoding="utf-8"))
+            study_tpo.record_run(shared, "tpo", 1, tpo_run)
+            study_tpo.write_json(path, shared)
+        return tpo_run
+
+    monkeypatch.setattr(study_tpo, "run_arm", another_process_finishes_tpo_seed_1)
+    with caplog.at_level(logging.INFO, logger="study_tpo"):
+        merged = study_tpo.main(argv)
+    assert "text_prior" not in merged["arms"]  # the other process's
+    assert any("another study process is running it" in r.getMessage() for r in caplog.records)
+    assert merged["arms"]["conversation_only"]["seeds"] == [0]
+    assert merged["arms"]["tpo"]["seeds"] == [0, 1]  # kept while this process recorded conversation_only
+    assert json.loads(path.read_text(encoding="utf-8"))["arms"]["tpo"]["seeds"] == [0, 1]
+    (busy / ".tpo_run.lock").unlink()
+
+
+def test_warmup_runs_and_matched_steps():
+    script = SimpleNamespace(stages=["assign", "task", "joint"], task_warmup_tasks=["region"], task_warmup_epochs=0.5,
+                             task_stage_conversations=0.5, assign_epochs=1.0, task_epochs=2.0, joint_epochs=1.0)
+    training = SimpleNamespace(per_device_train_batch_size=10, gradient_accumulation_steps=1)
+    data = {"train": {"temporal": [0] * 40, "region": [0] * 60, "mask_image": [0] * 20, "mask_video": [0] * 20,
+                      "conversation": [0] * 100}}
+    runs = {name: study_tpo.training_runs(spec, script) for name, spec in study_tpo.ARMS.items()}
+    assert runs["tpo"] == [("assign", "assign", None), ("task-warmup-region", "task", "region"),
+                           ("task", "task", None), ("joint", "joint", None)]
+    assert runs["single_task/temporal"] == [("assign", "assign", None), ("task", "task", None), ("joint", "joint", None)]
+    assert runs["single_task/region"] == runs["tpo"] == runs["conversation_only"] == runs["text_coords"]
+    # tpo: 140 grounding + 100 conversations; the task stage adds 70 conversations; the warm-up 60 region + 30
+    tpo = study_tpo.arm_steps(study_tpo.ARMS["tpo"], data, script, training)
+    assert tpo == {"assign": 24, "task-warmup-region": 5, "task": 42, "joint": 24}
+    assert study_tpo.arm_steps(study_tpo.ARMS["conversation_only"], data, script, training) == tpo
+    # single_task/region: its own 60 samples (+ 30 conversations in the task stage and the warm-up)
+    assert study_tpo.arm_steps(study_tpo.ARMS["single_task/region"], data, script, training) == {
+        "assign": 16, "task-warmup-region": 5, "task": 18, "joint": 16}
+    no_warmup = SimpleNamespace(**{**vars(script), "task_warmup_tasks": []})
+    assert "task-warmup-region" not in study_tpo.arm_steps(study_tpo.ARMS["tpo"], data, no_warmup, training)
+
+
 # ---- the report ---------------------------------------------------------------------------------------
 def _hand_made_results() -> dict:
     def arm(values: dict, seeds=(0, 1)):

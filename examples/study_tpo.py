@@ -1,7 +1,8 @@
 """Does TPO do what the paper says? The paper's three claims, tested in miniature on the synthetic benchmark.
 
 Arms, trained from the same backbone configuration on the same data with the same schedule (the embedded
-default run's stages, learning rates and heads), over several seeds, and scored by the same evaluation:
+default run's stages, learning rates, heads and region warm-up), over several seeds, and scored by the same
+evaluation:
 
     tpo                  task tokens + heads, the three stages (assign -> task -> joint)
     tpo_released         the same with the released heads: the MLP region head, the DETR temporal decoder
@@ -13,16 +14,19 @@ default run's stages, learning rates and heads), over several seeds, and scored 
     conversation_only    the conversations alone
     text_prior           the conversations alone with blank media: what the question text alone allows
 
-Every arm but single_task/<task> takes exactly the optimiser steps that tpo takes in each stage (its stage
-data cycles as needed). The claims and the arms that test them: (a) heads beat text coordinates (tpo,
-tpo_released vs text_coords); (b) joint training beats training each task alone (tpo vs single_task/*);
-(c) dense task supervision does not hurt general understanding (tpo vs conversation_only on multiple-choice
-accuracy and open-ended exact match, beside chance, the majority letter and text_prior).
+Every arm but single_task/<task> takes exactly the optimiser steps that tpo takes in each stage and warm-up run
+(its stage data cycles as needed; an arm without region samples warms up on its task-stage data). The claims
+and the arms that test them: (a) heads beat text coordinates (tpo, tpo_released vs text_coords); (b) joint
+training beats training each task alone (tpo vs single_task/*); (c) dense task supervision does not hurt
+general understanding (tpo vs conversation_only on multiple-choice accuracy and open-ended exact match, beside
+chance, the majority letter and text_prior).
 
-    # the full study (3 seeds, half of the training data; about 1.5 hours on 2 quiet CPU cores): outputs/study/full/
+    # the full study (3 seeds, half of the training data): outputs/study/full/
     python examples/study_tpo.py
-    # one seed, a quarter of the training data (about 15 minutes): outputs/study/quick/
+    # one seed, a quarter of the training data: outputs/study/quick/
     python examples/study_tpo.py --quick
+    # study_default.yaml runs two processes (--workers 2) sharing the cores: each takes the next run that no
+    # other holds, all write one results folder; --workers 1 runs everything in this process
     # some arms, other seeds, any run setting (YAML first, then flags, as run_tpo.py)
     python examples/study_tpo.py --arms tpo text_coords --seeds 0 1 --task_epochs 2
 
@@ -37,6 +41,8 @@ import hashlib
 import json
 import logging
 import math
+import os
+import subprocess
 import sys
 import time
 from contextlib import ExitStack, contextmanager
@@ -146,6 +152,10 @@ class StudyArguments:
                 "control, the same for every arm and seed; every test conversation is evaluated."})
     quick_train_fraction: float = field(default=0.25, metadata={"help": "--train_fraction of --quick."})
     quick_test_per_task: int = field(default=100, metadata={"help": "--test_per_task of --quick."})
+    workers: int = field(default=1, metadata={
+        "help": "Study processes sharing the machine's threads: this one and workers - 1 more started with the same "
+                "arguments; each takes the next run that no other process holds, and all merge their results into "
+                "one folder (logs of the others: <folder>/worker-<i>.log)."})
 
 
 def parse_study_arguments(argv: list[str]):
@@ -167,6 +177,8 @@ def parse_study_arguments(argv: list[str]):
     parser.set_defaults(**defaults)
     study, script, model, training = parser.parse_args_into_dataclasses(argv)
     unknown_arms = [arm for arm in study.arms if arm not in ARMS]
+    if study.workers < 1:
+        raise ValueError(f"--workers {study.workers}: give 1 (this process alone) or more.")
     if unknown_arms or not study.arms or not study.seeds:
         raise ValueError(f"--arms {study.arms} --seeds {study.seeds}: choose arms from {list(ARMS)} and at least one "
                          "seed.")
@@ -185,7 +197,7 @@ def settings_fingerprint(study: StudyArguments, script, model, training) -> str:
     skipped_training = {"output_dir", "logging_dir", "run_name", "seed", "data_seed", "disable_tqdm", "report_to",
                         "dataloader_num_workers", "logging_steps"}
     settings = {
-        "study": {k: v for k, v in dataclasses.asdict(study).items() if k not in ("arms", "seeds")},
+        "study": {k: v for k, v in dataclasses.asdict(study).items() if k not in ("arms", "seeds", "workers")},
         "script": {k: v for k, v in dataclasses.asdict(script).items() if k not in ("overwrite_output_dir", "num_proc")},
         "model": dataclasses.asdict(model),
         "training": {k: v for k, v in json.loads(training.to_json_string()).items() if k not in skipped_training},
@@ -401,6 +413,8 @@ CLAIMS = [
     ("(b) joint beats single-task", "mask/j&f", "tpo", "single_task/mask", "not reported"),
     ("(c) task data keeps/helps conversation", "mcqa/accuracy", "tpo", "conversation_only",
      "MVBench: TPO 66.8, conversation-only baseline (VideoChat2) 60.4"),
+    ("(c) task data keeps/helps conversation", "mcqa/ranked_accuracy", "tpo", "conversation_only",
+     "as above (the paper generates the letter)"),
     ("(c) task data keeps/helps conversation", "text/exact_match", "tpo", "conversation_only", "not reported"),
 ]
 # Metrics of the full table, each with the floor printed beside it (eval_results.json names).
@@ -410,10 +424,12 @@ TABLE_METRICS = [
     ("region/acc@0.5", "floor/region_query_blind_acc@0.5"),
     ("control/region_query_swap_acc@0.5", "floor/region_query_blind_acc@0.5"),
     ("mask/miou", "floor/mask_query_blind_miou"), ("mask/j&f", "floor/mask_query_blind_j&f"),
-    ("mcqa/accuracy", "floor/mcqa_majority_letter"), ("text/exact_match", None),
+    ("mcqa/accuracy", "floor/mcqa_majority_letter"), ("mcqa/ranked_accuracy", "floor/mcqa_chance"),
+    ("text/exact_match", None),
     ("router/end_to_end_accuracy", None), ("temporal/unparseable_answers", None), ("region/unparseable_answers", None),
 ]
-CHART_METRICS = ["temporal/r1@0.5", "region/acc@0.5", "mask/j&f", "mcqa/accuracy", "text/exact_match"]
+CHART_METRICS = ["temporal/r1@0.5", "region/acc@0.5", "mask/j&f", "mcqa/accuracy", "mcqa/ranked_accuracy",
+                 "text/exact_match"]
 
 
 def _cell(arm: dict | None, metric: str) -> str:
@@ -458,10 +474,13 @@ def write_report(results: dict, path: Path, title: str = "TPO study") -> None:
         chance = next(iter(mcq.values())).get("floor/mcqa_chance")
         majority = next(iter(mcq.values())).get("floor/mcqa_majority_letter")
         prior = _cell(arms.get("text_prior"), "mcqa/accuracy")
+        ranked_prior = _cell(arms.get("text_prior"), "mcqa/ranked_accuracy")
         lines += ["", f"Multiple-choice floors: chance {chance:.3f}, always the majority letter {majority:.3f}, "
-                      f"text-only prior (text_prior: trained on blank media) {prior}."]
+                      f"text-only prior (text_prior: trained on blank media) {prior} (generated letter), "
+                      f"{ranked_prior} (ranked options)."]
     lines += ["", "## Every arm", "", "Mean ± standard deviation over seeds (population); floor: the question-blind "
-              "oracle of the grounding metrics, the majority letter for multiple choice.", "",
+              "oracle of the grounding metrics; for multiple choice the majority letter (generated letter) and "
+              "chance (ranked options).", "",
               "| metric | floor | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
     for metric, _ in TABLE_METRICS:
         if any(metric in arms[name].get("mean", {}) for name in names):
@@ -473,7 +492,7 @@ def write_report(results: dict, path: Path, title: str = "TPO study") -> None:
                   "`held_out`: the subject is a colour-shape pair no training conversation shows; `seen`: the others.", "",
                   "| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
         for category in categories:
-            for prefix in ("mcqa/accuracy_", "text/exact_match_"):
+            for prefix in ("mcqa/accuracy_", "mcqa/ranked_accuracy_", "text/exact_match_"):
                 metric = prefix + category
                 if any(metric in arms[n].get("mean", {}) for n in names):
                     lines.append(f"| `{metric}` | " + " | ".join(_cell(arms[n], metric) for n in names) + " |")
@@ -563,35 +582,71 @@ def recorded(folder: Path, fingerprint: str) -> dict:
         return load_results(folder / RESULTS_FILE, fingerprint)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    study, script, model_args, training = parse_study_arguments(sys.argv[1:] if argv is None else argv)
-    folder = Path(training.output_dir) / ("quick" if study.quick else "full")
-    folder.mkdir(parents=True, exist_ok=True)
-    fingerprint = settings_fingerprint(study, script, model_args, training)
-    recorded(folder, fingerprint)  # refuses a results file of other settings before any work
+def start_workers(study: StudyArguments, argv: list[str], folder: Path) -> list[tuple[subprocess.Popen, Path]]:
+    """`study.workers - 1` more study processes with the same arguments, the threads split evenly between all."""
+    import torch
+
+    threads = max(1, torch.get_num_threads() // study.workers)
+    torch.set_num_threads(threads)
+    environment = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    workers = []
+    for index in range(1, study.workers):
+        log = folder / f"worker-{index}.log"
+        with log.open("w", encoding="utf-8") as handle:
+            process = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *argv, "--workers", "1"],
+                                       stdout=handle, stderr=subprocess.STDOUT, env=environment)
+        workers.append((process, log))
+    logger.info("Started %d more study processes (%d threads each): %s", len(workers), threads,
+                [str(log) for _, log in workers])
+    return workers
+
+
+def wait_for_workers(workers: list[tuple[subprocess.Popen, Path]]) -> None:
+    failed = [str(log) for process, log in workers if process.wait() != 0]
+    if failed:
+        raise RuntimeError(f"Study processes failed; see {failed}. Rerun the same command: finished runs are kept.")
+
+
+def run_all(study: StudyArguments, script, model_args, training, folder: Path, fingerprint: str) -> None:
+    """Every (arm, seed) not recorded yet and not held by another study process, each recorded when done."""
     data = load_study_data(script, study)
     logger.info("Training parts: %s", {part: len(rows) for part, rows in data["train"].items()})
     for name in study.arms:
         for seed in study.seeds:
-            if str(seed) in recorded(folder, fingerprint)["arms"].get(name, {}).get("runs", {}):
-                logger.info("%s seed %d: already in %s, skipped", name, seed, folder / RESULTS_FILE)
-                continue
             run_dir = folder / name.replace("/", "-") / f"seed-{seed}"
             with ExitStack() as stack:
-                try:
-                    stack.enter_context(run_tpo.output_dir_lock(run_dir, script.overwrite_output_dir))
-                except RuntimeError as error:  # a live process holds the run's folder
-                    logger.info("%s seed %d: another study process is running it (%s), skipped", name, seed, error)
+                try:  # held until the run is recorded, so that no other process starts it again
+                    stack.enter_context(run_tpo.output_dir_lock(run_dir, take_over=False))
+                except RuntimeError:  # a live process holds the run's folder
+                    logger.info("%s seed %d: another study process is running it (lock in %s), skipped", name, seed,
+                                run_dir)
+                    continue
+                if str(seed) in recorded(folder, fingerprint)["arms"].get(name, {}).get("runs", {}):
+                    logger.info("%s seed %d: already in %s, skipped", name, seed, folder / RESULTS_FILE)
                     continue
                 run = run_arm(name, seed, data, script, model_args, training, run_dir)
-            with results_lock(folder):  # merged into what other processes recorded meanwhile
-                results = load_results(folder / RESULTS_FILE, fingerprint)
-                results["description"] = describe(study)
-                record_run(results, name, seed, run)
-                write_outputs(results, folder)
+                with results_lock(folder):  # merged into what other processes recorded meanwhile
+                    results = load_results(folder / RESULTS_FILE, fingerprint)
+                    results["description"] = describe(study)
+                    record_run(results, name, seed, run)
+                    write_outputs(results, folder)
             logger.info("%s seed %d done in %.0f s: %s", name, seed, run["wall_seconds"],
                         {k: round(v, 3) for k, v in run["metrics"].items() if k in dict(TABLE_METRICS)})
+
+
+def main(argv: list[str] | None = None) -> dict:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    study, script, model_args, training = parse_study_arguments(argv)
+    folder = Path(training.output_dir) / ("quick" if study.quick else "full")
+    folder.mkdir(parents=True, exist_ok=True)
+    fingerprint = settings_fingerprint(study, script, model_args, training)
+    recorded(folder, fingerprint)  # refuses a results file of other settings before any work
+    workers = start_workers(study, argv, folder) if study.workers > 1 else []
+    try:
+        run_all(study, script, model_args, training, folder, fingerprint)
+    finally:
+        wait_for_workers(workers)
     with results_lock(folder):
         results = load_results(folder / RESULTS_FILE, fingerprint)
         results["description"] = describe(study)

@@ -3,11 +3,13 @@ conversation metrics and floors, every arm training a few steps, resuming, and t
 
 import json
 import logging
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from script_loader import load_script
@@ -139,6 +141,61 @@ def test_conversation_metrics_per_category_and_floors():
     assert metrics["floor/mcqa_chance"] == 0.25 and metrics["floor/mcqa_majority_letter"] == 0.75  # "C" 3 of 4
 
 
+def _mc_sample(sample_id: str, options: list[str], answer: str) -> dict:
+    letter = "ABCD"[options.index(answer)]
+    question = "What colour is it?\n" + "\n".join(f"{'ABCD'[i]}. {o}" for i, o in enumerate(options))
+    return empty_sample(id=sample_id, task="text", media_type="none", options=options, answer=letter,
+                        conversations=[{"role": "user", "content": question},
+                                       {"role": "assistant", "content": f"{answer} ({letter})"}])
+
+
+class _FavouringLM:
+    """A model stub whose next-token logits favour `favoured` token ids by `margin` at every position."""
+
+    def __init__(self, vocab_size: int, favoured: set[int], margin: float = 8.0):
+        self.vocab_size, self.favoured, self.margin = vocab_size, sorted(favoured), margin
+        self.training, self.config = False, SimpleNamespace(task_token_ids={})
+        self.eval = lambda: None
+        self.train = lambda mode=True: None
+
+    def parameters(self):
+        yield torch.zeros(1)
+
+    def __call__(self, input_ids, **kwargs):
+        logits = torch.zeros(*input_ids.shape, self.vocab_size)
+        logits[..., self.favoured] = self.margin
+        return SimpleNamespace(logits=logits, router_logits=torch.zeros(len(input_ids), 4))
+
+
+def test_ranked_options_pick_the_likeliest_option_text(processor):
+    """Rank classification: the option whose tokens the model favours wins, whatever its letter; with uniform logits
+    an answer scores exactly -(its own tokens) x log(vocab), the end-of-turn tokens after it left out."""
+    tokenizer = processor.tokenizer
+    vocab = len(tokenizer)
+    samples = [_mc_sample("q0", ["red", "blue", "green"], "blue"), _mc_sample("q1", ["blue", "green", "red"], "red"),
+               _mc_sample("q2", ["green", "red", "blue"], "green")]
+    evaluator = TaskEvaluator(processor, samples, batch_size=4)
+    favoured = set(tokenizer("blue", add_special_tokens=False)["input_ids"])
+    ranked = evaluator._ranked_options(_FavouringLM(vocab, favoured), samples)
+    assert ranked == {"q0": "B", "q1": "A", "q2": "C"}  # "blue" wherever it is listed
+    uniform = _FavouringLM(vocab, set(), margin=0.0)
+    encoded = processor.encode(samples[0], mode="train")
+    labels = torch.tensor(encoded.labels)
+    logits = uniform(torch.tensor([encoded.input_ids])).logits[0]
+    own_tokens = len(tokenizer("blue (B)", add_special_tokens=False)["input_ids"])
+    assert (labels != -100).sum() > own_tokens  # the reply's end-of-turn tokens are labelled too, and left out
+    assert evaluator._answer_log_likelihood(logits, labels, "blue (B)") == pytest.approx(-own_tokens * math.log(vocab),
+                                                                                        rel=1e-5)
+    # in the metrics: only q0's answer is "blue"
+    generated = {s["id"]: (s, 0, "x", [5]) for s in samples}
+    evaluator._generate = lambda model, batch, max_new_tokens: [generated[s["id"]] for s in batch]
+    metrics = compute_task_metrics(evaluator.predict(_FavouringLM(vocab, favoured)))
+    assert metrics["mcqa/ranked_accuracy"] == pytest.approx(1 / 3) and metrics["mcqa/accuracy"] == 0.0
+    off = TaskEvaluator(processor, samples, batch_size=4, rank_options=False)
+    off._generate = evaluator._generate
+    assert "mcqa/ranked_accuracy" not in compute_task_metrics(off.predict(_FavouringLM(vocab, favoured)))
+
+
 def test_blank_media_is_uniform_and_refuses_mask_frames():
     image = study_tpo.blank_media({"kind": "image", "height": 5, "width": 7})["image"]
     assert image.shape == (5, 7, 3) and (image == 128).all()
@@ -165,7 +222,7 @@ def test_arms_as_configured():
 TINY = ["--synthetic_size", "small", "--quick", "--quick_train_fraction", "1.0", "--assign_epochs", "0.1",
         "--task_epochs", "0.1", "--joint_epochs", "0.1", "--per_device_train_batch_size", "4",
         "--per_device_eval_batch_size", "16", "--dataloader_num_workers", "0", "--tiny_num_layers", "1",
-        "--tiny_hidden_size", "64", "--num_frames", "4"]
+        "--tiny_hidden_size", "64", "--num_frames", "4", "--workers", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -252,6 +309,22 @@ def test_parallel_processes_share_a_folder(study_run, caplog, monkeypatch):
     assert merged["arms"]["tpo"]["seeds"] == [0, 1]  # kept while this process recorded conversation_only
     assert json.loads(path.read_text(encoding="utf-8"))["arms"]["tpo"]["seeds"] == [0, 1]
     (busy / ".tpo_run.lock").unlink()
+
+
+@pytest.mark.slow
+def test_workers_share_the_runs(tmp_path, caplog):
+    """--workers 2: a second process with the same arguments; every run is done once, by one of them, and all are
+    recorded in one results file."""
+    argv = [*TINY, "--synthetic_dir", str(tmp_path / "synthetic"), "--output_dir", str(tmp_path / "out"),
+            "--arms", "conversation_only", "text_prior", "single_task/temporal", "--workers", "2"]
+    with caplog.at_level(logging.INFO, logger="study_tpo"):
+        results = study_tpo.main(argv)
+    assert list(results["arms"]) == ["single_task/temporal", "conversation_only", "text_prior"]
+    log = (tmp_path / "out" / "quick" / "worker-1.log").read_text(encoding="utf-8")
+    done_here = [r.getMessage() for r in caplog.records if " done in " in r.getMessage()]
+    done_there = [line for line in log.splitlines() if " done in " in line]
+    assert len(done_here) + len(done_there) == 3  # each run once
+    assert "Started 1 more study processes" in caplog.text
 
 
 def test_warmup_runs_and_matched_steps():

@@ -8,8 +8,9 @@ the task whose begin token the LM emits first, or text).
 Video mask samples are scored on every annotated frame: "propagate" segments the first frame with the mask
 head and tracks it through SAM2's video memory (`TPOForConditionalGeneration.track_masks`); "per_frame"
 prompts every frame with the head. Conversation samples are answered with `generate` (greedy); multiple-
-choice answers are scored by their option letter; a text prompt routes right when its answer is text and
-not empty. Grounding tasks the processor answers in text coordinates (`text_coordinate_tasks`) are generated
+choice answers are scored by their option letter (`mcqa/accuracy`) and, without generating, by the option whose
+text the model finds most likely as the answer (`mcqa/ranked_accuracy`, rank classification); a text prompt
+routes right when its answer is text and not empty. Grounding tasks the processor answers in text coordinates (`text_coordinate_tasks`) are generated
 the same way and parsed (`TPOProcessor.parse_text_coordinates`); an answer without a well-formed box or span
 scores as a miss and is counted (`<task>/unparseable_answers`).
 Each grounding metric comes with its question-blind floor (`tpo.training.metrics.floors`) when the samples
@@ -31,7 +32,7 @@ import torch
 from ..modeling_tpo.inputs_tpo import SAM2_IMAGE_INPUTS
 from ..processing.collator_tpo import collate_encoded
 from ..processing.pipeline import MediaError, load_media, probe_media
-from ..processing.processing_tpo import TASK_LABELS, decode_rle
+from ..processing.processing_tpo import IGNORE_INDEX, TASK_LABELS, decode_rle
 from .metrics import (
     as_mask,
     best_gt_iou,
@@ -60,7 +61,7 @@ FLOORS = {"region/acc@0.5": "floor/region_query_blind_acc@0.5", "temporal/r1@0.5
           "mask/miou": "floor/mask_query_blind_miou", "mask/j&f": "floor/mask_query_blind_j&f",
           "mask/asked_first": "floor/mask_asked_first_chance"}
 # Floors that need no objects: multiple-choice accuracy beside always answering the most frequent letter.
-ANSWER_FLOORS = {"mcqa/accuracy": "floor/mcqa_majority_letter"}
+ANSWER_FLOORS = {"mcqa/accuracy": "floor/mcqa_majority_letter", "mcqa/ranked_accuracy": "floor/mcqa_chance"}
 # What each metric means where the name alone does not say it (printed with the table).
 NOTES = {
     "router/accuracy": "the auxiliary router classifier (L_assign), not what the LM emits",
@@ -73,6 +74,7 @@ NOTES = {
     "mask/asked_first": "frames whose mask overlaps the asked object more than any other object (floor: chance)",
     "mask/union_miou": "IoU with the union of the visible objects: near 1 when every object is segmented",
     "mcqa/accuracy": "floor: always the most frequent answer letter of these questions",
+    "mcqa/ranked_accuracy": "the option whose text the model finds most likely as the answer (floor: chance)",
 }
 
 
@@ -110,6 +112,8 @@ class TaskEvaluator:
             tracked through SAM2's video memory; "per_frame": every frame is prompted by the task embedding
             alone (for a SAM2 whose memory was never trained, e.g. the randomly initialised tiny SAM2 of
             the embedded default).
+        rank_options: also score multiple-choice questions by ranking their options' likelihood
+            (`mcqa/ranked_accuracy`, beside `mcqa/accuracy` of the generated answer's letter).
         controls: {name: samples} evaluated like `samples`, their metrics reported as
             `control/<name>_<metric>` for the task the name starts with (e.g. "region_query_swap" gives
             `control/region_query_swap_acc@0.5`).
@@ -120,7 +124,7 @@ class TaskEvaluator:
 
     def __init__(self, processor, samples, batch_size: int = 16, max_new_tokens: int = 8, media_loader=load_media,
                  output_dir: str | None = None, mask_video_mode: str = "propagate", controls: dict | None = None,
-                 max_coordinate_tokens: int = 40):
+                 max_coordinate_tokens: int = 40, rank_options: bool = True):
         if mask_video_mode not in ("propagate", "per_frame"):
             raise ValueError(f"Unknown mask_video_mode {mask_video_mode!r}; use 'propagate' or 'per_frame'.")
         self.mask_video_mode = mask_video_mode
@@ -132,6 +136,7 @@ class TaskEvaluator:
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
         self.max_coordinate_tokens = max_coordinate_tokens
+        self.rank_options = rank_options
         self.media_loader = media_loader
         self.output_dir = output_dir
 
@@ -341,6 +346,7 @@ class TaskEvaluator:
 
     def _text_batch(self, model, samples: list[dict], predictions: Predictions) -> None:
         begin_tasks = task_of_begin_token(model)
+        ranked = self._ranked_options(model, [s for s in samples if len(s["options"])]) if self.rank_options else {}
         for sample, choice, answer, tokens in self._generate(model, samples, self.max_new_tokens):
             predictions.router.append((choice, TASK_LABELS["text"]))
             emitted = begin_tasks.get(tokens[0], "text") if tokens else "text"
@@ -350,7 +356,54 @@ class TaskEvaluator:
             meta = json.loads(sample.get("meta") or "{}")
             predictions.text.append({"id": sample["id"], "prediction": answer.strip(), "reference": reference,
                                      "options": list(sample["options"]), "answer": sample["answer"],
-                                     "category": meta.get("category"), "held_out": meta.get("held_out")})
+                                     "category": meta.get("category"), "held_out": meta.get("held_out"),
+                                     **({"ranked_choice": ranked[sample["id"]]} if sample["id"] in ranked else {})})
+
+    def _ranked_options(self, model, samples: list[dict]) -> dict[str, str]:
+        """{sample id: letter of the option the model finds most likely as the answer} for multiple-choice
+        samples: every option's text in place of the reference answer, scored by the sum of the log-probabilities
+        of its tokens (rank classification, as lm-evaluation-harness scores multiple choice: no format to follow,
+        no letter to copy). Each sample's media are decoded once for all of its options."""
+        scores: dict[str, list[float]] = {}
+        for chunk in _batches(samples, max(1, self.batch_size // 4)):
+            encoded, media, owners = [], [], []
+            for sample in chunk:
+                try:
+                    items = [self.processor.encode(_answered_with(sample, option), mode="train")
+                             for option in sample["options"]]
+                    decoded = self.media_loader(items[0].media, items[0].targets)
+                except (MediaError, ValueError) as error:
+                    logger.warning("Ranking the options skips sample %r: %s", sample.get("id"), error)
+                    continue
+                for index, item in enumerate(items):
+                    encoded.append(item)
+                    media.append(decoded)
+                    owners.append((sample["id"], sample["options"][index]))
+            if not encoded:
+                continue
+            batch = collate_encoded(self.processor, encoded, media, padding_side="right")
+            batch.pop("tpo_meta")
+            labels = batch.pop("labels")
+            batch.pop("task_labels", None)
+            logits = model(**self._to_device(batch, model)).logits.float()
+            for row, (sample_id, option) in enumerate(owners):
+                scores.setdefault(sample_id, []).append(
+                    self._answer_log_likelihood(logits[row], labels[row].to(logits.device), option))
+        return {sample_id: chr(ord("A") + int(np.argmax(values))) for sample_id, values in scores.items()}
+
+    def _answer_log_likelihood(self, logits: torch.Tensor, labels: torch.Tensor, answer: str) -> float:
+        """Sum of log p(token) over the answer's own tokens: the labelled tokens up to the answer's text (the
+        end-of-turn tokens after it are left out). logits (seq, vocab), labels (seq,) aligned with input_ids."""
+        positions = (labels != IGNORE_INDEX).nonzero().flatten()
+        positions = positions[positions > 0]  # a token is predicted by the logits of the one before it
+        tokens = labels[positions]
+        count = len(positions)
+        for k in range(1, len(positions) + 1):
+            if len(self.processor.tokenizer.decode(tokens[:k].tolist()).strip()) >= len(answer.strip()):
+                count = k
+                break
+        log_probs = torch.log_softmax(logits[positions[:count] - 1], dim=-1)
+        return float(log_probs.gather(-1, tokens[:count, None]).sum())
 
     def _text_coordinate_batch(self, model, samples: list[dict], predictions: Predictions) -> None:
         """Grounding samples answered in text coordinates: generated (greedy), parsed by the processor and scored
@@ -375,6 +428,14 @@ class TaskEvaluator:
                 "duration": float(sample["duration_seconds"]), "relevant_clip_ids": list(sample["saliency_clip_ids"]),
                 "saliency_scores": [list(v) for v in sample["saliency_scores"]],
             })
+
+
+def _answered_with(sample: dict, answer: str) -> dict:
+    """The sample with `answer` as its last assistant turn (its question and media unchanged)."""
+    turns = [dict(turn) for turn in sample["conversations"]]
+    last = max(i for i, turn in enumerate(turns) if turn["role"] == "assistant")
+    turns[last]["content"] = answer
+    return {**sample, "conversations": turns[: last + 1]}
 
 
 def task_of_begin_token(model) -> dict[int, str]:
@@ -449,6 +510,10 @@ def _conversation_metrics(text: list[dict], suffix: str = "") -> dict[str, float
     if mcq:
         out[f"mcqa/accuracy{suffix}"] = mcqa_accuracy([p["prediction"] for p in mcq], [p["answer"] for p in mcq],
                                                       [p["options"] for p in mcq])["accuracy"] / 100
+        ranked = [p for p in mcq if "ranked_choice" in p]
+        if ranked:
+            out[f"mcqa/ranked_accuracy{suffix}"] = float(np.mean([
+                p["ranked_choice"] == p["answer"].strip().upper() for p in ranked]))
     open_ended = [p for p in text if not p["options"]]
     if open_ended:
         out[f"text/exact_match{suffix}"] = float(np.mean([
@@ -551,7 +616,7 @@ def format_table(metrics: dict[str, float], notes: dict[str, str] | None = None)
     beside it (and the margin above it), then the controls and the rest; `notes` explain metrics."""
     notes = NOTES if notes is None else notes
     floor_of = {**FLOORS, **ANSWER_FLOORS}
-    floors = set(floor_of.values())
+    floors = {floor_of[key] for key in metrics if key in floor_of}  # printed beside their metric
     main = [k for k in REQUIRED_KEYS if k in metrics]
     controls = sorted(k for k in metrics if k.startswith("control/"))
     rest = sorted(k for k in metrics if k not in main and k not in controls and k not in floors)

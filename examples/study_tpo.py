@@ -496,6 +496,15 @@ def write_report(results: dict, path: Path, title: str = "TPO study") -> None:
                 metric = prefix + category
                 if any(metric in arms[n].get("mean", {}) for n in names):
                     lines.append(f"| `{metric}` | " + " | ".join(_cell(arms[n], metric) for n in names) + " |")
+    claim_metrics = list(dict.fromkeys(metric for _, metric, _, _, _ in CLAIMS))
+    lines += ["", "## Per seed", "", "The claims' metrics of every run: a mean over seeds can hide that one seed never "
+              "learnt to use the question (its grounding metrics below their floors).", "",
+              "| arm | seed | " + " | ".join(f"`{m}`" for m in claim_metrics) + " |",
+              "|---|---|" + "---|" * len(claim_metrics)]
+    for name in names:
+        for seed, run in sorted(arms[name].get("runs", {}).items(), key=lambda item: int(item[0])):
+            values = [f"{run['metrics'][m]:.3f}" if m in run["metrics"] else "-" for m in claim_metrics]
+            lines.append(f"| {name} | {seed} | " + " | ".join(values) + " |")
     lines += ["", "## Steps and time", "", "| arm | seeds | optimiser steps (per stage) | wall time per run (s) |",
               "|---|---|---|---|"]
     for name in names:

@@ -382,6 +382,8 @@ def test_summaries_and_report_from_a_hand_made_results_file(tmp_path):
     assert "chance 0.250, always the majority letter 0.300" in report and "0.300 ± 0.050" in report  # text prior
     assert "| `mcqa/accuracy_colour` | 0.700 ± 0.100 |" in report
     assert "| tpo | 0, 1 | 7 (assign 2, task 3, joint 2) | 10 |" in report
+    assert "| tpo | 1 | 0.700 | - | - | 0.600 | - | - |" in report  # per seed: temporal, region, mask, mcqa, ...
+    assert "| text_prior | 0 | - | - | - | 0.350 | - | - |" in report
     assert "| (a) heads beat text coordinates | `temporal/r1@0.5` | tpo_released | - |" in report  # an arm not run
     study_tpo.draw_chart(results, tmp_path / "chart.png")
     pixels = np.asarray(Image.open(tmp_path / "chart.png").convert("RGB"))

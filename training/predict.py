@@ -297,7 +297,8 @@ def predict_dataset(model: str, data: str, output_dir: str, split: str = "test",
         entry["sample"] = evenly_spaced_mask_frames(entry["sample"], mask_frames_per_video)
     by_id = {entry["sample"]["id"]: entry for entry in entries}
     evaluator = TaskEvaluator(tpo_processor, [e["sample"] for e in entries], batch_size=batch_size,
-                              max_new_tokens=max_new_tokens, mask_video_mode=mask_video_mode)
+                              max_new_tokens=max_new_tokens, mask_video_mode=mask_video_mode,
+                              rank_options=evaluate)  # ranking the options serves only the metrics
     predictions = evaluator.predict(tpo_model)
     predicted = {p["id"] for task in ("temporal", "region", "mask", "text") for p in getattr(predictions, task)}
     missing = [i for i in by_id if i not in predicted]

@@ -186,6 +186,15 @@ def test_ranked_options_pick_the_likeliest_option_text(processor):
     assert (labels != -100).sum() > own_tokens  # the reply's end-of-turn tokens are labelled too, and left out
     assert evaluator._answer_log_likelihood(logits, labels, "blue (B)") == pytest.approx(-own_tokens * math.log(vocab),
                                                                                         rel=1e-5)
+    # a few-shot turn before the question: only the last answer is scored
+    shot = {**samples[0], "conversations": [{"role": "user", "content": "What colour is the sky?"},
+                                            {"role": "assistant", "content": "blue"}, *samples[0]["conversations"]]}
+    encoded = processor.encode(shot, mode="train")
+    logits = uniform(torch.tensor([encoded.input_ids])).logits[0]
+    assert evaluator._answer_log_likelihood(logits, torch.tensor(encoded.labels), "blue (B)") == pytest.approx(
+        -own_tokens * math.log(vocab), rel=1e-5)
+    unanswered = {**samples[0], "conversations": samples[0]["conversations"][:1]}
+    assert evaluator._ranked_options(_FavouringLM(vocab, favoured), [unanswered]) == {"q0": "B"}
     # in the metrics: only q0's answer is "blue"
     generated = {s["id"]: (s, 0, "x", [5]) for s in samples}
     evaluator._generate = lambda model, batch, max_new_tokens: [generated[s["id"]] for s in batch]

@@ -10,8 +10,8 @@ head and tracks it through SAM2's video memory (`TPOForConditionalGeneration.tra
 prompts every frame with the head. Conversation samples are answered with `generate` (greedy); multiple-
 choice answers are scored by their option letter (`mcqa/accuracy`) and, without generating, by the option whose
 text the model finds most likely as the answer (`mcqa/ranked_accuracy`, rank classification); a text prompt
-routes right when its answer is text and not empty. Grounding tasks the processor answers in text coordinates (`text_coordinate_tasks`) are generated
-the same way and parsed (`TPOProcessor.parse_text_coordinates`); an answer without a well-formed box or span
+routes right when its answer is text and not empty. Grounding tasks the processor answers in text coordinates
+(`text_coordinate_tasks`) are generated the same way and parsed (`TPOProcessor.parse_text_coordinates`); an answer without a well-formed box or span
 scores as a miss and is counted (`<task>/unparseable_answers`).
 Each grounding metric comes with its question-blind floor (`tpo.training.metrics.floors`) when the samples
 list their media's objects, and query-swap controls (the same media asked about another object) are scored
@@ -396,6 +396,9 @@ class TaskEvaluator:
         end-of-turn tokens after it are left out). logits (seq, vocab), labels (seq,) aligned with input_ids."""
         positions = (labels != IGNORE_INDEX).nonzero().flatten()
         positions = positions[positions > 0]  # a token is predicted by the logits of the one before it
+        breaks = (positions[1:] - positions[:-1] > 1).nonzero().flatten()
+        if len(breaks):  # earlier assistant turns are labelled too: the last turn's run of tokens
+            positions = positions[int(breaks[-1]) + 1:]
         tokens = labels[positions]
         count = len(positions)
         for k in range(1, len(positions) + 1):
@@ -433,9 +436,11 @@ class TaskEvaluator:
 def _answered_with(sample: dict, answer: str) -> dict:
     """The sample with `answer` as its last assistant turn (its question and media unchanged)."""
     turns = [dict(turn) for turn in sample["conversations"]]
-    last = max(i for i, turn in enumerate(turns) if turn["role"] == "assistant")
-    turns[last]["content"] = answer
-    return {**sample, "conversations": turns[: last + 1]}
+    answers = [i for i, turn in enumerate(turns) if turn["role"] == "assistant"]
+    if not answers:  # a question without its reference answer
+        return {**sample, "conversations": [*turns, {"role": "assistant", "content": answer}]}
+    turns[answers[-1]]["content"] = answer
+    return {**sample, "conversations": turns[: answers[-1] + 1]}
 
 
 def task_of_begin_token(model) -> dict[int, str]:

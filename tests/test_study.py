@@ -247,7 +247,8 @@ def test_every_arm_trains_and_is_scored(study_run):
     arms = results["arms"]
     assert list(arms) == list(study_tpo.ARMS)
     steps = {name: arm["steps_per_stage"] for name, arm in arms.items()}
-    matched = [name for name, spec in study_tpo.ARMS.items() if spec.matched_steps]
+    matched = [name for name, spec in study_tpo.ARMS.items() if spec.matched_steps and not spec.conversation_exposure]
+    assert sum(steps["conversation_matched"].values()) < sum(steps["tpo"].values())
     assert all(steps[name] == steps["tpo"] for name in matched)  # the same optimiser steps per stage
     assert all(sum(steps[f"single_task/{t}"].values()) < sum(steps["tpo"].values()) for t in ("temporal", "region"))
     for name, arm in arms.items():
@@ -351,6 +352,9 @@ def test_warmup_runs_and_matched_steps():
     tpo = study_tpo.arm_steps(study_tpo.ARMS["tpo"], data, script, training)
     assert tpo == {"assign": 24, "task-warmup-region": 5, "task": 42, "joint": 24}
     assert study_tpo.arm_steps(study_tpo.ARMS["conversation_only"], data, script, training) == tpo
+    # conversation_matched: tpo's steps x the conversations' share of each run's data (100/240, 30/90, 70/210)
+    assert study_tpo.arm_steps(study_tpo.ARMS["conversation_matched"], data, script, training) == {
+        "assign": 10, "task-warmup-region": 2, "task": 14, "joint": 10}
     # single_task/region: its own 60 samples (+ 30 conversations in the task stage and the warm-up)
     assert study_tpo.arm_steps(study_tpo.ARMS["single_task/region"], data, script, training) == {
         "assign": 16, "task-warmup-region": 5, "task": 18, "joint": 16}

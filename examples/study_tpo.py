@@ -453,10 +453,15 @@ def _cell(arm: dict | None, metric: str) -> str:
 
 
 def _verdict(tpo: dict | None, other: dict | None, metric: str) -> str:
-    """The difference and whether it exceeds the seeds' spread (one seed: no spread to judge by)."""
+    """The difference and whether it exceeds the seeds' spread (one seed: no spread to judge by); when both arms
+    are at or below the metric's floor neither used what the floor leaves out, so the difference is no evidence."""
     if not tpo or not other or metric not in tpo["mean"] or metric not in other["mean"]:
         return "not run"
     difference = tpo["mean"][metric] - other["mean"][metric]
+    floor_key = dict(TABLE_METRICS).get(metric)
+    floor = tpo["mean"].get(floor_key) if floor_key else None
+    if floor is not None and max(tpo["mean"][metric], other["mean"][metric]) <= floor:
+        return f"{difference:+.3f}: both at or below the floor, no evidence"
     if min(len(tpo["seeds"]), len(other["seeds"])) < 2:
         return f"{difference:+.3f} (one seed: no spread)"
     spread = math.hypot(tpo["std"][metric], other["std"][metric])

@@ -392,6 +392,10 @@ def test_summaries_and_report_from_a_hand_made_results_file(tmp_path):
     assert "+0.400 (spread 0.100): holds" in heads_row and "| 0.400 |" in heads_row and "40.2" in heads_row
     mcq_row = next(line for line in report.splitlines() if "`mcqa/accuracy` | tpo" in line)
     assert "-0.100 (spread 0.000): reversed" in mcq_row and "66.8" in mcq_row
+    below = {"arms": {name: {**arm, "mean": {**arm["mean"], "floor/temporal_query_blind_r1@0.5": 0.8}}
+                      for name, arm in results["arms"].items()}}
+    assert study_tpo._verdict(below["arms"]["tpo"], below["arms"]["text_coords"], "temporal/r1@0.5") == (
+        "+0.400: both at or below the floor, no evidence")
     assert "chance 0.250, always the majority letter 0.300" in report and "0.300 ± 0.050" in report  # text prior
     assert "| `mcqa/accuracy_colour` | 0.700 ± 0.100 |" in report
     assert "| tpo | 0, 1 | 7 (assign 2, task 3, joint 2) | 10 |" in report

@@ -672,8 +672,12 @@ def main(argv: list[str] | None = None) -> dict:
     workers = start_workers(study, argv, folder) if study.workers > 1 else []
     try:
         run_all(study, script, model_args, training, folder, fingerprint)
-    finally:
-        wait_for_workers(workers)
+    except BaseException:  # an error or an interrupt here stops the other processes too
+        for process, _ in workers:
+            process.terminate()
+            process.wait()
+        raise
+    wait_for_workers(workers)
     with results_lock(folder):
         results = load_results(folder / RESULTS_FILE, fingerprint)
         results["description"] = describe(study)

@@ -337,6 +337,24 @@ def test_workers_share_the_runs(tmp_path, caplog):
     assert "Started 1 more study processes" in caplog.text
 
 
+def test_a_failing_study_stops_its_workers(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    monkeypatch.setattr(study_tpo, "start_workers", lambda study, argv, folder: [(sleeper, tmp_path / "w.log")])
+
+    def fail(*args):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(study_tpo, "run_all", fail)
+    argv = [*TINY, "--synthetic_dir", str(tmp_path / "synthetic"), "--output_dir", str(tmp_path / "out"),
+            "--workers", "2"]
+    with pytest.raises(RuntimeError, match="boom"):
+        study_tpo.main(argv)
+    assert sleeper.poll() is not None  # terminated, not left running for its two minutes
+
+
 def test_warmup_runs_and_matched_steps():
     script = SimpleNamespace(stages=["assign", "task", "joint"], task_warmup_tasks=["region"], task_warmup_epochs=0.5,
                              task_stage_conversations=0.5, assign_epochs=1.0, task_epochs=2.0, joint_epochs=1.0)

@@ -276,16 +276,14 @@ def arm_steps(arm: ArmSpec, data: dict, script, training) -> dict[str, int]:
     reference = ARMS["tpo"] if arm.matched_steps else arm
     grounding = sum(len(data["train"][part]) for part in grounding_parts(reference))
     sizes = stage_sizes(grounding, len(data["train"]["conversation"]), script.task_stage_conversations)
-    conversations = len(data["train"]["conversation"])
     steps = {}
     for name, stage, warmup in training_runs(arm, script):
         size = warmup_size(warmup, reference, data, script) if warmup else sizes[stage]
         steps[name] = epoch_steps(size, script.task_warmup_epochs if warmup else getattr(script, f"{stage}_epochs"),
                                   training)
         if arm.conversation_exposure:  # the conversations in tpo's data of this run, as a share of it
-            own = (size - sum(len(data["train"][part]) for part in GROUNDING_PARTS[warmup]) if warmup else
-                   conversations if stage != "task" else size - grounding)
-            steps[name] = max(1, round(steps[name] * own / size))
+            run_grounding = sum(len(data["train"][part]) for part in GROUNDING_PARTS[warmup]) if warmup else grounding
+            steps[name] = max(1, round(steps[name] * (size - run_grounding) / size))
     return steps
 
 

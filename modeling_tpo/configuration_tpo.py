@@ -178,6 +178,12 @@ class MaskHeadConfig(_HeadSettings):
     # training only: the share of SAM2 images (showing the object) prompted with their GT mask's box instead of the
     # localiser's, so that SAM2's decoder learns to follow a box prompt (the localiser learns from its own loss)
     box_prompt_teacher_forcing: float = 0.0
+    # not in the release: the mask stays inside its box prompt (the localiser's, a teacher-forced GT box or a user's),
+    # grown by `box_bound_margin` of the box's width / height on each side; pixels outside it are background. SAM2's
+    # own box prompt asks for the object in the box; a decoder trained from scratch learns foreground long before it
+    # learns to read its prompts, and this makes its masks follow the box, i.e. the question
+    box_bounds_mask: bool = False
+    box_bound_margin: float = 0.1
 
 
 DEFAULT_REGION_HEAD = RegionHeadConfig().to_dict()

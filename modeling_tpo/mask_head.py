@@ -28,6 +28,39 @@ def dice_loss(logits: torch.Tensor, targets: torch.Tensor, smooth: float = 1.0) 
 
 
 
+OUTSIDE_BOX_LOGIT = -16.0  # a pixel outside a bounding box prompt: background (sigmoid 1e-7), with no gradient
+
+
+def tie_prompt_positional_encoding(sam2: nn.Module) -> None:
+    """Give SAM2's prompt encoder the image's positional encoding (in place).
+
+    SAM2 has one random-Fourier positional encoding: the image tokens' positions in the mask decoder and the
+    coordinates of point and box prompts are encoded with the same matrix, which is how the decoder finds a prompt's
+    place in the image. transformers' `Sam2VideoModel` holds two copies (`shared_image_embedding`,
+    `prompt_encoder.shared_embedding`); a checkpoint fills both with the same values, but a model built from a config
+    draws two different random matrices, and its box prompts then point nowhere. Loading a checkpoint afterwards
+    (`load_sam2`, `from_pretrained`) overwrites both with the checkpoint's."""
+    with torch.no_grad():
+        sam2.prompt_encoder.shared_embedding.positional_embedding.copy_(
+            sam2.shared_image_embedding.positional_embedding)
+
+
+def bound_to_boxes(logits: torch.Tensor, boxes_xyxy: torch.Tensor, image_size: int, margin: float) -> torch.Tensor:
+    """Mask logits (m, h, w) over a square SAM2 input of `image_size` pixels with every cell whose centre lies
+    outside its box (m, 4) (x0, y0, x1, y1 in input pixels), grown by `margin` x its width / height on each side,
+    set to `OUTSIDE_BOX_LOGIT` (background); the cells inside keep their logits and gradients."""
+    height, width = logits.shape[-2:]
+    boxes = boxes_xyxy.to(device=logits.device, dtype=torch.float32)
+    grow = (boxes[:, 2:] - boxes[:, :2]).clamp(min=0) * margin  # (m, 2)
+    low, high = boxes[:, :2] - grow, boxes[:, 2:] + grow
+    ys = (torch.arange(height, device=logits.device, dtype=torch.float32) + 0.5) * (image_size / height)
+    xs = (torch.arange(width, device=logits.device, dtype=torch.float32) + 0.5) * (image_size / width)
+    inside_x = (xs[None] >= low[:, :1]) & (xs[None] <= high[:, :1])  # (m, w)
+    inside_y = (ys[None] >= low[:, 1:]) & (ys[None] <= high[:, 1:])  # (m, h)
+    inside = inside_y[:, :, None] & inside_x[:, None, :]
+    return torch.where(inside, logits, logits.new_tensor(OUTSIDE_BOX_LOGIT))
+
+
 @dataclass
 class MaskHeadOutput(ModelOutput):
     r"""
@@ -74,7 +107,8 @@ class MaskHead(nn.Module):
     prompts. The release's L1 asks the MLP to *produce* SAM2's box embedding; here the box itself is
     predicted (L1 + GIoU + heatmap KL against the GT mask's box, `box_loss_weight`) and embedded exactly,
     which grounds the mask where the MLLM looks. The box enters SAM2 detached: the mask loss trains the
-    decoder to use it, the box loss trains the localiser.
+    decoder to use it, the box loss trains the localiser. With `box_bounds_mask`, the mask stays inside its
+    box prompt (grown by `box_bound_margin` per side): pixels outside it are background (`bound_to_boxes`).
 
     Args:
         hidden_size: the LLM's hidden size.
@@ -89,7 +123,11 @@ class MaskHead(nn.Module):
     def __init__(self, hidden_size: int, sam2_config, config: MaskHeadConfig | dict | None = None, **settings):
         super().__init__()
         s = self.settings = MaskHeadConfig.build(config, **settings)
+        if s.box_bound_margin < 0:
+            raise ValueError(f"`box_bound_margin` must be >= 0 (a share of the box's size per side), got "
+                             f"{s.box_bound_margin}.")
         self.sam2 = Sam2VideoModel(sam2_config)
+        tie_prompt_positional_encoding(self.sam2)
         self.prompt_dim = sam2_config.prompt_encoder_config.hidden_size
         self.num_prompt_tokens = s.num_prompt_tokens
         self.prompt_mlp = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.GELU(),
@@ -212,6 +250,8 @@ class MaskHead(nn.Module):
             logits, iou = low_res[rows, best], iou_scores[rows, best]
         else:
             logits, iou = low_res[:, 0], iou_scores[:, 0]
+        if self.settings.box_bounds_mask and input_boxes is not None:
+            logits = bound_to_boxes(logits, input_boxes, self.image_size, self.settings.box_bound_margin)
         boxes = None
         if self.box_regressor is not None:
             query = task_embeddings.mean(1).to(next(self.box_regressor.parameters()).dtype)

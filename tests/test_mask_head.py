@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Sam2VideoModel
 
-from tpo.modeling_tpo.mask_head import MaskHead, dice_loss, masks_to_boxes
+from tpo.modeling_tpo.mask_head import OUTSIDE_BOX_LOGIT, MaskHead, bound_to_boxes, dice_loss, masks_to_boxes
 from tpo.tiny import tiny_sam2_config
 
 HIDDEN = 32
@@ -199,3 +199,67 @@ def test_box_prompt_localiser_loss_and_frames_without_object(sam2_config):
     assert head.localiser.score[1].weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="box_prompt_config"):
         MaskHead(HIDDEN, sam2_config, box_prompt=True, box_prompt_config={"heatmap_dims": 8})
+
+
+def test_prompts_and_image_share_one_positional_encoding(sam2_config, tmp_path):
+    """SAM2 encodes a prompt's coordinates with the image tokens' positional encoding. A box corner on an image
+    token's centre then carries exactly that token's positional embedding (plus the corner's label embedding), so
+    the decoder can find it; a SAM2 built from a config draws the two copies at random unless they are tied. The tie
+    survives a TPO model's construction and a save / load."""
+    from tiny_inputs import build_model_and_processor
+
+    head = MaskHead(HIDDEN, sam2_config)
+    encoder = head.sam2.prompt_encoder
+    image_pe = head.sam2.get_image_wide_positional_embeddings()[0]  # (C, h, w), cell centres of the 128-px input
+    cells = image_pe.shape[-1]
+    row, column = 2, 5
+    centre = lambda index: (index + 0.5) * 128 / cells - 0.5  # _embed_boxes adds half a pixel
+    box = torch.tensor([[[centre(column), centre(row), centre(column + 1), centre(row + 1)]]])
+    with torch.no_grad():
+        corners = encoder._embed_boxes(box)[0, 0]  # (3, C)
+    torch.testing.assert_close(corners[0] - encoder.point_embed.weight[2], image_pe[:, row, column])
+    torch.testing.assert_close(corners[1] - encoder.point_embed.weight[3], image_pe[:, row + 1, column + 1])
+    untied = Sam2VideoModel(sam2_config)  # what transformers builds from a config alone
+    assert not torch.equal(untied.shared_image_embedding.positional_embedding,
+                           untied.prompt_encoder.shared_embedding.positional_embedding)
+
+    model, processor = build_model_and_processor("llava")
+    sam2 = model.mask_head.sam2
+    assert torch.equal(sam2.shared_image_embedding.positional_embedding,
+                       sam2.prompt_encoder.shared_embedding.positional_embedding)
+    model.save_pretrained(tmp_path / "model")
+    loaded = type(model).from_pretrained(tmp_path / "model").mask_head.sam2
+    assert torch.equal(loaded.prompt_encoder.shared_embedding.positional_embedding,
+                       sam2.prompt_encoder.shared_embedding.positional_embedding)
+
+
+def test_box_bound_keeps_the_mask_inside_its_grown_box(sam2_config):
+    """`box_bounds_mask`: a low-resolution cell (4 input pixels here) whose centre lies outside its box grown by
+    `box_bound_margin` per side is background with no gradient; cells inside keep their logits. Without a box
+    prompt nothing changes."""
+    logits = torch.randn(2, 32, 32, requires_grad=True)
+    boxes = torch.tensor([[8.0, 16.0, 48.0, 40.0], [0.0, 0.0, 128.0, 128.0]])
+    bounded = bound_to_boxes(logits, boxes, 128, margin=0.1)  # box 0 grows by 4 x 2.4 px: x 4..52, y 13.6..42.4
+    centres = torch.arange(32) * 4 + 2.0
+    inside_x = (centres >= 4) & (centres <= 52)
+    inside_y = (centres >= 13.6) & (centres <= 42.4)
+    inside = inside_y[:, None] & inside_x[None]
+    assert inside.sum() == 12 * 8  # x centres 6, 10, ..., 50; y centres 14, 18, ..., 42
+    torch.testing.assert_close(bounded[0][inside], logits[0][inside])
+    assert bool((bounded[0][~inside] == OUTSIDE_BOX_LOGIT).all())
+    torch.testing.assert_close(bounded[1], logits[1])  # the whole image
+    bounded.sum().backward()
+    torch.testing.assert_close(logits.grad[0], inside.float())
+
+    torch.manual_seed(0)
+    head = MaskHead(HIDDEN, sam2_config, box_bounds_mask=True, box_bound_margin=0.0).eval()
+    free = MaskHead(HIDDEN, sam2_config).eval()
+    free.load_state_dict(head.state_dict())
+    embeddings, frame = torch.randn(1, 1, HIDDEN), torch.randn(1, 3, 128, 128)
+    box = torch.tensor([[20.0, 30.0, 60.0, 90.0]])
+    with torch.no_grad():
+        out, reference = head(embeddings, frame, input_boxes=box), free(embeddings, frame, input_boxes=box)
+        torch.testing.assert_close(out["pred_mask_logits"], bound_to_boxes(reference["pred_mask_logits"], box, 128, 0.0))
+        torch.testing.assert_close(head(embeddings, frame)["pred_mask_logits"], free(embeddings, frame)["pred_mask_logits"])
+    with pytest.raises(ValueError, match="box_bound_margin"):
+        MaskHead(HIDDEN, sam2_config, box_bound_margin=-0.1)

@@ -184,6 +184,9 @@ class MaskHeadConfig(_HeadSettings):
     # learns to read its prompts, and this makes its masks follow the box, i.e. the question
     box_bounds_mask: bool = False
     box_bound_margin: float = 0.1
+    # False: SAM2's prompts read a detached task embedding, so the mask loss trains the prompt MLP and SAM2 but not
+    # the MLLM, which then learns the mask task through the box prompt's localiser alone (True: the release's path)
+    prompt_gradient: bool = True
 
 
 DEFAULT_REGION_HEAD = RegionHeadConfig().to_dict()

@@ -192,7 +192,10 @@ class MaskHead(nn.Module):
         return [f.reshape(batch, -1, *size) for f, size in zip(feature_maps, sizes)]
 
     def prompts(self, task_embeddings: torch.Tensor) -> torch.Tensor:
-        """(n, k, hidden) -> (n, k * K, prompt_dim) sparse prompt embeddings."""
+        """(n, k, hidden) -> (n, k * K, prompt_dim) sparse prompt embeddings (from a detached task embedding when
+        `prompt_gradient` is off)."""
+        if not self.settings.prompt_gradient:
+            task_embeddings = task_embeddings.detach()
         dtype = next(self.prompt_mlp.parameters()).dtype  # (peft may wrap the MLP)
         out = self.prompt_mlp(task_embeddings.to(dtype))
         return out.reshape(task_embeddings.shape[0], -1, self.prompt_dim)

@@ -25,6 +25,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from tpo.modeling_tpo.box_ops import masks_to_boxes
 from tpo.modeling_tpo.generation_tpo import append_to_left_padded, incomplete_slot_runs
+from tpo.modeling_tpo.mask_head import OUTSIDE_BOX_LOGIT, bound_to_boxes
 from tpo.processing.collator_tpo import collate_encoded
 from tpo.processing.processing_tpo import decode_rle
 from tpo.training.evaluation import TaskEvaluator, compute_task_metrics
@@ -520,6 +521,34 @@ def test_box_prompt_teacher_forcing_gives_sam2_the_gt_box_in_training_only(box_p
         model.mask_head.settings = dataclasses.replace(settings, box_prompt_teacher_forcing=1.0)
         with torch.no_grad():
             torch.testing.assert_close(model(**batch).mask_outputs["prompt_boxes_xyxy_sam2"], localised)
+    finally:
+        model.mask_head.settings = settings
+        model.eval()
+
+
+def test_box_bound_masks_stay_inside_the_box_sam2_was_prompted_with(box_prompted):
+    """`box_bounds_mask`: in training (GT boxes forced) and in evaluation (the localiser's boxes), every mask's logits
+    outside the box prompt it was given (grown by the margin) are background, and the rest is what SAM2 predicts."""
+    model, processor = box_prompted
+    batch = _box_batch(processor, ["train", "train"], BOX_MEDIA, "right")
+    settings = model.mask_head.settings
+    try:
+        for training, forcing in ((True, 1.0), (False, 0.0)):
+            model.train(training)
+            model.mask_head.settings = dataclasses.replace(settings, box_prompt_teacher_forcing=forcing)
+            torch.manual_seed(0)
+            with torch.no_grad():
+                free = model(**batch).mask_outputs
+            model.mask_head.settings = dataclasses.replace(settings, box_prompt_teacher_forcing=forcing,
+                                                           box_bounds_mask=True, box_bound_margin=0.25)
+            torch.manual_seed(0)
+            with torch.no_grad():
+                bounded = model(**batch).mask_outputs
+            boxes = bounded["prompt_boxes_xyxy_sam2"]
+            torch.testing.assert_close(boxes, free["prompt_boxes_xyxy_sam2"])
+            expected = bound_to_boxes(free["pred_mask_logits"], boxes, SAM2_SIZE, 0.25)
+            torch.testing.assert_close(bounded["pred_mask_logits"], expected)
+            assert bool((expected == OUTSIDE_BOX_LOGIT).any()) and bool((expected != OUTSIDE_BOX_LOGIT).any())
     finally:
         model.mask_head.settings = settings
         model.eval()

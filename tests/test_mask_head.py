@@ -263,3 +263,25 @@ def test_box_bound_keeps_the_mask_inside_its_grown_box(sam2_config):
         torch.testing.assert_close(head(embeddings, frame)["pred_mask_logits"], free(embeddings, frame)["pred_mask_logits"])
     with pytest.raises(ValueError, match="box_bound_margin"):
         MaskHead(HIDDEN, sam2_config, box_bound_margin=-0.1)
+
+
+def test_prompt_gradient_off_keeps_the_mask_loss_out_of_the_task_embedding(sam2_config):
+    """`prompt_gradient: False`: the same masks, the prompt MLP and SAM2 still train, the task embedding gets no
+    gradient from the mask loss (it still does from the box prompt's localiser, which reads it directly)."""
+    torch.manual_seed(0)
+    head = MaskHead(HIDDEN, sam2_config)
+    cut = MaskHead(HIDDEN, sam2_config, prompt_gradient=False)
+    cut.load_state_dict(head.state_dict())
+    image, target = torch.randn(1, 3, 128, 128), torch.zeros(1, 128, 128)
+    target[0, 30:90, 40:100] = 1
+    for model, reaches in ((head, True), (cut, False)):
+        embeddings = torch.randn(1, 1, HIDDEN, generator=torch.Generator().manual_seed(3), requires_grad=True)
+        out = model(embeddings, sam2_pixel_values=image)
+        model.loss(out, target)["mask"].backward()
+        assert (embeddings.grad is not None and embeddings.grad.abs().sum() > 0) == reaches
+        assert model.prompt_mlp[0].weight.grad.abs().sum() > 0
+        assert model.sam2.mask_decoder.conv_s0.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        embeddings = torch.randn(2, 1, HIDDEN)
+        torch.testing.assert_close(cut(embeddings, sam2_pixel_values=image.repeat(2, 1, 1, 1))["pred_mask_logits"],
+                                   head(embeddings, sam2_pixel_values=image.repeat(2, 1, 1, 1))["pred_mask_logits"])
